@@ -1,0 +1,395 @@
+"""`deferred()`: construct any model without memory, recording how.
+
+Construction runs unchanged under a fake-tensor mode: every tensor reports the
+device eager code would have seen (so model code that looks at the device
+takes the eager path) and has no storage. A dispatch mode on top of it records,
+in order, every operation that creates a storage or writes into one (see
+`_record.py`). Random operations are recorded, not drawn: the generator state
+at entry is captured instead, and materialization replays the draws.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+)
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_leaves
+
+from . import _paths
+from ._errors import DeferredError
+from ._record import Const, Key, Node, Record, TRef
+
+__all__ = ["deferred", "is_deferred", "deferred_tensors"]
+
+
+class _Local(threading.local):
+    def __init__(self) -> None:
+        self.fake_mode: FakeTensorMode | None = None
+        self.recorders: list[_Recorder] = []
+        self.quiet = 0  # > 0 while torchlazy itself runs a deferred forward
+
+
+_local = _Local()
+
+
+def fake_mode() -> FakeTensorMode:
+    """This thread's fake-tensor mode (one per thread, shared by all records)."""
+    if _local.fake_mode is None:
+        _local.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    return _local.fake_mode
+
+
+def storage_of(t: torch.Tensor) -> tuple[Record, int] | None:
+    """The record and storage id of a deferred tensor, or None for a real one."""
+    if not isinstance(t, FakeTensor):
+        return None
+    return getattr(t.untyped_storage(), "_torchlazy", None)
+
+
+def is_deferred(obj: nn.Module | torch.Tensor) -> bool:
+    """Whether a tensor, or any tensor of a module, still waits for materialization.
+
+    >>> import torch, torchlazy as tl
+    >>> with tl.deferred():
+    ...     layer = torch.nn.Linear(4, 2)
+    >>> tl.is_deferred(layer), tl.is_deferred(layer.weight)
+    (True, True)
+    >>> _ = tl.materialize(layer)
+    >>> tl.is_deferred(layer)
+    False
+    """
+    if isinstance(obj, torch.Tensor):
+        return isinstance(obj, FakeTensor)
+    return bool(deferred_tensors(obj))
+
+
+def deferred_tensors(module: nn.Module) -> list[str]:
+    """Paths of the tensors of `module` that are still deferred.
+
+    >>> import torch, torchlazy as tl
+    >>> with tl.deferred():
+    ...     net = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.BatchNorm1d(2))
+    >>> tl.deferred_tensors(net)[:3]
+    ['0.weight', '0.bias', '1.weight']
+    """
+    from ._materialize import module_tensors
+
+    return [path for path, _, _, t in module_tensors(module) if isinstance(t, FakeTensor)]
+
+
+# -- the recorder ------------------------------------------------------------
+
+# Initializers whose control flow reads random values (rejection sampling). Only
+# inside them is a value computed for real during deferred construction.
+_CONCRETIZE_IN = (torch.nn.init._no_grad_trunc_normal_.__code__,)
+_READS_VALUES = {
+    torch.Tensor.numpy: "`.numpy()`",
+    torch.Tensor.__repr__: "printing a tensor",
+    torch.Tensor.__format__: "formatting a tensor",
+}
+
+
+class _Recorder(TorchDispatchMode):
+    """Appends every storage-creating or storage-writing op to a record."""
+
+    def __init__(self, record: Record, prefix: Key = (), concretize: bool = False) -> None:
+        super().__init__()
+        self.record = record
+        self.prefix = prefix
+        self.count = 0
+        self.concretize = concretize
+
+    def next_key(self) -> Key:
+        return (*self.prefix, self.count)
+
+    def reserve(self) -> Key:
+        """A place in construction order for something shaped later (a lazy layer)."""
+        key = self.next_key()
+        self.count += 1
+        return key
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        try:
+            out = func(*args, **kwargs)
+        except (DataDependentOutputException, DynamicOutputShapeException):
+            return self._needs_values(func, args, kwargs)
+        self._log(func, args, kwargs, out)
+        return out
+
+    def _ref(self, t: torch.Tensor, func: Any) -> TRef | Const:
+        if not isinstance(t, FakeTensor):
+            return Const(t)
+        owner = storage_of(t)
+        if owner is None or owner[0] is not self.record:
+            raise DeferredError(
+                f"`{func}` during deferred construction of {_paths.constructing_module()} uses a "
+                "tensor that this `tl.deferred()` block did not create (a tensor of another "
+                "deferred model, or an activation). Materialize that model first, or construct "
+                "both models in one `tl.deferred()` block."
+            )
+        return TRef.of(owner[1], t)
+
+    def _log(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        written: set[int] = set()
+        schema = func._schema
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = args[i] if i < len(args) else kwargs.get(arg.name)
+                for t in tree_leaves(value):
+                    if isinstance(t, torch.Tensor):
+                        written.add(id(t))
+        flat, spec = tree_flatten((args, kwargs))
+        leaves: list[Any] = []
+        reads: list[int] = []
+        writes: list[int] = []
+        for x in flat:
+            if isinstance(x, torch.Tensor):
+                ref = self._ref(x, func)
+                if isinstance(ref, TRef):
+                    reads.append(ref.sid)
+                    if id(x) in written:
+                        writes.append(ref.sid)
+                leaves.append(ref)
+            else:
+                leaves.append(x)
+        outputs: list[tuple[int, int]] = []
+        for index, t in enumerate(tree_leaves(out)):
+            if isinstance(t, FakeTensor):
+                storage = t.untyped_storage()
+                if getattr(storage, "_torchlazy", None) is None:
+                    sid = self.record.new_storage(storage, storage.nbytes(), t.device)
+                    storage._torchlazy = (self.record, sid)  # type: ignore[attr-defined]
+                    outputs.append((index, sid))
+        if not outputs and not writes:
+            return
+        stream = None
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            stream = self.record.stream_for(_generator_arg(func, args, kwargs))
+        node = Node(self.reserve(), func, spec, leaves, outputs, tuple(reads), tuple(writes), stream)
+        self.record.add(node)
+
+    def _needs_values(self, func: Any, args: Any, kwargs: Any) -> Any:
+        if not (self.concretize or _paths.frames_include(_CONCRETIZE_IN)):
+            what = "reading a tensor's value (`.item()`, `.tolist()`, `bool(t)`)"
+            if func is not torch.ops.aten._local_scalar_dense.default:
+                what = f"`{func}` (its output shape depends on tensor values)"
+            raise DeferredError(
+                f"{what} during deferred construction of {_paths.constructing_module()}: under "
+                "`tl.deferred()` tensors have shapes but no values yet. Compute the value from "
+                "Python numbers instead, construct this module outside `tl.deferred()`, or use "
+                "`tl.deferred(concretize=True)` to compute such values for real (exact, but it "
+                "costs the work needed to produce them)."
+            )
+        flat, spec = tree_flatten((args, kwargs))
+        with _disable_current_modes():
+            real_flat = self._force(flat)
+            real_args, real_kwargs = spec.unflatten(real_flat)  # type: ignore[attr-defined]
+            out = func(*real_args, **real_kwargs)
+        if not any(isinstance(t, torch.Tensor) for t in tree_leaves(out)):
+            return out
+        # A tensor whose shape depends on values: keep its values as a constant.
+        flat_out, out_spec = tree_flatten(out)
+        mode = fake_mode()
+        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat_out]
+        for real, fake in zip(flat_out, fakes):
+            if isinstance(fake, FakeTensor):
+                storage = fake.untyped_storage()
+                sid = self.record.new_storage(storage, storage.nbytes(), fake.device)
+                storage._torchlazy = (self.record, sid)  # type: ignore[attr-defined]
+                self.record.add(Node(self.reserve(), None, None, [Const(real.clone())], [(0, sid)], (), ()))
+        return out_spec.unflatten(fakes)  # type: ignore[attr-defined]
+
+    def _force(self, flat: list[Any]) -> list[Any]:
+        """Real values of the recorded tensors in `flat`, as they are now."""
+        refs = {id(x): self._ref(x, "reading values") for x in flat if isinstance(x, torch.Tensor)}
+        sids = {r.sid for r in refs.values() if isinstance(r, TRef)}
+        saved = torch.default_generator.get_state()
+        try:
+            env = self.record.evaluate(sids, bound=self.next_key())
+        finally:
+            torch.default_generator.set_state(saved)
+        out: list[Any] = []
+        for x in flat:
+            ref = refs.get(id(x))
+            if isinstance(ref, TRef):
+                out.append(ref.on(env[ref.sid]))
+            elif isinstance(ref, Const):
+                out.append(ref.value)
+            else:
+                out.append(x)
+        return out
+
+
+def _generator_arg(func: Any, args: Any, kwargs: Any) -> torch.Generator | None:
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.name == "generator":
+            gen = args[i] if i < len(args) else kwargs.get("generator")
+            return gen if isinstance(gen, torch.Generator) else None
+    return None
+
+
+class _ValueGuard(TorchFunctionMode):
+    """Turns value reads that never reach dispatch into clear errors."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.Tensor.__deepcopy__ and storage_of(args[0]) is not None:
+            return _deepcopy(*args)
+        what = _READS_VALUES.get(func)
+        if what is not None and _local.quiet == 0 and any(
+            storage_of(t) is not None for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        ):
+            raise DeferredError(
+                f"{what} during deferred construction of {_paths.constructing_module()}: under "
+                "`tl.deferred()` tensors have shapes but no values. Print `t.shape` instead, or "
+                "look at the values after `tl.materialize(model)`."
+            )
+        return func(*args, **(kwargs or {}))
+
+
+def _deepcopy(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+    """Deep copy of a recorded tensor: a recorded `clone` (as eager would copy the data)."""
+    if id(t) in memo:
+        return memo[id(t)]
+    with torch.no_grad():
+        new = t.clone()
+    if isinstance(t, nn.Parameter):
+        new = nn.Parameter(new, requires_grad=t.requires_grad)
+    elif t.requires_grad:
+        new.requires_grad_()
+    from ._materialize import _fake_attrs
+
+    internal = _fake_attrs()
+    for k, v in t.__dict__.items():
+        if k not in internal:
+            setattr(new, k, copy.deepcopy(v, memo))
+    memo[id(t)] = new
+    return new
+
+
+def current_recorder() -> _Recorder | None:
+    return _local.recorders[-1] if _local.recorders else None
+
+
+@contextlib.contextmanager
+def recording(record: Record, prefix: Key = (), concretize: bool = False) -> Iterator[_Recorder]:
+    """Record into `record` under `prefix` (the top level, or a lazy layer's reserved place)."""
+    recorder = _Recorder(record, prefix, concretize)
+    _local.recorders.append(recorder)
+    hooks = _track_modules(record)
+    try:
+        with fake_mode(), recorder, _ValueGuard():
+            yield recorder
+    finally:
+        for h in hooks:
+            h.remove()
+        _local.recorders.pop()
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """torchlazy's own forward on deferred tensors: no recording, no guard errors."""
+    _local.quiet += 1
+    try:
+        yield
+    finally:
+        _local.quiet -= 1
+
+
+@contextlib.contextmanager
+def deferred(*, concretize: bool = False) -> Iterator[None]:
+    """Construct models inside without allocating their tensors; record how instead.
+
+    Model code runs unchanged and sees the device it would see eagerly. Nothing
+    is allocated and no random number is drawn: the generator state at entry is
+    kept, and `tl.materialize` later replays exactly what construction did.
+    Nested blocks join the outer one; the mode is per thread.
+
+    On exit the global generator is moved to a state derived from the draws the
+    block recorded, so two models built in two blocks get different weights
+    (eager code would also have advanced it, by generating them).
+
+    >>> import torch, torchlazy as tl
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <...>
+    >>> with tl.deferred():
+    ...     layer = torch.nn.Linear(1000, 1000)   # no memory, no random draws
+    >>> _ = torch.randn(10)                       # RNG use in between does not matter
+    >>> _ = tl.materialize(layer)
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <...>
+    >>> torch.equal(layer.weight, torch.nn.Linear(1000, 1000).weight)
+    True
+    """
+    if _local.recorders and _local.quiet == 0:
+        yield
+        return
+    record = Record()
+    with recording(record, concretize=concretize):
+        yield
+    _advance_global_generator(record)
+
+
+import hashlib
+
+
+def _advance_global_generator(record: Record) -> None:
+    stream = record.streams.get(id(torch.default_generator))
+    if stream is None or not stream.keys:
+        return
+    entry = stream.entry
+    assert entry is not None
+
+    digest = hashlib.blake2b(entry.numpy().tobytes() + str(len(stream.keys)).encode(), digest_size=8).digest()
+    torch.default_generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+# -- a clear error when a deferred model is called ---------------------------
+
+
+def _track_modules(record: Record) -> list[Any]:
+    """Give modules that receive deferred tensors a forward guard until materialized."""
+    from torch.nn.modules import module as _module
+
+    def on_tensor(module: nn.Module, name: str, tensor: Any) -> None:
+        if not _local.recorders or tensor is None or storage_of(tensor) is None:
+            return
+        if getattr(module, "_torchlazy_guard", None) is None:
+            module._torchlazy_guard = module.register_forward_pre_hook(_forward_guard)  # type: ignore[assignment]
+        return None
+
+    return [
+        _module.register_module_parameter_registration_hook(on_tensor),
+        _module.register_module_buffer_registration_hook(on_tensor),
+    ]
+
+
+def _forward_guard(module: nn.Module, args: Any) -> None:
+    if _local.quiet:
+        return
+    raise DeferredError(
+        f"`{_paths.module_path(module)}` ({type(module).__name__}) was constructed under "
+        "`tl.deferred()` and has no values yet. Call `tl.materialize(model)` (or "
+        "`tl.build(model, example)` when it has lazy layers) before running it."
+    )
+
+
+def drop_guard(module: nn.Module) -> None:
+    handle = module.__dict__.pop("_torchlazy_guard", None)
+    if handle is not None:
+        handle.remove()
+
+

@@ -1,0 +1,33 @@
+"""The torchlazy exceptions: one root, a few precise kinds.
+
+Every message names where (a module path such as `encoder.layers.3.norm`),
+what was expected, what was seen, and what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LazyError", "NotBuiltError", "ShapeError", "DeferredError", "CheckpointError"]
+
+
+class LazyError(Exception):
+    """Root of every error torchlazy raises on purpose."""
+
+
+class NotBuiltError(LazyError, ValueError, RuntimeError):
+    """A lazy layer's parameter was used before its sizes were known.
+
+    Also a `ValueError` and a `RuntimeError`, the errors PyTorch raises for its
+    own uninitialized parameters, so existing `except` clauses keep working.
+    """
+
+
+class ShapeError(LazyError, ValueError):
+    """An input, a state dict or a checkpoint disagrees with a module's sizes."""
+
+
+class DeferredError(LazyError, RuntimeError):
+    """Deferred construction or materialization cannot go on."""
+
+
+class CheckpointError(LazyError, ValueError):
+    """A checkpoint is missing, corrupt, unsafe, or does not fit the model."""

@@ -1,0 +1,72 @@
+"""Where is this module? Names for error messages, found without bookkeeping.
+
+PyTorch modules do not know their parents. The path of a module in a model is
+known to whoever walks the model from its root (build, summary, materialize:
+they record it with `remember_paths`), and otherwise can be recovered from the
+Python call stack, which holds the modules whose forward is running.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Iterable
+
+from torch import nn
+
+_known: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def remember_paths(root: nn.Module, prefix: str = "") -> None:
+    """Record the path of every module under `root` for later messages."""
+    for name, module in root.named_modules(prefix=prefix, remove_duplicate=False):
+        _known.setdefault(module, name)
+
+
+def _modules_on_stack() -> list[nn.Module]:
+    found: list[nn.Module] = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and (not found or found[-1] is not owner):
+            found.append(owner)
+        frame = frame.f_back  # type: ignore[assignment]
+    return found
+
+
+def module_path(module: nn.Module) -> str:
+    """The best name for `module`: its path in the model when it can be found."""
+    for outer in reversed(_modules_on_stack()):
+        if outer is module:
+            break
+        for name, sub in outer.named_modules(remove_duplicate=False):
+            if sub is module and name:
+                return name
+    known = _known.get(module)
+    if known:
+        return known
+    return type(module).__name__
+
+
+def constructing_module() -> str:
+    """Describe the innermost module whose `__init__` is running, if any."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__init__":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module):
+                where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+                return f"`{type(owner).__qualname__}` (constructor at {where})"
+        frame = frame.f_back  # type: ignore[assignment]
+    return "the model"
+
+
+def frames_include(codes: Iterable[object]) -> bool:
+    """Whether any of the given code objects is running on this thread."""
+    wanted = set(map(id, codes))
+    frame = sys._getframe(1)
+    while frame is not None:
+        if id(frame.f_code) in wanted:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False

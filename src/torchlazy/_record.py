@@ -1,0 +1,363 @@
+"""The record of a deferred construction, and its replay.
+
+A `Record` is the program that construction ran, reduced to what matters for
+the final tensors: every operation that created a storage or wrote into one,
+in order, with its tensor arguments given as (storage, geometry) references.
+Pure views are not kept: a view is just a geometry on a storage, and every
+argument is rebuilt from its storage by geometry at replay.
+
+Replaying a set of storages runs only the operations they depend on (their
+writers, and recursively the writers of what those read before they ran), in
+record order, on real tensors, freeing each temporary at its last use.
+
+Random operations draw from a `_Stream`: the generator state before each one is
+known (from the state captured when the record began, advanced by running
+the random operations in order, on scratch memory when their result is not
+wanted), so any subset of the model replays bit for bit as the whole would.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
+
+from ._errors import DeferredError
+
+Key = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TRef:
+    """A tensor argument: a geometry on a recorded storage."""
+
+    sid: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    dtype: torch.dtype
+
+    @staticmethod
+    def of(sid: int, t: torch.Tensor) -> TRef:
+        return TRef(sid, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype)
+
+    def on(self, storage: torch.UntypedStorage) -> torch.Tensor:
+        out = torch.empty(0, dtype=self.dtype, device=storage.device)
+        return out.set_(storage, self.offset, self.size, self.stride)
+
+
+@dataclass(frozen=True)
+class Const:
+    """A real tensor that construction used as an input."""
+
+    value: torch.Tensor
+
+
+@dataclass
+class Node:
+    key: Key
+    func: Callable[..., Any] | None  # None: the node makes a constant (leaves[0])
+    spec: TreeSpec | None
+    leaves: list[Any]
+    outputs: list[tuple[int, int]]  # (index among the output's leaves, new storage id)
+    reads: tuple[int, ...]
+    writes: tuple[int, ...]
+    stream: _Stream | None = None
+
+    @property
+    def name(self) -> str:
+        return "constant" if self.func is None else str(self.func)
+
+
+@dataclass
+class StorageInfo:
+    sid: int
+    nbytes: int
+    device: torch.device
+    meta: Any  # the fake storage, kept alive so its identity stays unique
+    writers: list[Node] = field(default_factory=list)  # sorted by key
+
+
+def _generator_state(gen: torch.Generator) -> torch.Tensor:
+    return gen.get_state()
+
+
+class _Stream:
+    """The draws of one generator, in record order, with the state before each.
+
+    `cursor` counts the random nodes already accounted for; the generator
+    state before node `cursor` is `cursor_state`. Moving the cursor past a node
+    whose result nobody wants runs that node on scratch memory.
+    """
+
+    def __init__(self, record: Record, generator: torch.Generator, entry: torch.Tensor | None):
+        self.record = record
+        self.generator = generator
+        self.entry = entry  # None: a live stream, which starts from the generator's state then
+        self.keys: list[Key] = []
+        self.nodes: dict[Key, Node] = {}
+        self.before: dict[Key, torch.Tensor] = {}
+        self.cursor = 0
+        self.cursor_state: torch.Tensor | None = entry
+
+    def add(self, node: Node) -> None:
+        at = bisect.bisect_left(self.keys, node.key)
+        if at < self.cursor:
+            raise DeferredError(
+                f"`{node.name}` draws random numbers at a place in construction order that "
+                "the record has already replayed past (a lazy layer was shaped after a "
+                "data-dependent initialization ran). Build the lazy layers first "
+                "(`tl.build(model, example)`), or construct this model outside `tl.deferred()`."
+            )
+        self.keys.insert(at, node.key)
+        self.nodes[node.key] = node
+
+    def drop(self, prefix: Key) -> None:
+        kept = [k for k in self.keys if k[: len(prefix)] != prefix]
+        if len(kept) == len(self.keys):
+            return
+        first = min(i for i, k in enumerate(self.keys) if k[: len(prefix)] == prefix)
+        for k in self.keys[first:]:
+            self.before.pop(k, None)
+        for k in set(self.keys) - set(kept):
+            self.nodes.pop(k, None)
+        if self.cursor > first:
+            self.cursor = first
+            self.cursor_state = self.before.get(self.keys[first]) if first else self.entry
+        self.keys = kept
+
+    def state_before(self, node: Node) -> torch.Tensor:
+        """The generator state just before `node` draws."""
+        known = self.before.get(node.key)
+        if known is not None:
+            return known
+        if self.cursor_state is None:  # live: start from wherever the generator is now
+            self.cursor_state = _generator_state(self.generator)
+        target = bisect.bisect_left(self.keys, node.key)
+        while self.cursor < target:
+            skipped = self.nodes[self.keys[self.cursor]]
+            self.before[skipped.key] = self.cursor_state
+            self.generator.set_state(self.cursor_state)
+            self.record.run_on_scratch(skipped)
+            self.cursor_state = _generator_state(self.generator)
+            self.cursor += 1
+        self.before[node.key] = self.cursor_state
+        return self.cursor_state
+
+    def ran(self, node: Node) -> None:
+        """`node` just ran from `state_before(node)`: move the cursor past it."""
+        if self.cursor < len(self.keys) and self.keys[self.cursor] == node.key:
+            self.cursor_state = _generator_state(self.generator)
+            self.cursor += 1
+
+    def end_state(self) -> torch.Tensor | None:
+        """State after every recorded draw, if the cursor got there."""
+        return self.cursor_state if self.cursor == len(self.keys) else None
+
+
+class Record:
+    """What one deferred construction did, replayable per storage."""
+
+    def __init__(self, *, live: bool = False) -> None:
+        self.live = live
+        self.storages: dict[int, StorageInfo] = {}
+        self.streams: dict[int, _Stream] = {}
+        self.nodes: list[Node] = []
+        self._sorted = True
+        self._next_sid = 0
+        self._default_entry = None if live else _generator_state(torch.default_generator)
+
+    # -- recording -------------------------------------------------------
+    def new_storage(self, meta: Any, nbytes: int, device: torch.device) -> int:
+        sid = self._next_sid
+        self._next_sid += 1
+        self.storages[sid] = StorageInfo(sid, nbytes, device, meta)
+        return sid
+
+    def stream_for(self, generator: torch.Generator | None) -> _Stream:
+        gen = torch.default_generator if generator is None else generator
+        stream = self.streams.get(id(gen))
+        if stream is None:
+            entry = self._default_entry if gen is torch.default_generator else None
+            if gen is not torch.default_generator and not self.live:
+                entry = _generator_state(gen)
+            stream = self.streams[id(gen)] = _Stream(self, gen, entry)
+        return stream
+
+    def add(self, node: Node) -> None:
+        if self.nodes and node.key < self.nodes[-1].key:
+            self._sorted = False
+        self.nodes.append(node)
+        for sid in {*node.writes, *(sid for _, sid in node.outputs)}:
+            writers = self.storages[sid].writers
+            bisect.insort(writers, node, key=lambda n: n.key)
+        if node.stream is not None:
+            node.stream.add(node)
+
+    def drop(self, prefix: Key) -> None:
+        """Forget every node recorded under `prefix` (a lazy layer's build that failed)."""
+
+        def inside(n: Node) -> bool:
+            return n.key[: len(prefix)] == prefix
+
+        gone = [n for n in self.nodes if inside(n)]
+        if not gone:
+            return
+        self.nodes = [n for n in self.nodes if not inside(n)]
+        for n in gone:
+            for _, sid in n.outputs:
+                self.storages.pop(sid, None)
+        for info in self.storages.values():
+            info.writers = [n for n in info.writers if not inside(n)]
+        for stream in self.streams.values():
+            stream.drop(prefix)
+
+    def ordered(self) -> list[Node]:
+        if not self._sorted:
+            self.nodes.sort(key=lambda n: n.key)
+            self._sorted = True
+        return self.nodes
+
+    # -- replay ------------------------------------------------------------
+    def closure(self, sids: Iterable[int], bound: Key | None) -> list[Node]:
+        """The nodes that the values of `sids` (just before `bound`) depend on."""
+        need: dict[int, Key | None] = {}
+        todo: list[int] = []
+        for sid in sids:
+            need[sid] = bound
+            todo.append(sid)
+        chosen: dict[int, Node] = {}
+        done: dict[int, int] = {}  # sid -> how many of its writers are chosen
+        while todo:
+            sid = todo.pop()
+            writers = self.storages[sid].writers
+            limit = need[sid]
+            start = done.get(sid, 0)
+            stop = len(writers) if limit is None else bisect.bisect_left(writers, limit, key=lambda n: n.key)
+            if stop <= start:
+                continue
+            done[sid] = stop
+            for node in writers[start:stop]:
+                if id(node) in chosen:
+                    continue
+                chosen[id(node)] = node
+                for r in node.reads:
+                    old = need.get(r, ())
+                    if r not in need or (old is not None and old < node.key):
+                        need[r] = node.key
+                        todo.append(r)
+        return sorted(chosen.values(), key=lambda n: n.key)
+
+    def evaluate(
+        self,
+        sids: Iterable[int],
+        *,
+        bound: Key | None = None,
+        device: torch.device | str = "cpu",
+        exact: bool = True,
+        on_ready: Callable[[int, torch.UntypedStorage], None] | None = None,
+    ) -> dict[int, torch.UntypedStorage]:
+        """Replay what `sids` need; hand each wanted storage over once it is final.
+
+        Returns the wanted storages not consumed by `on_ready`.
+        """
+        wanted = set(sids)
+        missing = wanted - self.storages.keys()
+        if missing:
+            raise DeferredError(f"internal: storages {sorted(missing)} are not in this record")
+        nodes = self.closure(wanted, bound)
+        last: dict[int, int] = {}
+        for i, node in enumerate(nodes):
+            for sid in (*node.reads, *node.writes, *(s for _, s in node.outputs)):
+                last[sid] = i
+        release: dict[int, list[int]] = {}
+        for sid, i in last.items():
+            release.setdefault(i, []).append(sid)
+        env: dict[int, torch.UntypedStorage] = {}
+        result: dict[int, torch.UntypedStorage] = {}
+        device = torch.device(device)
+        with torch.no_grad():
+            for i, node in enumerate(nodes):
+                self._run(node, env, device, exact)
+                for sid in release.get(i, ()):
+                    storage = env.pop(sid)
+                    if sid in wanted:
+                        if on_ready is not None:
+                            on_ready(sid, storage)
+                        else:
+                            result[sid] = storage
+        return result
+
+    def run_on_scratch(self, node: Node) -> None:
+        """Run a random node only for its draws: inputs it overwrites are scratch."""
+        inputs = [s for s in node.reads if s not in node.writes]
+        env = self.evaluate(inputs, bound=node.key) if inputs else {}
+        for sid in node.writes:
+            env[sid] = torch.empty(self.storages[sid].nbytes, dtype=torch.uint8).untyped_storage()
+        with torch.no_grad():
+            self._call(node, env, torch.device("cpu"))
+
+    def _run(self, node: Node, env: dict[int, torch.UntypedStorage], device: torch.device, exact: bool) -> None:
+        stream = node.stream
+        if stream is None:
+            self._call(node, env, device)
+            return
+        if exact:
+            gen = stream.generator
+            gen.set_state(stream.state_before(node))
+            self._call(node, env, device)
+            stream.ran(node)
+        else:
+            gen = _default_generator(device) if stream.generator is torch.default_generator else stream.generator
+            gen.manual_seed(self._seed(node))
+            self._call(node, env, device)
+
+    def _seed(self, node: Node) -> int:
+        entry = self._default_entry
+        base = b"" if entry is None else hashlib.blake2b(entry.numpy().tobytes(), digest_size=8).digest()
+        digest = hashlib.blake2b(base + repr(node.key).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+    def _call(self, node: Node, env: dict[int, torch.UntypedStorage], device: torch.device) -> None:
+        leaves = [_real(leaf, env, device) for leaf in node.leaves]
+        if node.func is None:
+            out: Any = leaves[0]
+        else:
+            assert node.spec is not None
+            args, kwargs = tree_unflatten(leaves, node.spec)
+            if "device" in kwargs and kwargs["device"] is not None:
+                kwargs["device"] = device
+            try:
+                out = node.func(*args, **kwargs)
+            except Exception as e:
+                raise DeferredError(
+                    f"replaying `{node.name}` on {device} failed: {e}. The operation ran during "
+                    "deferred construction; if it cannot run on this device, materialize on "
+                    "`device='cpu'` and move the model afterwards."
+                ) from e
+        flat = tree_leaves(out)
+        for index, sid in node.outputs:
+            env[sid] = flat[index].untyped_storage()
+
+
+def _real(leaf: Any, env: dict[int, torch.UntypedStorage], device: torch.device) -> Any:
+    if isinstance(leaf, TRef):
+        return leaf.on(env[leaf.sid])
+    if isinstance(leaf, Const):
+        return leaf.value.to(device) if leaf.value.device != device else leaf.value
+    if isinstance(leaf, torch.device):
+        return device
+    return leaf
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index or 0]
+    return torch.Generator(device)
