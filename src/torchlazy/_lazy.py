@@ -1,0 +1,562 @@
+"""Lazy modules: constructor arguments that come from the first input.
+
+One mechanism serves every lazy class. `lazy(cls, **rules)` makes a subclass
+of `cls` that holds its constructor arguments; at the first forward (or when a
+state dict arrives) the rules read the missing arguments off the inputs, the
+real `cls.__init__` runs on a fresh object, and the lazy object takes over its
+state and becomes a plain `cls` in place: same Python object, no torchlazy
+left in its class or hooks.
+
+Before that, the lazy object holds placeholder parameters (PyTorch's
+`UninitializedParameter`, so tools that know PyTorch's lazy layers know these)
+learnt from a skeleton of the real class built on the meta device. An
+optimizer created before the first call holds those placeholders, and they
+become the real parameters.
+
+Where the build runs depends on the inputs: real inputs build for real on the
+input's device; fake inputs (inside `tl.build` or `tl.summary`) build into a
+record, at the place in construction order that the layer took when it was
+constructed, so deferred models stay exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import sys
+import threading
+import typing
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_leaves
+
+from . import _deferred, _paths
+from ._errors import DeferredError, NotBuiltError, ShapeError
+from ._record import Record
+from ._rules import Inputs, Rule, Trailing, _Mismatch, as_rule
+
+__all__ = ["LazyModule", "lazy", "is_built"]
+
+M = TypeVar("M", bound=nn.Module)
+_order = itertools.count()
+_HOOK_ATTRS = tuple(k for k in nn.Module().__dict__ if "hook" in k)
+
+
+# -- placeholders --------------------------------------------------------------
+
+
+def _not_built(t: Any, what: str) -> NotBuiltError:
+    where = getattr(t, "_tl_where", None)
+    owner = where[0]() if where else None
+    name = f"`{_paths.module_path(owner)}.{where[1]}`" if owner is not None else "a lazy parameter"
+    layer = f" of {owner!r}" if owner is not None else ""
+    return NotBuiltError(
+        f"{what} {name}{layer}: its shape depends on the first input, which has not been "
+        "seen yet. Run one forward pass, or `tl.build(model, tl.Spec(*input_shape))`, first."
+    )
+
+
+class _Placeholder:
+    """Behaviour shared by unbuilt parameters and buffers."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in UninitializedParameter._allowed_methods or func.__class__.__name__ == "method-wrapper":
+            return super().__torch_function__(func, types, args, kwargs or {})  # type: ignore[misc]
+        target = next((a for a in tree_leaves((args, kwargs)) if isinstance(a, _Placeholder)), None)
+        raise _not_built(target, f"`{getattr(func, '__name__', func)}` used")
+
+    @property
+    def shape(self) -> torch.Size:
+        raise _not_built(self, "the shape of")
+
+
+class LazyParameter(_Placeholder, UninitializedParameter):  # type: ignore[misc]
+    """A parameter whose shape is not known yet (an `UninitializedParameter`)."""
+
+
+class LazyBuffer(_Placeholder, UninitializedBuffer):  # type: ignore[misc]
+    """A buffer whose shape is not known yet (an `UninitializedBuffer`)."""
+
+
+class _Unbuilt(nn.Module):
+    """Stands for a sub-module the real class will create, holding its placeholders."""
+
+    def _get_name(self) -> str:
+        return "Unbuilt"
+
+
+# -- building in place, atomically -----------------------------------------------
+
+
+class _Journal(threading.local):
+    def __init__(self) -> None:
+        self.undo: list[Callable[[], None]] | None = None
+
+
+_journal = _Journal()
+
+
+@contextlib.contextmanager
+def transaction(rollback: bool = False) -> Iterator[None]:
+    """Lazy builds inside are undone if the block fails (or always, with `rollback`)."""
+    outer = _journal.undo
+    _journal.undo = []
+    try:
+        yield
+    except BaseException:
+        for undo in reversed(_journal.undo):
+            undo()
+        raise
+    else:
+        if rollback:
+            for undo in reversed(_journal.undo):
+                undo()
+        elif outer is not None:
+            outer.extend(_journal.undo)
+    finally:
+        _journal.undo = outer
+
+
+def _snapshot(module: nn.Module) -> Callable[[], None]:
+    state = dict(module.__dict__)
+    inner = {k: v.copy() for k, v in state.items() if k in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")}
+    cls = type(module)
+
+    def undo() -> None:
+        module.__dict__.clear()
+        module.__dict__.update(state)
+        for k, v in inner.items():
+            module.__dict__[k] = v.copy()
+        module.__class__ = cls
+
+    return undo
+
+
+def _slot_for_new_module() -> tuple[Record, tuple[int, ...]] | None:
+    recorder = _deferred.current_recorder()
+    return (recorder.record, recorder.reserve()) if recorder is not None else None
+
+
+def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bool) -> None:
+    """Run `build(deferred)` for `module` where it belongs; undo everything if it fails."""
+    slot = module.__dict__.get("_tl_slot")
+    undo = _snapshot(module)
+    if slot is not None and not fake_inputs:
+        raise DeferredError(
+            f"`{_paths.module_path(module)}` was constructed under `tl.deferred()` and got a real "
+            "input: its parameters would have no values. Use `tl.build(model, example)` to infer "
+            "sizes and materialize, then call the model."
+        )
+    if fake_inputs:
+        record, prefix = slot if slot is not None else (Record(live=True), ())
+        if slot is None:
+            record.order = module.__dict__.get("_tl_order", 0)  # type: ignore[attr-defined]
+        try:
+            with _deferred.recording(record, prefix):
+                build(True)
+        except BaseException:
+            record.drop(prefix)
+            undo()
+            raise
+
+        def full_undo() -> None:
+            record.drop(prefix)
+            undo()
+
+    else:
+        try:
+            build(False)
+        except BaseException:
+            undo()
+            raise
+        full_undo = undo
+    if _journal.undo is not None:
+        _journal.undo.append(full_undo)
+
+
+def _fake(args: Any, kwargs: Any) -> bool:
+    return any(isinstance(t, FakeTensor) for t in tree_leaves((args, kwargs)))
+
+
+def _first_device(args: Any, kwargs: Any) -> torch.device:
+    for t in tree_leaves((args, kwargs)):
+        if isinstance(t, torch.Tensor):
+            return t.device
+        if hasattr(t, "data") and isinstance(t.data, torch.Tensor):  # PackedSequence
+            return t.data.device
+    return torch.get_default_device()
+
+
+def is_built(module: nn.Module) -> bool:
+    """Whether every lazy module under `module` has its sizes (deferred or real).
+
+    >>> import torch, torchlazy as tl
+    >>> net = torch.nn.Sequential(tl.nn.Linear(3))
+    >>> tl.is_built(net)
+    False
+    >>> _ = net(torch.ones(2, 5))
+    >>> tl.is_built(net), net[0]
+    (True, Linear(in_features=5, out_features=3, bias=True))
+    """
+    return not any(isinstance(m, _LazyLayer) or "_tl_hook" in m.__dict__ for m in module.modules())
+
+
+# -- lazy layers made from a class and rules --------------------------------------
+
+
+class _LazyLayer:
+    """Mixin of every class that `lazy()` makes."""
+
+    _tl_cls: ClassVar[type[nn.Module]]
+    _tl_rules: ClassVar[dict[str, Rule]]
+    _tl_signature: ClassVar[inspect.Signature]
+    _tl_defaults: ClassVar[dict[str, Any]]  # the lazy class's own options
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        nn.Module.__init__(self)  # type: ignore[arg-type]
+        try:
+            bound = self._tl_signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{type(self).__module__}.{type(self).__qualname__}(): {e}") from None
+        given = dict(bound.arguments)
+        self._tl_options = {k: given.pop(k, v) for k, v in self._tl_defaults.items()}
+        self._tl_args = given
+        self._tl_order = next(_order)
+        self._tl_slot = _slot_for_new_module()
+        self._tl_placeholders()
+
+    # construction-time skeleton
+    def _tl_construct(self, values: dict[str, Any], *, meta: bool) -> nn.Module:
+        kwargs = {**self._tl_args, **values}
+        if meta:
+            if "device" in _parameters_of(self._tl_cls):
+                kwargs["device"] = "meta"
+            with _disable_current_modes(), torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return self._tl_cls(**kwargs)
+        return self._tl_cls(**kwargs)
+
+    def _tl_skeleton(self, values: dict[str, Any] | None = None) -> nn.Module | None:
+        if values is not None:
+            try:
+                return self._tl_construct(values, meta=True)
+            except Exception:
+                return None
+        choices = {name: rule.probes() for name, rule in self._tl_rules.items()}
+        for i in range(max(len(c) for c in choices.values())):
+            attempt = {name: c[min(i, len(c) - 1)] for name, c in choices.items()}
+            skeleton = self._tl_skeleton(attempt)
+            if skeleton is not None:
+                return skeleton
+        return None
+
+    def _tl_placeholders(self) -> None:
+        skeleton = self._tl_skeleton()
+        if skeleton is None:
+            return
+        device = self._tl_args.get("device") or torch.get_default_device()
+        me: nn.Module = self  # type: ignore[assignment]
+        with _disable_current_modes():
+            for prefix, sub in skeleton.named_modules():
+                owner = me if not prefix else _unbuilt_at(me, prefix)
+                for name, p in sub._parameters.items():
+                    if p is not None:
+                        ph = LazyParameter(p.requires_grad, device, p.dtype)
+                        ph._tl_where = (weakref.ref(me), f"{prefix}.{name}" if prefix else name)
+                        owner._parameters[name] = ph
+                for name, b in sub._buffers.items():
+                    if b is not None:
+                        bh = LazyBuffer(False, device, b.dtype)
+                        bh._tl_where = (weakref.ref(me), f"{prefix}.{name}" if prefix else name)
+                        owner.register_buffer(name, bh, persistent=name not in sub._non_persistent_buffers_set)
+
+    def _tl_dtype(self) -> torch.dtype | None:
+        for t in itertools.chain(nn.Module.parameters(self), nn.Module.buffers(self)):  # type: ignore[arg-type]
+            if t.dtype.is_floating_point:
+                return t.dtype
+        return None
+
+    # the first input
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        values = self._tl_infer(args, kwargs)
+        fake = _fake(args, kwargs)
+        device = _first_device(args, kwargs)
+        _run_build(self, lambda deferred: self._tl_become(values, device, deferred), fake)  # type: ignore[arg-type]
+        return self.forward(*args, **kwargs)  # type: ignore[misc]  # now the real class's
+
+    def _tl_infer(self, args: Any, kwargs: Any) -> dict[str, Any]:
+        try:
+            named = inspect.signature(self._tl_cls.forward).bind(self, *args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"`{_paths.module_path(self)}` ({type(self).__qualname__}): {e}") from None  # type: ignore[arg-type]
+        named.apply_defaults()
+        arguments = dict(named.arguments)
+        arguments.pop(next(iter(arguments)))  # self
+        inputs = Inputs(tuple(args), kwargs, arguments)
+        values: dict[str, Any] = {}
+        for name, rule in self._tl_rules.items():
+            try:
+                values[name] = rule(inputs, self._tl_options)
+            except _Mismatch as m:
+                raise ShapeError(
+                    f"`{_paths.module_path(self)}` ({type(self).__qualname__}) takes `{name}` from "  # type: ignore[arg-type]
+                    f"{rule.describe()}: expected {m.expected}, got {m.seen}. Pass an input of that "
+                    "form; the layer is still unbuilt and usable."
+                ) from None
+        return values
+
+    def _tl_become(self, values: dict[str, Any], device: torch.device, deferred: bool) -> None:
+        me: nn.Module = self  # type: ignore[assignment]
+        kwargs = dict(values)
+        accepts = _parameters_of(self._tl_cls)
+        if not deferred:
+            dtype = self._tl_dtype()
+            if "device" in accepts and self._tl_args.get("device") is None:
+                kwargs["device"] = device
+            if "dtype" in accepts and self._tl_args.get("dtype") is None and dtype is not None:
+                kwargs["dtype"] = dtype
+            with torch.device(device):
+                real = self._tl_construct(kwargs, meta=False)
+        else:
+            real = self._tl_construct(kwargs, meta=False)
+        real.train(me.training)
+        _take_over(me, real, reuse_placeholders=not deferred)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        mine = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+        if not mine:
+            return nn.Module._load_from_state_dict(self, state_dict, prefix, *args)  # type: ignore[arg-type]
+        values = self._tl_solve(mine, prefix)
+        device = next((p.device for p in nn.Module.parameters(self)), torch.get_default_device())  # type: ignore[arg-type]
+        _run_build(self, lambda deferred: self._tl_become(values, device, deferred), False)  # type: ignore[arg-type]
+        return self._load_from_state_dict(state_dict, prefix, *args)
+
+    def _tl_solve(self, mine: dict[str, torch.Tensor], prefix: str) -> dict[str, Any]:
+        """The constructor arguments under which the real class has these tensor shapes."""
+        sizes = sorted({int(s) for t in mine.values() for s in t.shape})
+        shapes = sorted({tuple(int(s) for s in t.shape[i:]) for t in mine.values() for i in range(t.dim())})
+        choices = []
+        for rule in self._tl_rules.values():
+            if isinstance(rule, Trailing):
+                choices.append(shapes)
+            else:
+                optional = rule.probes() == (None,)
+                choices.append([None, *sizes] if optional else sizes)
+        for combo in itertools.product(*choices):
+            values = dict(zip(self._tl_rules, combo))
+            skeleton = self._tl_skeleton(values)
+            if skeleton is None:
+                continue
+            expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+            if expected.keys() == mine.keys() and all(expected[k] == tuple(mine[k].shape) for k in mine):
+                return values
+        seen = {k: tuple(v.shape) for k, v in mine.items()}
+        raise ShapeError(
+            f"`{prefix.rstrip('.') or type(self).__qualname__}` ({type(self).__qualname__}): no "
+            f"value of {', '.join(f'`{n}`' for n in self._tl_rules)} gives the tensors {seen} of "
+            "the state dict. Check that the state dict comes from the same kind of layer."
+        )
+
+    def extra_repr(self) -> str:
+        parts = []
+        for name in _parameters_of(self._tl_cls):
+            if name in self._tl_rules:
+                parts.append(f"{name}=?")
+            elif name in self._tl_args and name not in ("device", "dtype"):
+                parts.append(f"{name}={self._tl_args[name]!r}")
+        parts += [f"{k}={v!r}" for k, v in self._tl_options.items() if v != self._tl_defaults[k]]
+        return ", ".join(parts)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_tl_slot"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        nn.Module.__setstate__(self, state)  # type: ignore[arg-type]
+        self.__dict__["_tl_slot"] = _slot_for_new_module()
+
+
+def _unbuilt_at(root: nn.Module, path: str) -> nn.Module:
+    node = root
+    for part in path.split("."):
+        child = node._modules.get(part)
+        if child is None:
+            child = _Unbuilt()
+            node._modules[part] = child
+        node = child
+    return node
+
+
+def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None:
+    """`me` becomes `real`: its state, its class; placeholders become the real parameters."""
+    if reuse_placeholders:
+        placeholders = {path: p for path, p in me.named_parameters() if isinstance(p, LazyParameter)}
+        for prefix, owner in real.named_modules():
+            for name, p in list(owner._parameters.items()):
+                ph = placeholders.get(f"{prefix}.{name}" if prefix else name)
+                if p is None or ph is None:
+                    continue
+                with torch._C.DisableTorchFunctionSubclass():
+                    ph.data = p.data
+                ph.__class__ = nn.Parameter
+                ph.requires_grad_(p.requires_grad)
+                ph.__dict__.clear()
+                ph.__dict__.update(p.__dict__)
+                owner._parameters[name] = ph
+    guard = real.__dict__.pop("_torchlazy_guard", None)
+    if guard is not None:
+        guard.remove()
+    state = dict(real.__dict__)
+    for key in _HOOK_ATTRS:
+        mine = me.__dict__.get(key)
+        if mine is not None:
+            for handle_id, hook in state[key].items():
+                mine[handle_id] = hook
+            state[key] = mine
+    me.__dict__.clear()
+    me.__dict__.update(state)
+    me.__class__ = type(real)
+    if guard is not None:
+        me._torchlazy_guard = me.register_forward_pre_hook(_deferred._forward_guard)  # type: ignore[assignment]
+
+
+_SIGNATURES: dict[type, dict[str, inspect.Parameter]] = {}
+
+
+def _parameters_of(cls: type) -> dict[str, inspect.Parameter]:
+    if cls not in _SIGNATURES:
+        candidates = [cls.__init__, *typing.get_overloads(cls.__init__)]  # type: ignore[misc]
+        for init in candidates:  # the first signature that names its arguments
+            params = dict(inspect.signature(init).parameters)
+            params.pop(next(iter(params)))  # self
+            if not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()):
+                break
+        _SIGNATURES[cls] = params
+    return _SIGNATURES[cls]
+
+
+def lazy(cls: type[M], /, **rules: Any) -> type[M]:
+    """A lazy version of any module class: named constructor arguments come from the first input.
+
+    Each rule is a callable taking the forward's arguments, like
+    `lambda x, *rest: x.shape[-1]`. The new class takes the other constructor
+    arguments, with their names and defaults; after its first call (or a
+    `load_state_dict`) the object is a plain `cls`.
+
+    >>> import torch, torchlazy as tl
+    >>> LazyGRU = tl.lazy(torch.nn.GRU, input_size=lambda x, *rest: x.shape[-1])
+    >>> gru = LazyGRU(hidden_size=8, batch_first=True)
+    >>> gru
+    LazyGRU(input_size=?, hidden_size=8, batch_first=True)
+    >>> _ = gru(torch.zeros(2, 5, 3))
+    >>> type(gru).__name__, gru.input_size
+    ('GRU', 3)
+    """
+    module = sys._getframe(1).f_globals.get("__name__", __name__)
+    return make_lazy(cls, {name: as_rule(r) for name, r in rules.items()}, f"Lazy{cls.__name__}", module)
+
+
+def make_lazy(cls: type[M], rules: dict[str, Rule], name: str, module: str) -> type[M]:
+    params = _parameters_of(cls)
+    unknown = [r for r in rules if r not in params]
+    if unknown:
+        raise TypeError(
+            f"`tl.lazy({cls.__name__}, ...)`: {', '.join(map(repr, unknown))} is not an argument of "
+            f"`{cls.__name__}.__init__` (it takes {', '.join(params)})."
+        )
+    kept = [p for n, p in params.items() if n not in rules]
+    defaults: dict[str, Any] = {}
+    for rule in rules.values():
+        options = getattr(rule, "options", None)
+        if options is not None:
+            defaults.update(options())
+    kept += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in defaults.items()]
+    kept.sort(key=lambda p: p.kind)
+    signature = inspect.Signature(kept)
+    doc = (
+        f"Lazy `{cls.__module__}.{cls.__qualname__}`: {', '.join(f'`{n}` from {r.describe()}' for n, r in rules.items())}.\n\n"
+        f"Takes the other arguments of `{cls.__qualname__}`; becomes a plain `{cls.__qualname__}` at its first input."
+    )
+    namespace = {
+        "_tl_cls": cls,
+        "_tl_rules": rules,
+        "_tl_signature": signature,
+        "_tl_defaults": defaults,
+        "__module__": module,
+        "__qualname__": name,
+        "__doc__": doc,
+        "__signature__": signature,
+    }
+    return type(name, (_LazyLayer, cls), namespace)  # type: ignore[return-value]
+
+
+# -- Keras-style lazy modules -----------------------------------------------------
+
+
+class LazyModule(nn.Module):
+    """A module that creates its state from its first inputs: implement `build`.
+
+    `build(*inputs, **kwargs)` receives the first forward's arguments (real,
+    or fake inside `tl.build`/`tl.summary`) and creates sub-modules and
+    parameters; `forward` is written as usual. After the first call no
+    torchlazy code runs.
+
+    >>> import torch, torchlazy as tl
+    >>> class Block(tl.LazyModule):
+    ...     def __init__(self, hidden):
+    ...         super().__init__()
+    ...         self.hidden = hidden
+    ...     def build(self, x):
+    ...         self.proj = torch.nn.Linear(x.shape[-1], self.hidden)
+    ...     def forward(self, x):
+    ...         return self.proj(x).relu()
+    >>> block = Block(16)
+    >>> block(torch.ones(4, 7)).shape
+    torch.Size([4, 16])
+    >>> block.proj.in_features
+    7
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tl_order = next(_order)
+        self._tl_slot = _slot_for_new_module()
+        self._tl_hook = self.register_forward_pre_hook(_build_lazy_module, with_kwargs=True, prepend=True)
+
+    def build(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            f"`{type(self).__qualname__}` subclasses `tl.LazyModule` but does not define "
+            "`build(self, *inputs)`: create its layers there from the first inputs."
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if "_tl_slot" in state:
+            state["_tl_slot"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_tl_slot" in state:
+            self.__dict__["_tl_slot"] = _slot_for_new_module()
+
+
+def _build_lazy_module(module: LazyModule, args: Any, kwargs: Any) -> None:
+    def build(deferred: bool) -> None:
+        module.build(*args, **kwargs)
+        module.__dict__.pop("_tl_hook").remove()
+        for key in ("_tl_slot", "_tl_order"):
+            module.__dict__.pop(key, None)
+
+    _run_build(module, build, _fake(args, kwargs))
