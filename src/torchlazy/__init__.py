@@ -1,10 +1,18 @@
 """torchlazy: lazy shapes, deferred construction, exact materialization for PyTorch."""
 
-from ._deferred import deferred, deferred_tensors, is_deferred
 from . import nn
-from ._errors import CheckpointError, DeferredError, LazyError, NotBuiltError, ShapeError
+from ._deferred import deferred, deferred_tensors, is_deferred
+from ._errors import (
+    CheckpointError,
+    DeferredError,
+    LazyError,
+    NotBuiltError,
+    ShapeError,
+)
+from ._infer import Spec, build
 from ._lazy import LazyModule, is_built, lazy
 from ._materialize import materialize
+from ._summary import Row, Summary, summary
 
 __all__ = [
     "CheckpointError",
@@ -12,7 +20,11 @@ __all__ = [
     "LazyError",
     "LazyModule",
     "NotBuiltError",
+    "Row",
     "ShapeError",
+    "Spec",
+    "Summary",
+    "build",
     "deferred",
     "deferred_tensors",
     "is_built",
@@ -20,5 +32,6 @@ __all__ = [
     "lazy",
     "materialize",
     "nn",
+    "summary",
 ]
 __version__ = "0.1.0"

@@ -30,9 +30,10 @@ from torch.utils._pytree import tree_flatten, tree_leaves
 
 from . import _paths
 from ._errors import DeferredError
+from ._fakemode import new_fake_mode
 from ._record import Const, Key, Node, Record, TRef
 
-__all__ = ["deferred", "is_deferred", "deferred_tensors"]
+__all__ = ["deferred", "deferred_tensors", "is_deferred"]
 
 
 class _Local(threading.local):
@@ -48,7 +49,7 @@ _local = _Local()
 def fake_mode() -> FakeTensorMode:
     """This thread's fake-tensor mode (one per thread, shared by all records)."""
     if _local.fake_mode is None:
-        _local.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        _local.fake_mode = new_fake_mode()
     return _local.fake_mode
 
 
@@ -87,7 +88,9 @@ def deferred_tensors(module: nn.Module) -> list[str]:
     """
     from ._materialize import module_tensors
 
-    return [path for path, _, _, t in module_tensors(module) if isinstance(t, FakeTensor)]
+    return [
+        path for path, _, _, t in module_tensors(module) if isinstance(t, FakeTensor)
+    ]
 
 
 # -- the recorder ------------------------------------------------------------
@@ -105,7 +108,13 @@ _READS_VALUES = {
 class _Recorder(TorchDispatchMode):
     """Appends every storage-creating or storage-writing op to a record."""
 
-    def __init__(self, record: Record, prefix: Key = (), concretize: bool = False) -> None:
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:  # no dynamo import on first use
+        return False
+
+    def __init__(
+        self, record: Record, prefix: Key = (), concretize: bool = False
+    ) -> None:
         super().__init__()
         self.record = record
         self.prefix = prefix
@@ -121,7 +130,9 @@ class _Recorder(TorchDispatchMode):
         self.count += 1
         return key
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
         kwargs = kwargs or {}
         try:
             out = func(*args, **kwargs)
@@ -179,7 +190,16 @@ class _Recorder(TorchDispatchMode):
         stream = None
         if torch.Tag.nondeterministic_seeded in func.tags:
             stream = self.record.stream_for(_generator_arg(func, args, kwargs))
-        node = Node(self.reserve(), func, spec, leaves, outputs, tuple(reads), tuple(writes), stream)
+        node = Node(
+            self.reserve(),
+            func,
+            spec,
+            leaves,
+            outputs,
+            tuple(reads),
+            tuple(writes),
+            stream,
+        )
         self.record.add(node)
 
     def _needs_values(self, func: Any, args: Any, kwargs: Any) -> Any:
@@ -204,18 +224,34 @@ class _Recorder(TorchDispatchMode):
         # A tensor whose shape depends on values: keep its values as a constant.
         flat_out, out_spec = tree_flatten(out)
         mode = fake_mode()
-        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat_out]
+        fakes = [
+            mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat_out
+        ]
         for real, fake in zip(flat_out, fakes):
             if isinstance(fake, FakeTensor):
                 storage = fake.untyped_storage()
                 sid = self.record.new_storage(storage, storage.nbytes(), fake.device)
                 storage._torchlazy = (self.record, sid)  # type: ignore[attr-defined]
-                self.record.add(Node(self.reserve(), None, None, [Const(real.clone())], [(0, sid)], (), ()))
+                self.record.add(
+                    Node(
+                        self.reserve(),
+                        None,
+                        None,
+                        [Const(real.clone())],
+                        [(0, sid)],
+                        (),
+                        (),
+                    )
+                )
         return out_spec.unflatten(fakes)  # type: ignore[attr-defined]
 
     def _force(self, flat: list[Any]) -> list[Any]:
         """Real values of the recorded tensors in `flat`, as they are now."""
-        refs = {id(x): self._ref(x, "reading values") for x in flat if isinstance(x, torch.Tensor)}
+        refs = {
+            id(x): self._ref(x, "reading values")
+            for x in flat
+            if isinstance(x, torch.Tensor)
+        }
         sids = {r.sid for r in refs.values() if isinstance(r, TRef)}
         saved = torch.default_generator.get_state()
         try:
@@ -245,12 +281,20 @@ def _generator_arg(func: Any, args: Any, kwargs: Any) -> torch.Generator | None:
 class _ValueGuard(TorchFunctionMode):
     """Turns value reads that never reach dispatch into clear errors."""
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
         if func is torch.Tensor.__deepcopy__ and storage_of(args[0]) is not None:
             return _deepcopy(*args)
         what = _READS_VALUES.get(func)
-        if what is not None and _local.quiet == 0 and any(
-            storage_of(t) is not None for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        if (
+            what is not None
+            and _local.quiet == 0
+            and any(
+                storage_of(t) is not None
+                for t in tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)
+            )
         ):
             raise DeferredError(
                 f"{what} during deferred construction of {_paths.constructing_module()}: under "
@@ -285,7 +329,9 @@ def current_recorder() -> _Recorder | None:
 
 
 @contextlib.contextmanager
-def recording(record: Record, prefix: Key = (), concretize: bool = False) -> Iterator[_Recorder]:
+def recording(
+    record: Record, prefix: Key = (), concretize: bool = False
+) -> Iterator[_Recorder]:
     """Record into `record` under `prefix` (the top level, or a lazy layer's reserved place)."""
     recorder = _Recorder(record, prefix, concretize)
     _local.recorders.append(recorder)
@@ -353,8 +399,12 @@ def _advance_global_generator(record: Record) -> None:
     entry = stream.entry
     assert entry is not None
 
-    digest = hashlib.blake2b(entry.numpy().tobytes() + str(len(stream.keys)).encode(), digest_size=8).digest()
-    torch.default_generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    digest = hashlib.blake2b(
+        entry.numpy().tobytes() + str(len(stream.keys)).encode(), digest_size=8
+    ).digest()
+    torch.default_generator.manual_seed(
+        int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    )
 
 
 # -- a clear error when a deferred model is called ---------------------------
@@ -369,7 +419,7 @@ def _track_modules(record: Record) -> list[Any]:
             return
         if getattr(module, "_torchlazy_guard", None) is None:
             module._torchlazy_guard = module.register_forward_pre_hook(_forward_guard)  # type: ignore[assignment]
-        return None
+        return
 
     return [
         _module.register_module_parameter_registration_hook(on_tensor),
@@ -391,5 +441,3 @@ def drop_guard(module: nn.Module) -> None:
     handle = module.__dict__.pop("_torchlazy_guard", None)
     if handle is not None:
         handle.remove()
-
-

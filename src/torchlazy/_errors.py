@@ -6,7 +6,13 @@ what was expected, what was seen, and what to do.
 
 from __future__ import annotations
 
-__all__ = ["LazyError", "NotBuiltError", "ShapeError", "DeferredError", "CheckpointError"]
+__all__ = [
+    "CheckpointError",
+    "DeferredError",
+    "LazyError",
+    "NotBuiltError",
+    "ShapeError",
+]
 
 
 class LazyError(Exception):

@@ -44,7 +44,7 @@ from ._errors import DeferredError, NotBuiltError, ShapeError
 from ._record import Record
 from ._rules import Inputs, Rule, Trailing, _Mismatch, as_rule
 
-__all__ = ["LazyModule", "lazy", "is_built"]
+__all__ = ["LazyModule", "is_built", "lazy"]
 
 M = TypeVar("M", bound=nn.Module)
 _order = itertools.count()
@@ -57,7 +57,11 @@ _HOOK_ATTRS = tuple(k for k in nn.Module().__dict__ if "hook" in k)
 def _not_built(t: Any, what: str) -> NotBuiltError:
     where = getattr(t, "_tl_where", None)
     owner = where[0]() if where else None
-    name = f"`{_paths.module_path(owner)}.{where[1]}`" if owner is not None else "a lazy parameter"
+    name = (
+        f"`{_paths.module_path(owner)}.{where[1]}`"
+        if owner is not None
+        else "a lazy parameter"
+    )
     layer = f" of {owner!r}" if owner is not None else ""
     return NotBuiltError(
         f"{what} {name}{layer}: its shape depends on the first input, which has not been "
@@ -69,10 +73,18 @@ class _Placeholder:
     """Behaviour shared by unbuilt parameters and buffers."""
 
     @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in UninitializedParameter._allowed_methods or func.__class__.__name__ == "method-wrapper":
+    def __torch_function__(
+        cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
+        if (
+            func in UninitializedParameter._allowed_methods
+            or func.__class__.__name__ == "method-wrapper"
+        ):
             return super().__torch_function__(func, types, args, kwargs or {})  # type: ignore[misc]
-        target = next((a for a in tree_leaves((args, kwargs)) if isinstance(a, _Placeholder)), None)
+        target = next(
+            (a for a in tree_leaves((args, kwargs)) if isinstance(a, _Placeholder)),
+            None,
+        )
         raise _not_built(target, f"`{getattr(func, '__name__', func)}` used")
 
     @property
@@ -129,7 +141,11 @@ def transaction(rollback: bool = False) -> Iterator[None]:
 
 def _snapshot(module: nn.Module) -> Callable[[], None]:
     state = dict(module.__dict__)
-    inner = {k: v.copy() for k, v in state.items() if k in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")}
+    inner = {
+        k: v.copy()
+        for k, v in state.items()
+        if k in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+    }
     cls = type(module)
 
     def undo() -> None:
@@ -147,7 +163,9 @@ def _slot_for_new_module() -> tuple[Record, tuple[int, ...]] | None:
     return (recorder.record, recorder.reserve()) if recorder is not None else None
 
 
-def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bool) -> None:
+def _run_build(
+    module: nn.Module, build: Callable[[bool], None], fake_inputs: bool
+) -> None:
     """Run `build(deferred)` for `module` where it belongs; undo everything if it fails."""
     slot = module.__dict__.get("_tl_slot")
     undo = _snapshot(module)
@@ -208,7 +226,9 @@ def is_built(module: nn.Module) -> bool:
     >>> tl.is_built(net), net[0]
     (True, Linear(in_features=5, out_features=3, bias=True))
     """
-    return not any(isinstance(m, _LazyLayer) or "_tl_hook" in m.__dict__ for m in module.modules())
+    return not any(
+        isinstance(m, _LazyLayer) or "_tl_hook" in m.__dict__ for m in module.modules()
+    )
 
 
 # -- lazy layers made from a class and rules --------------------------------------
@@ -227,7 +247,9 @@ class _LazyLayer:
         try:
             bound = self._tl_signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise TypeError(f"{type(self).__module__}.{type(self).__qualname__}(): {e}") from None
+            raise TypeError(
+                f"{type(self).__module__}.{type(self).__qualname__}(): {e}"
+            ) from None
         given = dict(bound.arguments)
         self._tl_options = {k: given.pop(k, v) for k, v in self._tl_defaults.items()}
         self._tl_args = given
@@ -241,7 +263,11 @@ class _LazyLayer:
         if meta:
             if "device" in _parameters_of(self._tl_cls):
                 kwargs["device"] = "meta"
-            with _disable_current_modes(), torch.device("meta"), warnings.catch_warnings():
+            with (
+                _disable_current_modes(),
+                torch.device("meta"),
+                warnings.catch_warnings(),
+            ):
                 warnings.simplefilter("ignore")
                 return self._tl_cls(**kwargs)
         return self._tl_cls(**kwargs)
@@ -272,13 +298,23 @@ class _LazyLayer:
                 for name, p in sub._parameters.items():
                     if p is not None:
                         ph = LazyParameter(p.requires_grad, device, p.dtype)
-                        ph._tl_where = (weakref.ref(me), f"{prefix}.{name}" if prefix else name)
+                        ph._tl_where = (
+                            weakref.ref(me),
+                            f"{prefix}.{name}" if prefix else name,
+                        )
                         owner._parameters[name] = ph
                 for name, b in sub._buffers.items():
                     if b is not None:
                         bh = LazyBuffer(False, device, b.dtype)
-                        bh._tl_where = (weakref.ref(me), f"{prefix}.{name}" if prefix else name)
-                        owner.register_buffer(name, bh, persistent=name not in sub._non_persistent_buffers_set)
+                        bh._tl_where = (
+                            weakref.ref(me),
+                            f"{prefix}.{name}" if prefix else name,
+                        )
+                        owner.register_buffer(
+                            name,
+                            bh,
+                            persistent=name not in sub._non_persistent_buffers_set,
+                        )
 
     def _tl_dtype(self) -> torch.dtype | None:
         for t in itertools.chain(nn.Module.parameters(self), nn.Module.buffers(self)):  # type: ignore[arg-type]
@@ -291,14 +327,18 @@ class _LazyLayer:
         values = self._tl_infer(args, kwargs)
         fake = _fake(args, kwargs)
         device = _first_device(args, kwargs)
-        _run_build(self, lambda deferred: self._tl_become(values, device, deferred), fake)  # type: ignore[arg-type]
+        _run_build(
+            self, lambda deferred: self._tl_become(values, device, deferred), fake
+        )  # type: ignore[arg-type]
         return self.forward(*args, **kwargs)  # type: ignore[misc]  # now the real class's
 
     def _tl_infer(self, args: Any, kwargs: Any) -> dict[str, Any]:
         try:
             named = inspect.signature(self._tl_cls.forward).bind(self, *args, **kwargs)
         except TypeError as e:
-            raise TypeError(f"`{_paths.module_path(self)}` ({type(self).__qualname__}): {e}") from None  # type: ignore[arg-type]
+            raise TypeError(
+                f"`{_paths.module_path(self)}` ({type(self).__qualname__}): {e}"
+            ) from None  # type: ignore[arg-type]
         named.apply_defaults()
         arguments = dict(named.arguments)
         arguments.pop(next(iter(arguments)))  # self
@@ -315,7 +355,9 @@ class _LazyLayer:
                 ) from None
         return values
 
-    def _tl_become(self, values: dict[str, Any], device: torch.device, deferred: bool) -> None:
+    def _tl_become(
+        self, values: dict[str, Any], device: torch.device, deferred: bool
+    ) -> None:
         me: nn.Module = self  # type: ignore[assignment]
         kwargs = dict(values)
         accepts = _parameters_of(self._tl_cls)
@@ -323,7 +365,11 @@ class _LazyLayer:
             dtype = self._tl_dtype()
             if "device" in accepts and self._tl_args.get("device") is None:
                 kwargs["device"] = device
-            if "dtype" in accepts and self._tl_args.get("dtype") is None and dtype is not None:
+            if (
+                "dtype" in accepts
+                and self._tl_args.get("dtype") is None
+                and dtype is not None
+            ):
                 kwargs["dtype"] = dtype
             with torch.device(device):
                 real = self._tl_construct(kwargs, meta=False)
@@ -332,19 +378,35 @@ class _LazyLayer:
         real.train(me.training)
         _take_over(me, real, reuse_placeholders=not deferred)
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        mine = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any
+    ) -> None:
+        mine = {
+            k[len(prefix) :]: v
+            for k, v in state_dict.items()
+            if k.startswith(prefix) and isinstance(v, torch.Tensor)
+        }
         if not mine:
             return nn.Module._load_from_state_dict(self, state_dict, prefix, *args)  # type: ignore[arg-type]
         values = self._tl_solve(mine, prefix)
-        device = next((p.device for p in nn.Module.parameters(self)), torch.get_default_device())  # type: ignore[arg-type]
-        _run_build(self, lambda deferred: self._tl_become(values, device, deferred), False)  # type: ignore[arg-type]
+        device = next(
+            (p.device for p in nn.Module.parameters(self)), torch.get_default_device()
+        )  # type: ignore[arg-type]
+        _run_build(
+            self, lambda deferred: self._tl_become(values, device, deferred), False
+        )  # type: ignore[arg-type]
         return self._load_from_state_dict(state_dict, prefix, *args)
 
     def _tl_solve(self, mine: dict[str, torch.Tensor], prefix: str) -> dict[str, Any]:
         """The constructor arguments under which the real class has these tensor shapes."""
         sizes = sorted({int(s) for t in mine.values() for s in t.shape})
-        shapes = sorted({tuple(int(s) for s in t.shape[i:]) for t in mine.values() for i in range(t.dim())})
+        shapes = sorted(
+            {
+                tuple(int(s) for s in t.shape[i:])
+                for t in mine.values()
+                for i in range(t.dim())
+            }
+        )
         choices = []
         for rule in self._tl_rules.values():
             if isinstance(rule, Trailing):
@@ -358,7 +420,9 @@ class _LazyLayer:
             if skeleton is None:
                 continue
             expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-            if expected.keys() == mine.keys() and all(expected[k] == tuple(mine[k].shape) for k in mine):
+            if expected.keys() == mine.keys() and all(
+                expected[k] == tuple(mine[k].shape) for k in mine
+            ):
                 return values
         seen = {k: tuple(v.shape) for k, v in mine.items()}
         raise ShapeError(
@@ -374,7 +438,11 @@ class _LazyLayer:
                 parts.append(f"{name}=?")
             elif name in self._tl_args and name not in ("device", "dtype"):
                 parts.append(f"{name}={self._tl_args[name]!r}")
-        parts += [f"{k}={v!r}" for k, v in self._tl_options.items() if v != self._tl_defaults[k]]
+        parts += [
+            f"{k}={v!r}"
+            for k, v in self._tl_options.items()
+            if v != self._tl_defaults[k]
+        ]
         return ", ".join(parts)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -401,7 +469,9 @@ def _unbuilt_at(root: nn.Module, path: str) -> nn.Module:
 def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None:
     """`me` becomes `real`: its state, its class; placeholders become the real parameters."""
     if reuse_placeholders:
-        placeholders = {path: p for path, p in me.named_parameters() if isinstance(p, LazyParameter)}
+        placeholders = {
+            path: p for path, p in me.named_parameters() if isinstance(p, LazyParameter)
+        }
         for prefix, owner in real.named_modules():
             for name, p in list(owner._parameters.items()):
                 ph = placeholders.get(f"{prefix}.{name}" if prefix else name)
@@ -440,7 +510,9 @@ def _parameters_of(cls: type) -> dict[str, inspect.Parameter]:
         for init in candidates:  # the first signature that names its arguments
             params = dict(inspect.signature(init).parameters)
             params.pop(next(iter(params)))  # self
-            if not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()):
+            if not any(
+                p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()
+            ):
                 break
         _SIGNATURES[cls] = params
     return _SIGNATURES[cls]
@@ -464,7 +536,12 @@ def lazy(cls: type[M], /, **rules: Any) -> type[M]:
     ('GRU', 3)
     """
     module = sys._getframe(1).f_globals.get("__name__", __name__)
-    return make_lazy(cls, {name: as_rule(r) for name, r in rules.items()}, f"Lazy{cls.__name__}", module)
+    return make_lazy(
+        cls,
+        {name: as_rule(r) for name, r in rules.items()},
+        f"Lazy{cls.__name__}",
+        module,
+    )
 
 
 def make_lazy(cls: type[M], rules: dict[str, Rule], name: str, module: str) -> type[M]:
@@ -481,7 +558,10 @@ def make_lazy(cls: type[M], rules: dict[str, Rule], name: str, module: str) -> t
         options = getattr(rule, "options", None)
         if options is not None:
             defaults.update(options())
-    kept += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in defaults.items()]
+    kept += [
+        inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
+        for k, v in defaults.items()
+    ]
     kept.sort(key=lambda p: p.kind)
     signature = inspect.Signature(kept)
     doc = (
@@ -532,7 +612,9 @@ class LazyModule(nn.Module):
         super().__init__()
         self._tl_order = next(_order)
         self._tl_slot = _slot_for_new_module()
-        self._tl_hook = self.register_forward_pre_hook(_build_lazy_module, with_kwargs=True, prepend=True)
+        self._tl_hook = self.register_forward_pre_hook(
+            _build_lazy_module, with_kwargs=True, prepend=True
+        )
 
     def build(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(

@@ -11,8 +11,8 @@ attributes) see the real tensor.
 from __future__ import annotations
 
 import sys
-import weakref
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,15 +22,19 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _deferred, _paths
-from ._errors import DeferredError, LazyError
+from ._errors import DeferredError
 from ._record import Record
 
 __all__ = ["materialize"]
 
-Progress = Callable[[int, int, int, int], None]  # tensors done, total, bytes done, total
+Progress = Callable[
+    [int, int, int, int], None
+]  # tensors done, total, bytes done, total
 
 
-def module_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+def module_tensors(
+    module: nn.Module,
+) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
     """(path, owner, attribute, tensor) for every tensor the module tree holds."""
     for prefix, owner in module.named_modules(remove_duplicate=False):
         dot = f"{prefix}." if prefix else ""
@@ -79,7 +83,9 @@ def _final_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
 
 
 class _Bar:
-    def __init__(self, total: int, nbytes: int, progress: bool | Progress | None) -> None:
+    def __init__(
+        self, total: int, nbytes: int, progress: bool | Progress | None
+    ) -> None:
         self.total, self.nbytes, self.done, self.done_bytes = total, nbytes, 0, 0
         self.callback: Progress | None = None
         if callable(progress):
@@ -141,7 +147,9 @@ def materialize(
     if checkpoint is not None:
         from ._checkpoint import load_into_targets
 
-        values, rest = load_into_targets(module, targets, checkpoint, strict, key_map, device, dtype)
+        values, rest = load_into_targets(
+            module, targets, checkpoint, strict, key_map, device, dtype
+        )
     else:
         values, rest = {}, targets
     if rest:
@@ -196,14 +204,20 @@ def _replay_record(
 
     def on_ready(sid: int, storage: torch.UntypedStorage) -> None:
         users = by_sid[sid]
-        target_device = torch.device(device) if device is not None else users[0].tensor.device
+        target_device = (
+            torch.device(device) if device is not None else users[0].tensor.device
+        )
         for t in users:
             real = _view(storage, t.tensor)
             values[id(t.tensor)] = real.to(target_device, _final_dtype(t.tensor, dtype))
         bar.step(len(users), sum(t.tensor.nbytes for t in users))
 
     sample = group[0].tensor.device
-    replay_on = "cpu" if exact or device is None and sample.type == "cpu" else (device or sample)
+    replay_on = (
+        "cpu"
+        if exact or device is None and sample.type == "cpu"
+        else (device or sample)
+    )
     record.evaluate(by_sid.keys(), device=replay_on, exact=exact, on_ready=on_ready)
     return values
 
@@ -247,11 +261,17 @@ def _replace_references(module: nn.Module, new: dict[int, torch.Tensor]) -> None
             owner.__dict__[name] = real
         elif isinstance(owner.__dict__.get(name), (list, tuple)):
             items = owner.__dict__[name]
-            fixed = [new.get(id(x), x) if isinstance(x, torch.Tensor) else x for x in items]
-            owner.__dict__[name] = type(items)(fixed) if isinstance(items, tuple) else fixed
+            fixed = [
+                new.get(id(x), x) if isinstance(x, torch.Tensor) else x for x in items
+            ]
+            owner.__dict__[name] = (
+                type(items)(fixed) if isinstance(items, tuple) else fixed
+            )
 
 
-def _swap_in(module: nn.Module, targets: list[_Target], values: dict[int, torch.Tensor]) -> None:
+def _swap_in(
+    module: nn.Module, targets: list[_Target], values: dict[int, torch.Tensor]
+) -> None:
     """Put the real tensors into the objects the model holds (all or nothing)."""
     internal = _fake_attrs()
     _forget_conversions(targets)
@@ -275,6 +295,7 @@ def _swap_in(module: nn.Module, targets: list[_Target], values: dict[int, torch.
         _replace_references(module, replacements)
     for sub in module.modules():
         if "_torchlazy_guard" in sub.__dict__ and not any(
-            isinstance(x, FakeTensor) for x in (*sub._parameters.values(), *sub._buffers.values())
+            isinstance(x, FakeTensor)
+            for x in (*sub._parameters.values(), *sub._buffers.values())
         ):
             _deferred.drop_guard(sub)

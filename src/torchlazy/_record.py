@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_leaves, tree_unflatten
 
 from ._errors import DeferredError
 
@@ -95,10 +95,14 @@ class _Stream:
     whose result nobody wants runs that node on scratch memory.
     """
 
-    def __init__(self, record: Record, generator: torch.Generator, entry: torch.Tensor | None):
+    def __init__(
+        self, record: Record, generator: torch.Generator, entry: torch.Tensor | None
+    ):
         self.record = record
         self.generator = generator
-        self.entry = entry  # None: a live stream, which starts from the generator's state then
+        self.entry = (
+            entry  # None: a live stream, which starts from the generator's state then
+        )
         self.keys: list[Key] = []
         self.nodes: dict[Key, Node] = {}
         self.before: dict[Key, torch.Tensor] = {}
@@ -128,7 +132,9 @@ class _Stream:
             self.nodes.pop(k, None)
         if self.cursor > first:
             self.cursor = first
-            self.cursor_state = self.before.get(self.keys[first]) if first else self.entry
+            self.cursor_state = (
+                self.before.get(self.keys[first]) if first else self.entry
+            )
         self.keys = kept
 
     def state_before(self, node: Node) -> torch.Tensor:
@@ -170,7 +176,9 @@ class Record:
         self.nodes: list[Node] = []
         self._sorted = True
         self._next_sid = 0
-        self._default_entry = None if live else _generator_state(torch.default_generator)
+        self._default_entry = (
+            None if live else _generator_state(torch.default_generator)
+        )
 
     # -- recording -------------------------------------------------------
     def new_storage(self, meta: Any, nbytes: int, device: torch.device) -> int:
@@ -238,7 +246,11 @@ class Record:
             writers = self.storages[sid].writers
             limit = need[sid]
             start = done.get(sid, 0)
-            stop = len(writers) if limit is None else bisect.bisect_left(writers, limit, key=lambda n: n.key)
+            stop = (
+                len(writers)
+                if limit is None
+                else bisect.bisect_left(writers, limit, key=lambda n: n.key)
+            )
             if stop <= start:
                 continue
             done[sid] = stop
@@ -269,7 +281,9 @@ class Record:
         wanted = set(sids)
         missing = wanted - self.storages.keys()
         if missing:
-            raise DeferredError(f"internal: storages {sorted(missing)} are not in this record")
+            raise DeferredError(
+                f"internal: storages {sorted(missing)} are not in this record"
+            )
         nodes = self.closure(wanted, bound)
         last: dict[int, int] = {}
         for i, node in enumerate(nodes):
@@ -298,11 +312,19 @@ class Record:
         inputs = [s for s in node.reads if s not in node.writes]
         env = self.evaluate(inputs, bound=node.key) if inputs else {}
         for sid in node.writes:
-            env[sid] = torch.empty(self.storages[sid].nbytes, dtype=torch.uint8).untyped_storage()
+            env[sid] = torch.empty(
+                self.storages[sid].nbytes, dtype=torch.uint8
+            ).untyped_storage()
         with torch.no_grad():
             self._call(node, env, torch.device("cpu"))
 
-    def _run(self, node: Node, env: dict[int, torch.UntypedStorage], device: torch.device, exact: bool) -> None:
+    def _run(
+        self,
+        node: Node,
+        env: dict[int, torch.UntypedStorage],
+        device: torch.device,
+        exact: bool,
+    ) -> None:
         stream = node.stream
         if stream is None:
             self._call(node, env, device)
@@ -313,17 +335,27 @@ class Record:
             self._call(node, env, device)
             stream.ran(node)
         else:
-            gen = _default_generator(device) if stream.generator is torch.default_generator else stream.generator
+            gen = (
+                _default_generator(device)
+                if stream.generator is torch.default_generator
+                else stream.generator
+            )
             gen.manual_seed(self._seed(node))
             self._call(node, env, device)
 
     def _seed(self, node: Node) -> int:
         entry = self._default_entry
-        base = b"" if entry is None else hashlib.blake2b(entry.numpy().tobytes(), digest_size=8).digest()
+        base = (
+            b""
+            if entry is None
+            else hashlib.blake2b(entry.numpy().tobytes(), digest_size=8).digest()
+        )
         digest = hashlib.blake2b(base + repr(node.key).encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
-    def _call(self, node: Node, env: dict[int, torch.UntypedStorage], device: torch.device) -> None:
+    def _call(
+        self, node: Node, env: dict[int, torch.UntypedStorage], device: torch.device
+    ) -> None:
         leaves = [_real(leaf, env, device) for leaf in node.leaves]
         if node.func is None:
             out: Any = leaves[0]

@@ -78,7 +78,10 @@ class Dim:
         name, x = _tensor(inputs, self.arg)
         minimum = self.dim + 1 if self.dim >= 0 else -self.dim
         if (self.ranks is not None and x.dim() not in self.ranks) or x.dim() < minimum:
-            raise _Mismatch(f"`{name}` with {_ranks(self.ranks, minimum)}", f"shape {tuple(x.shape)}")
+            raise _Mismatch(
+                f"`{name}` with {_ranks(self.ranks, minimum)}",
+                f"shape {tuple(x.shape)}",
+            )
         size = int(x.shape[self.dim])
         if self.unless_same_as is not None:
             _, other = _tensor(inputs, self.unless_same_as)
@@ -90,7 +93,11 @@ class Dim:
         return (None,) if self.unless_same_as is not None else _PROBES
 
     def describe(self) -> str:
-        return f"dim {self.dim} of `{self.arg}`" if isinstance(self.arg, str) else f"dim {self.dim} of input {self.arg}"
+        return (
+            f"dim {self.dim} of `{self.arg}`"
+            if isinstance(self.arg, str)
+            else f"dim {self.dim} of input {self.arg}"
+        )
 
 
 @dataclass(frozen=True)
@@ -102,9 +109,15 @@ class Channels:
 
     def __call__(self, inputs: Inputs, options: Options) -> int:
         name, x = _tensor(inputs, 0)
-        ranks = (self.spatial + 2,) if self.batched_only else (self.spatial + 1, self.spatial + 2)
+        ranks = (
+            (self.spatial + 2,)
+            if self.batched_only
+            else (self.spatial + 1, self.spatial + 2)
+        )
         if x.dim() not in ranks:
-            raise _Mismatch(f"`{name}` with {_ranks(ranks, 0)}", f"shape {tuple(x.shape)}")
+            raise _Mismatch(
+                f"`{name}` with {_ranks(ranks, 0)}", f"shape {tuple(x.shape)}"
+            )
         return int(x.shape[-(self.spatial + 1)])
 
     def probes(self) -> tuple[Any, ...]:
@@ -139,7 +152,10 @@ class Trailing:
         name, x = _tensor(inputs, 0)
         k = int(options.get(self.option, 1))
         if k < 1 or x.dim() < k:
-            raise _Mismatch(f"`{name}` with at least {k} dimensions ({self.option}={k})", f"shape {tuple(x.shape)}")
+            raise _Mismatch(
+                f"`{name}` with at least {k} dimensions ({self.option}={k})",
+                f"shape {tuple(x.shape)}",
+            )
         return tuple(int(s) for s in x.shape[x.dim() - k :])
 
     def probes(self) -> tuple[Any, ...]:
@@ -176,4 +192,6 @@ def as_rule(value: Any) -> Rule:
         return value
     if callable(value):
         return Custom(value)
-    raise TypeError(f"a lazy rule must be a callable taking the forward's inputs, not {type(value).__name__}")
+    raise TypeError(
+        f"a lazy rule must be a callable taking the forward's inputs, not {type(value).__name__}"
+    )

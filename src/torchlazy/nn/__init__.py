@@ -64,13 +64,39 @@ MultiheadAttention = _row(
 )
 TransformerEncoderLayer = _row(_nn.TransformerEncoderLayer, d_model=Dim(-1, "src"))
 TransformerDecoderLayer = _row(_nn.TransformerDecoderLayer, d_model=Dim(-1, "tgt"))
-AdaptiveLogSoftmaxWithLoss = _row(_nn.AdaptiveLogSoftmaxWithLoss, in_features=Dim(-1, 0))
+AdaptiveLogSoftmaxWithLoss = _row(
+    _nn.AdaptiveLogSoftmaxWithLoss, in_features=Dim(-1, 0)
+)
 PReLU = _row(_nn.PReLU, num_parameters=PerChannel())
 
 __all__ = [
-    "AdaptiveLogSoftmaxWithLoss", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Bilinear",
-    "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-    "GRU", "GRUCell", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "LSTM", "LSTMCell", "LayerNorm", "Linear", "MultiheadAttention", "PReLU", "RMSNorm",
-    "RNN", "RNNCell", "SyncBatchNorm", "TransformerDecoderLayer", "TransformerEncoderLayer",
+    "GRU",
+    "LSTM",
+    "RNN",
+    "AdaptiveLogSoftmaxWithLoss",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "Bilinear",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "GRUCell",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LSTMCell",
+    "LayerNorm",
+    "Linear",
+    "MultiheadAttention",
+    "PReLU",
+    "RMSNorm",
+    "RNNCell",
+    "SyncBatchNorm",
+    "TransformerDecoderLayer",
+    "TransformerEncoderLayer",
 ]  # fmt: skip

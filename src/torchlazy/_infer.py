@@ -1,0 +1,178 @@
+"""`build()`: infer every lazy size from a description of the input, then allocate once.
+
+The forward runs on fake tensors (shapes, dtypes, devices; no storage, no
+arithmetic), which fires every lazy layer's rule; lazy layers constructed under
+`tl.deferred()` are shaped into their place in the record, the others into
+records of their own. Materialization then allocates each tensor once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+)
+from torch.nn.modules import module as _module
+from torch.utils._pytree import tree_map
+
+from . import _deferred, _lazy, _paths
+from ._errors import DeferredError, LazyError, ShapeError
+from ._materialize import materialize
+
+__all__ = ["Spec", "build"]
+
+
+@dataclass(frozen=True, init=False)
+class Spec:
+    """An input described by its shape and dtype, without data.
+
+    >>> import torch, torchlazy as tl
+    >>> tl.Spec(8, 3, 32, 32)
+    Spec(8, 3, 32, 32)
+    >>> tl.Spec(4, 16, dtype=torch.long)
+    Spec(4, 16, dtype=torch.int64)
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device | None
+
+    def __init__(
+        self,
+        *shape: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+            shape = tuple(shape[0])
+        if not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+        ):
+            raise ShapeError(
+                f"`tl.Spec{shape}`: every size must be a non-negative int, got {shape}."
+            )
+        object.__setattr__(self, "shape", tuple(shape))
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(
+            self, "device", torch.device(device) if device is not None else None
+        )
+
+    def __repr__(self) -> str:
+        extra = "" if self.dtype == torch.float32 else f", dtype={self.dtype}"
+        extra += "" if self.device is None else f", device='{self.device}'"
+        return f"Spec({', '.join(map(str, self.shape))}{extra})"
+
+
+def to_fake(example: Any, mode: Any) -> Any:
+    """Fake copies of the examples: Specs and tensors alike, in nested containers."""
+
+    def convert(x: Any) -> Any:
+        if isinstance(x, Spec):
+            with mode:
+                return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if isinstance(x, FakeTensor):
+            return x
+        if isinstance(x, torch.Tensor):
+            return mode.from_tensor(x)
+        return x
+
+    return tree_map(convert, example, is_leaf=lambda x: isinstance(x, Spec))
+
+
+@contextlib.contextmanager
+def _tracking_modules() -> Iterator[list[nn.Module]]:
+    """The stack of modules whose forward is running, to name the one that fails."""
+    stack: list[nn.Module] = []
+
+    def push(module: nn.Module, args: Any) -> None:
+        stack.append(module)
+
+    def pop(module: nn.Module, args: Any, out: Any) -> None:
+        if stack and stack[-1] is module:
+            stack.pop()
+
+    handles = [
+        _module.register_module_forward_pre_hook(push),
+        _module.register_module_forward_hook(pop),
+    ]
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def fake_forward(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Run `module` on fake copies of the examples; errors name the failing module."""
+    mode = _mode_of(module)
+    paths = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
+    fargs, fkwargs = to_fake((args, kwargs), mode)
+    with _tracking_modules() as stack, _deferred.quiet(), mode:
+        try:
+            return module(*fargs, **fkwargs)
+        except LazyError:
+            raise
+        except (DataDependentOutputException, DynamicOutputShapeException) as e:
+            where = _where(stack, paths, module)
+            raise DeferredError(
+                f"the forward of {where} depends on tensor values ({e}), so it cannot run on a "
+                "shape alone. Call the model once on a real batch instead (lazy layers build "
+                "from it), then `tl.materialize(model)` for anything still deferred."
+            ) from None
+        except Exception as e:
+            where = _where(stack, paths, module)
+            raise ShapeError(f"{where} fails on the example inputs: {e}") from e
+
+
+def _where(stack: list[nn.Module], paths: dict[int, str], root: nn.Module) -> str:
+    culprit = stack[-1] if stack else root
+    path = paths.get(id(culprit)) or "the model's root"
+    return f"`{path}` ({type(culprit).__name__})"
+
+
+def _mode_of(module: nn.Module) -> Any:
+    for t in (*module.parameters(), *module.buffers()):
+        if isinstance(t, FakeTensor):
+            return t.fake_mode
+    return _deferred.fake_mode()
+
+
+def build(
+    module: nn.Module,
+    *example_args: Any,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **example_kwargs: Any,
+) -> nn.Module:
+    """Infer every lazy size from example inputs, then materialize; return `module`.
+
+    Examples may be `tl.Spec`s or tensors, nested in tuples, lists and dicts;
+    no arithmetic runs on them. Under `tl.deferred()` the result is exactly the
+    eager model with explicit sizes under the same seed; lazy layers outside
+    it are initialized in construction order. On a built model only the
+    shapes are checked. On failure the model is left as it was.
+
+    >>> import torch, torchlazy as tl
+    >>> net = torch.nn.Sequential(tl.nn.Conv2d(16, 3), torch.nn.Flatten(), tl.nn.Linear(10))
+    >>> _ = tl.build(net, tl.Spec(1, 3, 8, 8))
+    >>> net[2]
+    Linear(in_features=576, out_features=10, bias=True)
+    """
+    _paths.remember_paths(module)
+    with _lazy.transaction():
+        fake_forward(module, example_args, example_kwargs)
+        if _deferred.is_deferred(module):
+            materialize(module, device=device, dtype=dtype)
+    if device is not None or dtype is not None:
+        module.to(device=device, dtype=dtype)
+    return module

@@ -1,0 +1,305 @@
+"""`summary()`: shapes, parameters and bytes of a model before anything is allocated.
+
+With examples, the forward runs on fake tensors inside a transaction that is
+always rolled back: lazy layers are shaped only for the time of the count, and
+the model is left exactly as it was. Rows are data (`Summary.rows`); `str()`
+renders the text table and notebooks get an HTML one.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from . import _lazy
+from ._infer import fake_forward
+
+__all__ = ["Row", "Summary", "summary"]
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One module: where it is, what it is, what flows through it, what it holds."""
+
+    path: str
+    type: str
+    depth: int
+    inputs: tuple[Shape, ...] | None  # None: not called (or no example)
+    outputs: tuple[Shape, ...] | None
+    params: dict[str, Shape | None]  # its own parameters; None: size unknown yet
+    num_params: int | None  # own parameters, tied ones counted where first seen
+    total_params: int | None  # the whole sub-tree, tied ones once
+    trainable: bool
+    tied_to: dict[str, str] = field(
+        default_factory=dict
+    )  # own name -> path it is tied to
+
+
+@dataclass
+class Summary:
+    """The rows, the totals, and their renderings."""
+
+    rows: list[Row]
+    total_params: int | None
+    trainable_params: int | None
+    param_bytes: int | None  # at the model's dtypes
+    buffer_bytes: int | None
+    bytes_fp32: int | None
+    bytes_bf16: int | None
+    depth: int | None = None
+    unknown: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        shown = [r for r in self.rows if self.depth is None or r.depth <= self.depth]
+        header = ("Module", "Type", "Input shape", "Output shape", "Params")
+        body = []
+        for r in shown:
+            folded = self.depth is not None and r.depth == self.depth
+            count = r.total_params if folded or r.depth == 0 else r.num_params
+            name = "  " * max(r.depth - 1, 0) + (
+                r.path.rsplit(".", 1)[-1] if r.depth else "(root)"
+            )
+            tied = " (tied)" if r.tied_to else ""
+            body.append(
+                (
+                    name,
+                    r.type,
+                    _shapes(r.inputs),
+                    _shapes(r.outputs),
+                    _count(count) + tied,
+                )
+            )
+        widths = [max(len(x) for x in col) for col in zip(header, *body)]
+        line = "-" * (sum(widths) + 2 * (len(widths) - 1))
+        out = [_join(header, widths), line, *(_join(row, widths) for row in body), line]
+        out += self._totals()
+        return "\n".join(out)
+
+    def _totals(self) -> list[str]:
+        out = [
+            f"Total params: {_count(self.total_params)}",
+            f"Trainable params: {_count(self.trainable_params)}",
+        ]
+        if self.total_params is not None and self.trainable_params is not None:
+            out.append(
+                f"Non-trainable params: {self.total_params - self.trainable_params:,}"
+            )
+        out.append(
+            f"Params size: {_bytes(self.param_bytes)} (fp32: {_bytes(self.bytes_fp32)}, bf16: {_bytes(self.bytes_bf16)})"
+        )
+        out.append(f"Buffers size: {_bytes(self.buffer_bytes)}")
+        if self.unknown:
+            out.append(
+                f"Unknown until built ({len(self.unknown)}): pass an example input, e.g. `tl.summary(model, tl.Spec(...))`"
+            )
+        return out
+
+    def _repr_html_(self) -> str:
+        shown = [r for r in self.rows if self.depth is None or r.depth <= self.depth]
+        cells = "".join(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(x))}</td>"
+                for x in (
+                    r.path or "(root)",
+                    r.type,
+                    _shapes(r.inputs),
+                    _shapes(r.outputs),
+                    _count(r.num_params),
+                )
+            )
+            + "</tr>"
+            for r in shown
+        )
+        head = "".join(
+            f"<th>{h}</th>"
+            for h in ("Module", "Type", "Input shape", "Output shape", "Params")
+        )
+        totals = html.escape("\n".join(self._totals()))
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table><pre>{totals}</pre>"
+
+
+def _join(cells: tuple[str, ...], widths: list[int]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+
+def _shapes(shapes: tuple[Shape, ...] | None) -> str:
+    if shapes is None:
+        return "?"
+    if not shapes:
+        return "-"
+    return ", ".join("[" + ", ".join(map(str, s)) + "]" for s in shapes)
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else f"{n:,}"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError
+
+
+def _shape_of(t: torch.Tensor) -> Shape | None:
+    if isinstance(t, _lazy.LazyParameter | _lazy.LazyBuffer):
+        return None
+    return tuple(int(s) for s in t.shape)
+
+
+def _tensor_shapes(value: Any) -> tuple[Shape, ...]:
+    return tuple(
+        tuple(int(s) for s in t.shape)
+        for t in tree_leaves(value)
+        if isinstance(t, torch.Tensor)
+    )
+
+
+def summary(
+    module: nn.Module,
+    *example_args: Any,
+    depth: int | None = None,
+    **example_kwargs: Any,
+) -> Summary:
+    """Shapes, parameter counts and bytes per module, allocating nothing.
+
+    Works on unbuilt lazy and deferred models and leaves them unchanged. With
+    example inputs (`tl.Spec`s or tensors) lazy sizes are inferred for the
+    count and input/output shapes are shown; without, unknown sizes show `?`.
+
+    >>> import torch, torchlazy as tl
+    >>> net = torch.nn.Sequential(tl.nn.Linear(32), torch.nn.ReLU(), tl.nn.Linear(10))
+    >>> s = tl.summary(net, tl.Spec(4, 64))
+    >>> s.total_params, [r.outputs for r in s.rows[1:]]
+    (2410, [((4, 32),), ((4, 32),), ((4, 10),)])
+    >>> tl.summary(net).total_params is None   # unbuilt and no example: unknown
+    True
+    """
+    with _lazy.transaction(rollback=True):
+        calls: dict[int, tuple[tuple[Shape, ...], tuple[Shape, ...]]] = {}
+        if example_args or example_kwargs:
+            hooks = [
+                m.register_forward_hook(_recorder(calls), with_kwargs=True)
+                for m in module.modules()
+            ]
+            try:
+                fake_forward(module, example_args, example_kwargs)
+            finally:
+                for h in hooks:
+                    h.remove()
+        return _tabulate(module, calls, depth)
+
+
+def _recorder(calls: dict[int, Any]) -> Any:
+    def hook(module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        calls.setdefault(
+            id(module), (_tensor_shapes((args, kwargs)), _tensor_shapes(out))
+        )
+
+    return hook
+
+
+def _tabulate(module: nn.Module, calls: dict[int, Any], depth: int | None) -> Summary:
+    first_seen: dict[int, str] = {}
+    rows: list[Row] = []
+    unknown: list[str] = []
+    subtree_ids: dict[str, set[int]] = {}
+    sizes: dict[int, int | None] = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        params: dict[str, Shape | None] = {}
+        tied: dict[str, str] = {}
+        own: int | None = 0
+        trainable = False
+        for name, p in sub._parameters.items():
+            if p is None:
+                continue
+            full = f"{path}.{name}" if path else name
+            shape = _shape_of(p)
+            params[name] = shape
+            numel = None if shape is None else _numel(shape)
+            sizes[id(p)] = numel
+            trainable |= p.requires_grad
+            if id(p) in first_seen:
+                tied[name] = first_seen[id(p)]
+                continue
+            first_seen[id(p)] = full
+            if numel is None:
+                unknown.append(full)
+                own = None
+            elif own is not None:
+                own += numel
+        inputs, outputs = calls.get(id(sub), (None, None))
+        depth_of = 0 if not path else path.count(".") + 1
+        rows.append(
+            Row(
+                path,
+                type(sub).__name__,
+                depth_of,
+                inputs,
+                outputs,
+                params,
+                own,
+                None,
+                trainable,
+                tied,
+            )
+        )
+        subtree_ids[path] = {id(p) for p in sub.parameters()}
+    final = []
+    for r in rows:
+        ids = subtree_ids[r.path]
+        values = [sizes.get(i) for i in ids]
+        total = (
+            None
+            if any(v is None for v in values)
+            else sum(v for v in values if v is not None)
+        )
+        final.append(Row(**{**r.__dict__, "total_params": total}))
+    params = list({id(p): p for p in module.parameters()}.values())
+    buffers = list({id(b): b for b in module.buffers()}.values())
+    known = all(_shape_of(p) is not None for p in params)
+    total = (
+        sum(p.numel() for p in params if _shape_of(p) is not None) if known else None
+    )
+    trainable = (
+        sum(p.numel() for p in params if p.requires_grad and _shape_of(p) is not None)
+        if known
+        else None
+    )
+    fp = [p for p in params if _shape_of(p) is not None]
+    param_bytes = sum(p.numel() * p.element_size() for p in fp) if known else None
+    fp32 = (
+        sum(p.numel() * (4 if p.is_floating_point() else p.element_size()) for p in fp)
+        if known
+        else None
+    )
+    bf16 = (
+        sum(p.numel() * (2 if p.is_floating_point() else p.element_size()) for p in fp)
+        if known
+        else None
+    )
+    buffers_known = all(_shape_of(b) is not None for b in buffers)
+    buffer_bytes = (
+        sum(b.numel() * b.element_size() for b in buffers) if buffers_known else None
+    )
+    return Summary(
+        final, total, trainable, param_bytes, buffer_bytes, fp32, bf16, depth, unknown
+    )
+
+
+def _numel(shape: Shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
