@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -88,9 +89,7 @@ def deferred_tensors(module: nn.Module) -> list[str]:
     """
     from ._materialize import module_tensors
 
-    return [
-        path for path, _, _, t in module_tensors(module) if isinstance(t, FakeTensor)
-    ]
+    return [path for path, _, _, t in module_tensors(module) if isinstance(t, FakeTensor)]
 
 
 # -- the recorder ------------------------------------------------------------
@@ -112,9 +111,7 @@ class _Recorder(TorchDispatchMode):
     def _should_skip_dynamo(cls) -> bool:  # no dynamo import on first use
         return False
 
-    def __init__(
-        self, record: Record, prefix: Key = (), concretize: bool = False
-    ) -> None:
+    def __init__(self, record: Record, prefix: Key = (), concretize: bool = False) -> None:
         super().__init__()
         self.record = record
         self.prefix = prefix
@@ -130,9 +127,7 @@ class _Recorder(TorchDispatchMode):
         self.count += 1
         return key
 
-    def __torch_dispatch__(
-        self, func: Any, types: Any, args: Any = (), kwargs: Any = None
-    ) -> Any:
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         try:
             out = func(*args, **kwargs)
@@ -224,9 +219,7 @@ class _Recorder(TorchDispatchMode):
         # A tensor whose shape depends on values: keep its values as a constant.
         flat_out, out_spec = tree_flatten(out)
         mode = fake_mode()
-        fakes = [
-            mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat_out
-        ]
+        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat_out]
         for real, fake in zip(flat_out, fakes):
             if isinstance(fake, FakeTensor):
                 storage = fake.untyped_storage()
@@ -247,11 +240,7 @@ class _Recorder(TorchDispatchMode):
 
     def _force(self, flat: list[Any]) -> list[Any]:
         """Real values of the recorded tensors in `flat`, as they are now."""
-        refs = {
-            id(x): self._ref(x, "reading values")
-            for x in flat
-            if isinstance(x, torch.Tensor)
-        }
+        refs = {id(x): self._ref(x, "reading values") for x in flat if isinstance(x, torch.Tensor)}
         sids = {r.sid for r in refs.values() if isinstance(r, TRef)}
         saved = torch.default_generator.get_state()
         try:
@@ -281,20 +270,14 @@ def _generator_arg(func: Any, args: Any, kwargs: Any) -> torch.Generator | None:
 class _ValueGuard(TorchFunctionMode):
     """Turns value reads that never reach dispatch into clear errors."""
 
-    def __torch_function__(
-        self, func: Any, types: Any, args: Any = (), kwargs: Any = None
-    ) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is torch.Tensor.__deepcopy__ and storage_of(args[0]) is not None:
             return _deepcopy(*args)
         what = _READS_VALUES.get(func)
         if (
             what is not None
             and _local.quiet == 0
-            and any(
-                storage_of(t) is not None
-                for t in tree_leaves((args, kwargs))
-                if isinstance(t, torch.Tensor)
-            )
+            and any(storage_of(t) is not None for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
         ):
             raise DeferredError(
                 f"{what} during deferred construction of {_paths.constructing_module()}: under "
@@ -329,9 +312,7 @@ def current_recorder() -> _Recorder | None:
 
 
 @contextlib.contextmanager
-def recording(
-    record: Record, prefix: Key = (), concretize: bool = False
-) -> Iterator[_Recorder]:
+def recording(record: Record, prefix: Key = (), concretize: bool = False) -> Iterator[_Recorder]:
     """Record into `record` under `prefix` (the top level, or a lazy layer's reserved place)."""
     recorder = _Recorder(record, prefix, concretize)
     _local.recorders.append(recorder)
@@ -389,9 +370,6 @@ def deferred(*, concretize: bool = False) -> Iterator[None]:
     _advance_global_generator(record)
 
 
-import hashlib
-
-
 def _advance_global_generator(record: Record) -> None:
     stream = record.streams.get(id(torch.default_generator))
     if stream is None or not stream.keys:
@@ -399,12 +377,8 @@ def _advance_global_generator(record: Record) -> None:
     entry = stream.entry
     assert entry is not None
 
-    digest = hashlib.blake2b(
-        entry.numpy().tobytes() + str(len(stream.keys)).encode(), digest_size=8
-    ).digest()
-    torch.default_generator.manual_seed(
-        int.from_bytes(digest, "little") & ((1 << 63) - 1)
-    )
+    digest = hashlib.blake2b(entry.numpy().tobytes() + str(len(stream.keys)).encode(), digest_size=8).digest()
+    torch.default_generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
 # -- a clear error when a deferred model is called ---------------------------

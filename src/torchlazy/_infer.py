@@ -53,17 +53,11 @@ class Spec:
     ) -> None:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
             shape = tuple(shape[0])
-        if not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
-        ):
-            raise ShapeError(
-                f"`tl.Spec{shape}`: every size must be a non-negative int, got {shape}."
-            )
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+            raise ShapeError(f"`tl.Spec{shape}`: every size must be a non-negative int, got {shape}.")
         object.__setattr__(self, "shape", tuple(shape))
         object.__setattr__(self, "dtype", dtype)
-        object.__setattr__(
-            self, "device", torch.device(device) if device is not None else None
-        )
+        object.__setattr__(self, "device", torch.device(device) if device is not None else None)
 
     def __repr__(self) -> str:
         extra = "" if self.dtype == torch.float32 else f", dtype={self.dtype}"
@@ -110,9 +104,7 @@ def _tracking_modules() -> Iterator[list[nn.Module]]:
             h.remove()
 
 
-def fake_forward(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
+def fake_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run `module` on fake copies of the examples; errors name the failing module."""
     mode = _mode_of(module)
     paths = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}

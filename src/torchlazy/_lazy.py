@@ -55,17 +55,17 @@ _HOOK_ATTRS = tuple(k for k in nn.Module().__dict__ if "hook" in k)
 
 
 def _not_built(t: Any, what: str) -> NotBuiltError:
-    where = getattr(t, "_tl_where", None)
-    owner = where[0]() if where else None
-    name = (
-        f"`{_paths.module_path(owner)}.{where[1]}`"
-        if owner is not None
-        else "a lazy parameter"
-    )
-    layer = f" of {owner!r}" if owner is not None else ""
+    where: tuple[Any, str] | None = getattr(t, "_tl_where", None)
+    owner = where[0]() if where is not None else None
+    if where is not None and owner is not None:
+        path = _paths.module_path(owner)
+        name = f"`{where[1]}`" if path == type(owner).__name__ else f"`{path}.{where[1]}`"
+        subject = f"{name} of {owner!r}"
+    else:
+        subject = "a lazy parameter"
     return NotBuiltError(
-        f"{what} {name}{layer}: its shape depends on the first input, which has not been "
-        "seen yet. Run one forward pass, or `tl.build(model, tl.Spec(*input_shape))`, first."
+        f"{subject} is not built yet: {what} needs its shape, which depends on the first input. "
+        "Run one forward pass, or `tl.build(model, tl.Spec(*input_shape))`, first."
     )
 
 
@@ -73,30 +73,26 @@ class _Placeholder:
     """Behaviour shared by unbuilt parameters and buffers."""
 
     @classmethod
-    def __torch_function__(
-        cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
-    ) -> Any:
-        if (
-            func in UninitializedParameter._allowed_methods
-            or func.__class__.__name__ == "method-wrapper"
-        ):
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        allowed = UninitializedParameter._allowed_methods  # type: ignore[attr-defined]
+        if func in allowed or func.__class__.__name__ == "method-wrapper":
             return super().__torch_function__(func, types, args, kwargs or {})  # type: ignore[misc]
         target = next(
             (a for a in tree_leaves((args, kwargs)) if isinstance(a, _Placeholder)),
             None,
         )
-        raise _not_built(target, f"`{getattr(func, '__name__', func)}` used")
+        raise _not_built(target, f"`{getattr(func, '__name__', func)}`")
 
     @property
     def shape(self) -> torch.Size:
-        raise _not_built(self, "the shape of")
+        raise _not_built(self, "`.shape`")
 
 
-class LazyParameter(_Placeholder, UninitializedParameter):  # type: ignore[misc]
+class LazyParameter(_Placeholder, UninitializedParameter):  # type: ignore[misc,override]
     """A parameter whose shape is not known yet (an `UninitializedParameter`)."""
 
 
-class LazyBuffer(_Placeholder, UninitializedBuffer):  # type: ignore[misc]
+class LazyBuffer(_Placeholder, UninitializedBuffer):  # type: ignore[misc,override]
     """A buffer whose shape is not known yet (an `UninitializedBuffer`)."""
 
 
@@ -163,9 +159,7 @@ def _slot_for_new_module() -> tuple[Record, tuple[int, ...]] | None:
     return (recorder.record, recorder.reserve()) if recorder is not None else None
 
 
-def _run_build(
-    module: nn.Module, build: Callable[[bool], None], fake_inputs: bool
-) -> None:
+def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bool) -> None:
     """Run `build(deferred)` for `module` where it belongs; undo everything if it fails."""
     slot = module.__dict__.get("_tl_slot")
     undo = _snapshot(module)
@@ -178,7 +172,7 @@ def _run_build(
     if fake_inputs:
         record, prefix = slot if slot is not None else (Record(live=True), ())
         if slot is None:
-            record.order = module.__dict__.get("_tl_order", 0)  # type: ignore[attr-defined]
+            record.order = module.__dict__.get("_tl_order", 0)
         try:
             with _deferred.recording(record, prefix):
                 build(True)
@@ -226,9 +220,7 @@ def is_built(module: nn.Module) -> bool:
     >>> tl.is_built(net), net[0]
     (True, Linear(in_features=5, out_features=3, bias=True))
     """
-    return not any(
-        isinstance(m, _LazyLayer) or "_tl_hook" in m.__dict__ for m in module.modules()
-    )
+    return not any(isinstance(m, _LazyLayer) or "_tl_hook" in m.__dict__ for m in module.modules())
 
 
 # -- lazy layers made from a class and rules --------------------------------------
@@ -247,9 +239,7 @@ class _LazyLayer:
         try:
             bound = self._tl_signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise TypeError(
-                f"{type(self).__module__}.{type(self).__qualname__}(): {e}"
-            ) from None
+            raise TypeError(f"{type(self).__module__}.{type(self).__qualname__}(): {e}") from None
         given = dict(bound.arguments)
         self._tl_options = {k: given.pop(k, v) for k, v in self._tl_defaults.items()}
         self._tl_args = given
@@ -297,16 +287,16 @@ class _LazyLayer:
                 owner = me if not prefix else _unbuilt_at(me, prefix)
                 for name, p in sub._parameters.items():
                     if p is not None:
-                        ph = LazyParameter(p.requires_grad, device, p.dtype)
-                        ph._tl_where = (
+                        ph = LazyParameter(p.requires_grad, device, p.dtype)  # type: ignore[call-arg,arg-type]
+                        ph._tl_where = (  # type: ignore[attr-defined]
                             weakref.ref(me),
                             f"{prefix}.{name}" if prefix else name,
                         )
-                        owner._parameters[name] = ph
+                        owner._parameters[name] = ph  # type: ignore[assignment]
                 for name, b in sub._buffers.items():
                     if b is not None:
-                        bh = LazyBuffer(False, device, b.dtype)
-                        bh._tl_where = (
+                        bh = LazyBuffer(False, device, b.dtype)  # type: ignore[arg-type]
+                        bh._tl_where = (  # type: ignore[attr-defined]
                             weakref.ref(me),
                             f"{prefix}.{name}" if prefix else name,
                         )
@@ -327,18 +317,14 @@ class _LazyLayer:
         values = self._tl_infer(args, kwargs)
         fake = _fake(args, kwargs)
         device = _first_device(args, kwargs)
-        _run_build(
-            self, lambda deferred: self._tl_become(values, device, deferred), fake
-        )  # type: ignore[arg-type]
+        _run_build(self, lambda deferred: self._tl_become(values, device, deferred), fake)  # type: ignore[arg-type]
         return self.forward(*args, **kwargs)  # type: ignore[misc]  # now the real class's
 
     def _tl_infer(self, args: Any, kwargs: Any) -> dict[str, Any]:
         try:
             named = inspect.signature(self._tl_cls.forward).bind(self, *args, **kwargs)
         except TypeError as e:
-            raise TypeError(
-                f"`{_paths.module_path(self)}` ({type(self).__qualname__}): {e}"
-            ) from None  # type: ignore[arg-type]
+            raise TypeError(f"`{_paths.module_path(self)}` ({type(self).__qualname__}): {e}") from None  # type: ignore[arg-type]
         named.apply_defaults()
         arguments = dict(named.arguments)
         arguments.pop(next(iter(arguments)))  # self
@@ -355,9 +341,7 @@ class _LazyLayer:
                 ) from None
         return values
 
-    def _tl_become(
-        self, values: dict[str, Any], device: torch.device, deferred: bool
-    ) -> None:
+    def _tl_become(self, values: dict[str, Any], device: torch.device, deferred: bool) -> None:
         me: nn.Module = self  # type: ignore[assignment]
         kwargs = dict(values)
         accepts = _parameters_of(self._tl_cls)
@@ -365,11 +349,7 @@ class _LazyLayer:
             dtype = self._tl_dtype()
             if "device" in accepts and self._tl_args.get("device") is None:
                 kwargs["device"] = device
-            if (
-                "dtype" in accepts
-                and self._tl_args.get("dtype") is None
-                and dtype is not None
-            ):
+            if "dtype" in accepts and self._tl_args.get("dtype") is None and dtype is not None:
                 kwargs["dtype"] = dtype
             with torch.device(device):
                 real = self._tl_construct(kwargs, meta=False)
@@ -378,51 +358,35 @@ class _LazyLayer:
         real.train(me.training)
         _take_over(me, real, reuse_placeholders=not deferred)
 
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any
-    ) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         mine = {
-            k[len(prefix) :]: v
-            for k, v in state_dict.items()
-            if k.startswith(prefix) and isinstance(v, torch.Tensor)
+            k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)
         }
         if not mine:
             return nn.Module._load_from_state_dict(self, state_dict, prefix, *args)  # type: ignore[arg-type]
         values = self._tl_solve(mine, prefix)
-        device = next(
-            (p.device for p in nn.Module.parameters(self)), torch.get_default_device()
-        )  # type: ignore[arg-type]
-        _run_build(
-            self, lambda deferred: self._tl_become(values, device, deferred), False
-        )  # type: ignore[arg-type]
+        device = next((p.device for p in nn.Module.parameters(self)), torch.get_default_device())  # type: ignore[arg-type]
+        _run_build(self, lambda deferred: self._tl_become(values, device, deferred), False)  # type: ignore[arg-type]
         return self._load_from_state_dict(state_dict, prefix, *args)
 
     def _tl_solve(self, mine: dict[str, torch.Tensor], prefix: str) -> dict[str, Any]:
         """The constructor arguments under which the real class has these tensor shapes."""
         sizes = sorted({int(s) for t in mine.values() for s in t.shape})
-        shapes = sorted(
-            {
-                tuple(int(s) for s in t.shape[i:])
-                for t in mine.values()
-                for i in range(t.dim())
-            }
-        )
-        choices = []
+        shapes = sorted({tuple(int(s) for s in t.shape[i:]) for t in mine.values() for i in range(t.dim())})
+        choices: list[list[Any]] = []
         for rule in self._tl_rules.values():
             if isinstance(rule, Trailing):
-                choices.append(shapes)
+                choices.append(list(shapes))
             else:
                 optional = rule.probes() == (None,)
-                choices.append([None, *sizes] if optional else sizes)
+                choices.append([None, *sizes] if optional else list(sizes))
         for combo in itertools.product(*choices):
             values = dict(zip(self._tl_rules, combo))
             skeleton = self._tl_skeleton(values)
             if skeleton is None:
                 continue
             expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-            if expected.keys() == mine.keys() and all(
-                expected[k] == tuple(mine[k].shape) for k in mine
-            ):
+            if expected.keys() == mine.keys() and all(expected[k] == tuple(mine[k].shape) for k in mine):
                 return values
         seen = {k: tuple(v.shape) for k, v in mine.items()}
         raise ShapeError(
@@ -438,11 +402,7 @@ class _LazyLayer:
                 parts.append(f"{name}=?")
             elif name in self._tl_args and name not in ("device", "dtype"):
                 parts.append(f"{name}={self._tl_args[name]!r}")
-        parts += [
-            f"{k}={v!r}"
-            for k, v in self._tl_options.items()
-            if v != self._tl_defaults[k]
-        ]
+        parts += [f"{k}={v!r}" for k, v in self._tl_options.items() if v != self._tl_defaults[k]]
         return ", ".join(parts)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -469,9 +429,7 @@ def _unbuilt_at(root: nn.Module, path: str) -> nn.Module:
 def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None:
     """`me` becomes `real`: its state, its class; placeholders become the real parameters."""
     if reuse_placeholders:
-        placeholders = {
-            path: p for path, p in me.named_parameters() if isinstance(p, LazyParameter)
-        }
+        placeholders = {path: p for path, p in me.named_parameters() if isinstance(p, LazyParameter)}
         for prefix, owner in real.named_modules():
             for name, p in list(owner._parameters.items()):
                 ph = placeholders.get(f"{prefix}.{name}" if prefix else name)
@@ -510,9 +468,7 @@ def _parameters_of(cls: type) -> dict[str, inspect.Parameter]:
         for init in candidates:  # the first signature that names its arguments
             params = dict(inspect.signature(init).parameters)
             params.pop(next(iter(params)))  # self
-            if not any(
-                p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()
-            ):
+            if not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()):
                 break
         _SIGNATURES[cls] = params
     return _SIGNATURES[cls]
@@ -558,10 +514,7 @@ def make_lazy(cls: type[M], rules: dict[str, Rule], name: str, module: str) -> t
         options = getattr(rule, "options", None)
         if options is not None:
             defaults.update(options())
-    kept += [
-        inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
-        for k, v in defaults.items()
-    ]
+    kept += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in defaults.items()]
     kept.sort(key=lambda p: p.kind)
     signature = inspect.Signature(kept)
     doc = (
@@ -612,9 +565,7 @@ class LazyModule(nn.Module):
         super().__init__()
         self._tl_order = next(_order)
         self._tl_slot = _slot_for_new_module()
-        self._tl_hook = self.register_forward_pre_hook(
-            _build_lazy_module, with_kwargs=True, prepend=True
-        )
+        self._tl_hook = self.register_forward_pre_hook(_build_lazy_module, with_kwargs=True, prepend=True)
 
     def build(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(

@@ -27,9 +27,7 @@ from ._record import Record
 
 __all__ = ["materialize"]
 
-Progress = Callable[
-    [int, int, int, int], None
-]  # tensors done, total, bytes done, total
+Progress = Callable[[int, int, int, int], None]  # tensors done, total, bytes done, total
 
 
 def module_tensors(
@@ -83,9 +81,7 @@ def _final_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
 
 
 class _Bar:
-    def __init__(
-        self, total: int, nbytes: int, progress: bool | Progress | None
-    ) -> None:
+    def __init__(self, total: int, nbytes: int, progress: bool | Progress | None) -> None:
         self.total, self.nbytes, self.done, self.done_bytes = total, nbytes, 0, 0
         self.callback: Progress | None = None
         if callable(progress):
@@ -147,9 +143,7 @@ def materialize(
     if checkpoint is not None:
         from ._checkpoint import load_into_targets
 
-        values, rest = load_into_targets(
-            module, targets, checkpoint, strict, key_map, device, dtype
-        )
+        values, rest = load_into_targets(module, targets, checkpoint, strict, key_map, device, dtype)
     else:
         values, rest = {}, targets
     if rest:
@@ -204,20 +198,14 @@ def _replay_record(
 
     def on_ready(sid: int, storage: torch.UntypedStorage) -> None:
         users = by_sid[sid]
-        target_device = (
-            torch.device(device) if device is not None else users[0].tensor.device
-        )
+        target_device = torch.device(device) if device is not None else users[0].tensor.device
         for t in users:
             real = _view(storage, t.tensor)
             values[id(t.tensor)] = real.to(target_device, _final_dtype(t.tensor, dtype))
         bar.step(len(users), sum(t.tensor.nbytes for t in users))
 
     sample = group[0].tensor.device
-    replay_on = (
-        "cpu"
-        if exact or device is None and sample.type == "cpu"
-        else (device or sample)
-    )
+    replay_on = "cpu" if exact or device is None and sample.type == "cpu" else (device or sample)
     record.evaluate(by_sid.keys(), device=replay_on, exact=exact, on_ready=on_ready)
     return values
 
@@ -261,17 +249,11 @@ def _replace_references(module: nn.Module, new: dict[int, torch.Tensor]) -> None
             owner.__dict__[name] = real
         elif isinstance(owner.__dict__.get(name), (list, tuple)):
             items = owner.__dict__[name]
-            fixed = [
-                new.get(id(x), x) if isinstance(x, torch.Tensor) else x for x in items
-            ]
-            owner.__dict__[name] = (
-                type(items)(fixed) if isinstance(items, tuple) else fixed
-            )
+            fixed = [new.get(id(x), x) if isinstance(x, torch.Tensor) else x for x in items]
+            owner.__dict__[name] = type(items)(fixed) if isinstance(items, tuple) else fixed
 
 
-def _swap_in(
-    module: nn.Module, targets: list[_Target], values: dict[int, torch.Tensor]
-) -> None:
+def _swap_in(module: nn.Module, targets: list[_Target], values: dict[int, torch.Tensor]) -> None:
     """Put the real tensors into the objects the model holds (all or nothing)."""
     internal = _fake_attrs()
     _forget_conversions(targets)
@@ -295,7 +277,6 @@ def _swap_in(
         _replace_references(module, replacements)
     for sub in module.modules():
         if "_torchlazy_guard" in sub.__dict__ and not any(
-            isinstance(x, FakeTensor)
-            for x in (*sub._parameters.values(), *sub._buffers.values())
+            isinstance(x, FakeTensor) for x in (*sub._parameters.values(), *sub._buffers.values())
         ):
             _deferred.drop_guard(sub)

@@ -44,7 +44,7 @@ class TRef:
 
     @staticmethod
     def of(sid: int, t: torch.Tensor) -> TRef:
-        return TRef(sid, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype)
+        return TRef(sid, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.dtype)
 
     def on(self, storage: torch.UntypedStorage) -> torch.Tensor:
         out = torch.empty(0, dtype=self.dtype, device=storage.device)
@@ -95,14 +95,10 @@ class _Stream:
     whose result nobody wants runs that node on scratch memory.
     """
 
-    def __init__(
-        self, record: Record, generator: torch.Generator, entry: torch.Tensor | None
-    ):
+    def __init__(self, record: Record, generator: torch.Generator, entry: torch.Tensor | None):
         self.record = record
         self.generator = generator
-        self.entry = (
-            entry  # None: a live stream, which starts from the generator's state then
-        )
+        self.entry = entry  # None: a live stream, which starts from the generator's state then
         self.keys: list[Key] = []
         self.nodes: dict[Key, Node] = {}
         self.before: dict[Key, torch.Tensor] = {}
@@ -132,9 +128,7 @@ class _Stream:
             self.nodes.pop(k, None)
         if self.cursor > first:
             self.cursor = first
-            self.cursor_state = (
-                self.before.get(self.keys[first]) if first else self.entry
-            )
+            self.cursor_state = self.before.get(self.keys[first]) if first else self.entry
         self.keys = kept
 
     def state_before(self, node: Node) -> torch.Tensor:
@@ -171,14 +165,13 @@ class Record:
 
     def __init__(self, *, live: bool = False) -> None:
         self.live = live
+        self.order = 0  # where live records (lazy layers built outside deferred) come in the RNG stream
         self.storages: dict[int, StorageInfo] = {}
         self.streams: dict[int, _Stream] = {}
         self.nodes: list[Node] = []
         self._sorted = True
         self._next_sid = 0
-        self._default_entry = (
-            None if live else _generator_state(torch.default_generator)
-        )
+        self._default_entry = None if live else _generator_state(torch.default_generator)
 
     # -- recording -------------------------------------------------------
     def new_storage(self, meta: Any, nbytes: int, device: torch.device) -> int:
@@ -246,11 +239,7 @@ class Record:
             writers = self.storages[sid].writers
             limit = need[sid]
             start = done.get(sid, 0)
-            stop = (
-                len(writers)
-                if limit is None
-                else bisect.bisect_left(writers, limit, key=lambda n: n.key)
-            )
+            stop = len(writers) if limit is None else bisect.bisect_left(writers, limit, key=lambda n: n.key)
             if stop <= start:
                 continue
             done[sid] = stop
@@ -281,9 +270,7 @@ class Record:
         wanted = set(sids)
         missing = wanted - self.storages.keys()
         if missing:
-            raise DeferredError(
-                f"internal: storages {sorted(missing)} are not in this record"
-            )
+            raise DeferredError(f"internal: storages {sorted(missing)} are not in this record")
         nodes = self.closure(wanted, bound)
         last: dict[int, int] = {}
         for i, node in enumerate(nodes):
@@ -312,9 +299,7 @@ class Record:
         inputs = [s for s in node.reads if s not in node.writes]
         env = self.evaluate(inputs, bound=node.key) if inputs else {}
         for sid in node.writes:
-            env[sid] = torch.empty(
-                self.storages[sid].nbytes, dtype=torch.uint8
-            ).untyped_storage()
+            env[sid] = torch.empty(self.storages[sid].nbytes, dtype=torch.uint8).untyped_storage()
         with torch.no_grad():
             self._call(node, env, torch.device("cpu"))
 
@@ -335,27 +320,17 @@ class Record:
             self._call(node, env, device)
             stream.ran(node)
         else:
-            gen = (
-                _default_generator(device)
-                if stream.generator is torch.default_generator
-                else stream.generator
-            )
+            gen = _default_generator(device) if stream.generator is torch.default_generator else stream.generator
             gen.manual_seed(self._seed(node))
             self._call(node, env, device)
 
     def _seed(self, node: Node) -> int:
         entry = self._default_entry
-        base = (
-            b""
-            if entry is None
-            else hashlib.blake2b(entry.numpy().tobytes(), digest_size=8).digest()
-        )
+        base = b"" if entry is None else hashlib.blake2b(entry.numpy().tobytes(), digest_size=8).digest()
         digest = hashlib.blake2b(base + repr(node.key).encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
-    def _call(
-        self, node: Node, env: dict[int, torch.UntypedStorage], device: torch.device
-    ) -> None:
+    def _call(self, node: Node, env: dict[int, torch.UntypedStorage], device: torch.device) -> None:
         leaves = [_real(leaf, env, device) for leaf in node.leaves]
         if node.func is None:
             out: Any = leaves[0]

@@ -93,11 +93,7 @@ class Dim:
         return (None,) if self.unless_same_as is not None else _PROBES
 
     def describe(self) -> str:
-        return (
-            f"dim {self.dim} of `{self.arg}`"
-            if isinstance(self.arg, str)
-            else f"dim {self.dim} of input {self.arg}"
-        )
+        return f"dim {self.dim} of `{self.arg}`" if isinstance(self.arg, str) else f"dim {self.dim} of input {self.arg}"
 
 
 @dataclass(frozen=True)
@@ -109,15 +105,9 @@ class Channels:
 
     def __call__(self, inputs: Inputs, options: Options) -> int:
         name, x = _tensor(inputs, 0)
-        ranks = (
-            (self.spatial + 2,)
-            if self.batched_only
-            else (self.spatial + 1, self.spatial + 2)
-        )
+        ranks = (self.spatial + 2,) if self.batched_only else (self.spatial + 1, self.spatial + 2)
         if x.dim() not in ranks:
-            raise _Mismatch(
-                f"`{name}` with {_ranks(ranks, 0)}", f"shape {tuple(x.shape)}"
-            )
+            raise _Mismatch(f"`{name}` with {_ranks(ranks, 0)}", f"shape {tuple(x.shape)}")
         return int(x.shape[-(self.spatial + 1)])
 
     def probes(self) -> tuple[Any, ...]:
@@ -192,6 +182,4 @@ def as_rule(value: Any) -> Rule:
         return value
     if callable(value):
         return Custom(value)
-    raise TypeError(
-        f"a lazy rule must be a callable taking the forward's inputs, not {type(value).__name__}"
-    )
+    raise TypeError(f"a lazy rule must be a callable taking the forward's inputs, not {type(value).__name__}")

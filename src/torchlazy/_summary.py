@@ -37,9 +37,7 @@ class Row:
     num_params: int | None  # own parameters, tied ones counted where first seen
     total_params: int | None  # the whole sub-tree, tied ones once
     trainable: bool
-    tied_to: dict[str, str] = field(
-        default_factory=dict
-    )  # own name -> path it is tied to
+    tied_to: dict[str, str] = field(default_factory=dict)  # own name -> path it is tied to
 
 
 @dataclass
@@ -63,9 +61,7 @@ class Summary:
         for r in shown:
             folded = self.depth is not None and r.depth == self.depth
             count = r.total_params if folded or r.depth == 0 else r.num_params
-            name = "  " * max(r.depth - 1, 0) + (
-                r.path.rsplit(".", 1)[-1] if r.depth else "(root)"
-            )
+            name = "  " * max(r.depth - 1, 0) + (r.path.rsplit(".", 1)[-1] if r.depth else "(root)")
             tied = " (tied)" if r.tied_to else ""
             body.append(
                 (
@@ -88,9 +84,7 @@ class Summary:
             f"Trainable params: {_count(self.trainable_params)}",
         ]
         if self.total_params is not None and self.trainable_params is not None:
-            out.append(
-                f"Non-trainable params: {self.total_params - self.trainable_params:,}"
-            )
+            out.append(f"Non-trainable params: {self.total_params - self.trainable_params:,}")
         out.append(
             f"Params size: {_bytes(self.param_bytes)} (fp32: {_bytes(self.bytes_fp32)}, bf16: {_bytes(self.bytes_bf16)})"
         )
@@ -118,10 +112,7 @@ class Summary:
             + "</tr>"
             for r in shown
         )
-        head = "".join(
-            f"<th>{h}</th>"
-            for h in ("Module", "Type", "Input shape", "Output shape", "Params")
-        )
+        head = "".join(f"<th>{h}</th>" for h in ("Module", "Type", "Input shape", "Output shape", "Params"))
         totals = html.escape("\n".join(self._totals()))
         return f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table><pre>{totals}</pre>"
 
@@ -159,11 +150,7 @@ def _shape_of(t: torch.Tensor) -> Shape | None:
 
 
 def _tensor_shapes(value: Any) -> tuple[Shape, ...]:
-    return tuple(
-        tuple(int(s) for s in t.shape)
-        for t in tree_leaves(value)
-        if isinstance(t, torch.Tensor)
-    )
+    return tuple(tuple(int(s) for s in t.shape) for t in tree_leaves(value) if isinstance(t, torch.Tensor))
 
 
 def summary(
@@ -189,10 +176,7 @@ def summary(
     with _lazy.transaction(rollback=True):
         calls: dict[int, tuple[tuple[Shape, ...], tuple[Shape, ...]]] = {}
         if example_args or example_kwargs:
-            hooks = [
-                m.register_forward_hook(_recorder(calls), with_kwargs=True)
-                for m in module.modules()
-            ]
+            hooks = [m.register_forward_hook(_recorder(calls), with_kwargs=True) for m in module.modules()]
             try:
                 fake_forward(module, example_args, example_kwargs)
             finally:
@@ -203,9 +187,7 @@ def summary(
 
 def _recorder(calls: dict[int, Any]) -> Any:
     def hook(module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
-        calls.setdefault(
-            id(module), (_tensor_shapes((args, kwargs)), _tensor_shapes(out))
-        )
+        calls.setdefault(id(module), (_tensor_shapes((args, kwargs)), _tensor_shapes(out)))
 
     return hook
 
@@ -260,42 +242,24 @@ def _tabulate(module: nn.Module, calls: dict[int, Any], depth: int | None) -> Su
     for r in rows:
         ids = subtree_ids[r.path]
         values = [sizes.get(i) for i in ids]
-        total = (
-            None
-            if any(v is None for v in values)
-            else sum(v for v in values if v is not None)
-        )
-        final.append(Row(**{**r.__dict__, "total_params": total}))
-    params = list({id(p): p for p in module.parameters()}.values())
-    buffers = list({id(b): b for b in module.buffers()}.values())
-    known = all(_shape_of(p) is not None for p in params)
-    total = (
-        sum(p.numel() for p in params if _shape_of(p) is not None) if known else None
-    )
-    trainable = (
-        sum(p.numel() for p in params if p.requires_grad and _shape_of(p) is not None)
-        if known
-        else None
-    )
-    fp = [p for p in params if _shape_of(p) is not None]
-    param_bytes = sum(p.numel() * p.element_size() for p in fp) if known else None
-    fp32 = (
-        sum(p.numel() * (4 if p.is_floating_point() else p.element_size()) for p in fp)
-        if known
-        else None
-    )
-    bf16 = (
-        sum(p.numel() * (2 if p.is_floating_point() else p.element_size()) for p in fp)
-        if known
-        else None
-    )
-    buffers_known = all(_shape_of(b) is not None for b in buffers)
-    buffer_bytes = (
-        sum(b.numel() * b.element_size() for b in buffers) if buffers_known else None
-    )
-    return Summary(
-        final, total, trainable, param_bytes, buffer_bytes, fp32, bf16, depth, unknown
-    )
+        subtotal = None if any(v is None for v in values) else sum(v for v in values if v is not None)
+        final.append(Row(**{**r.__dict__, "total_params": subtotal}))
+    all_params = list({id(p): p for p in module.parameters()}.values())
+    all_buffers = list({id(b): b for b in module.buffers()}.values())
+    known = [p for p in all_params if _shape_of(p) is not None]
+    complete = len(known) == len(all_params)
+
+    def tally(size: Any) -> int | None:
+        return sum(size(p) for p in known) if complete else None
+
+    total = tally(lambda p: p.numel())
+    n_trainable = tally(lambda p: p.numel() if p.requires_grad else 0)
+    param_bytes = tally(lambda p: p.numel() * p.element_size())
+    fp32 = tally(lambda p: p.numel() * (4 if p.is_floating_point() else p.element_size()))
+    bf16 = tally(lambda p: p.numel() * (2 if p.is_floating_point() else p.element_size()))
+    buffers_known = all(_shape_of(b) is not None for b in all_buffers)
+    buffer_bytes = sum(b.numel() * b.element_size() for b in all_buffers) if buffers_known else None
+    return Summary(final, total, n_trainable, param_bytes, buffer_bytes, fp32, bf16, depth, unknown)
 
 
 def _numel(shape: Shape) -> int:

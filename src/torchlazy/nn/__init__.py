@@ -64,9 +64,7 @@ MultiheadAttention = _row(
 )
 TransformerEncoderLayer = _row(_nn.TransformerEncoderLayer, d_model=Dim(-1, "src"))
 TransformerDecoderLayer = _row(_nn.TransformerDecoderLayer, d_model=Dim(-1, "tgt"))
-AdaptiveLogSoftmaxWithLoss = _row(
-    _nn.AdaptiveLogSoftmaxWithLoss, in_features=Dim(-1, 0)
-)
+AdaptiveLogSoftmaxWithLoss = _row(_nn.AdaptiveLogSoftmaxWithLoss, in_features=Dim(-1, 0))
 PReLU = _row(_nn.PReLU, num_parameters=PerChannel())
 
 __all__ = [
