@@ -21,7 +21,8 @@ from torch._subclasses.fake_tensor import (
     FakeTensor,
 )
 from torch.nn.modules import module as _module
-from torch.utils._pytree import tree_map
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_leaves, tree_map
 
 from . import _deferred, _lazy, _paths
 from ._errors import DeferredError, LazyError, ShapeError
@@ -65,6 +66,9 @@ class Spec:
         return f"Spec({', '.join(map(str, self.shape))}{extra})"
 
 
+_CONSTANT_LIMIT = 4096
+
+
 def to_fake(example: Any, mode: Any) -> Any:
     """Fake copies of the examples: Specs and tensors alike, in nested containers."""
 
@@ -75,6 +79,10 @@ def to_fake(example: Any, mode: Any) -> Any:
         if isinstance(x, FakeTensor):
             return x
         if isinstance(x, torch.Tensor):
+            if not x.is_floating_point() and x.numel() <= _CONSTANT_LIMIT and x.device.type == "cpu":
+                # small integer tensors (lengths, indices) keep their values, so forwards that
+                # read them (packed sequences, gathers) still run
+                return mode.fake_tensor_converter.from_real_tensor(mode, x, make_constant=True)
             return mode.from_tensor(x)
         return x
 
@@ -104,12 +112,55 @@ def _tracking_modules() -> Iterator[list[nn.Module]]:
             h.remove()
 
 
+class _FoldConstants(TorchDispatchMode):
+    """Ops whose inputs are all small known constants run for real, so their outputs stay known.
+
+    This lets forwards that compute with index tensors (targets, lengths) run on
+    fake activations, including ops whose output shape depends on values.
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+    def __init__(self, mode: Any) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        foldable = (
+            tensors
+            and all(getattr(t, "constant", None) is not None for t in tensors)
+            and not func._schema.is_mutable
+            and torch.Tag.nondeterministic_seeded not in func.tags
+        )
+        if not foldable:
+            return func(*args, **kwargs)
+
+        def real(x: Any) -> Any:
+            return x.constant if isinstance(x, torch.Tensor) else x
+
+        with _disable_current_modes():
+            out = func(*tree_map(real, args), **tree_map(real, kwargs))
+        if any(isinstance(t, torch.Tensor) and t.numel() > _CONSTANT_LIMIT for t in tree_leaves(out)):
+            return func(*args, **kwargs)
+        converter = self.mode.fake_tensor_converter
+        return tree_map(
+            lambda t: (
+                converter.from_real_tensor(self.mode, t, make_constant=True) if isinstance(t, torch.Tensor) else t
+            ),
+            out,
+        )
+
+
 def fake_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run `module` on fake copies of the examples; errors name the failing module."""
     mode = _mode_of(module)
     paths = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
     fargs, fkwargs = to_fake((args, kwargs), mode)
-    with _tracking_modules() as stack, _deferred.quiet(), mode:
+    with _tracking_modules() as stack, _deferred.quiet(), mode, _FoldConstants(mode):
         try:
             return module(*fargs, **fkwargs)
         except LazyError:

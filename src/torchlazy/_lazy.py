@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import _deferred, _paths
 from ._errors import DeferredError, NotBuiltError, ShapeError
+from ._materialize import drop_parameter_caches, refresh_parameter_caches
 from ._record import Record
 from ._rules import Inputs, Rule, Trailing, _Mismatch, as_rule
 
@@ -86,6 +87,12 @@ class _Placeholder:
     @property
     def shape(self) -> torch.Size:
         raise _not_built(self, "`.shape`")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        if id(self) not in memo:
+            with torch._C.DisableTorchFunctionSubclass():
+                memo[id(self)] = type(self)(self.requires_grad, self.device, self.dtype)  # type: ignore[call-arg]
+        return memo[id(self)]
 
 
 class LazyParameter(_Placeholder, UninitializedParameter):  # type: ignore[misc,override]
@@ -371,7 +378,9 @@ class _LazyLayer:
 
     def _tl_solve(self, mine: dict[str, torch.Tensor], prefix: str) -> dict[str, Any]:
         """The constructor arguments under which the real class has these tensor shapes."""
-        sizes = sorted({int(s) for t in mine.values() for s in t.shape})
+        sizes_seen = {int(s) for t in mine.values() for s in t.shape}
+        factors = {v for v in self._tl_args.values() if isinstance(v, int) and not isinstance(v, bool) and v > 1}
+        sizes = sorted(sizes_seen | {s * f for s in sizes_seen for f in factors})
         shapes = sorted({tuple(int(s) for s in t.shape[i:]) for t in mine.values() for i in range(t.dim())})
         choices: list[list[Any]] = []
         for rule in self._tl_rules.values():
@@ -430,17 +439,17 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
     """`me` becomes `real`: its state, its class; placeholders become the real parameters."""
     if reuse_placeholders:
         placeholders = {path: p for path, p in me.named_parameters() if isinstance(p, LazyParameter)}
+        drop_parameter_caches(real)
         for prefix, owner in real.named_modules():
             for name, p in list(owner._parameters.items()):
                 ph = placeholders.get(f"{prefix}.{name}" if prefix else name)
                 if p is None or ph is None:
                     continue
+                if weakref.getweakrefcount(p) or weakref.getweakrefcount(ph):
+                    continue  # something points at the new parameter: keep it, drop the placeholder
                 with torch._C.DisableTorchFunctionSubclass():
-                    ph.data = p.data
-                ph.__class__ = nn.Parameter
-                ph.requires_grad_(p.requires_grad)
-                ph.__dict__.clear()
-                ph.__dict__.update(p.__dict__)
+                    torch.utils.swap_tensors(ph, p)  # the placeholder object becomes the parameter
+                ph.__dict__.pop("_tl_where", None)
                 owner._parameters[name] = ph
     guard = real.__dict__.pop("_torchlazy_guard", None)
     if guard is not None:
@@ -455,6 +464,7 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
     me.__dict__.clear()
     me.__dict__.update(state)
     me.__class__ = type(real)
+    refresh_parameter_caches(me)
     if guard is not None:
         me._torchlazy_guard = me.register_forward_pre_hook(_deferred._forward_guard)  # type: ignore[assignment]
 

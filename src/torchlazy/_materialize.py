@@ -236,6 +236,21 @@ def _forget_conversions(targets: list[_Target]) -> None:
             del memo[key]
 
 
+def drop_parameter_caches(module: nn.Module) -> None:
+    """Forget cached references to parameters (RNNs keep weak ones) before swapping them."""
+    for sub in module.modules():
+        if isinstance(sub, nn.RNNBase):
+            sub._flat_weights = []
+            sub._flat_weight_refs = []
+
+
+def refresh_parameter_caches(module: nn.Module) -> None:
+    """Modules that cache references to their parameters (RNNs) re-read them."""
+    for sub in module.modules():
+        if isinstance(sub, nn.RNNBase):
+            sub._init_flat_weights()
+
+
 def _replace_references(module: nn.Module, new: dict[int, torch.Tensor]) -> None:
     for _, owner, name, t in list(module_tensors(module)):
         real = new.get(id(t))
@@ -257,6 +272,7 @@ def _swap_in(module: nn.Module, targets: list[_Target], values: dict[int, torch.
     """Put the real tensors into the objects the model holds (all or nothing)."""
     internal = _fake_attrs()
     _forget_conversions(targets)
+    drop_parameter_caches(module)
     replacements: dict[int, torch.Tensor] = {}
     for t in targets:
         fake = t.tensor
@@ -275,6 +291,7 @@ def _swap_in(module: nn.Module, targets: list[_Target], values: dict[int, torch.
             replacements[id(fake)] = real
     if replacements:
         _replace_references(module, replacements)
+    refresh_parameter_caches(module)
     for sub in module.modules():
         if "_torchlazy_guard" in sub.__dict__ and not any(
             isinstance(x, FakeTensor) for x in (*sub._parameters.values(), *sub._buffers.values())

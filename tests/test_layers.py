@@ -1,0 +1,207 @@
+"""Every lazy layer against its eager twin: type, keys, shapes, outputs, errors, round trips."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from conftest import same_state
+from layer_cases import CASES, Case
+from torch import nn
+from torch.nn.parameter import UninitializedParameter
+
+import torchlazy as tl
+
+
+def _call(module: nn.Module, inputs: tuple) -> torch.Tensor:
+    out = module(*inputs)
+    first = out[0] if isinstance(out, tuple) else out
+    if hasattr(first, "data") and not isinstance(first, torch.Tensor):  # PackedSequence
+        first = first.data
+    if hasattr(out, "output"):  # AdaptiveLogSoftmaxWithLoss
+        first = out.output
+    return first
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_becomes_the_eager_class(case: Case) -> None:
+    lazy, eager, inputs = case.lazy(), case.eager(), case.inputs()
+    lazy.eval(), eager.eval()
+    assert "?" in repr(lazy)
+    obj = id(lazy)
+    _call(lazy, inputs)
+    assert type(lazy) is type(eager) and id(lazy) == obj
+    assert not lazy.training
+    assert {k: v.shape for k, v in lazy.state_dict().items()} == {k: v.shape for k, v in eager.state_dict().items()}
+    assert not any(k.startswith("_tl") for k in vars(lazy))
+    assert repr(lazy) == repr(eager)
+    lazy.load_state_dict(eager.state_dict())
+    torch.testing.assert_close(_call(lazy, inputs), _call(eager, inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_exact_under_deferred(case: Case) -> None:
+    if case.name == "LSTM-packed":
+        pytest.skip("PyTorch has no fake-tensor kernel for packed LSTM: build from a real batch")
+    inputs = case.inputs()
+    torch.manual_seed(0)
+    with tl.deferred():
+        lazy = case.lazy()
+    torch.randn(17)  # the RNG used in between does not matter
+    tl.build(lazy, *inputs)
+    torch.manual_seed(0)
+    eager = case.eager()
+    assert type(lazy) is type(eager)
+    assert same_state(lazy, eager) == []
+    assert not tl.is_deferred(lazy)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.bad is not None], ids=repr)
+def test_bad_first_input_leaves_layer_unbuilt(case: Case) -> None:
+    lazy = case.lazy()
+    assert case.bad is not None
+    with pytest.raises((tl.ShapeError, TypeError)) as info:
+        lazy(*case.bad())
+    if isinstance(info.value, tl.ShapeError):
+        assert type(lazy).__name__ in str(info.value) and "expected" in str(info.value)
+    assert not tl.is_built(lazy)
+    _call(lazy, case.inputs())  # still usable
+    assert tl.is_built(lazy)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_unbuilt_parameters_raise_not_built(case: Case) -> None:
+    lazy = case.lazy()
+    params = list(lazy.parameters())
+    if not params:
+        pytest.skip("no parameters")
+    assert all(isinstance(p, UninitializedParameter) for p in params)
+    with pytest.raises(tl.NotBuiltError, match="forward pass"):
+        sum(p.numel() for p in lazy.parameters())
+    with pytest.raises(tl.NotBuiltError):
+        _ = params[0].shape
+    with pytest.raises(ValueError):  # what PyTorch raises for its own lazy parameters
+        params[0] + 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_load_state_dict_infers_sizes(case: Case) -> None:
+    lazy, eager, inputs = case.lazy(), case.eager(), case.inputs()
+    lazy.eval(), eager.eval()
+    if not eager.state_dict():
+        pytest.skip("no state to infer sizes from")
+    lazy.load_state_dict(eager.state_dict())
+    assert type(lazy) is type(eager)
+    torch.testing.assert_close(_call(lazy, inputs), _call(eager, inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_copy_and_pickle_before_and_after_build(case: Case) -> None:
+    lazy = case.lazy().eval()
+    for clone in (copy.deepcopy(lazy), pickle.loads(pickle.dumps(lazy))):
+        _call(clone, case.inputs())
+        assert type(clone) is type(case.eager())
+    out = _call(lazy, inputs := case.inputs())
+    buffer = io.BytesIO()
+    torch.save(lazy, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(lazy), torch.load(buffer, weights_only=False)):
+        torch.testing.assert_close(_call(clone, inputs), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_optimizer_created_before_build_holds_the_real_parameters(case: Case) -> None:
+    if case.name == "MultiheadAttention-kvdim":
+        pytest.skip("distinct kdim/vdim give other parameters than the skeleton's in_proj_weight")
+    lazy = case.lazy()
+    held = list(lazy.parameters())
+    _call(lazy, case.inputs())
+    assert [id(p) for p in held] == [id(p) for p in lazy.parameters()]
+    assert all(type(p) is nn.Parameter for p in held)
+
+
+def test_optimizer_created_before_build_trains_real_parameters() -> None:
+    net = nn.Sequential(tl.nn.Linear(8), nn.ReLU(), tl.nn.Linear(1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    held = list(opt.param_groups[0]["params"])
+    x = torch.randn(16, 4)
+    before = [p.detach().clone() for p in [*net.parameters()] if not isinstance(p, UninitializedParameter)]
+    assert before == []
+    loss = net(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    assert all(a is b for a, b in zip(held, net.parameters()))
+    assert held[0].shape == (8, 4) and type(held[0]) is nn.Parameter
+    assert held[0].grad is not None
+
+
+def test_hooks_and_mode_survive_build() -> None:
+    layer = tl.nn.Linear(3)
+    seen = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    layer.eval()
+    layer(torch.randn(2, 5))
+    assert seen == [torch.Size([2, 3])] and not layer.training
+    handle.remove()
+    layer(torch.randn(2, 5))
+    assert len(seen) == 1
+
+
+def test_parameters_on_input_device_in_layer_dtype() -> None:
+    layer = tl.nn.Linear(3, dtype=torch.float64)
+    layer(torch.randn(2, 5, dtype=torch.float64))
+    assert layer.weight.dtype == torch.float64
+    half = tl.nn.Linear(3).to(torch.bfloat16)
+    half(torch.randn(2, 5, dtype=torch.bfloat16))
+    assert half.weight.dtype == torch.bfloat16
+    meta = tl.nn.Conv2d(4, 3)
+    meta(torch.empty(1, 2, 5, 5, device="meta"))
+    assert meta.weight.device.type == "meta" and meta.weight.shape == (4, 2, 3, 3)
+
+
+def test_first_call_under_no_grad_and_autocast() -> None:
+    layer = tl.nn.Linear(3)
+    with torch.no_grad():
+        out = layer(torch.randn(2, 5))
+    assert not out.requires_grad and layer.weight.requires_grad
+    layer = tl.nn.Linear(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(2, 5))
+    assert out.dtype == torch.bfloat16 and layer.weight.dtype == torch.float32
+
+
+def test_torch_compile_after_build() -> None:
+    net = nn.Sequential(tl.nn.Linear(4), nn.ReLU(), tl.nn.Linear(2))
+    x = torch.randn(3, 5)
+    expected = net(x)
+    compiled = torch.compile(net, backend="eager")
+    torch.testing.assert_close(compiled(x), expected)
+
+
+def test_repr_and_signature() -> None:
+    import inspect
+
+    assert repr(tl.nn.Linear(128)) == "Linear(in_features=?, out_features=128)"
+    params = inspect.signature(tl.nn.Conv2d).parameters
+    assert "in_channels" not in params and list(params)[:2] == ["out_channels", "kernel_size"]
+    with pytest.raises(TypeError, match="out_features"):
+        tl.nn.Linear()
+
+
+def test_layer_shared_in_two_places_builds_once() -> None:
+    shared = tl.nn.Linear(4)
+    net = nn.Sequential(shared, nn.ReLU(), tl.nn.Linear(4), shared)
+    with pytest.raises(RuntimeError):  # second use sees 4 features, built for 6: PyTorch's own error
+        net(torch.randn(2, 6))
+    assert shared.in_features == 6
+
+
+def test_every_table_row_is_a_torch_nn_subclass() -> None:
+    for name in tl.nn.__all__:
+        cls = getattr(tl.nn, name)
+        assert issubclass(cls, getattr(nn, name))
+        assert cls.__module__ == "torchlazy.nn" and cls.__qualname__ == name
+    assert {c.name.split("-")[0] for c in CASES} == set(tl.nn.__all__)
