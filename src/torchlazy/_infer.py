@@ -140,7 +140,7 @@ class _FoldConstants(TorchDispatchMode):
             return func(*args, **kwargs)
 
         def real(x: Any) -> Any:
-            return x.constant if isinstance(x, torch.Tensor) else x
+            return x.constant if isinstance(x, torch.Tensor) else x  # type: ignore[attr-defined]
 
         with _disable_current_modes():
             out = func(*tree_map(real, args), **tree_map(real, kwargs))

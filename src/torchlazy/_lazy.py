@@ -91,7 +91,7 @@ class _Placeholder:
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         if id(self) not in memo:
             with torch._C.DisableTorchFunctionSubclass():
-                memo[id(self)] = type(self)(self.requires_grad, self.device, self.dtype)  # type: ignore[call-arg]
+                memo[id(self)] = type(self)(self.requires_grad, self.device, self.dtype)  # type: ignore[call-arg,attr-defined]
         return memo[id(self)]
 
 
