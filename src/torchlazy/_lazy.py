@@ -144,11 +144,8 @@ def transaction(rollback: bool = False) -> Iterator[None]:
 
 def _snapshot(module: nn.Module) -> Callable[[], None]:
     state = dict(module.__dict__)
-    inner = {
-        k: v.copy()
-        for k, v in state.items()
-        if k in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
-    }
+    mutable = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", *_HOOK_ATTRS)
+    inner = {k: v.copy() for k, v in state.items() if k in mutable and hasattr(v, "copy")}
     cls = type(module)
 
     def undo() -> None:
@@ -457,7 +454,7 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
     state = dict(real.__dict__)
     for key in _HOOK_ATTRS:
         mine = me.__dict__.get(key)
-        if mine is not None:
+        if isinstance(mine, dict):
             for handle_id, hook in state[key].items():
                 mine[handle_id] = hook
             state[key] = mine

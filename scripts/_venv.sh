@@ -1,0 +1,16 @@
+# Sourced by the other scripts: make .venv (if missing or stale) with the pinned dev set-up.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
+STAMP=.venv/.torchlazy-stamp
+WANT=$(cat requirements-dev.txt pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+    echo "setting up .venv (torch 2.13.0 CPU, dev tools)..." >&2
+    [ -x .venv/bin/python ] || "$PY" -m venv .venv
+    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+    # torch first, pinned, so that nothing else can pull a CUDA build
+    .venv/bin/python -m pip install -q --disable-pip-version-check "$(grep '^torch==' requirements-dev.txt)"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt -e .
+    echo "$WANT" > "$STAMP"
+fi
+export PATH="$PWD/.venv/bin:$PATH"
