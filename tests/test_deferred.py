@@ -1,0 +1,294 @@
+"""Deferred construction and exact materialization: bit-for-bit eager, whatever happens in between."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import same_state
+from torch import nn
+
+import torchlazy as tl
+
+
+def deferred_then_materialize(make: Callable[[], nn.Module], **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make()
+    torch.randn(1000)  # RNG use between construction and materialization
+    torch.rand(3, generator=None)
+    return tl.materialize(model, **kwargs)
+
+
+def eager(make: Callable[[], nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return make()
+
+
+def assert_exact(make: Callable[[], nn.Module]) -> nn.Module:
+    model = deferred_then_materialize(make)
+    assert same_state(model, eager(make)) == []
+    assert tl.deferred_tensors(model) == []
+    return model
+
+
+TORCH_LAYERS: dict[str, Callable[[], nn.Module]] = {
+    "Linear": lambda: nn.Linear(37, 19),
+    "Bilinear": lambda: nn.Bilinear(5, 6, 7),
+    "Conv1d": lambda: nn.Conv1d(3, 8, 5),
+    "Conv2d": lambda: nn.Conv2d(3, 8, 3, groups=1, bias=False),
+    "Conv3d": lambda: nn.Conv3d(2, 4, 3),
+    "ConvTranspose2d": lambda: nn.ConvTranspose2d(4, 6, 3),
+    "Embedding-padding": lambda: nn.Embedding(50, 17, padding_idx=3),
+    "EmbeddingBag": lambda: nn.EmbeddingBag(30, 8, mode="sum"),
+    "BatchNorm2d": lambda: nn.BatchNorm2d(7),
+    "InstanceNorm1d": lambda: nn.InstanceNorm1d(5, affine=True, track_running_stats=True),
+    "LayerNorm": lambda: nn.LayerNorm((4, 6)),
+    "RMSNorm": lambda: nn.RMSNorm(9),
+    "GroupNorm": lambda: nn.GroupNorm(2, 8),
+    "PReLU": lambda: nn.PReLU(5),
+    "RNN": lambda: nn.RNN(6, 10, num_layers=2),
+    "LSTM": lambda: nn.LSTM(6, 10, bidirectional=True, proj_size=3),
+    "GRU": lambda: nn.GRU(4, 5, batch_first=True),
+    "LSTMCell": lambda: nn.LSTMCell(4, 7),
+    "MultiheadAttention": lambda: nn.MultiheadAttention(16, 4, kdim=5, vdim=7, add_bias_kv=True),
+    "TransformerEncoderLayer": lambda: nn.TransformerEncoderLayer(16, 4, 32),
+    "Transformer": lambda: nn.Transformer(16, 2, 2, 2, 32),
+    "AdaptiveLogSoftmaxWithLoss": lambda: nn.AdaptiveLogSoftmaxWithLoss(16, 20, [5, 10]),
+}
+
+
+@pytest.mark.parametrize("name", TORCH_LAYERS)
+def test_torch_layers_are_exact(name: str) -> None:
+    assert_exact(TORCH_LAYERS[name])
+
+
+class Rotary(nn.Module):
+    """Buffers computed in __init__, parameters made from tensors, ties, custom init, slices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+        self.register_buffer("inv_freq", inv, persistent=False)
+        t = torch.arange(32).float()
+        self.register_buffer("cos", torch.outer(t, inv).cos())
+        self.scale = nn.Parameter(torch.randn(16) * 0.02)
+        self.emb = nn.Embedding(40, 16, padding_idx=0)
+        self.head = nn.Linear(16, 40, bias=False)
+        self.head.weight = self.emb.weight
+        self.mask = torch.triu(torch.ones(8, 8), diagonal=1).bool()  # plain tensor attribute
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.apply(self._init_weights)
+        with torch.no_grad():
+            self.blocks[0].weight[:, :4].zero_()  # init on a slice
+            self.blocks[1].weight.mul_(1 / math.sqrt(3))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.5)
+            m.weight.data[m.padding_idx].zero_()
+
+
+def test_custom_schemes_buffers_ties_and_slices_are_exact() -> None:
+    model = assert_exact(Rotary)
+    reference = eager(Rotary)
+    assert model.head.weight is model.emb.weight
+    assert torch.equal(model.inv_freq, reference.inv_freq)
+    assert torch.equal(model.mask, reference.mask) and model.mask.dtype == torch.bool
+
+
+INITS: dict[str, Callable[[torch.Tensor], object]] = {
+    "uniform": lambda w: nn.init.uniform_(w, -2, 3),
+    "normal": nn.init.normal_,
+    "trunc_normal": lambda w: nn.init.trunc_normal_(w, std=1.0, a=-0.5, b=0.5),
+    "trunc_normal_wide": lambda w: nn.init.trunc_normal_(w, std=0.02),
+    "xavier_uniform": nn.init.xavier_uniform_,
+    "xavier_normal": nn.init.xavier_normal_,
+    "kaiming_uniform": lambda w: nn.init.kaiming_uniform_(w, a=math.sqrt(5)),
+    "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, mode="fan_out"),
+    "orthogonal": nn.init.orthogonal_,
+    "sparse": lambda w: nn.init.sparse_(w, 0.3),
+    "eye": nn.init.eye_,
+    "constant": lambda w: nn.init.constant_(w, 0.3),
+    "bernoulli": lambda w: w.bernoulli_(0.3),
+    "randperm": lambda w: w.copy_(torch.randperm(w.numel()).view_as(w).float()),
+}
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_every_init_function_is_exact(init: str) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Parameter(torch.empty(33, 17))
+            self.b = nn.Parameter(torch.empty(5, 3))  # small: other kernel paths
+            with torch.no_grad():
+                INITS[init](self.a)
+                INITS[init](self.b)
+
+    assert_exact(Net)
+
+
+def test_lazy_layers_keep_their_construction_order_place() -> None:
+    def make_lazy() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 8), tl.nn.Linear(16), nn.ReLU(), tl.nn.LayerNorm(), nn.Linear(16, 3))
+
+    def make_eager() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 16), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 3))
+
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make_lazy()
+    torch.randn(10)
+    tl.build(model, tl.Spec(2, 4))
+    assert same_state(model, eager(make_eager)) == []
+
+
+def test_materialize_sub_modules_in_any_order_is_exact() -> None:
+    make = lambda: nn.Sequential(*(nn.Linear(8, 8) for _ in range(4)))  # noqa: E731
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make()
+    for i in (3, 1, 0, 2):
+        tl.materialize(model[i])
+        assert tl.is_deferred(model) == (i != 2)
+    assert same_state(model, eager(make)) == []
+
+
+def test_global_rng_untouched_by_materialize_and_advanced_by_deferred() -> None:
+    torch.manual_seed(0)
+    with tl.deferred():
+        a = nn.Linear(10, 10)
+    after_block = torch.random.get_rng_state()
+    with tl.deferred():
+        b = nn.Linear(10, 10)
+    state = torch.random.get_rng_state()
+    tl.materialize(a)
+    tl.materialize(b)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert not torch.equal(a.weight, b.weight)  # two blocks: two different models
+    torch.manual_seed(0)
+    assert not torch.equal(after_block, torch.random.get_rng_state())
+
+
+def test_dtype_and_device_per_tensor() -> None:
+    model = deferred_then_materialize(lambda: nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)), dtype=torch.bfloat16)
+    reference = eager(lambda: nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))).to(torch.bfloat16)
+    assert same_state(model, reference) == []
+    assert model[1].num_batches_tracked.dtype == torch.long
+
+
+def test_not_exact_is_reproducible_with_same_distributions() -> None:
+    make = lambda: nn.Linear(256, 256)  # noqa: E731
+    one = deferred_then_materialize(make, exact=False)
+    two = deferred_then_materialize(make, exact=False)
+    ref = eager(make)
+    assert torch.equal(one.weight, two.weight)
+    assert not torch.equal(one.weight, ref.weight)
+    bound = 1 / math.sqrt(256)
+    assert one.weight.abs().max() <= bound and abs(one.weight.std().item() - ref.weight.std().item()) < 2e-3
+
+
+def test_nothing_allocated_and_forward_before_materialize_is_a_clear_error() -> None:
+    with tl.deferred():
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    assert all(p.untyped_storage().device.type == "meta" for p in model.parameters())
+    assert tl.is_deferred(model) and tl.deferred_tensors(model) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    with pytest.raises(tl.DeferredError, match=r"`0` \(Linear\).*tl.materialize"):
+        model(torch.randn(1, 4))
+    tl.materialize(model)
+    assert model(torch.randn(1, 4)).shape == (1, 2)
+
+
+class ReadsValue(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+        if how == "item":
+            self.scale = self.w.sum().item()
+        elif how == "nonzero":
+            self.idx = self.w.nonzero()
+        elif how == "numpy":
+            self.w.detach().numpy()
+        elif how == "print":
+            print(self.w)
+        elif how == "tolist":
+            self.w.tolist()
+
+
+@pytest.mark.parametrize("how", ["item", "nonzero", "numpy", "print", "tolist"])
+def test_reading_values_during_construction_is_a_deferred_error(how: str) -> None:
+    with pytest.raises(tl.DeferredError, match="ReadsValue") as info:
+        with tl.deferred():
+            ReadsValue(how)
+    assert "tl.deferred" in str(info.value)
+
+
+def test_concretize_computes_values_exactly() -> None:
+    torch.manual_seed(0)
+    with tl.deferred(concretize=True):
+        model = ReadsValue("item")
+    tl.materialize(model)
+    reference = eager(lambda: ReadsValue("item"))
+    assert model.scale == reference.scale and torch.equal(model.w, reference.w)
+
+
+def test_failed_materialize_leaves_model_deferred_and_retryable() -> None:
+    with tl.deferred():
+        model = nn.Linear(4, 4)
+    with pytest.raises((RuntimeError, AssertionError)):
+        tl.materialize(model, device="cuda:7" if not torch.cuda.is_available() else "not-a-device")
+    assert tl.is_deferred(model)
+    tl.materialize(model)
+    assert not tl.is_deferred(model)
+
+
+def test_deferred_nests_and_is_per_thread() -> None:
+    seen: dict[str, bool] = {}
+
+    def other() -> None:
+        seen["thread"] = tl.is_deferred(nn.Linear(2, 2))
+
+    with tl.deferred():
+        outer = nn.Linear(2, 2)
+        with tl.deferred():
+            inner = nn.Linear(2, 2)
+        worker = threading.Thread(target=other)
+        worker.start()
+        worker.join()
+    assert tl.is_deferred(outer) and tl.is_deferred(inner) and seen == {"thread": False}
+    model = nn.Sequential(outer, inner)
+    tl.materialize(model)
+    torch.manual_seed(1234)
+    assert torch.equal(model[0].weight, nn.Linear(2, 2).weight)
+
+
+def test_progress_reports_tensors_and_bytes() -> None:
+    calls = []
+    with tl.deferred():
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    tl.materialize(model, progress=lambda *a: calls.append(a))
+    assert calls[-1] == (4, 4, 2 * (64 + 8) * 4, 2 * (64 + 8) * 4)
+
+
+def test_attributes_on_parameters_survive() -> None:
+    class Marked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.lin.weight._is_hf_initialized = True
+
+    with tl.deferred():
+        model = Marked()
+    weight = model.lin.weight
+    tl.materialize(model)
+    assert model.lin.weight._is_hf_initialized is True
+    assert model.lin.weight is weight  # the same Python object, now real
