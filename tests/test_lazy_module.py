@@ -1,0 +1,118 @@
+"""Any module can be lazy: tl.LazyModule (Keras-style build) and tl.lazy(cls, **rules)."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import pickle
+
+import pytest
+import torch
+from conftest import same_state
+from torch import nn
+
+import torchlazy as tl
+
+
+class Block(tl.LazyModule):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def build(self, x: torch.Tensor) -> None:
+        self.proj = nn.Linear(x.shape[-1], self.hidden)
+        self.norm = tl.nn.LayerNorm()  # lazy layers inside a build are fine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x))
+
+
+class EagerBlock(nn.Module):
+    def __init__(self, features: int, hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(features, hidden)
+        self.norm = nn.LayerNorm(hidden)
+
+
+def test_lazy_module_builds_from_first_input_and_leaves_nothing() -> None:
+    block = Block(16)
+    assert not tl.is_built(block) and list(block.parameters()) == []
+    out = block(torch.randn(3, 7))
+    assert out.shape == (3, 16) and tl.is_built(block)
+    assert not any(k.startswith("_tl") for k in vars(block)) and not block._forward_pre_hooks
+    assert block.proj.in_features == 7 and type(block.norm) is nn.LayerNorm
+
+
+def test_lazy_module_is_exact_under_deferred() -> None:
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = nn.Sequential(nn.Linear(5, 7), Block(16), nn.Linear(16, 2))
+    tl.build(model, tl.Spec(4, 5))
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(5, 7), EagerBlock(7, 16), nn.Linear(16, 2))
+    assert same_state(model, reference) == []
+
+
+def test_lazy_module_failed_build_is_undone() -> None:
+    class Broken(tl.LazyModule):
+        def build(self, x: torch.Tensor) -> None:
+            self.proj = nn.Linear(x.shape[-1], 4)
+            raise ValueError("nope")
+
+    b = Broken()
+    with pytest.raises(ValueError):
+        b(torch.randn(2, 3))
+    assert not hasattr(b, "proj") and not tl.is_built(b)
+
+
+def test_lazy_module_without_build_says_what_to_do() -> None:
+    class NoBuild(tl.LazyModule):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    with pytest.raises(NotImplementedError, match="build"):
+        NoBuild()(torch.randn(2))
+
+
+def test_lazy_module_copy_and_pickle() -> None:
+    block = Block(4)
+    clone = pickle.loads(pickle.dumps(copy.deepcopy(block)))
+    assert clone(torch.randn(2, 3)).shape == (2, 4)
+    block(torch.randn(2, 5))
+    assert pickle.loads(pickle.dumps(block)).proj.in_features == 5
+
+
+def test_lazy_any_class_keeps_signature_and_becomes_it() -> None:
+    class Mixer(nn.Module):
+        def __init__(self, channels: int, hidden: int, *, scale: float = 1.0) -> None:
+            super().__init__()
+            self.inp = nn.Linear(channels, hidden)
+            self.out = nn.Linear(hidden, channels)
+            self.scale = scale
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.inp(x).relu()) * self.scale
+
+    LazyMixer = tl.lazy(Mixer, channels=lambda x: x.shape[-1])
+    assert list(inspect.signature(LazyMixer).parameters) == ["hidden", "scale"]
+    m = LazyMixer(8, scale=0.5)
+    assert "channels=?, hidden=8, scale=0.5" in repr(m)
+    params = list(m.parameters())
+    assert len(params) == 4
+    m(torch.randn(2, 3))
+    assert type(m) is Mixer and m.inp.in_features == 3
+    assert [id(p) for p in params] == [id(p) for p in m.parameters()]
+
+
+def test_lazy_rejects_unknown_arguments() -> None:
+    with pytest.raises(TypeError, match="not an argument of `Linear.__init__`"):
+        tl.lazy(nn.Linear, in_feature=lambda x: x.shape[-1])
+    with pytest.raises(TypeError, match="out_features"):
+        tl.nn.Linear(bias=False)
+
+
+def test_lazy_lstm_from_design_example() -> None:
+    LazyLSTM = tl.lazy(nn.LSTM, input_size=lambda x, *rest: x.shape[-1])
+    lstm = LazyLSTM(hidden_size=6, batch_first=True)
+    out, _ = lstm(torch.randn(2, 5, 3))
+    assert type(lstm) is nn.LSTM and out.shape == (2, 5, 6) and lstm.input_size == 3
