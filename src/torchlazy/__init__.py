@@ -1,6 +1,7 @@
 """torchlazy: lazy shapes, deferred construction, exact materialization for PyTorch."""
 
 from . import nn
+from ._checkpoint import save
 from ._deferred import deferred, deferred_tensors, is_deferred
 from ._errors import (
     CheckpointError,
@@ -31,6 +32,7 @@ __all__ = [
     "is_deferred",
     "lazy",
     "materialize",
+    "save",
     "nn",
     "summary",
 ]

@@ -373,6 +373,12 @@ class _LazyLayer:
         _run_build(self, lambda deferred: self._tl_become(values, device, deferred), False)  # type: ignore[arg-type]
         return self._load_from_state_dict(state_dict, prefix, *args)
 
+    def _tl_build_from_state(self, mine: dict[str, torch.Tensor], prefix: str) -> None:
+        """Shape this layer from state tensors (a checkpoint's), deferred: values come later."""
+        values = self._tl_solve(mine, prefix)
+        device = torch.get_default_device()
+        _run_build(self, lambda deferred: self._tl_become(values, device, deferred), True)  # type: ignore[arg-type]
+
     def _tl_solve(self, mine: dict[str, torch.Tensor], prefix: str) -> dict[str, Any]:
         """The constructor arguments under which the real class has these tensor shapes."""
         sizes_seen = {int(s) for t in mine.values() for s in t.shape}

@@ -139,16 +139,23 @@ def materialize(
     0.0
     """
     _paths.remember_paths(module)
-    targets = _collect(module)
-    if checkpoint is not None:
-        from ._checkpoint import load_into_targets
+    from . import _lazy
 
-        values, rest = load_into_targets(module, targets, checkpoint, strict, key_map, device, dtype)
-    else:
-        values, rest = {}, targets
-    if rest:
-        values.update(_replay(rest, device, dtype, exact, progress))
-    _swap_in(module, targets, values)
+    with _lazy.transaction():
+        if checkpoint is not None:
+            from ._checkpoint import Checkpoint, _mapper, build_lazy_from_checkpoint, load_into_targets, open_checkpoint
+
+            if not isinstance(checkpoint, Checkpoint):
+                checkpoint = open_checkpoint(checkpoint)
+            build_lazy_from_checkpoint(module, checkpoint, _mapper(key_map))
+        targets = _collect(module)
+        if checkpoint is not None:
+            values, rest = load_into_targets(module, targets, checkpoint, strict, key_map, device, dtype)
+        else:
+            values, rest = {}, targets
+        if rest:
+            values.update(_replay(rest, device, dtype, exact, progress))
+        _swap_in(module, targets, values)
     return module
 
 

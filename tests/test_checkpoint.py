@@ -1,0 +1,171 @@
+"""Materialize from checkpoints: no random init, exact keys, safe formats, clear errors."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import same_state
+from models import MODELS
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torchlazy as tl
+
+
+class CountRandom(TorchDispatchMode):
+    """Counts random kernels run on real tensors (recording on fake tensors draws nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        real = not any(isinstance(t, FakeTensor) for t in tensors)
+        if torch.Tag.nondeterministic_seeded in func.tags and real:
+            self.draws += 1
+        return func(*args, **(kwargs or {}))
+
+
+def deferred(make):
+    with tl.deferred():
+        return make()
+
+
+@pytest.fixture
+def gpt2_saved(tmp_path: Path) -> tuple[nn.Module, Path]:
+    torch.manual_seed(42)
+    model = MODELS["gpt2"]()
+    model.save_pretrained(tmp_path / "gpt2", max_shard_size="100KB")  # its own sharded layout
+    return model, tmp_path / "gpt2"
+
+
+def test_sharded_save_pretrained_loads_exactly_without_random_draws(gpt2_saved) -> None:
+    reference, folder = gpt2_saved
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    model = deferred(MODELS["gpt2"])
+    with CountRandom() as counter:
+        tl.materialize(model, checkpoint=folder)
+    assert counter.draws == 0
+    assert same_state(model, reference) == []
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert tl.deferred_tensors(model) == []
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "sharded", "pt", "bin"])
+def test_formats(tmp_path: Path, fmt: str) -> None:
+    make = lambda: nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4))  # noqa: E731
+    reference = make()
+    if fmt == "safetensors":
+        path = tmp_path / "m.safetensors"
+        tl.save(reference, path)
+    elif fmt == "sharded":
+        path = tmp_path / "shards"
+        files = tl.save(reference, path, max_shard_size=300)
+        assert len(files) > 2 and (path / "model.safetensors.index.json").exists()
+    else:
+        path = tmp_path / f"m.{fmt}"
+        torch.save(reference.state_dict(), path)
+    model = tl.materialize(deferred(make), checkpoint=path, dtype=torch.float64)
+    assert same_state(model, reference.double()) == []
+    assert model[1].num_batches_tracked.dtype == torch.long
+
+
+def test_strict_false_initializes_missing_exactly_like_eager(tmp_path: Path) -> None:
+    make = lambda: nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2))  # noqa: E731
+    donor = make()
+    partial = {k: v for k, v in donor.state_dict().items() if not k.startswith("1.")}
+    torch.save(partial, tmp_path / "partial.pt")
+    torch.manual_seed(3)
+    model = deferred(make)
+    with pytest.raises(tl.CheckpointError, match=r"missing from the checkpoint: `1.weight`, `1.bias`.*strict=False"):
+        tl.materialize(model, checkpoint=tmp_path / "partial.pt")
+    assert tl.is_deferred(model)
+    tl.materialize(model, checkpoint=tmp_path / "partial.pt", strict=False)
+    torch.manual_seed(3)
+    reference = make()
+    reference.load_state_dict(partial, strict=False)
+    assert same_state(model, reference) == []
+
+
+def test_key_map_for_wrapped_checkpoints(tmp_path: Path) -> None:
+    reference = nn.Linear(4, 3)
+    wrapped = nn.ModuleDict({"module": reference})
+    tl.save(wrapped, tmp_path / "w.safetensors")
+    for key_map in ({"module.": ""}, lambda k: k.removeprefix("module.")):
+        model = tl.materialize(
+            deferred(lambda: nn.Linear(4, 3)), checkpoint=tmp_path / "w.safetensors", key_map=key_map
+        )
+        assert same_state(model, reference) == []
+    with pytest.raises(tl.CheckpointError, match=r"not in the model: .*`module.weight`"):
+        tl.materialize(deferred(lambda: nn.Linear(4, 3)), checkpoint=tmp_path / "w.safetensors")
+
+
+def test_unbuilt_lazy_model_takes_sizes_from_checkpoint(tmp_path: Path) -> None:
+    reference = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    tl.save(reference, tmp_path / "cnn.safetensors")
+    lazy = nn.Sequential(tl.nn.Conv2d(8, 3), tl.nn.BatchNorm2d(), nn.Flatten(), tl.nn.Linear(5))
+    with CountRandom() as counter:
+        tl.materialize(lazy, checkpoint=tmp_path / "cnn.safetensors")
+    assert counter.draws == 0
+    assert [type(m) for m in lazy] == [type(m) for m in reference]
+    assert same_state(lazy, reference) == []
+    deferred_lazy = deferred(lambda: nn.Sequential(tl.nn.Conv2d(8, 3), tl.nn.BatchNorm2d()))
+    tl.materialize(deferred_lazy, checkpoint=tmp_path / "cnn.safetensors", strict=False)
+    assert deferred_lazy[0].in_channels == 3 and torch.equal(deferred_lazy[0].weight, reference[0].weight)
+
+
+def test_shape_mismatch_names_key_and_leaves_model_deferred(tmp_path: Path) -> None:
+    tl.save(nn.Linear(4, 3), tmp_path / "small.safetensors")
+    model = deferred(lambda: nn.Linear(5, 3))
+    with pytest.raises(tl.ShapeError, match=r"`weight`: the model expects shape \(3, 5\).*\(3, 4\)") as info:
+        tl.materialize(model, checkpoint=tmp_path / "small.safetensors")
+    assert isinstance(info.value, tl.CheckpointError)
+    assert tl.is_deferred(model)
+    tl.materialize(model)
+    assert not tl.is_deferred(model)
+
+
+def test_corrupt_truncated_missing_and_unsafe_files(tmp_path: Path) -> None:
+    model = deferred(lambda: nn.Linear(64, 64))
+    good = tmp_path / "good.safetensors"
+    tl.save(nn.Linear(64, 64), good)
+    data = good.read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 100)
+    for name in ("truncated.safetensors", "garbage.safetensors", "nothing.safetensors"):
+        with pytest.raises(tl.CheckpointError):
+            tl.materialize(model, checkpoint=tmp_path / name)
+    index = {"metadata": {}, "weight_map": {"weight": "gone.safetensors", "bias": "gone.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(__import__("json").dumps(index))
+    with pytest.raises(tl.CheckpointError, match="does not exist"):
+        tl.materialize(model, checkpoint=tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"weight": Evil()}))
+    torch.save({"weight": torch.zeros(64, 64), "extra": Evil()}, tmp_path / "evil2.pt")
+    for name in ("evil.pt", "evil2.pt"):
+        with pytest.raises(tl.CheckpointError, match="weights_only|readable"):
+            tl.materialize(model, checkpoint=tmp_path / name)
+    assert tl.is_deferred(model)
+
+
+def test_save_refuses_deferred_and_stores_tied_once(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    with pytest.raises(tl.CheckpointError, match="materialize"):
+        tl.save(deferred(lambda: nn.Linear(2, 2)), tmp_path / "x.safetensors")
+    model = MODELS["gpt2"]()
+    tl.save(model, tmp_path / "g.safetensors")
+    with safe_open(str(tmp_path / "g.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys
+    again = tl.materialize(deferred(MODELS["gpt2"]), checkpoint=tmp_path / "g.safetensors")
+    assert same_state(again, model) == [] and again.lm_head.weight is again.transformer.wte.weight
