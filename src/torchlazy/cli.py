@@ -1,0 +1,195 @@
+"""The `torchlazy` command: the same facts for people who do not want to write code.
+
+    torchlazy summary pkg.module:factory [--kwargs JSON] [--input 8x3x224x224[:dtype] ...] [--depth N]
+    torchlazy materialize pkg.module:factory [--kwargs JSON] [--input ...] [--seed N] [--dtype D] --out FILE
+
+The factory is constructed under `tl.deferred()`: nothing is allocated by
+`summary`, and `materialize` writes exactly what eager construction would
+have built under `--seed` (a "seed checkpoint").
+
+Exit codes: 0 done, 2 bad arguments, 3 the factory cannot be imported,
+4 the model cannot be constructed, built or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from . import _lazy
+from ._checkpoint import save
+from ._deferred import deferred, deferred_tensors
+from ._errors import LazyError
+from ._infer import Spec, build
+from ._materialize import materialize
+from ._summary import summary
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+    "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32,
+    "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}  # fmt: skip
+
+
+class UsageError(Exception):
+    """Bad arguments: exit code 2."""
+
+
+class ImportFailure(Exception):
+    """The factory cannot be imported: exit code 3."""
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    dtype = DTYPES.get(text.strip().lower())
+    if dtype is None:
+        raise UsageError(f"unknown dtype `{text}`; use one of {', '.join(sorted(DTYPES))}")
+    return dtype
+
+
+def parse_input(text: str) -> tuple[str | None, Spec]:
+    """`8x3x224x224`, `8x128:int64`, or `input_ids=8x128:int64` (a keyword input)."""
+    name, _, rest = text.rpartition("=")
+    shape_text, _, dtype_text = rest.partition(":")
+    try:
+        shape = tuple(int(s) for s in shape_text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"bad --input `{text}`: expected sizes joined by `x`, like 8x3x224x224[:dtype]") from None
+    if any(s < 0 for s in shape):
+        raise UsageError(f"bad --input `{text}`: sizes must be non-negative")
+    dtype = parse_dtype(dtype_text) if dtype_text else torch.float32
+    return (name or None), Spec(*shape, dtype=dtype)
+
+
+def load_factory(target: str) -> Callable[..., Any]:
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"bad model `{target}`: expected MODULE:CALLABLE, like `torchvision.models:resnet50`")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ImportFailure(f"cannot import `{module_name}`: {type(e).__name__}: {e}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ImportFailure(f"`{module_name}` has no attribute `{attr}`")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ImportFailure(f"`{target}` is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _construct(args: argparse.Namespace) -> torch.nn.Module:
+    try:
+        kwargs = json.loads(args.kwargs) if args.kwargs else {}
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--kwargs is not valid JSON: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise UsageError("--kwargs must be a JSON object, like '{\"num_classes\": 10}'")
+    factory = load_factory(args.model)
+    with deferred():
+        model = factory(**kwargs)
+    if not isinstance(model, torch.nn.Module):
+        raise LazyError(f"`{args.model}` returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _examples(inputs: Sequence[str]) -> tuple[list[Spec], dict[str, Spec]]:
+    positional: list[Spec] = []
+    keywords: dict[str, Spec] = {}
+    for text in inputs:
+        name, spec = parse_input(text)
+        if name is None:
+            positional.append(spec)
+        else:
+            keywords[name] = spec
+    return positional, keywords
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    positional, keywords = _examples(args.input)
+    model = _construct(args)
+    print(summary(model, *positional, depth=args.depth, **keywords))
+    return 0
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    positional, keywords = _examples(args.input)
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    torch.manual_seed(args.seed)
+    model = _construct(args)
+    if positional or keywords:
+        build(model, *positional, dtype=dtype, **keywords)
+    if not _lazy.is_built(model):
+        raise UsageError("the model has lazy layers whose sizes depend on the input: pass --input SHAPE[:dtype]")
+    materialize(model, dtype=dtype, progress=None)
+    left = deferred_tensors(model)
+    if left:
+        raise LazyError(f"still deferred after materialization: {', '.join(left[:5])}")
+    files = save(model, args.out, max_shard_size=args.max_shard_size)
+    count = len(model.state_dict())
+    size = sum(f.stat().st_size for f in files)
+    print(f"wrote {', '.join(str(f) for f in files)} ({count} tensors, {size / 2**20:.2f} MiB, seed {args.seed})")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="torchlazy",
+        description="Shapes, parameters and exact initialization of PyTorch models, before allocation.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("model", help="MODULE:CALLABLE returning a torch.nn.Module")
+        q.add_argument("--kwargs", help="JSON object of keyword arguments for the callable")
+        q.add_argument(
+            "--input",
+            action="append",
+            default=[],
+            metavar="SHAPE[:DTYPE]",
+            help="an example input such as 8x3x224x224 or input_ids=8x128:int64 (repeatable)",
+        )
+
+    s = sub.add_parser("summary", help="print shapes, parameters and bytes; allocates nothing")
+    common(s)
+    s.add_argument("--depth", type=int, default=None, help="fold modules deeper than this")
+    s.set_defaults(run=cmd_summary)
+    m = sub.add_parser("materialize", help="write an exactly initialized checkpoint (safetensors)")
+    common(m)
+    m.add_argument("--seed", type=int, default=0, help="torch.manual_seed before construction (default 0)")
+    m.add_argument("--dtype", help="cast floating tensors, e.g. bf16")
+    m.add_argument("--out", required=True, help="output .safetensors file (a folder with --max-shard-size)")
+    m.add_argument("--max-shard-size", default=None, help="shard the output, e.g. 2GB")
+    m.set_defaults(run=cmd_materialize)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except UsageError as e:
+        print(f"torchlazy: error: {e}", file=sys.stderr)
+        return 2
+    except ImportFailure as e:
+        print(f"torchlazy: error: {e}", file=sys.stderr)
+        return 3
+    except (LazyError, ValueError, TypeError, RuntimeError) as e:
+        print(f"torchlazy: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 4
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""build() from Specs, summary() before allocation, and the command line, against saved outputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import zoo
+from conftest import same_state
+from models import MODELS
+from torch import nn
+
+import torchlazy as tl
+
+GOLDEN = Path(__file__).parent / "golden"
+REGEN = os.environ.get("TORCHLAZY_REGEN") == "1"
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if REGEN or not path.exists():
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} changed; rerun with TORCHLAZY_REGEN=1 if intended"
+
+
+def test_build_from_spec_is_exact_and_allocates_once() -> None:
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = zoo.cnn()
+    tl.build(model, tl.Spec(2, 3, 32, 32))
+    torch.manual_seed(0)
+    assert same_state(model, zoo.cnn_eager()) == []
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_build_without_deferred_inits_in_construction_order() -> None:
+    torch.manual_seed(0)
+    one = nn.Sequential(tl.nn.Linear(4), tl.nn.Linear(3))
+    torch.manual_seed(5)
+    tl.build(one, tl.Spec(2, 6))
+    after_one = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    two = nn.Sequential(tl.nn.Linear(4), tl.nn.Linear(3))
+    torch.manual_seed(5)
+    tl.build(two, {"x": tl.Spec(2, 6)}["x"])
+    assert same_state(one, two) == []
+    torch.manual_seed(5)
+    eager = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
+    assert same_state(one, eager) == []  # drew from the live generator, in construction order
+    assert torch.equal(after_one, torch.random.get_rng_state())
+
+
+def test_build_accepts_tensors_nested_examples_and_kwargs() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = tl.nn.Linear(3)
+            self.b = tl.nn.Linear(3)
+
+        def forward(self, pair: tuple[torch.Tensor, torch.Tensor], *, scale: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.a(pair[0]) + self.b(pair[1]) * scale["s"]
+
+    m = Two()
+    tl.build(m, (tl.Spec(2, 5), torch.randn(2, 7)), scale={"s": tl.Spec(2, 3)}, dtype=torch.float64)
+    assert (m.a.in_features, m.b.in_features, m.a.weight.dtype) == (5, 7, torch.float64)
+
+
+def test_build_failure_names_module_and_rolls_back() -> None:
+    with tl.deferred():
+        model = nn.Sequential(tl.nn.Linear(4), nn.Linear(5, 2))  # 4 != 5
+    with pytest.raises(tl.ShapeError, match=r"`1` \(Linear\) fails on the example"):
+        tl.build(model, tl.Spec(2, 3))
+    assert not tl.is_built(model) and repr(model[0]) == "Linear(in_features=?, out_features=4)"
+    model[1] = nn.Linear(4, 2)
+    tl.build(model, tl.Spec(2, 3))
+    assert model[0].in_features == 3
+
+
+def test_build_on_built_model_checks_shapes() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    tl.build(model, tl.Spec(1, 3, 8, 8))
+    with pytest.raises(tl.ShapeError, match=r"`2` \(Linear\)"):
+        tl.build(model, tl.Spec(1, 3, 9, 9))
+
+
+def test_data_dependent_forward_gets_a_clear_error() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = tl.nn.Linear(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) if x.sum() > 0 else x
+
+    with pytest.raises(tl.DeferredError, match="depends on tensor values"):
+        tl.build(Branchy(), tl.Spec(2, 3))
+
+
+def test_spec_validation() -> None:
+    assert tl.Spec((2, 3)) == tl.Spec(2, 3)
+    with pytest.raises(tl.ShapeError):
+        tl.Spec(2, -1)
+
+
+def test_summary_allocates_nothing_and_leaves_model_unchanged() -> None:
+    with tl.deferred():
+        model = zoo.cnn()
+    before = repr(model)
+    s = tl.summary(model, tl.Spec(8, 3, 32, 32))
+    assert repr(model) == before and not tl.is_built(model)
+    assert s.total_params == sum(p.numel() for p in zoo.cnn_eager().parameters())
+    check_golden("summary_cnn.txt", str(s) + "\n")
+    tl.build(model, tl.Spec(8, 3, 32, 32))  # a summary earlier leaves no trace on the build
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 10)
+
+
+def test_summary_counts_tied_once_and_folds_depth() -> None:
+    with tl.deferred():
+        model = MODELS["gpt2"]()
+    s = tl.summary(model, depth=2)
+    eager = MODELS["gpt2"]()
+    assert s.total_params == sum(p.numel() for p in eager.parameters())  # parameters() dedups ties
+    assert any(r.tied_to for r in s.rows)
+    check_golden("summary_gpt2_depth2.txt", str(s) + "\n")
+    assert "<table>" in s._repr_html_()
+
+
+def test_summary_of_unbuilt_model_shows_unknowns() -> None:
+    s = tl.summary(zoo.cnn())
+    assert s.total_params is None and "?" in str(s) and len(s.unknown) == 8
+    check_golden("summary_unbuilt.txt", str(s) + "\n")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.run(
+        [sys.executable, "-m", "torchlazy", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_cli_summary() -> None:
+    out = run_cli("summary", "zoo:cnn", "--kwargs", '{"classes": 5}', "--input", "8x3x32x32")
+    assert out.returncode == 0, out.stderr
+    check_golden("cli_summary_cnn.txt", out.stdout)
+
+
+def test_cli_materialize_writes_exact_seed_checkpoint(tmp_path: Path) -> None:
+    out = run_cli(
+        "materialize",
+        "zoo:cnn",
+        "--input",
+        "1x3x32x32",
+        "--seed",
+        "7",
+        "--dtype",
+        "bf16",
+        "--out",
+        str(tmp_path / "c.safetensors"),
+    )
+    assert out.returncode == 0, out.stderr
+    torch.manual_seed(7)
+    reference = zoo.cnn_eager().to(torch.bfloat16)
+    loaded = tl.materialize(nn.Sequential(*zoo.cnn()), checkpoint=tmp_path / "c.safetensors")
+    assert same_state(loaded.to(torch.bfloat16), reference) == []
+    tied = run_cli("materialize", "zoo:tied", "--out", str(tmp_path / "t"), "--max-shard-size", "1KB")
+    assert tied.returncode == 0, tied.stderr and (tmp_path / "t" / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("summary", "zoo:cnn", "--input", "8xtwo"), 2, "bad --input"),
+        (("summary", "zoo:cnn", "--input", "8x3:complex7"), 2, "unknown dtype"),
+        (("summary", "zoo", "--input", "8x3"), 2, "MODULE:CALLABLE"),
+        (("summary", "zoo:cnn", "--kwargs", "{nope"), 2, "not valid JSON"),
+        (("summary", "no_such_module:f"), 3, "cannot import"),
+        (("summary", "zoo:missing"), 3, "no attribute"),
+        (("summary", "zoo:broken"), 4, "always fails"),
+        (("materialize", "zoo:cnn", "--out", "x.safetensors"), 2, "pass --input"),
+    ],
+)
+def test_cli_errors(args: tuple[str, ...], code: int, message: str) -> None:
+    out = run_cli(*args)
+    assert out.returncode == code and message in out.stderr and out.stderr.startswith("torchlazy: error:")
