@@ -43,6 +43,13 @@ class _Entry:
     dtype: torch.dtype
     read: Callable[[], torch.Tensor]
     where: str
+    read_slice: Callable[[tuple[slice, ...]], torch.Tensor] | None = None
+
+    def slice(self, index: tuple[slice, ...]) -> torch.Tensor:
+        """Only the bytes of `index` (memory-mapped files read no more)."""
+        if self.read_slice is not None:
+            return self.read_slice(index)
+        return self.read()[index].clone()
 
 
 class Checkpoint:
@@ -94,7 +101,10 @@ def _safetensors_entries(path: Path) -> dict[str, _Entry]:
                     f"reading `{key}` from `{path}` failed: {e}. The file may be truncated."
                 ) from None
 
-        entries[key] = _Entry(tuple(info.get_shape()), dtype, read, str(path))
+        def read_slice(index: tuple[slice, ...], key: str = key) -> torch.Tensor:
+            return handle.get_slice(key)[index]
+
+        entries[key] = _Entry(tuple(info.get_shape()), dtype, read, str(path), read_slice)
     return entries
 
 
@@ -273,6 +283,34 @@ def load_into_targets(
         final_device = torch.device(device) if device is not None else target.tensor.device
         values[id(target.tensor)] = tensor.to(final_device, final_dtype, copy=False)
     return values, rest
+
+
+def shard_reader(
+    module: nn.Module, checkpoint: Any, key_map: KeyMap, strict: bool
+) -> Callable[[Any, tuple[slice, ...]], torch.Tensor | None]:
+    """For sharded parameters: read each rank's slice of the checkpoint tensor, nothing more."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    rename = _mapper(key_map)
+    sources = {rename(k): k for k in ckpt.entries}
+    keys = _model_keys(module)
+
+    def read(shard: Any, index: tuple[slice, ...]) -> torch.Tensor | None:
+        names = keys.get(id(shard.param), [])
+        found = next((k for k in names if k in sources), None)
+        if found is None:
+            if strict:
+                raise CheckpointError(
+                    f"`{shard.path}` is missing from `{ckpt.path}`; use `strict=False` to initialize it from the record."
+                )
+            return None
+        entry = ckpt.entries[sources[found]]  # type: ignore[index]
+        if entry.shape != tuple(shard.param.shape):
+            raise CheckpointShapeError(
+                f"`{found}`: the model expects shape {tuple(shard.param.shape)}, the checkpoint has {entry.shape}."
+            )
+        return entry.slice(index)
+
+    return read
 
 
 def _listing(keys: list[str], limit: int = 8) -> str:

@@ -389,8 +389,13 @@ def _track_modules(record: Record) -> list[Any]:
     from torch.nn.modules import module as _module
 
     def on_tensor(module: nn.Module, name: str, tensor: Any) -> None:
-        if not _local.recorders or tensor is None or storage_of(tensor) is None:
+        if not _local.recorders or tensor is None:
             return
+        owner = storage_of(tensor)
+        if owner is None:
+            return
+        # where this tensor's values come from, for when a wrapper (FSDP) replaces it
+        module.__dict__.setdefault("_torchlazy_origin", {})[name] = (owner[0], TRef.of(owner[1], tensor))
         if getattr(module, "_torchlazy_guard", None) is None:
             module._torchlazy_guard = module.register_forward_pre_hook(_forward_guard)  # type: ignore[assignment]
         return
@@ -412,6 +417,7 @@ def _forward_guard(module: nn.Module, args: Any) -> None:
 
 
 def drop_guard(module: nn.Module) -> None:
+    module.__dict__.pop("_torchlazy_origin", None)
     handle = module.__dict__.pop("_torchlazy_guard", None)
     if handle is not None:
         handle.remove()

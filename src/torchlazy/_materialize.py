@@ -22,6 +22,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _deferred, _paths
+from ._distributed import materialize_shards, sharded_targets
 from ._errors import DeferredError
 from ._record import Record
 
@@ -149,12 +150,20 @@ def materialize(
                 checkpoint = open_checkpoint(checkpoint)
             build_lazy_from_checkpoint(module, checkpoint, _mapper(key_map))
         targets = _collect(module)
+        shards = sharded_targets(module)
         if checkpoint is not None:
             values, rest = load_into_targets(module, targets, checkpoint, strict, key_map, device, dtype)
         else:
             values, rest = {}, targets
         if rest:
             values.update(_replay(rest, device, dtype, exact, progress))
+        if shards:
+            reader = None
+            if checkpoint is not None:
+                from ._checkpoint import shard_reader
+
+                reader = shard_reader(module, checkpoint, key_map, strict)
+            materialize_shards(module, shards, device, dtype, exact, reader)
         _swap_in(module, targets, values)
     return module
 

@@ -130,7 +130,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = _construct(args)
     if positional or keywords:
-        build(model, *positional, dtype=dtype, **keywords)
+        build(model, *positional, dtype=dtype, **dict[str, Any](keywords))
     if not _lazy.is_built(model):
         raise UsageError("the model has lazy layers whose sizes depend on the input: pass --input SHAPE[:dtype]")
     materialize(model, dtype=dtype, progress=None)

@@ -1,0 +1,141 @@
+"""Sharded materialization: FSDP2 (DTensor) parameters get only their local shard.
+
+`fully_shard` on a deferred model replaces each parameter by a DTensor whose
+local tensor is fake. Its values come from the record of the parameter it
+replaced (kept per module at construction as `_torchlazy_origin`): for each
+storage, the full tensor is replayed once, exactly, the local slice given by
+the DTensor's mesh and placements is kept, and the full tensor is freed before
+the next one. No rank ever holds more than its shards plus one full tensor.
+With a checkpoint, each rank reads only its slices. The new local tensors are
+handed to FSDP the way `Module.to_empty` would (`reset_sharded_param`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._errors import DeferredError
+from ._record import Record, TRef
+
+__all__ = ["sharded_targets", "materialize_shards"]
+
+
+def _dtensor_type() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+@dataclass
+class Shard:
+    path: str
+    owners: list[tuple[nn.Module, str]]
+    param: Any  # the DTensor parameter FSDP registered
+    record: Record
+    ref: TRef  # the full tensor it stands for
+
+    def slices(self) -> tuple[slice, ...]:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(
+            self.param.shape, self.param.device_mesh, self.param.placements
+        )
+        return tuple(slice(o, o + s) for o, s in zip(offset, shape))
+
+
+def sharded_targets(module: nn.Module) -> list[Shard]:
+    """DTensor parameters whose local tensors are still fake (or meta)."""
+    DTensor = _dtensor_type()
+    if DTensor is None:
+        return []
+    shards: dict[int, Shard] = {}
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        for name, p in owner._parameters.items():
+            if not isinstance(p, DTensor):
+                continue
+            local = p._local_tensor  # type: ignore[attr-defined]
+            if not (local.is_meta or type(local).__name__ == "FakeTensor"):
+                continue
+            if id(p) in shards:
+                shards[id(p)].owners.append((owner, name))
+                continue
+            origin = owner.__dict__.get("_torchlazy_origin", {}).get(name)
+            path = f"{prefix}.{name}" if prefix else name
+            if origin is None:
+                raise DeferredError(
+                    f"`{path}` is a sharded parameter with no values and no record: construct the "
+                    "model under `tl.deferred()` before `fully_shard`, or pass `checkpoint=`."
+                )
+            shards[id(p)] = Shard(path, [(owner, name)], p, origin[0], origin[1])
+    return list(shards.values())
+
+
+def materialize_shards(
+    module: nn.Module,
+    shards: list[Shard],
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    exact: bool,
+    read_slice: Callable[[Shard, tuple[slice, ...]], torch.Tensor | None] | None = None,
+) -> None:
+    """Give every shard its local values, then hand them to FSDP."""
+    local: dict[int, torch.Tensor] = {}
+    todo: list[Shard] = []
+    for shard in shards:
+        value = read_slice(shard, shard.slices()) if read_slice is not None else None
+        if value is None:
+            todo.append(shard)
+        else:
+            local[id(shard.param)] = value
+    by_record: dict[int, list[Shard]] = {}
+    for shard in todo:
+        by_record.setdefault(id(shard.record), []).append(shard)
+    saved = torch.default_generator.get_state()
+    try:
+        for group in by_record.values():
+            record = group[0].record
+            by_sid: dict[int, list[Shard]] = {}
+            for shard in group:
+                by_sid.setdefault(shard.ref.sid, []).append(shard)
+
+            def on_ready(sid: int, storage: torch.UntypedStorage, by_sid: dict[int, list[Shard]] = by_sid) -> None:
+                for shard in by_sid[sid]:
+                    full = shard.ref.on(storage)
+                    local[id(shard.param)] = full[shard.slices()].clone()  # keep the slice, drop the rest
+
+            record.evaluate(by_sid.keys(), device="cpu" if exact else (device or "cpu"), exact=exact, on_ready=on_ready)
+    finally:
+        torch.default_generator.set_state(saved)
+    _install(module, shards, local, device, dtype)
+
+
+def _install(
+    module: nn.Module, shards: list[Shard], local: dict[int, torch.Tensor], device: Any, dtype: torch.dtype | None
+) -> None:
+    from torch.distributed.tensor import DTensor
+
+    for shard in shards:
+        p = shard.param
+        target_device = torch.device(device) if device is not None else p.device_mesh.device_type
+        values = local[id(p)]
+        final_dtype = dtype if dtype is not None and p.dtype.is_floating_point else p.dtype
+        values = values.to(torch.device(target_device), final_dtype).contiguous()
+        new = DTensor.from_local(values, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        param = nn.Parameter(new, requires_grad=p.requires_grad)
+        for owner, name in shard.owners:
+            owner._parameters[name] = param
+    with torch.no_grad():
+        for sub in module.modules():
+            state_of = getattr(sub, "_get_fsdp_state", None)
+            if state_of is None:
+                continue
+            for group in state_of()._fsdp_param_groups:
+                for fsdp_param in group.fsdp_params:
+                    fsdp_param.reset_sharded_param()
