@@ -391,11 +391,10 @@ def _track_modules(record: Record) -> list[Any]:
     def on_tensor(module: nn.Module, name: str, tensor: Any) -> None:
         if not _local.recorders or tensor is None:
             return
-        owner = storage_of(tensor)
-        if owner is None:
+        if storage_of(tensor) is None:
             return
-        # where this tensor's values come from, for when a wrapper (FSDP) replaces it
-        module.__dict__.setdefault("_torchlazy_origin", {})[name] = (owner[0], TRef.of(owner[1], tensor))
+        # the recorded tensor itself, for when a wrapper (FSDP) puts another in its place
+        module.__dict__.setdefault("_torchlazy_origin", {})[name] = tensor
         if getattr(module, "_torchlazy_guard", None) is None:
             module._torchlazy_guard = module.register_forward_pre_hook(_forward_guard)  # type: ignore[assignment]
         return

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._deferred import storage_of
 from ._errors import DeferredError
 from ._record import Record, TRef
 
@@ -66,14 +67,15 @@ def sharded_targets(module: nn.Module) -> list[Shard]:
             if id(p) in shards:
                 shards[id(p)].owners.append((owner, name))
                 continue
-            origin = owner.__dict__.get("_torchlazy_origin", {}).get(name)
+            original = owner.__dict__.get("_torchlazy_origin", {}).get(name)
+            origin = storage_of(original) if original is not None else None
             path = f"{prefix}.{name}" if prefix else name
-            if origin is None:
+            if original is None or origin is None:
                 raise DeferredError(
                     f"`{path}` is a sharded parameter with no values and no record: construct the "
                     "model under `tl.deferred()` before `fully_shard`, or pass `checkpoint=`."
                 )
-            shards[id(p)] = Shard(path, [(owner, name)], p, origin[0], origin[1])
+            shards[id(p)] = Shard(path, [(owner, name)], p, origin[0], TRef.of(origin[1], original))
     return list(shards.values())
 
 

@@ -173,6 +173,9 @@ class Record:
         self._next_sid = 0
         self._default_entry = None if live else _generator_state(torch.default_generator)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Record:
+        return self  # one program, shared by every tensor (and copy) that came from it
+
     # -- recording -------------------------------------------------------
     def new_storage(self, meta: Any, nbytes: int, device: torch.device) -> int:
         sid = self._next_sid
