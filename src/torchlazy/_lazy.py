@@ -280,35 +280,43 @@ class _LazyLayer:
                 return skeleton
         return None
 
+    def _tl_layout(self) -> list[tuple[str, str, str, bool, torch.dtype, bool]]:
+        """(kind, sub-module path, name, requires_grad, dtype, persistent) of what the real class holds.
+
+        Learnt from a skeleton on the meta device, cached per class and arguments.
+        """
+        key = (type(self), repr(sorted(self._tl_args.items())))
+        layout = _LAYOUTS.get(key)
+        if layout is None:
+            skeleton = self._tl_skeleton()
+            layout = []
+            for prefix, sub in skeleton.named_modules() if skeleton is not None else ():
+                for name, p in sub._parameters.items():
+                    if p is not None:
+                        layout.append(("param", prefix, name, p.requires_grad, p.dtype, True))
+                for name, b in sub._buffers.items():
+                    if b is not None:
+                        persistent = name not in sub._non_persistent_buffers_set
+                        layout.append(("buffer", prefix, name, False, b.dtype, persistent))
+            if len(_LAYOUTS) < 4096:
+                _LAYOUTS[key] = layout
+        return layout
+
     def _tl_placeholders(self) -> None:
-        skeleton = self._tl_skeleton()
-        if skeleton is None:
-            return
         device = self._tl_args.get("device") or torch.get_default_device()
         me: nn.Module = self  # type: ignore[assignment]
         with _disable_current_modes():
-            for prefix, sub in skeleton.named_modules():
+            for kind, prefix, name, requires_grad, dtype, persistent in self._tl_layout():
                 owner = me if not prefix else _unbuilt_at(me, prefix)
-                for name, p in sub._parameters.items():
-                    if p is not None:
-                        ph = LazyParameter(p.requires_grad, device, p.dtype)  # type: ignore[call-arg,arg-type]
-                        ph._tl_where = (  # type: ignore[attr-defined]
-                            weakref.ref(me),
-                            f"{prefix}.{name}" if prefix else name,
-                        )
-                        owner._parameters[name] = ph  # type: ignore[assignment]
-                for name, b in sub._buffers.items():
-                    if b is not None:
-                        bh = LazyBuffer(False, device, b.dtype)  # type: ignore[arg-type]
-                        bh._tl_where = (  # type: ignore[attr-defined]
-                            weakref.ref(me),
-                            f"{prefix}.{name}" if prefix else name,
-                        )
-                        owner.register_buffer(
-                            name,
-                            bh,
-                            persistent=name not in sub._non_persistent_buffers_set,
-                        )
+                where = (weakref.ref(me), f"{prefix}.{name}" if prefix else name)
+                if kind == "param":
+                    ph = LazyParameter(requires_grad, device, dtype)  # type: ignore[call-arg,arg-type]
+                    ph._tl_where = where  # type: ignore[attr-defined]
+                    owner._parameters[name] = ph  # type: ignore[assignment]
+                else:
+                    bh = LazyBuffer(False, device, dtype)  # type: ignore[arg-type]
+                    bh._tl_where = where  # type: ignore[attr-defined]
+                    owner.register_buffer(name, bh, persistent=persistent)
 
     def _tl_dtype(self) -> torch.dtype | None:
         for t in itertools.chain(nn.Module.parameters(self), nn.Module.buffers(self)):  # type: ignore[arg-type]
@@ -473,6 +481,7 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
 
 
 _SIGNATURES: dict[type, dict[str, inspect.Parameter]] = {}
+_LAYOUTS: dict[tuple[type, str], list[tuple[str, str, str, bool, torch.dtype, bool]]] = {}
 
 
 def _parameters_of(cls: type) -> dict[str, inspect.Parameter]:
