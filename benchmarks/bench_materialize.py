@@ -60,6 +60,18 @@ def deferred_fast():
     tl.materialize(model, exact=False)
 
 
+def eager_bf16():
+    torch.manual_seed(0)
+    make().to(torch.bfloat16)
+
+
+def deferred_bf16():
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make()
+    tl.materialize(model, dtype=torch.bfloat16)
+
+
 def deferred_only():
     with tl.deferred():
         make()
@@ -69,6 +81,8 @@ VARIANTS = {
     "eager construction": eager,
     "tl.deferred + tl.materialize (exact)": deferred_exact,
     "tl.deferred + tl.materialize(exact=False)": deferred_fast,
+    "eager construction, then .to(bfloat16)": eager_bf16,
+    "tl.materialize(dtype=torch.bfloat16) (exact)": deferred_bf16,
     "tl.deferred alone (nothing allocated)": deferred_only,
 }
 

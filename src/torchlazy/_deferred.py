@@ -185,17 +185,30 @@ class _Recorder(TorchDispatchMode):
         stream = None
         if torch.Tag.nondeterministic_seeded in func.tags:
             stream = self.record.stream_for(_generator_arg(func, args, kwargs))
-        node = Node(
-            self.reserve(),
-            func,
-            spec,
-            leaves,
-            outputs,
-            tuple(reads),
-            tuple(writes),
-            stream,
-        )
+        overwrites = self._full_overwrite(func, leaves, writes)
+        if overwrites is not None:
+            reads = [r for r in reads if r != overwrites]
+        node = Node(self.reserve(), func, spec, leaves, outputs, tuple(reads), tuple(writes), stream, overwrites)
         self.record.add(node)
+
+    def _full_overwrite(self, func: Any, leaves: list[Any], writes: list[int]) -> int | None:
+        """The storage `func` rewrites entirely without reading it (a fill, a draw, a copy into it)."""
+        if func.overloadpacket not in _OVERWRITES or len(set(writes)) != 1:
+            return None
+        sid = writes[0]
+        refs = [leaf for leaf in leaves if isinstance(leaf, TRef)]
+        target = refs[0]  # `self` comes first in every such op
+        if target.sid != sid or any(r.sid == sid for r in refs[1:]):
+            return None
+        info = self.record.storages[sid]
+        numel = 1
+        for n in target.size:
+            numel *= n
+        contiguous = list(target.stride) == _contiguous_strides(target.size)
+        itemsize = target.dtype.itemsize
+        if target.offset == 0 and contiguous and numel * itemsize == info.nbytes:
+            return sid
+        return None
 
     def _needs_values(self, func: Any, args: Any, kwargs: Any) -> Any:
         if not (self.concretize or _paths.frames_include(_CONCRETIZE_IN)):
@@ -247,6 +260,7 @@ class _Recorder(TorchDispatchMode):
             env = self.record.evaluate(sids, bound=self.next_key())
         finally:
             torch.default_generator.set_state(saved)
+            self.record.release_scratch()
         out: list[Any] = []
         for x in flat:
             ref = refs.get(id(x))
@@ -257,6 +271,21 @@ class _Recorder(TorchDispatchMode):
             else:
                 out.append(x)
         return out
+
+
+_aten = torch.ops.aten
+_OVERWRITES = {
+    _aten.normal_, _aten.uniform_, _aten.zero_, _aten.fill_, _aten.bernoulli_, _aten.random_,
+    _aten.exponential_, _aten.geometric_, _aten.log_normal_, _aten.cauchy_, _aten.copy_,
+}  # fmt: skip
+
+
+def _contiguous_strides(size: tuple[int, ...]) -> list[int]:
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= max(n, 1)
+    return list(reversed(strides))
 
 
 def _generator_arg(func: Any, args: Any, kwargs: Any) -> torch.Generator | None:

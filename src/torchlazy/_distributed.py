@@ -112,32 +112,53 @@ def materialize_shards(
                     full = shard.ref.on(storage)
                     local[id(shard.param)] = full[shard.slices()].clone()  # keep the slice, drop the rest
 
-            record.evaluate(by_sid.keys(), device="cpu" if exact else (device or "cpu"), exact=exact, on_ready=on_ready)
+            # one storage at a time, in the order they are finished: one full tensor alive at most
+            order = sorted(by_sid, key=lambda sid: record.storages[sid].writers[-1].key)
+            for sid in order:
+                record.evaluate([sid], device="cpu" if exact else (device or "cpu"), exact=exact, on_ready=on_ready)
     finally:
         torch.default_generator.set_state(saved)
+        for group in by_record.values():
+            group[0].record.release_scratch()
     _install(module, shards, local, device, dtype)
+
+
+def _fsdp_params(module: nn.Module) -> dict[tuple[int, str], Any]:
+    """(id(owner module), parameter name) -> FSDPParam, for every FSDP module under `module`."""
+    found: dict[tuple[int, str], Any] = {}
+    for sub in module.modules():
+        state_of = getattr(sub, "_get_fsdp_state", None)
+        if state_of is None:
+            continue
+        for group in state_of()._fsdp_param_groups:
+            for fsdp_param in group.fsdp_params:
+                info = fsdp_param._module_info
+                found[(id(info.module), info.param_name)] = fsdp_param
+    return found
 
 
 def _install(
     module: nn.Module, shards: list[Shard], local: dict[int, torch.Tensor], device: Any, dtype: torch.dtype | None
 ) -> None:
+    """Put each local tensor in place and let FSDP re-pad it at once, so one shard is live twice at most."""
     from torch.distributed.tensor import DTensor
 
-    for shard in shards:
-        p = shard.param
-        target_device = torch.device(device) if device is not None else p.device_mesh.device_type
-        values = local[id(p)]
-        final_dtype = dtype if dtype is not None and p.dtype.is_floating_point else p.dtype
-        values = values.to(torch.device(target_device), final_dtype).contiguous()
-        new = DTensor.from_local(values, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
-        param = nn.Parameter(new, requires_grad=p.requires_grad)
-        for owner, name in shard.owners:
-            owner._parameters[name] = param
+    managers = _fsdp_params(module)
     with torch.no_grad():
-        for sub in module.modules():
-            state_of = getattr(sub, "_get_fsdp_state", None)
-            if state_of is None:
-                continue
-            for group in state_of()._fsdp_param_groups:
-                for fsdp_param in group.fsdp_params:
-                    fsdp_param.reset_sharded_param()
+        for shard in shards:
+            p = shard.param
+            target_device = torch.device(device) if device is not None else torch.device(p.device_mesh.device_type)
+            final_dtype = dtype if dtype is not None and p.dtype.is_floating_point else p.dtype
+            values = local.pop(id(p)).to(target_device, final_dtype).contiguous()
+            new = DTensor.from_local(
+                values, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+            )
+            del values
+            param = nn.Parameter(new, requires_grad=p.requires_grad)
+            for owner, name in shard.owners:
+                owner._parameters[name] = param
+            for owner, name in shard.owners:
+                manager = managers.get((id(owner), name))
+                if manager is not None:
+                    manager.reset_sharded_param()
+                    break

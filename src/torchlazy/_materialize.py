@@ -196,6 +196,8 @@ def _replay(
                 saved = end
     finally:
         torch.default_generator.set_state(saved)
+        for record in order:
+            record.release_scratch()
     return values
 
 
@@ -222,7 +224,15 @@ def _replay_record(
 
     sample = group[0].tensor.device
     replay_on = "cpu" if exact or device is None and sample.type == "cpu" else (device or sample)
-    record.evaluate(by_sid.keys(), device=replay_on, exact=exact, on_ready=on_ready)
+    kept = [
+        sid
+        for sid, users in by_sid.items()
+        if all(
+            _final_dtype(t.tensor, dtype) == t.tensor.dtype and (device is None or torch.device(device).type == "cpu")
+            for t in users
+        )
+    ]
+    record.evaluate(by_sid.keys(), device=replay_on, exact=exact, on_ready=on_ready, adopt=kept)
     return values
 
 

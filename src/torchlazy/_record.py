@@ -68,6 +68,7 @@ class Node:
     reads: tuple[int, ...]
     writes: tuple[int, ...]
     stream: _Stream | None = None
+    overwrites: int | None = None  # a storage this node rewrites entirely without reading it
 
     @property
     def name(self) -> str:
@@ -172,6 +173,8 @@ class Record:
         self._sorted = True
         self._next_sid = 0
         self._default_entry = None if live else _generator_state(torch.default_generator)
+        self._scratch: torch.UntypedStorage | None = None
+        self._adopt: tuple[dict[int, torch.UntypedStorage], set[int]] | None = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Record:
         return self  # one program, shared by every tensor (and copy) that came from it
@@ -229,32 +232,29 @@ class Record:
 
     # -- replay ------------------------------------------------------------
     def closure(self, sids: Iterable[int], bound: Key | None) -> list[Node]:
-        """The nodes that the values of `sids` (just before `bound`) depend on."""
-        need: dict[int, Key | None] = {}
-        todo: list[int] = []
-        for sid in sids:
-            need[sid] = bound
-            todo.append(sid)
+        """The nodes that the values of `sids` (just before `bound`) depend on.
+
+        Writes that a later full overwrite makes dead are left out: the values of
+        a parameter that `reset_parameters` initialized and `_init_weights` then
+        re-drew come from the last draw only. (Their random draws still happen, on
+        scratch memory, when the generator must move past them.)
+        """
         chosen: dict[int, Node] = {}
-        done: dict[int, int] = {}  # sid -> how many of its writers are chosen
+        seen: set[tuple[int, Key | None]] = set()
+        todo: list[tuple[int, Key | None]] = [(sid, bound) for sid in sids]
         while todo:
-            sid = todo.pop()
-            writers = self.storages[sid].writers
-            limit = need[sid]
-            start = done.get(sid, 0)
-            stop = len(writers) if limit is None else bisect.bisect_left(writers, limit, key=lambda n: n.key)
-            if stop <= start:
+            sid, limit = todo.pop()
+            if (sid, limit) in seen:
                 continue
-            done[sid] = stop
+            seen.add((sid, limit))
+            writers = self.storages[sid].writers
+            stop = len(writers) if limit is None else bisect.bisect_left(writers, limit, key=lambda n: n.key)
+            start = next((i for i in range(stop - 1, -1, -1) if writers[i].overwrites == sid), 0)
             for node in writers[start:stop]:
                 if id(node) in chosen:
                     continue
                 chosen[id(node)] = node
-                for r in node.reads:
-                    old = need.get(r, ())
-                    if r not in need or (old is not None and old < node.key):
-                        need[r] = node.key
-                        todo.append(r)
+                todo.extend((r, node.key) for r in node.reads)
         return sorted(chosen.values(), key=lambda n: n.key)
 
     def evaluate(
@@ -265,10 +265,14 @@ class Record:
         device: torch.device | str = "cpu",
         exact: bool = True,
         on_ready: Callable[[int, torch.UntypedStorage], None] | None = None,
+        adopt: Iterable[int] = (),
     ) -> dict[int, torch.UntypedStorage]:
         """Replay what `sids` need; hand each wanted storage over once it is final.
 
-        Returns the wanted storages not consumed by `on_ready`.
+        `adopt`: wanted storages that are kept as they are (no cast, no move);
+        dead draws into them, which the generator must still make, go straight
+        into their memory instead of a scratch buffer. Returns the wanted
+        storages not consumed by `on_ready`.
         """
         wanted = set(sids)
         missing = wanted - self.storages.keys()
@@ -285,6 +289,26 @@ class Record:
         env: dict[int, torch.UntypedStorage] = {}
         result: dict[int, torch.UntypedStorage] = {}
         device = torch.device(device)
+        outer = self._adopt
+        if adopt:
+            self._adopt = (env, {sid for sid in adopt if sid in wanted and device.type == "cpu"})
+        try:
+            self._replay(nodes, env, device, exact, release, wanted, on_ready, result)
+        finally:
+            self._adopt = outer
+        return result
+
+    def _replay(
+        self,
+        nodes: list[Node],
+        env: dict[int, torch.UntypedStorage],
+        device: torch.device,
+        exact: bool,
+        release: dict[int, list[int]],
+        wanted: set[int],
+        on_ready: Callable[[int, torch.UntypedStorage], None] | None,
+        result: dict[int, torch.UntypedStorage],
+    ) -> None:
         with torch.no_grad():
             for i, node in enumerate(nodes):
                 self._run(node, env, device, exact)
@@ -295,16 +319,32 @@ class Record:
                             on_ready(sid, storage)
                         else:
                             result[sid] = storage
-        return result
 
     def run_on_scratch(self, node: Node) -> None:
         """Run a random node only for its draws: inputs it overwrites are scratch."""
         inputs = [s for s in node.reads if s not in node.writes]
         env = self.evaluate(inputs, bound=node.key) if inputs else {}
-        for sid in node.writes:
-            env[sid] = torch.empty(self.storages[sid].nbytes, dtype=torch.uint8).untyped_storage()
+        adopted, adoptable = self._adopt if self._adopt is not None else ({}, set())
+        for i, sid in enumerate(dict.fromkeys(node.writes)):
+            nbytes = self.storages[sid].nbytes
+            if sid in adoptable:  # its final memory: allocated now instead of at the overwrite
+                env[sid] = adopted.setdefault(sid, torch.empty(nbytes, dtype=torch.uint8).untyped_storage())
+            elif i == 0:
+                env[sid] = self._scratch_storage(nbytes)
+            else:
+                env[sid] = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
         with torch.no_grad():
             self._call(node, env, torch.device("cpu"))
+
+    def _scratch_storage(self, nbytes: int) -> torch.UntypedStorage:
+        """One reusable buffer for draws nobody keeps (no fresh pages, no growth per draw)."""
+        if self._scratch is None or self._scratch.nbytes() < nbytes:
+            self._scratch = None
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+        return self._scratch
+
+    def release_scratch(self) -> None:
+        self._scratch = None
 
     def _run(
         self,
@@ -334,6 +374,9 @@ class Record:
         return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
     def _call(self, node: Node, env: dict[int, torch.UntypedStorage], device: torch.device) -> None:
+        if node.overwrites is not None and node.overwrites not in env:  # its earlier writes were dead
+            nbytes = self.storages[node.overwrites].nbytes
+            env[node.overwrites] = torch.empty(nbytes, dtype=torch.uint8, device=device).untyped_storage()
         leaves = [_real(leaf, env, device) for leaf in node.leaves]
         if node.func is None:
             out: Any = leaves[0]
