@@ -292,3 +292,20 @@ def test_attributes_on_parameters_survive() -> None:
     tl.materialize(model)
     assert model.lin.weight._is_hf_initialized is True
     assert model.lin.weight is weight  # the same Python object, now real
+
+
+def test_materialize_in_parallel_threads_is_exact() -> None:
+    make = lambda: nn.Sequential(*(nn.Linear(64, 64) for _ in range(6)))  # noqa: E731
+    models = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        with tl.deferred():
+            models.append(make())
+    workers = [threading.Thread(target=tl.materialize, args=(m,)) for m in models]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for seed, model in enumerate(models):
+        torch.manual_seed(seed)
+        assert same_state(model, make()) == []

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves
 from . import _paths
 from ._errors import DeferredError
 from ._fakemode import new_fake_mode
-from ._record import Const, Key, Node, Record, TRef
+from ._record import GENERATOR_LOCK, Const, Key, Node, Record, TRef
 
 __all__ = ["deferred", "deferred_tensors", "is_deferred"]
 
@@ -255,12 +255,13 @@ class _Recorder(TorchDispatchMode):
         """Real values of the recorded tensors in `flat`, as they are now."""
         refs = {id(x): self._ref(x, "reading values") for x in flat if isinstance(x, torch.Tensor)}
         sids = {r.sid for r in refs.values() if isinstance(r, TRef)}
-        saved = torch.default_generator.get_state()
-        try:
-            env = self.record.evaluate(sids, bound=self.next_key())
-        finally:
-            torch.default_generator.set_state(saved)
-            self.record.release_scratch()
+        with GENERATOR_LOCK:
+            saved = torch.default_generator.get_state()
+            try:
+                env = self.record.evaluate(sids, bound=self.next_key())
+            finally:
+                torch.default_generator.set_state(saved)
+                self.record.release_scratch()
         out: list[Any] = []
         for x in flat:
             ref = refs.get(id(x))

@@ -21,7 +21,7 @@ from torch import nn
 
 from ._deferred import storage_of
 from ._errors import DeferredError
-from ._record import Record, TRef
+from ._record import GENERATOR_LOCK, Record, TRef
 
 __all__ = ["sharded_targets", "materialize_shards"]
 
@@ -99,6 +99,12 @@ def materialize_shards(
     by_record: dict[int, list[Shard]] = {}
     for shard in todo:
         by_record.setdefault(id(shard.record), []).append(shard)
+    with GENERATOR_LOCK:
+        _replay_shards(by_record, local, device, exact)
+    _install(module, shards, local, device, dtype)
+
+
+def _replay_shards(by_record: dict[int, list[Shard]], local: dict[int, torch.Tensor], device: Any, exact: bool) -> None:
     saved = torch.default_generator.get_state()
     try:
         for group in by_record.values():
@@ -120,7 +126,6 @@ def materialize_shards(
         torch.default_generator.set_state(saved)
         for group in by_record.values():
             group[0].record.release_scratch()
-    _install(module, shards, local, device, dtype)
 
 
 def _fsdp_params(module: nn.Module) -> dict[tuple[int, str], Any]:

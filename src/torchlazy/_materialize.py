@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from . import _deferred, _paths
 from ._distributed import materialize_shards, sharded_targets
 from ._errors import DeferredError
-from ._record import Record
+from ._record import GENERATOR_LOCK, Record
 
 __all__ = ["materialize"]
 
@@ -182,6 +182,18 @@ def _replay(
         records[id(t.record)] = t.record
     order = sorted(records.values(), key=lambda r: getattr(r, "order", 0))
     bar = _Bar(len(targets), sum(t.tensor.nbytes for t in targets), progress)
+    with GENERATOR_LOCK:
+        return _replay_locked(order, by_record, device, dtype, exact, bar)
+
+
+def _replay_locked(
+    order: list[Record],
+    by_record: dict[int, list[_Target]],
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    exact: bool,
+    bar: _Bar,
+) -> dict[int, torch.Tensor]:
     values: dict[int, torch.Tensor] = {}
     saved = torch.default_generator.get_state()
     try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,9 @@ from torch.utils._pytree import TreeSpec, tree_leaves, tree_unflatten
 from ._errors import DeferredError
 
 Key = tuple[int, ...]
+
+# Exact replay sets the states of shared generators (the global CPU one): one replay at a time.
+GENERATOR_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
