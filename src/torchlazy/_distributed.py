@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_unflatten
 
 from ._deferred import storage_of
 from ._errors import DeferredError
-from ._record import GENERATOR_LOCK, Record, TRef
+from ._record import GENERATOR_LOCK, Const, Record, TRef, default_generator
 
 __all__ = ["sharded_targets", "materialize_shards"]
 
@@ -113,6 +114,13 @@ def _replay_shards(by_record: dict[int, list[Shard]], local: dict[int, torch.Ten
             for shard in group:
                 by_sid.setdefault(shard.ref.sid, []).append(shard)
 
+            if not exact:  # only this rank's slice, where every operation on the tensor is elementwise
+                for sid in list(by_sid):
+                    if len(by_sid[sid]) == 1:
+                        value = _local_only(record, by_sid[sid][0], device or "cpu")
+                        if value is not None:
+                            local[id(by_sid.pop(sid)[0].param)] = value
+
             def on_ready(sid: int, storage: torch.UntypedStorage, by_sid: dict[int, list[Shard]] = by_sid) -> None:
                 for shard in by_sid[sid]:
                     full = shard.ref.on(storage)
@@ -126,6 +134,49 @@ def _replay_shards(by_record: dict[int, list[Shard]], local: dict[int, torch.Ten
         torch.default_generator.set_state(saved)
         for group in by_record.values():
             group[0].record.release_scratch()
+
+
+def _local_only(record: Record, shard: Shard, device: Any) -> torch.Tensor | None:
+    """Generate only the local slice (not exact): possible when every op on the tensor is
+    elementwise over the whole of it (fills, draws, scaling), as in most initializers.
+
+    Draws use a generator seeded from the construction's entry state, the operation and
+    the slice's offset: reproducible for a given sharding, different across shardings.
+    """
+    ref = shard.ref
+    nodes = record.closure([ref.sid], None)
+    if not nodes or nodes[0].overwrites != ref.sid:
+        return None
+    for node in nodes:
+        func = node.func
+        if func is None or node.outputs or node.spec is None:
+            return None
+        elementwise = torch.Tag.pointwise in func.tags or func.overloadpacket in _ELEMENTWISE_FILLS  # type: ignore[attr-defined]
+        if not elementwise:
+            return None
+        for leaf in node.leaves:
+            if isinstance(leaf, Const) or (isinstance(leaf, TRef) and leaf != ref):
+                return None
+    index = shard.slices()
+    values = torch.empty(tuple(s.stop - s.start for s in index), dtype=ref.dtype, device=device)
+    salt = repr(tuple(s.start for s in index)).encode()
+    with torch.no_grad():
+        for node in nodes:
+            leaves = [values if isinstance(leaf, TRef) else leaf for leaf in node.leaves]
+            if node.stream is not None:
+                generator = default_generator(values.device)
+                generator.manual_seed(record.seed_for(node, salt))
+            assert node.spec is not None and node.func is not None
+            args, kwargs = tree_unflatten(leaves, node.spec)
+            node.func(*args, **kwargs)
+    return values
+
+
+_aten = torch.ops.aten
+_ELEMENTWISE_FILLS = {
+    _aten.normal_, _aten.uniform_, _aten.zero_, _aten.fill_, _aten.bernoulli_, _aten.random_,
+    _aten.exponential_, _aten.geometric_, _aten.log_normal_, _aten.cauchy_,
+}  # fmt: skip
 
 
 def _fsdp_params(module: nn.Module) -> dict[tuple[int, str], Any]:

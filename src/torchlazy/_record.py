@@ -367,14 +367,15 @@ class Record:
             self._call(node, env, device)
             stream.ran(node)
         else:
-            gen = _default_generator(device) if stream.generator is torch.default_generator else stream.generator
-            gen.manual_seed(self._seed(node))
+            gen = default_generator(device) if stream.generator is torch.default_generator else stream.generator
+            gen.manual_seed(self.seed_for(node))
             self._call(node, env, device)
 
-    def _seed(self, node: Node) -> int:
+    def seed_for(self, node: Node, salt: bytes = b"") -> int:
+        """A seed for `node` in non-exact replay: from the entry state and the node's place."""
         entry = self._default_entry
         base = b"" if entry is None else hashlib.blake2b(entry.numpy().tobytes(), digest_size=8).digest()
-        digest = hashlib.blake2b(base + repr(node.key).encode(), digest_size=8).digest()
+        digest = hashlib.blake2b(base + repr(node.key).encode() + salt, digest_size=8).digest()
         return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
     def _call(self, node: Node, env: dict[int, torch.UntypedStorage], device: torch.device) -> None:
@@ -412,7 +413,7 @@ def _real(leaf: Any, env: dict[int, torch.UntypedStorage], device: torch.device)
     return leaf
 
 
-def _default_generator(device: torch.device) -> torch.Generator:
+def default_generator(device: torch.device) -> torch.Generator:
     if device.type == "cpu":
         return torch.default_generator
     if device.type == "cuda":
