@@ -101,8 +101,11 @@ def test_key_map_for_wrapped_checkpoints(tmp_path: Path) -> None:
             deferred(lambda: nn.Linear(4, 3)), checkpoint=tmp_path / "w.safetensors", key_map=key_map
         )
         assert same_state(model, reference) == []
-    with pytest.raises(tl.CheckpointError, match=r"not in the model: .*`module.weight`"):
-        tl.materialize(deferred(lambda: nn.Linear(4, 3)), checkpoint=tmp_path / "w.safetensors")
+    # without key_map the wrapper's prefix is found (every key of the model under one prefix)
+    found = tl.materialize(deferred(lambda: nn.Linear(4, 3)), checkpoint=tmp_path / "w.safetensors")
+    assert same_state(found, reference) == []
+    with pytest.raises(tl.CheckpointError, match=r"missing from the checkpoint: `weight`, `bias`"):
+        tl.materialize(deferred(lambda: nn.Linear(4, 3)), checkpoint=tmp_path / "w.safetensors", key_map={"x.": ""})
 
 
 def test_unbuilt_lazy_model_takes_sizes_from_checkpoint(tmp_path: Path) -> None:
@@ -169,3 +172,20 @@ def test_save_refuses_deferred_and_stores_tied_once(tmp_path: Path) -> None:
     assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys
     again = tl.materialize(deferred(MODELS["gpt2"]), checkpoint=tmp_path / "g.safetensors")
     assert same_state(again, model) == [] and again.lm_head.weight is again.transformer.wte.weight
+
+
+def test_sub_module_by_sub_module_from_a_whole_model_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    reference = MODELS["llama"]()
+    tl.save(reference, tmp_path / "whole.safetensors")
+    model = deferred(MODELS["llama"])
+    with pytest.raises(tl.CheckpointError, match="several prefixes"):  # identical layers: which one?
+        tl.materialize(model.model.layers[1], checkpoint=tmp_path / "whole.safetensors")
+    tl.materialize(
+        model.model.layers[1], checkpoint=tmp_path / "whole.safetensors", key_map={"model.layers.1.": ""}, strict=False
+    )
+    assert tl.deferred_tensors(model)  # walking the root records where each layer is
+    tl.materialize(model.model.layers[0], checkpoint=tmp_path / "whole.safetensors")
+    tl.materialize(model.model.norm, checkpoint=tmp_path / "whole.safetensors")  # by its recorded path
+    tl.materialize(model, checkpoint=tmp_path / "whole.safetensors")
+    assert same_state(model, reference) == []

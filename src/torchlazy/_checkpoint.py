@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import _lazy
+from . import _lazy, _paths
 from ._errors import CheckpointError, ShapeError
 
 if TYPE_CHECKING:
@@ -184,7 +184,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 def _mapper(key_map: KeyMap) -> Callable[[str], str | None]:
     if key_map is None:
         return lambda k: k
-    if callable(key_map):
+    if isinstance(key_map, _OnlyUnder) or callable(key_map):
         return key_map
     rules = sorted(key_map.items(), key=lambda kv: -len(kv[0]))
 
@@ -203,6 +203,45 @@ def _model_keys(module: nn.Module) -> dict[int, list[str]]:
     for key, t in module.state_dict(keep_vars=True).items():
         keys.setdefault(id(t), []).append(key)
     return keys
+
+
+def _sub_module_prefix(module: nn.Module, known: set[str], ckpt: Checkpoint) -> Mapping[str, str] | None:
+    """For a sub-module and a whole model's checkpoint: the prefix under which all its keys are.
+
+    `tl.materialize(model.layers[3], checkpoint=...)` then reads `layers.3.*` and ignores the rest.
+    Where several sub-modules fit (identical layers), the sub-module's path decides, if known.
+    """
+    if not known or known & ckpt.entries.keys():
+        return None
+    first = min(known)
+    candidates = []
+    for key in ckpt.entries:
+        if key.endswith("." + first):
+            prefix = key[: -len(first)]
+            if all(prefix + k in ckpt.entries for k in known):
+                candidates.append(prefix)
+    if len(candidates) == 1:
+        return _OnlyUnder(candidates[0])
+    path = _paths.known_path(module)
+    if path is not None and f"{path}." in candidates:
+        return _OnlyUnder(f"{path}.")
+    if candidates:
+        raise CheckpointError(
+            f"`{ckpt.path}` holds this sub-module's keys under several prefixes ({_listing(candidates)}): "
+            "say which with `key_map={'<prefix>': ''}`, or materialize from the root module."
+        )
+    return None
+
+
+class _OnlyUnder(dict[str, str]):
+    """Prefix rule that drops every key outside the prefix (they belong to other sub-modules)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__({prefix: ""})
+        self.prefix = prefix
+
+    def __call__(self, key: str) -> str | None:
+        return key[len(self.prefix) :] if key.startswith(self.prefix) else None
 
 
 def build_lazy_from_checkpoint(module: nn.Module, ckpt: Checkpoint, rename: Callable[[str], str | None]) -> None:
@@ -231,11 +270,11 @@ def load_into_targets(
 ) -> tuple[dict[int, torch.Tensor], list[_Target]]:
     """Values read from the checkpoint, and the targets left for the record."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
-    rename = _mapper(key_map)
-    by_model_key: dict[str, str] = {}
-    unexpected: list[str] = []
     model_keys = _model_keys(module)
     known = {k for ks in model_keys.values() for k in ks}
+    rename = _mapper(key_map) if key_map is not None else _mapper(_sub_module_prefix(module, known, ckpt))
+    by_model_key: dict[str, str] = {}
+    unexpected: list[str] = []
     for key in ckpt.entries:
         new = rename(key)
         if new is not None and new in known:

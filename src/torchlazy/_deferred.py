@@ -89,6 +89,7 @@ def deferred_tensors(module: nn.Module) -> list[str]:
     """
     from ._materialize import module_tensors
 
+    _paths.remember_paths(module)
     return [path for path, _, _, t in module_tensors(module) if isinstance(t, FakeTensor)]
 
 

@@ -20,7 +20,13 @@ _known: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 def remember_paths(root: nn.Module, prefix: str = "") -> None:
     """Record the path of every module under `root` for later messages."""
     for name, module in root.named_modules(prefix=prefix, remove_duplicate=False):
-        _known.setdefault(module, name)
+        if name or module not in _known:
+            _known[module] = name
+
+
+def known_path(module: nn.Module) -> str | None:
+    """The path recorded for `module` when its model was last walked from the root, if any."""
+    return _known.get(module)
 
 
 def _modules_on_stack() -> list[nn.Module]:
