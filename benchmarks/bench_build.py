@@ -6,7 +6,7 @@ The model is a 107M-parameter VGG-style CNN whose sizes are all lazy.
 - summary from tl.Spec vs a dry run of torch's own Lazy* layers at batch 8, 224x224 (target >= 100x faster)
 - tl.build from a Spec of batch 64 vs initializing the same parameters alone (eager, explicit sizes;
   target <= 1.2x, peak RSS growth ~ the parameters)
-- cold start: the first tl.build in a fresh process, vs a first FakeTensorMode use without torchlazy's fix
+- cold start: the first tl.build in a fresh process, vs a first forward under PyTorch's FakeTensorMode
 """
 
 from __future__ import annotations

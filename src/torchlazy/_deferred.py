@@ -31,7 +31,6 @@ from torch.utils._pytree import tree_flatten, tree_leaves
 
 from . import _paths
 from ._errors import DeferredError
-from ._fakemode import new_fake_mode
 from ._record import GENERATOR_LOCK, Const, Key, Node, Record, TRef
 
 __all__ = ["deferred", "deferred_tensors", "is_deferred"]
@@ -50,7 +49,7 @@ _local = _Local()
 def fake_mode() -> FakeTensorMode:
     """This thread's fake-tensor mode (one per thread, shared by all records)."""
     if _local.fake_mode is None:
-        _local.fake_mode = new_fake_mode()
+        _local.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     return _local.fake_mode
 
 
