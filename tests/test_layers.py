@@ -205,3 +205,13 @@ def test_every_table_row_is_a_torch_nn_subclass() -> None:
         assert issubclass(cls, getattr(nn, name))
         assert cls.__module__ == "torchlazy.nn" and cls.__qualname__ == name
     assert {c.name.split("-")[0] for c in CASES} == set(tl.nn.__all__)
+
+
+def test_failed_first_forward_is_undone_with_a_shape_error() -> None:
+    layer = tl.nn.Bilinear(3)
+    with pytest.raises(tl.ShapeError, match=r"took in1_features=4, in2_features=5.*still unbuilt") as info:
+        layer(torch.randn(2, 4), torch.randn(3, 5))  # batch sizes disagree
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value.__cause__, RuntimeError)
+    assert not tl.is_built(layer) and "?" in repr(layer)
+    layer(torch.randn(2, 4), torch.randn(2, 5))
+    assert layer.in1_features == 4

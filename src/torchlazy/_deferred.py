@@ -24,6 +24,7 @@ from torch._subclasses.fake_tensor import (
     DynamicOutputShapeException,
     FakeTensor,
     FakeTensorMode,
+    UnsupportedOperatorException,
 )
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -133,6 +134,13 @@ class _Recorder(TorchDispatchMode):
             out = func(*args, **kwargs)
         except (DataDependentOutputException, DynamicOutputShapeException):
             return self._needs_values(func, args, kwargs)
+        except UnsupportedOperatorException:
+            raise DeferredError(
+                f"`{func}` has no fake-tensor (meta) implementation, so {_paths.constructing_module()} "
+                "cannot be constructed under `tl.deferred()`. Construct that module outside "
+                "`tl.deferred()` (eagerly), or register a fake kernel for the op "
+                "(`torch.library.register_fake`)."
+            ) from None
         self._log(func, args, kwargs, out)
         return out
 

@@ -27,8 +27,11 @@ class NotBuiltError(LazyError, ValueError, RuntimeError):
     """
 
 
-class ShapeError(LazyError, ValueError):
-    """An input, a state dict or a checkpoint disagrees with a module's sizes."""
+class ShapeError(LazyError, ValueError, RuntimeError):
+    """An input, a state dict or a checkpoint disagrees with a module's sizes.
+
+    Also a `ValueError` and a `RuntimeError` (what PyTorch raises for shape mismatches).
+    """
 
 
 class DeferredError(LazyError, RuntimeError):

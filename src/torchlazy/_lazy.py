@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_leaves
 
 from . import _deferred, _paths
-from ._errors import DeferredError, NotBuiltError, ShapeError
+from ._errors import DeferredError, LazyError, NotBuiltError, ShapeError
 from ._materialize import drop_parameter_caches, refresh_parameter_caches
 from ._record import Record
 from ._rules import Inputs, Rule, Trailing, _Mismatch, as_rule
@@ -163,7 +163,13 @@ def _slot_for_new_module() -> tuple[Record, tuple[int, ...]] | None:
     return (recorder.record, recorder.reserve()) if recorder is not None else None
 
 
-def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bool) -> None:
+def _undo_now(undo: Callable[[], None]) -> None:
+    undo()
+    if _journal.undo is not None and undo in _journal.undo:
+        _journal.undo.remove(undo)
+
+
+def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bool) -> Callable[[], None]:
     """Run `build(deferred)` for `module` where it belongs; undo everything if it fails."""
     slot = module.__dict__.get("_tl_slot")
     undo = _snapshot(module)
@@ -198,6 +204,7 @@ def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bo
         full_undo = undo
     if _journal.undo is not None:
         _journal.undo.append(full_undo)
+    return full_undo
 
 
 def _fake(args: Any, kwargs: Any) -> bool:
@@ -329,8 +336,19 @@ class _LazyLayer:
         values = self._tl_infer(args, kwargs)
         fake = _fake(args, kwargs)
         device = _first_device(args, kwargs)
-        _run_build(self, lambda deferred: self._tl_become(values, device, deferred), fake)  # type: ignore[arg-type]
-        return self.forward(*args, **kwargs)  # type: ignore[misc]  # now the real class's
+        undo = _run_build(self, lambda deferred: self._tl_become(values, device, deferred), fake)  # type: ignore[arg-type]
+        try:
+            return self.forward(*args, **kwargs)  # type: ignore[misc]  # now the real class's
+        except Exception as e:
+            _undo_now(undo)  # a failed first call leaves the layer as it was
+            if fake or isinstance(e, LazyError):
+                raise
+            sizes = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            raise ShapeError(
+                f"`{_paths.module_path(self)}` ({type(self).__name__}) took {sizes} from its first input, "  # type: ignore[arg-type]
+                f"but its forward then failed on that input: {e}. The layer is still unbuilt; pass "
+                "an input of the form the layer expects."
+            ) from e
 
     def _tl_infer(self, args: Any, kwargs: Any) -> dict[str, Any]:
         try:
