@@ -96,12 +96,25 @@ class Dim:
         return f"dim {self.dim} of `{self.arg}`" if isinstance(self.arg, str) else f"dim {self.dim} of input {self.arg}"
 
 
+class _SizeRule:
+    """Defaults: an integer size, probed with `_PROBES` for the construction-time skeleton."""
+
+    description = "the input"
+
+    def probes(self) -> tuple[Any, ...]:
+        return _PROBES
+
+    def describe(self) -> str:
+        return self.description
+
+
 @dataclass(frozen=True)
-class Channels:
+class Channels(_SizeRule):
     """The channel count: dim 1 of a batched input, dim 0 of an unbatched one."""
 
     spatial: int  # number of spatial dims after the channel dim
     batched_only: bool = False
+    description = "the channel dim of the input"
 
     def __call__(self, inputs: Inputs, options: Options) -> int:
         name, x = _tensor(inputs, 0)
@@ -110,26 +123,16 @@ class Channels:
             raise _Mismatch(f"`{name}` with {_ranks(ranks, 0)}", f"shape {tuple(x.shape)}")
         return int(x.shape[-(self.spatial + 1)])
 
-    def probes(self) -> tuple[Any, ...]:
-        return _PROBES
-
-    def describe(self) -> str:
-        return "the channel dim of the input"
-
 
 @dataclass(frozen=True)
-class PerChannel:
+class PerChannel(_SizeRule):
     """PReLU: one parameter per channel (dim 1), or 1 for inputs of rank < 2."""
+
+    description = "the channel dim of the input"
 
     def __call__(self, inputs: Inputs, options: Options) -> int:
         _, x = _tensor(inputs, 0)
         return int(x.shape[1]) if x.dim() >= 2 else 1
-
-    def probes(self) -> tuple[Any, ...]:
-        return _PROBES
-
-    def describe(self) -> str:
-        return "the channel dim of the input"
 
 
 @dataclass(frozen=True)
