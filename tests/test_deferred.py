@@ -309,3 +309,11 @@ def test_materialize_in_parallel_threads_is_exact() -> None:
     for seed, model in enumerate(models):
         torch.manual_seed(seed)
         assert same_state(model, make()) == []
+
+
+def test_work_on_a_deferred_model_after_the_block_gets_a_clear_error() -> None:
+    with tl.deferred():
+        model = nn.Linear(4, 4)
+    model.half()
+    with pytest.raises(tl.DeferredError, match=r"`weight`.*`model.to\(dtype\)`.*pass `dtype="):
+        tl.materialize(model)

@@ -71,7 +71,10 @@ def _collect(module: nn.Module) -> list[_Target]:
         if owner is None:
             raise DeferredError(
                 f"`{path}` is a fake tensor that no `tl.deferred()` block recorded, so torchlazy "
-                "cannot tell how to compute it. Construct the model inside `tl.deferred()`."
+                "cannot tell how to compute it. It was probably made after the block, by an "
+                "operation on the deferred model (`model.to(dtype)`, `.half()`, `.cuda()`, a deep "
+                "copy): pass `dtype=`/`device=` to `tl.materialize` instead, or do that work inside "
+                "the `tl.deferred()` block."
             )
         targets.append(_Target(path, t, owner[0], owner[1]))
     return targets

@@ -62,7 +62,7 @@ class Summary:
             folded = self.depth is not None and r.depth == self.depth
             count = r.total_params if folded or r.depth == 0 else r.num_params
             name = "  " * max(r.depth - 1, 0) + (r.path.rsplit(".", 1)[-1] if r.depth else "(root)")
-            tied = " (tied)" if r.tied_to else ""
+            tied = f" (tied to {', '.join(sorted(set(r.tied_to.values())))})" if r.tied_to else ""
             body.append(
                 (
                     name,
@@ -240,7 +240,8 @@ def _tabulate(module: nn.Module, calls: dict[int, Any], depth: int | None) -> Su
         subtree_ids[path] = {id(p) for p in sub.parameters()}
     final = []
     for r in rows:
-        ids = subtree_ids[r.path]
+        inside = f"{r.path}." if r.path else ""
+        ids = [i for i in subtree_ids[r.path] if first_seen.get(i, "").startswith(inside)]  # ties: counted where first seen
         values = [sizes.get(i) for i in ids]
         subtotal = None if any(v is None for v in values) else sum(v for v in values if v is not None)
         final.append(Row(**{**r.__dict__, "total_params": subtotal}))
