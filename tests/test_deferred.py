@@ -317,3 +317,14 @@ def test_work_on_a_deferred_model_after_the_block_gets_a_clear_error() -> None:
     model.weight = nn.Parameter(model.weight.half())  # outside the block: not recorded
     with pytest.raises(tl.DeferredError, match=r"`weight`.*`model.to\(dtype\)`.*pass `dtype="):
         tl.materialize(model)
+
+
+def test_cloned_layers_keep_their_own_origin_for_wrappers() -> None:
+    with tl.deferred():
+        layer = nn.TransformerEncoderLayer(8, 2, 16)
+        encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)  # deep copies
+    for block in encoder.layers:
+        origin = block.linear1.__dict__["_torchlazy_origin"]
+        assert origin["weight"] is block.linear1.weight  # what FSDP's replacement will be traced to
+    tl.materialize(encoder)
+    assert "_torchlazy_origin" not in encoder.layers[0].linear1.__dict__  # nothing of torchlazy left
