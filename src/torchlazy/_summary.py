@@ -241,7 +241,9 @@ def _tabulate(module: nn.Module, calls: dict[int, Any], depth: int | None) -> Su
     final = []
     for r in rows:
         inside = f"{r.path}." if r.path else ""
-        ids = [i for i in subtree_ids[r.path] if first_seen.get(i, "").startswith(inside)]  # ties: counted where first seen
+        ids = [
+            i for i in subtree_ids[r.path] if first_seen.get(i, "").startswith(inside)
+        ]  # ties: counted where first seen
         values = [sizes.get(i) for i in ids]
         subtotal = None if any(v is None for v in values) else sum(v for v in values if v is not None)
         final.append(Row(**{**r.__dict__, "total_params": subtotal}))
