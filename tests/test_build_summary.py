@@ -186,3 +186,26 @@ def test_cli_materialize_writes_exact_seed_checkpoint(tmp_path: Path) -> None:
 def test_cli_errors(args: tuple[str, ...], code: int, message: str) -> None:
     out = run_cli(*args)
     assert out.returncode == code and message in out.stderr and out.stderr.startswith("torchlazy: error:")
+
+
+def test_summary_fast_meta_path_and_exact_fallback_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchlazy._summary as summary_module
+
+    with tl.deferred():
+        model = zoo.cnn()
+    slow = str(tl.summary(model, tl.Spec(8, 3, 32, 32)))
+    monkeypatch.setattr(summary_module, "fake_forward", lambda *a, **k: pytest.fail("fast path expected"))
+    fast = str(tl.summary(model, tl.Spec(8, 3, 32, 32)))
+    assert fast == slow and tl.is_deferred(model) and not tl.is_built(model)
+
+    class Gather(nn.Module):  # needs the index values: only the exact path can run it
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = tl.nn.Linear(3)
+
+        def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return self.lin(x[idx.nonzero().squeeze(1)])
+
+    monkeypatch.undo()
+    s = tl.summary(Gather(), tl.Spec(5, 4), torch.tensor([1, 0, 1, 1, 0]))
+    assert s.rows[1].inputs == ((3, 4),) and s.total_params == 15

@@ -64,6 +64,8 @@ def storage_of(t: torch.Tensor) -> tuple[Record, int] | None:
 def is_deferred(obj: nn.Module | torch.Tensor) -> bool:
     """Whether a tensor, or any tensor of a module, still waits for materialization.
 
+    Lazy layers constructed under `tl.deferred()` count too: they are deferred once shaped.
+
     >>> import torch, torchlazy as tl
     >>> with tl.deferred():
     ...     layer = torch.nn.Linear(4, 2)
@@ -75,7 +77,8 @@ def is_deferred(obj: nn.Module | torch.Tensor) -> bool:
     """
     if isinstance(obj, torch.Tensor):
         return isinstance(obj, FakeTensor)
-    return bool(deferred_tensors(obj))
+    unshaped = any(m.__dict__.get("_tl_slot") is not None for m in obj.modules())  # lazy, made under deferred
+    return unshaped or bool(deferred_tensors(obj))
 
 
 def deferred_tensors(module: nn.Module) -> list[str]:

@@ -8,16 +8,17 @@ renders the text table and notebooks get an HTML one.
 
 from __future__ import annotations
 
+import copy
 import html
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
-from . import _lazy
-from ._infer import fake_forward
+from . import _deferred, _lazy
+from ._infer import _CONSTANT_LIMIT, Spec, fake_forward
 
 __all__ = ["Row", "Summary", "summary"]
 
@@ -173,6 +174,11 @@ def summary(
     >>> tl.summary(net).total_params is None   # unbuilt and no example: unknown
     True
     """
+    if example_args or example_kwargs:
+        try:  # fast path: a twin of the model on the meta device, where lazy layers build for free
+            return _summary_of_meta_twin(module, example_args, example_kwargs, depth)
+        except Exception:  # noqa: BLE001  (model code that needs fake tensors: the exact path below)
+            pass
     with _lazy.transaction(rollback=True):
         calls: dict[int, tuple[tuple[Shape, ...], tuple[Shape, ...]]] = {}
         if example_args or example_kwargs:
@@ -183,6 +189,56 @@ def summary(
                 for h in hooks:
                     h.remove()
         return _tabulate(module, calls, depth)
+
+
+def _meta_twin(module: nn.Module) -> nn.Module:
+    """A deep copy whose every tensor is an empty meta tensor of the same shape (placeholders stay)."""
+    from ._materialize import module_tensors
+
+    memo: dict[int, Any] = {}
+
+    def twin(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, _lazy.LazyBuffer):
+            return _lazy.LazyBuffer(False, "meta", t.dtype)  # type: ignore[arg-type]
+        if isinstance(t, _lazy.LazyParameter):
+            return _lazy.LazyParameter(t.requires_grad, "meta", t.dtype)  # type: ignore[call-arg,arg-type]
+        empty = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        return nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+
+    tensors = [t for _, _, _, t in module_tensors(module)]
+    for sub in module.modules():
+        tensors += list(sub.__dict__.get("_torchlazy_origin", {}).values())
+    with torch._C.DisableTorchFunctionSubclass():
+        for t in tensors:
+            if id(t) not in memo:
+                memo[id(t)] = twin(t)
+    return copy.deepcopy(module, memo)
+
+
+def _summary_of_meta_twin(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], depth: int | None
+) -> Summary:
+    twin = _meta_twin(module)
+    calls: dict[int, tuple[tuple[Shape, ...], tuple[Shape, ...]]] = {}
+    hooks = [m.register_forward_hook(_recorder(calls), with_kwargs=True) for m in twin.modules()]
+
+    def to_meta(x: Any) -> Any:
+        if isinstance(x, Spec):
+            return torch.empty(x.shape, dtype=x.dtype, device="meta")
+        if isinstance(x, torch.Tensor):
+            if not x.is_floating_point() and x.numel() <= _CONSTANT_LIMIT:
+                raise ValueError("small integer inputs keep their values only on the exact path")
+            return torch.empty(x.shape, dtype=x.dtype, device="meta")
+        return x
+
+    margs, mkwargs = tree_map(to_meta, (args, kwargs), is_leaf=lambda x: isinstance(x, Spec))
+    try:
+        with _deferred.quiet(), torch.device("meta"), torch.no_grad():
+            twin(*margs, **mkwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return _tabulate(twin, calls, depth)
 
 
 def _recorder(calls: dict[int, Any]) -> Any:
