@@ -219,6 +219,9 @@ def _summary_of_meta_twin(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], depth: int | None
 ) -> Summary:
     twin = _meta_twin(module)
+    for m in twin.modules():  # same shapes either way; eval skips the statistics a throwaway twin has no use for
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            m.training = False
     calls: dict[int, tuple[tuple[Shape, ...], tuple[Shape, ...]]] = {}
     hooks = [m.register_forward_hook(_recorder(calls), with_kwargs=True) for m in twin.modules()]
 
