@@ -328,3 +328,17 @@ def test_cloned_layers_keep_their_own_origin_for_wrappers() -> None:
         assert origin["weight"] is block.linear1.weight  # what FSDP's replacement will be traced to
     tl.materialize(encoder)
     assert "_torchlazy_origin" not in encoder.layers[0].linear1.__dict__  # nothing of torchlazy left
+
+
+def test_values_of_constant_computations_are_read_for_real() -> None:
+    class DropPath(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rates = [x.item() for x in torch.linspace(0, 0.3, 4)]  # timm/HF style
+            self.blocks = nn.ModuleList(nn.Linear(2, 2) for _ in self.rates)
+
+    assert_exact(DropPath)
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = DropPath()
+    assert model.rates == pytest.approx([0.0, 0.1, 0.2, 0.3])

@@ -101,6 +101,7 @@ def deferred_tensors(module: nn.Module) -> list[str]:
 # Initializers whose control flow reads random values (rejection sampling). Only
 # inside them is a value computed for real during deferred construction.
 _CONCRETIZE_IN = (torch.nn.init._no_grad_trunc_normal_.__code__,)
+_CHEAP_BYTES = 1 << 20
 _READS_VALUES = {
     torch.Tensor.numpy: "`.numpy()`",
     torch.Tensor.__repr__: "printing a tensor",
@@ -221,8 +222,24 @@ class _Recorder(TorchDispatchMode):
             return sid
         return None
 
+    def _cheap_and_certain(self, args: Any, kwargs: Any) -> bool:
+        """Values that depend on no random draw and little data (drop-path rates from a
+        `linspace`, say): computing them costs nothing and decides nothing about the model."""
+        sids = {
+            ref.sid
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+            for ref in [self._ref(t, "read")]
+            if isinstance(ref, TRef)
+        }
+        nodes = self.record.closure(sids, self.next_key())
+        touched = {sid for n in nodes for sid in (*n.reads, *n.writes, *(s for _, s in n.outputs))}
+        small = sum(self.record.storages[sid].nbytes for sid in touched) <= _CHEAP_BYTES
+        return small and all(n.stream is None for n in nodes)
+
     def _needs_values(self, func: Any, args: Any, kwargs: Any) -> Any:
-        if not (self.concretize or _paths.frames_include(_CONCRETIZE_IN)):
+        allowed = self.concretize or _paths.frames_include(_CONCRETIZE_IN) or self._cheap_and_certain(args, kwargs)
+        if not allowed:
             what = "reading a tensor's value (`.item()`, `.tolist()`, `bool(t)`)"
             if func is not torch.ops.aten._local_scalar_dense.default:
                 what = f"`{func}` (its output shape depends on tensor values)"
