@@ -124,5 +124,5 @@ if __name__ == "__main__":
     start = time.perf_counter()
     ours, plain = cold(COLD_TL), cold(COLD_FAKE)
     print(f"\nCold start in a fresh process ({machine()}), after `import torch`:")
-    print(f"  first tl.build (import torchlazy + fake forward + materialize): {ours:.3f} s")
+    print(f"  first tl.build (import torchlazy + shape inference + materialize): {ours:.3f} s")
     print(f"  first forward under PyTorch's FakeTensorMode, for comparison:  {plain:.3f} s  ({plain / ours:.1f}x ours)")

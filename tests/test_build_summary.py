@@ -209,3 +209,28 @@ def test_summary_fast_meta_path_and_exact_fallback_agree(monkeypatch: pytest.Mon
     monkeypatch.undo()
     s = tl.summary(Gather(), tl.Spec(5, 4), torch.tensor([1, 0, 1, 1, 0]))
     assert s.rows[1].inputs == ((3, 4),) and s.total_params == 15
+
+
+def test_build_shapes_on_a_meta_twin_without_a_fake_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchlazy._infer as infer
+
+    monkeypatch.setattr(infer, "fake_forward", lambda *a, **k: pytest.fail("meta twin expected"))
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = zoo.cnn()
+    tl.build(model, tl.Spec(2, 3, 32, 32))
+    torch.manual_seed(0)
+    assert same_state(model, zoo.cnn_eager()) == []
+
+    class Outer(nn.Module):  # a lazy class whose real constructor makes lazy layers: needs the fake forward too
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(channels, 4), tl.nn.LayerNorm())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    monkeypatch.undo()
+    nested = nn.Sequential(tl.lazy(Outer, channels=lambda x: x.shape[-1])())
+    tl.build(nested, tl.Spec(2, 6))
+    assert tl.is_built(nested) and nested[0].inner[1].normalized_shape == (4,)

@@ -190,6 +190,30 @@ def _mode_of(module: nn.Module) -> Any:
     return _deferred.fake_mode()
 
 
+def _shape_on_meta_twin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Infer lazy sizes on a meta twin and shape the real lazy layers from them (no fake forward).
+
+    False when that cannot be done (Keras-style `LazyModule`s need their inputs; forwards that need
+    values or fake devices fail on the twin): the caller then runs the fake forward.
+    """
+    from ._twin import run_twin
+
+    if any("_tl_hook" in m.__dict__ for m in module.modules()):
+        return False
+    try:
+        with _lazy.observing() as observed:
+            twin = run_twin(module, args, kwargs)
+    except Exception:  # noqa: BLE001  (the fake-tensor path reports real errors precisely)
+        return False
+    values = {path: observed[id(m)] for path, m in twin.named_modules() if id(m) in observed}
+    for path, m in module.named_modules():
+        if isinstance(m, _lazy._LazyLayer) and path in values:
+            m._tl_build_with(values[path])
+    # lazy layers that the built ones created (nested) are shaped by a fake forward after all
+    shaped_in_twin = {path for path, m in twin.named_modules() if not isinstance(m, _lazy._LazyLayer)}
+    return not any(isinstance(m, _lazy._LazyLayer) and path in shaped_in_twin for path, m in module.named_modules())
+
+
 def build(
     module: nn.Module,
     *example_args: Any,
@@ -213,7 +237,8 @@ def build(
     """
     _paths.remember_paths(module)
     with _lazy.transaction():
-        fake_forward(module, example_args, example_kwargs)
+        if not _shape_on_meta_twin(module, example_args, example_kwargs):
+            fake_forward(module, example_args, example_kwargs)
         if _deferred.is_deferred(module):
             materialize(module, device=device, dtype=dtype)
     if device is not None or dtype is not None:

@@ -113,6 +113,25 @@ class _Unbuilt(nn.Module):
 # -- building in place, atomically -----------------------------------------------
 
 
+class _Observed(threading.local):
+    def __init__(self) -> None:
+        self.values: dict[int, dict[str, Any]] | None = None
+
+
+_observed = _Observed()
+
+
+@contextlib.contextmanager
+def observing() -> Iterator[dict[int, dict[str, Any]]]:
+    """Collect the constructor values lazy layers infer at their first call: id(layer) -> values."""
+    outer = _observed.values
+    _observed.values = {}
+    try:
+        yield _observed.values
+    finally:
+        _observed.values = outer
+
+
 class _Journal(threading.local):
     def __init__(self) -> None:
         self.undo: list[Callable[[], None]] | None = None
@@ -334,6 +353,8 @@ class _LazyLayer:
     # the first input
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         values = self._tl_infer(args, kwargs)
+        if _observed.values is not None:
+            _observed.values[id(self)] = values
         fake = _fake(args, kwargs)
         device = _first_device(args, kwargs)
         undo = _run_build(self, lambda deferred: self._tl_become(values, device, deferred), fake)  # type: ignore[arg-type]
@@ -398,6 +419,10 @@ class _LazyLayer:
         device = next((p.device for p in nn.Module.parameters(self)), torch.get_default_device())  # type: ignore[arg-type]
         _run_build(self, lambda deferred: self._tl_become(values, device, deferred), False)  # type: ignore[arg-type]
         return self._load_from_state_dict(state_dict, prefix, *args)
+
+    def _tl_build_with(self, values: dict[str, Any]) -> None:
+        """Shape this layer from constructor values inferred elsewhere (a meta twin), deferred."""
+        _run_build(self, lambda deferred: self._tl_become(values, torch.get_default_device(), deferred), True)  # type: ignore[arg-type]
 
     def _tl_build_from_state(self, mine: dict[str, torch.Tensor], prefix: str) -> None:
         """Shape this layer from state tensors (a checkpoint's), deferred: values come later."""

@@ -8,17 +8,17 @@ renders the text table and notebooks get an HTML one.
 
 from __future__ import annotations
 
-import copy
 import html
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves
 
-from . import _deferred, _lazy
-from ._infer import _CONSTANT_LIMIT, Spec, fake_forward
+from . import _lazy
+from ._infer import fake_forward
+from ._twin import run_twin
 
 __all__ = ["Row", "Summary", "summary"]
 
@@ -191,56 +191,11 @@ def summary(
         return _tabulate(module, calls, depth)
 
 
-def _meta_twin(module: nn.Module) -> nn.Module:
-    """A deep copy whose every tensor is an empty meta tensor of the same shape (placeholders stay)."""
-    from ._materialize import module_tensors
-
-    memo: dict[int, Any] = {}
-
-    def twin(t: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, _lazy.LazyBuffer):
-            return _lazy.LazyBuffer(False, "meta", t.dtype)  # type: ignore[arg-type]
-        if isinstance(t, _lazy.LazyParameter):
-            return _lazy.LazyParameter(t.requires_grad, "meta", t.dtype)  # type: ignore[call-arg,arg-type]
-        empty = torch.empty(t.shape, dtype=t.dtype, device="meta")
-        return nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
-
-    tensors = [t for _, _, _, t in module_tensors(module)]
-    for sub in module.modules():
-        tensors += list(sub.__dict__.get("_torchlazy_origin", {}).values())
-    with torch._C.DisableTorchFunctionSubclass():
-        for t in tensors:
-            if id(t) not in memo:
-                memo[id(t)] = twin(t)
-    return copy.deepcopy(module, memo)
-
-
 def _summary_of_meta_twin(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], depth: int | None
 ) -> Summary:
-    twin = _meta_twin(module)
-    for m in twin.modules():  # same shapes either way; eval skips the statistics a throwaway twin has no use for
-        if isinstance(m, nn.modules.batchnorm._NormBase):
-            m.training = False
     calls: dict[int, tuple[tuple[Shape, ...], tuple[Shape, ...]]] = {}
-    hooks = [m.register_forward_hook(_recorder(calls), with_kwargs=True) for m in twin.modules()]
-
-    def to_meta(x: Any) -> Any:
-        if isinstance(x, Spec):
-            return torch.empty(x.shape, dtype=x.dtype, device="meta")
-        if isinstance(x, torch.Tensor):
-            if not x.is_floating_point() and x.numel() <= _CONSTANT_LIMIT:
-                raise ValueError("small integer inputs keep their values only on the exact path")
-            return torch.empty(x.shape, dtype=x.dtype, device="meta")
-        return x
-
-    margs, mkwargs = tree_map(to_meta, (args, kwargs), is_leaf=lambda x: isinstance(x, Spec))
-    try:
-        with _deferred.quiet(), torch.device("meta"), torch.no_grad():
-            twin(*margs, **mkwargs)
-    finally:
-        for h in hooks:
-            h.remove()
+    twin = run_twin(module, args, kwargs, lambda m: m.register_forward_hook(_recorder(calls), with_kwargs=True))
     return _tabulate(twin, calls, depth)
 
 

@@ -1,0 +1,79 @@
+"""A throwaway twin of a model on the meta device, for forwards that only need shapes.
+
+Every tensor of the model is replaced, in a deep copy, by an empty meta tensor
+of the same shape (unbuilt placeholders stay placeholders), so a forward on
+meta inputs costs no memory and no arithmetic, lazy layers build there for
+free, and the model itself is not touched. Model code that needs values or
+that mixes devices fails on the twin: callers then take the fake-tensor path.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from . import _deferred, _lazy
+from ._infer import _CONSTANT_LIMIT, Spec
+
+__all__ = ["run_twin"]
+
+
+def _meta_twin(module: nn.Module) -> nn.Module:
+    """A deep copy whose every tensor is an empty meta tensor of the same shape (placeholders stay)."""
+    from ._materialize import module_tensors
+
+    memo: dict[int, Any] = {}
+
+    def twin(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, _lazy.LazyBuffer):
+            return _lazy.LazyBuffer(False, "meta", t.dtype)  # type: ignore[arg-type]
+        if isinstance(t, _lazy.LazyParameter):
+            return _lazy.LazyParameter(t.requires_grad, "meta", t.dtype)  # type: ignore[call-arg,arg-type]
+        empty = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        return nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+
+    tensors = [t for _, _, _, t in module_tensors(module)]
+    for sub in module.modules():
+        tensors += list(sub.__dict__.get("_torchlazy_origin", {}).values())
+    with torch._C.DisableTorchFunctionSubclass():
+        for t in tensors:
+            if id(t) not in memo:
+                memo[id(t)] = twin(t)
+    return copy.deepcopy(module, memo)
+
+
+def run_twin(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    hook: Callable[[nn.Module], Any] | None = None,
+) -> nn.Module:
+    """Run the forward of a meta twin of `module` on meta copies of the examples; return the twin."""
+    twin = _meta_twin(module)
+    for m in twin.modules():  # same shapes either way; eval skips statistics a throwaway twin has no use for
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            m.training = False
+    handles = [hook(m) for m in twin.modules()] if hook is not None else []
+
+    def to_meta(x: Any) -> Any:
+        if isinstance(x, Spec):
+            return torch.empty(x.shape, dtype=x.dtype, device="meta")
+        if isinstance(x, torch.Tensor):
+            if not x.is_floating_point() and x.numel() <= _CONSTANT_LIMIT:
+                raise ValueError("small integer inputs keep their values only on the fake-tensor path")
+            return torch.empty(x.shape, dtype=x.dtype, device="meta")
+        return x
+
+    margs, mkwargs = tree_map(to_meta, (args, kwargs), is_leaf=lambda x: isinstance(x, Spec))
+    try:
+        with _deferred.quiet(), torch.device("meta"), torch.no_grad():
+            twin(*margs, **mkwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return twin
