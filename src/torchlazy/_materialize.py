@@ -206,9 +206,8 @@ def _replay_locked(
                 torch.default_generator.set_state(saved)
             values.update(_replay_record(record, group, device, dtype, exact, bar))
             stream = record.streams.get(id(torch.default_generator))
-            end = stream.end_state() if stream is not None and record.live else None
-            if end is not None:
-                saved = end
+            if stream is not None and record.live:  # the live generator moves past every draw, as eagerly
+                saved = stream.finish()
     finally:
         torch.default_generator.set_state(saved)
         for record in order:

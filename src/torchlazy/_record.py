@@ -141,18 +141,9 @@ class _Stream:
         known = self.before.get(node.key)
         if known is not None:
             return known
-        if self.cursor_state is None:  # live: start from wherever the generator is now
-            self.cursor_state = _generator_state(self.generator)
-        target = bisect.bisect_left(self.keys, node.key)
-        while self.cursor < target:
-            skipped = self.nodes[self.keys[self.cursor]]
-            self.before[skipped.key] = self.cursor_state
-            self.generator.set_state(self.cursor_state)
-            self.record.run_on_scratch(skipped)
-            self.cursor_state = _generator_state(self.generator)
-            self.cursor += 1
-        self.before[node.key] = self.cursor_state
-        return self.cursor_state
+        state = self._advance(bisect.bisect_left(self.keys, node.key))
+        self.before[node.key] = state
+        return state
 
     def ran(self, node: Node) -> None:
         """`node` just ran from `state_before(node)`: move the cursor past it."""
@@ -160,9 +151,22 @@ class _Stream:
             self.cursor_state = _generator_state(self.generator)
             self.cursor += 1
 
-    def end_state(self) -> torch.Tensor | None:
-        """State after every recorded draw, if the cursor got there."""
-        return self.cursor_state if self.cursor == len(self.keys) else None
+    def finish(self) -> torch.Tensor:
+        """Account for every recorded draw (skipped ones on scratch); the state after them all."""
+        return self._advance(len(self.keys))
+
+    def _advance(self, target: int) -> torch.Tensor:
+        """Move the cursor to random node `target`, drawing the skipped ones on scratch memory."""
+        if self.cursor_state is None:  # live: start from wherever the generator is now
+            self.cursor_state = _generator_state(self.generator)
+        while self.cursor < target:
+            skipped = self.nodes[self.keys[self.cursor]]
+            self.before[skipped.key] = self.cursor_state
+            self.generator.set_state(self.cursor_state)
+            self.record.run_on_scratch(skipped)
+            self.cursor_state = _generator_state(self.generator)
+            self.cursor += 1
+        return self.cursor_state
 
 
 class Record:
