@@ -234,3 +234,11 @@ def test_build_shapes_on_a_meta_twin_without_a_fake_forward(monkeypatch: pytest.
     nested = nn.Sequential(tl.lazy(Outer, channels=lambda x: x.shape[-1])())
     tl.build(nested, tl.Spec(2, 6))
     assert tl.is_built(nested) and nested[0].inner[1].normalized_shape == (4,)
+
+
+def test_build_without_examples_says_what_to_pass() -> None:
+    with pytest.raises(tl.ShapeError, match=r"needs example inputs.*tl.Spec"):
+        tl.build(nn.Sequential(tl.nn.Linear(3)))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        tl.materialize("model")  # type: ignore[arg-type]
+    assert tl.build(nn.Linear(2, 2)) is not None  # nothing lazy: nothing needed

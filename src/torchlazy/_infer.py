@@ -235,9 +235,17 @@ def build(
     >>> net[2]
     Linear(in_features=576, out_features=10, bias=True)
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"`tl.build` takes a torch.nn.Module, not {type(module).__name__}.")
+    if not example_args and not example_kwargs and not _lazy.is_built(module):
+        raise ShapeError(
+            "`tl.build` needs example inputs to shape the lazy layers: pass what the forward takes, "
+            "as `tl.Spec(*shape, dtype=...)` or tensors, e.g. `tl.build(model, tl.Spec(8, 3, 224, 224))`."
+        )
     _paths.remember_paths(module)
     with _lazy.transaction():
-        if not _shape_on_meta_twin(module, example_args, example_kwargs):
+        examples = bool(example_args or example_kwargs)  # none: nothing lazy, nothing to check
+        if examples and not _shape_on_meta_twin(module, example_args, example_kwargs):
             fake_forward(module, example_args, example_kwargs)
         if _deferred.is_deferred(module):
             materialize(module, device=device, dtype=dtype)

@@ -142,6 +142,8 @@ def materialize(
     >>> emb.weight[0].abs().sum().item()
     0.0
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"`tl.materialize` takes a torch.nn.Module, not {type(module).__name__}.")
     _paths.remember_paths(module)
     from . import _lazy
 
