@@ -342,3 +342,9 @@ def test_values_of_constant_computations_are_read_for_real() -> None:
     with tl.deferred():
         model = DropPath()
     assert model.rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+def test_pytorch_lazy_modules_under_deferred_point_to_tl_nn() -> None:
+    with pytest.raises(tl.DeferredError, match=r"tl.nn.Linear"):
+        with tl.deferred():
+            nn.LazyLinear(4)

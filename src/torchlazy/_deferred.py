@@ -424,7 +424,16 @@ def deferred(*, concretize: bool = False) -> Iterator[None]:
         return
     record = Record()
     with recording(record, concretize=concretize):
-        yield
+        try:
+            yield
+        except RuntimeError as e:
+            if "UninitializedParameter" in str(e) or "UninitializedBuffer" in str(e):
+                raise DeferredError(
+                    f"PyTorch's own lazy modules (`nn.LazyLinear`, ...) cannot be constructed under "
+                    f"`tl.deferred()` ({e}). Use the torchlazy layers instead: `tl.nn.Linear(out_features)` "
+                    "and so on, with the same names without `Lazy`."
+                ) from e
+            raise
     _advance_global_generator(record)
 
 
