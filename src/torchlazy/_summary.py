@@ -41,9 +41,9 @@ class Row:
     tied_to: dict[str, str] = field(default_factory=dict)  # own name -> path it is tied to
 
 
-@dataclass
+@dataclass(repr=False)
 class Summary:
-    """The rows, the totals, and their renderings."""
+    """The rows, the totals, and their renderings (the text table is also its repr)."""
 
     rows: list[Row]
     total_params: int | None
@@ -78,6 +78,9 @@ class Summary:
         out = [_join(header, widths), line, *(_join(row, widths) for row in body), line]
         out += self._totals()
         return "\n".join(out)
+
+    def __repr__(self) -> str:
+        return str(self)
 
     def _totals(self) -> list[str]:
         out = [
