@@ -352,12 +352,8 @@ class _LazyLayer:
 
     # the first input
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        values = self._tl_infer(args, kwargs)
-        if _observed.values is not None:
-            _observed.values[id(self)] = values
+        values, undo = self._tl_first_input(args, kwargs)
         fake = _fake(args, kwargs)
-        device = _first_device(args, kwargs)
-        undo = _run_build(self, lambda deferred: self._tl_become(values, device, deferred), fake)  # type: ignore[arg-type]
         try:
             return self.forward(*args, **kwargs)  # type: ignore[misc]  # now the real class's
         except Exception as e:
@@ -370,6 +366,15 @@ class _LazyLayer:
                 f"but its forward then failed on that input: {e}. The layer is still unbuilt; pass "
                 "an input of the form the layer expects."
             ) from e
+
+    def _tl_first_input(self, args: Any, kwargs: Any) -> tuple[dict[str, Any], Callable[[], None]]:
+        """Apply the rules to the first input and build; returns the values and how to undo."""
+        values = self._tl_infer(args, kwargs)
+        if _observed.values is not None:
+            _observed.values[id(self)] = values
+        device = _first_device(args, kwargs)
+        undo = _run_build(self, lambda deferred: self._tl_become(values, device, deferred), _fake(args, kwargs))  # type: ignore[arg-type]
+        return values, undo
 
     def _tl_infer(self, args: Any, kwargs: Any) -> dict[str, Any]:
         try:

@@ -47,6 +47,18 @@ def _meta_twin(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def _shape_preserving(module: nn.Module) -> Callable[..., Any]:
+    """A forward for the twin of a layer whose output has its input's shape (a lazy one still builds)."""
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if isinstance(module, _lazy._LazyLayer):
+            module._tl_first_input((x, *args), kwargs)  # its rule and its build, not its arithmetic
+            module.forward = forward  # type: ignore[method-assign]  # the build replaced the instance's state
+        return x
+
+    return forward
+
+
 def run_twin(
     module: nn.Module,
     args: tuple[Any, ...],
@@ -55,9 +67,9 @@ def run_twin(
 ) -> nn.Module:
     """Run the forward of a meta twin of `module` on meta copies of the examples; return the twin."""
     twin = _meta_twin(module)
-    for m in twin.modules():  # same shapes either way; eval skips statistics a throwaway twin has no use for
+    for m in twin.modules():  # normalization keeps the input's shape: skip its (Python) meta kernels
         if isinstance(m, nn.modules.batchnorm._NormBase):
-            m.training = False
+            m.forward = _shape_preserving(m)  # type: ignore[method-assign]
     handles = [hook(m) for m in twin.modules()] if hook is not None else []
 
     def to_meta(x: Any) -> Any:
