@@ -63,7 +63,9 @@ def table(title: str, rows: list[tuple[str, dict[str, Any]]], baseline: str, ref
         head += f" {'/ params bytes':>15}"
     lines += [head, "-" * len(head)]
     for name, r in rows:
-        line = f"{name:<44} {r['seconds']:>9.3f} {r['seconds'] / base:>21.2f}x {r['peak_growth'] / 2**20:>12.0f} MiB"
+        ratio = r["seconds"] / base
+        shown = f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.3f}x (1/{1 / ratio:.0f})"
+        line = f"{name:<44} {r['seconds']:>9.3f} {shown:>22} {r['peak_growth'] / 2**20:>12.0f} MiB"
         if reference_bytes:
             line += f" {r['peak_growth'] / reference_bytes:>14.2f}x"
         lines.append(line)
