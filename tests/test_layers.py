@@ -215,3 +215,11 @@ def test_failed_first_forward_is_undone_with_a_shape_error() -> None:
     assert not tl.is_built(layer) and "?" in repr(layer)
     layer(torch.randn(2, 4), torch.randn(2, 5))
     assert layer.in1_features == 4
+
+
+def test_sizes_the_class_rejects_give_a_shape_error_and_leave_it_unbuilt() -> None:
+    norm = tl.nn.GroupNorm(4)
+    with pytest.raises(tl.ShapeError, match=r"took num_channels=6.*`GroupNorm` cannot be built.*divisible"):
+        norm(torch.randn(2, 6, 3))
+    assert not tl.is_built(norm)
+    assert norm(torch.randn(2, 8, 3)).shape == (2, 8, 3)

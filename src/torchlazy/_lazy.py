@@ -373,7 +373,17 @@ class _LazyLayer:
         if _observed.values is not None:
             _observed.values[id(self)] = values
         device = _first_device(args, kwargs)
-        undo = _run_build(self, lambda deferred: self._tl_become(values, device, deferred), _fake(args, kwargs))  # type: ignore[arg-type]
+        try:
+            undo = _run_build(self, lambda deferred: self._tl_become(values, device, deferred), _fake(args, kwargs))  # type: ignore[arg-type]
+        except (ValueError, TypeError, AssertionError, RuntimeError) as e:
+            if isinstance(e, LazyError):
+                raise
+            sizes = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            raise ShapeError(
+                f"`{_paths.module_path(self)}` ({type(self).__name__}) took {sizes} from its first input, "  # type: ignore[arg-type]
+                f"but `{self._tl_cls.__name__}` cannot be built with it: {e}. The layer is still unbuilt; "
+                "pass an input whose sizes suit the other arguments."
+            ) from e
         return values, undo
 
     def _tl_infer(self, args: Any, kwargs: Any) -> dict[str, Any]:
