@@ -360,11 +360,8 @@ class _LazyLayer:
             _undo_now(undo)  # a failed first call leaves the layer as it was
             if fake or isinstance(e, LazyError):
                 raise
-            sizes = ", ".join(f"{k}={v!r}" for k, v in values.items())
-            raise ShapeError(
-                f"`{_paths.module_path(self)}` ({type(self).__name__}) took {sizes} from its first input, "  # type: ignore[arg-type]
-                f"but its forward then failed on that input: {e}. The layer is still unbuilt; pass "
-                "an input of the form the layer expects."
+            raise self._tl_unbuilt_error(
+                values, f"its forward then failed on that input: {e}", "an input of the form the layer expects"
             ) from e
 
     def _tl_first_input(self, args: Any, kwargs: Any) -> tuple[dict[str, Any], Callable[[], None]]:
@@ -378,13 +375,17 @@ class _LazyLayer:
         except (ValueError, TypeError, AssertionError, RuntimeError) as e:
             if isinstance(e, LazyError):
                 raise
-            sizes = ", ".join(f"{k}={v!r}" for k, v in values.items())
-            raise ShapeError(
-                f"`{_paths.module_path(self)}` ({type(self).__name__}) took {sizes} from its first input, "  # type: ignore[arg-type]
-                f"but `{self._tl_cls.__name__}` cannot be built with it: {e}. The layer is still unbuilt; "
-                "pass an input whose sizes suit the other arguments."
-            ) from e
+            reason = f"`{self._tl_cls.__name__}` cannot be built with it: {e}"
+            raise self._tl_unbuilt_error(values, reason, "an input whose sizes suit the other arguments") from e
         return values, undo
+
+    def _tl_unbuilt_error(self, values: dict[str, Any], reason: str, fix: str) -> ShapeError:
+        """The first input gave `values`, which did not work out: the layer stays unbuilt."""
+        sizes = ", ".join(f"{k}={v!r}" for k, v in values.items())
+        return ShapeError(
+            f"`{_paths.module_path(self)}` ({type(self).__name__}) took {sizes} from its first input, "  # type: ignore[arg-type]
+            f"but {reason}. The layer is still unbuilt; pass {fix}."
+        )
 
     def _tl_infer(self, args: Any, kwargs: Any) -> dict[str, Any]:
         try:
