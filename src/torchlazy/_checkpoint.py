@@ -184,7 +184,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 def _mapper(key_map: KeyMap) -> Callable[[str], str | None]:
     if key_map is None:
         return lambda k: k
-    if isinstance(key_map, _OnlyUnder) or callable(key_map):
+    if callable(key_map):
         return key_map
     rules = sorted(key_map.items(), key=lambda kv: -len(kv[0]))
 
@@ -205,7 +205,7 @@ def _model_keys(module: nn.Module) -> dict[int, list[str]]:
     return keys
 
 
-def _sub_module_prefix(module: nn.Module, known: set[str], ckpt: Checkpoint) -> Mapping[str, str] | None:
+def _sub_module_prefix(module: nn.Module, known: set[str], ckpt: Checkpoint) -> Callable[[str], str | None] | None:
     """For a sub-module and a whole model's checkpoint: the prefix under which all its keys are.
 
     `tl.materialize(model.layers[3], checkpoint=...)` then reads `layers.3.*` and ignores the rest.
@@ -221,10 +221,10 @@ def _sub_module_prefix(module: nn.Module, known: set[str], ckpt: Checkpoint) -> 
             if all(prefix + k in ckpt.entries for k in known):
                 candidates.append(prefix)
     if len(candidates) == 1:
-        return _OnlyUnder(candidates[0])
+        return _only_under(candidates[0])
     path = _paths.known_path(module)
     if path is not None and f"{path}." in candidates:
-        return _OnlyUnder(f"{path}.")
+        return _only_under(f"{path}.")
     if candidates:
         raise CheckpointError(
             f"`{ckpt.path}` holds this sub-module's keys under several prefixes ({_listing(candidates)}): "
@@ -233,15 +233,9 @@ def _sub_module_prefix(module: nn.Module, known: set[str], ckpt: Checkpoint) -> 
     return None
 
 
-class _OnlyUnder(dict[str, str]):
-    """Prefix rule that drops every key outside the prefix (they belong to other sub-modules)."""
-
-    def __init__(self, prefix: str) -> None:
-        super().__init__({prefix: ""})
-        self.prefix = prefix
-
-    def __call__(self, key: str) -> str | None:
-        return key[len(self.prefix) :] if key.startswith(self.prefix) else None
+def _only_under(prefix: str) -> Callable[[str], str | None]:
+    """Strip `prefix`; drop every key outside it (they belong to other sub-modules)."""
+    return lambda key: key[len(prefix) :] if key.startswith(prefix) else None
 
 
 def build_lazy_from_checkpoint(module: nn.Module, ckpt: Checkpoint, rename: Callable[[str], str | None]) -> None:
