@@ -12,6 +12,7 @@ handed to FSDP the way `Module.to_empty` would (`reset_sharded_param`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ class Shard:
     record: Record
     ref: TRef  # the full tensor it stands for
 
+    @functools.cached_property
     def slices(self) -> tuple[slice, ...]:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -92,7 +94,7 @@ def materialize_shards(
     local: dict[int, torch.Tensor] = {}
     todo: list[Shard] = []
     for shard in shards:
-        value = read_slice(shard, shard.slices()) if read_slice is not None else None
+        value = read_slice(shard, shard.slices) if read_slice is not None else None
         if value is None:
             todo.append(shard)
         else:
@@ -124,7 +126,7 @@ def _replay_shards(by_record: dict[int, list[Shard]], local: dict[int, torch.Ten
             def on_ready(sid: int, storage: torch.UntypedStorage, by_sid: dict[int, list[Shard]] = by_sid) -> None:
                 for shard in by_sid[sid]:
                     full = shard.ref.on(storage)
-                    local[id(shard.param)] = full[shard.slices()].clone()  # keep the slice, drop the rest
+                    local[id(shard.param)] = full[shard.slices].clone()  # keep the slice, drop the rest
 
             # one storage at a time, in the order they are finished: one full tensor alive at most
             order = sorted(by_sid, key=lambda sid: record.storages[sid].writers[-1].key)
@@ -157,7 +159,7 @@ def _local_only(record: Record, shard: Shard, device: Any) -> torch.Tensor | Non
         for leaf in node.leaves:
             if isinstance(leaf, Const) or (isinstance(leaf, TRef) and leaf != ref):
                 return None
-    index = shard.slices()
+    index = shard.slices
     values = torch.empty(tuple(s.stop - s.start for s in index), dtype=ref.dtype, device=device)
     salt = repr(tuple(s.start for s in index)).encode()
     with torch.no_grad():
