@@ -392,8 +392,6 @@ class Record:
         else:
             assert node.spec is not None
             args, kwargs = tree_unflatten(leaves, node.spec)
-            if "device" in kwargs and kwargs["device"] is not None:
-                kwargs["device"] = device
             try:
                 out = node.func(*args, **kwargs)
             except Exception as e:
