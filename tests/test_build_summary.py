@@ -27,13 +27,18 @@ def check_golden(name: str, text: str) -> None:
     assert text == path.read_text(), f"{name} changed; rerun with TORCHLAZY_REGEN=1 if intended"
 
 
-def test_build_from_spec_is_exact_and_allocates_once() -> None:
+def build_deferred_cnn_and_check_exact() -> nn.Module:
     torch.manual_seed(0)
     with tl.deferred():
         model = zoo.cnn()
     tl.build(model, tl.Spec(2, 3, 32, 32))
     torch.manual_seed(0)
     assert same_state(model, zoo.cnn_eager()) == []
+    return model
+
+
+def test_build_from_spec_is_exact_and_allocates_once() -> None:
+    model = build_deferred_cnn_and_check_exact()
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
@@ -215,12 +220,7 @@ def test_build_shapes_on_a_meta_twin_without_a_fake_forward(monkeypatch: pytest.
     import torchlazy._infer as infer
 
     monkeypatch.setattr(infer, "fake_forward", lambda *a, **k: pytest.fail("meta twin expected"))
-    torch.manual_seed(0)
-    with tl.deferred():
-        model = zoo.cnn()
-    tl.build(model, tl.Spec(2, 3, 32, 32))
-    torch.manual_seed(0)
-    assert same_state(model, zoo.cnn_eager()) == []
+    build_deferred_cnn_and_check_exact()
 
     class Outer(nn.Module):  # a lazy class whose real constructor makes lazy layers: needs the fake forward too
         def __init__(self, channels: int) -> None:
