@@ -1,7 +1,6 @@
 """torchlazy: lazy shapes, deferred construction, exact materialization for PyTorch."""
 
 from . import nn
-from ._checkpoint import save
 from ._deferred import deferred, deferred_tensors, is_deferred
 from ._errors import (
     CheckpointError,
@@ -10,9 +9,11 @@ from ._errors import (
     NotBuiltError,
     ShapeError,
 )
-from ._infer import Spec, build
+from ._infer import build
 from ._lazy import LazyModule, is_built, lazy
 from ._materialize import materialize
+from ._save import save
+from ._spec import Spec
 from ._summary import Row, Summary, summary
 
 __all__ = [

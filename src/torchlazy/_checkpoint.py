@@ -1,11 +1,12 @@
-"""Checkpoints: read values straight into a deferred model, and write them.
+"""Checkpoints: open them, match their keys to a model's, read tensors on demand.
 
 Sources are opened without reading tensors: safetensors files are memory
 mapped and each tensor is read when its turn comes; `.pt`/`.bin` files are
 loaded with `weights_only=True` and `mmap=True`, so no arbitrary object is ever
 unpickled and untouched pages are never read. A tensor found in the checkpoint
 is never initialized at random: only what the checkpoint lacks is replayed
-from the record.
+from the record. This module knows nothing of lazy layers or records: the
+orchestrator (`_materialize.py`) decides what to read; writing is `_save.py`.
 """
 
 from __future__ import annotations
@@ -13,22 +14,17 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from . import _lazy, _paths
+from . import _paths
 from ._errors import CheckpointError, ShapeError
 
-if TYPE_CHECKING:
-    from ._materialize import _Target
-
-__all__ = ["save", "open_checkpoint", "load_into_targets"]
+__all__ = ["Checkpoint", "CheckpointShapeError", "KeyPlan", "mapper", "open_checkpoint", "plan_keys"]
 
 KeyMap = Callable[[str], str | None] | Mapping[str, str] | None
 
@@ -181,7 +177,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     )
 
 
-def _mapper(key_map: KeyMap) -> Callable[[str], str | None]:
+def mapper(key_map: KeyMap) -> Callable[[str], str | None]:
     if key_map is None:
         return lambda k: k
     if callable(key_map):
@@ -238,182 +234,68 @@ def _only_under(prefix: str) -> Callable[[str], str | None]:
     return lambda key: key[len(prefix) :] if key.startswith(prefix) else None
 
 
-def build_lazy_from_checkpoint(module: nn.Module, ckpt: Checkpoint, rename: Callable[[str], str | None]) -> None:
-    """Shape unbuilt lazy layers from the checkpoint's tensor shapes (no data read)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for key, entry in ckpt.entries.items():
-        new = rename(key)
-        if new is not None:
-            shapes[new] = entry.shape
-    for path, sub in list(module.named_modules()):
-        if isinstance(sub, _lazy._LazyLayer):
-            prefix = f"{path}." if path else ""
-            mine = {k[len(prefix) :]: torch.empty(s, device="meta") for k, s in shapes.items() if k.startswith(prefix)}
-            if mine:
-                sub._tl_build_from_state(mine, prefix)
+@dataclass
+class KeyPlan:
+    """Which checkpoint tensor each model tensor takes: worked out once per materialize."""
 
+    ckpt: Checkpoint
+    model_keys: dict[int, list[str]]  # id(tensor) -> the state-dict keys naming it (ties have several)
+    sources: dict[str, str]  # model key -> checkpoint key
+    unexpected: list[str]  # checkpoint keys the model does not have
 
-def load_into_targets(
-    module: nn.Module,
-    targets: list[_Target],
-    checkpoint: Any,
-    strict: bool,
-    key_map: KeyMap,
-    device: torch.device | str | None,
-    dtype: torch.dtype | None,
-) -> tuple[dict[int, torch.Tensor], list[_Target]]:
-    """Values read from the checkpoint, and the targets left for the record."""
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
-    model_keys = _model_keys(module)
-    known = {k for ks in model_keys.values() for k in ks}
-    rename = _mapper(key_map) if key_map is not None else _mapper(_sub_module_prefix(module, known, ckpt))
-    by_model_key: dict[str, str] = {}
-    unexpected: list[str] = []
-    for key in ckpt.entries:
-        new = rename(key)
-        if new is not None and new in known:
-            by_model_key[new] = key
-        elif new is not None:
-            unexpected.append(key)
-    values: dict[int, torch.Tensor] = {}
-    rest: list[_Target] = []
-    missing: list[str] = []
-    plan: list[tuple[_Target, str, str]] = []
-    for target in targets:
-        keys = model_keys.get(id(target.tensor), [])
-        found = next((k for k in keys if k in by_model_key), None)
-        if found is None:
-            rest.append(target)
-            if keys:
-                missing.append(keys[0])
-            continue
-        plan.append((target, found, by_model_key[found]))
-    for target, key, source in plan:
-        entry = ckpt.entries[source]
-        if entry.shape != tuple(target.tensor.shape):
+    def find(self, t: torch.Tensor) -> tuple[str, str] | None:
+        """(model key, checkpoint key) for tensor `t`, or None when the checkpoint lacks it."""
+        return next(((k, self.sources[k]) for k in self.model_keys.get(id(t), []) if k in self.sources), None)
+
+    def keys_of(self, t: torch.Tensor) -> list[str]:
+        return self.model_keys.get(id(t), [])
+
+    def check(self, key: str, source: str, shape: tuple[int, ...], dtype: torch.dtype) -> _Entry:
+        """The entry for `source`, after checking it fits a model tensor of `shape` and `dtype`."""
+        entry = self.ckpt.entries[source]
+        if entry.shape != tuple(shape):
             raise CheckpointShapeError(
-                f"`{key}`: the model expects shape {tuple(target.tensor.shape)}, the checkpoint "
-                f"`{entry.where}` has {entry.shape} (as `{source}`). Check that the checkpoint belongs "
-                "to this configuration, or map keys with `key_map=`."
+                f"`{key}`: the model expects shape {tuple(shape)}, the checkpoint `{entry.where}` has "
+                f"{entry.shape} (as `{source}`). Check that the checkpoint belongs to this configuration, "
+                "or map keys with `key_map=`."
             )
-        if entry.dtype.is_complex != target.tensor.dtype.is_complex:
-            raise CheckpointError(f"`{key}`: cannot load a {entry.dtype} tensor into a {target.tensor.dtype} one.")
-    if strict and (missing or unexpected):
+        if entry.dtype.is_complex != dtype.is_complex:
+            raise CheckpointError(f"`{key}`: cannot load a {entry.dtype} tensor into a {dtype} one.")
+        return entry
+
+    def mismatch(self, missing: list[str]) -> CheckpointError | None:
+        """The error for a strict load with keys missing on either side, if any are."""
+        if not (missing or self.unexpected):
+            return None
         parts = []
         if missing:
             parts.append(f"missing from the checkpoint: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"not in the model: {_listing(unexpected)}")
-        raise CheckpointError(
-            f"`{ckpt.path}` does not match the model ({'; '.join(parts)}). Use `strict=False` to "
+        if self.unexpected:
+            parts.append(f"not in the model: {_listing(self.unexpected)}")
+        return CheckpointError(
+            f"`{self.ckpt.path}` does not match the model ({'; '.join(parts)}). Use `strict=False` to "
             "initialize what is missing from the record (as eager construction would), or "
             "`key_map=` to rename checkpoint keys (a callable, or prefix rules such as "
             "{'module.': ''})."
         )
-    for target, _, source in plan:
-        tensor = ckpt.entries[source].read()
-        final_dtype = dtype if dtype is not None and target.tensor.dtype.is_floating_point else target.tensor.dtype
-        final_device = torch.device(device) if device is not None else target.tensor.device
-        values[id(target.tensor)] = tensor.to(final_device, final_dtype, copy=False)
-    return values, rest
 
 
-def shard_reader(
-    module: nn.Module, checkpoint: Any, key_map: KeyMap, strict: bool
-) -> Callable[[Any, tuple[slice, ...]], torch.Tensor | None]:
-    """For sharded parameters: read each rank's slice of the checkpoint tensor, nothing more."""
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
-    rename = _mapper(key_map)
-    sources = {rename(k): k for k in ckpt.entries}
-    keys = _model_keys(module)
-
-    def read(shard: Any, index: tuple[slice, ...]) -> torch.Tensor | None:
-        names = keys.get(id(shard.param), [])
-        found = next((k for k in names if k in sources), None)
-        if found is None:
-            if strict:
-                raise CheckpointError(
-                    f"`{shard.path}` is missing from `{ckpt.path}`; use `strict=False` to initialize it from the record."
-                )
-            return None
-        entry = ckpt.entries[sources[found]]  # type: ignore[index]
-        if entry.shape != tuple(shard.param.shape):
-            raise CheckpointShapeError(
-                f"`{found}`: the model expects shape {tuple(shard.param.shape)}, the checkpoint has {entry.shape}."
-            )
-        return entry.slice(index)
-
-    return read
+def plan_keys(module: nn.Module, ckpt: Checkpoint, key_map: KeyMap) -> KeyPlan:
+    """Match the checkpoint's keys to the model's (renamed by `key_map`, or found under a prefix)."""
+    model_keys = _model_keys(module)
+    known = {k for ks in model_keys.values() for k in ks}
+    rename = mapper(key_map) if key_map is not None else mapper(_sub_module_prefix(module, known, ckpt))
+    sources: dict[str, str] = {}
+    unexpected: list[str] = []
+    for key in ckpt.entries:
+        new = rename(key)
+        if new is not None and new in known:
+            sources[new] = key
+        elif new is not None:
+            unexpected.append(key)
+    return KeyPlan(ckpt, model_keys, sources, unexpected)
 
 
 def _listing(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(f"`{k}`" for k in keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", size.upper())
-    if match is None:
-        raise ValueError(f"`max_shard_size={size!r}`: expected bytes as an int or a string such as '2GB'.")
-    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[match.group(2)]
-    return int(float(match.group(1)) * scale)
-
-
-def _unique_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    seen: set[int] = set()
-    for key, t in module.state_dict(keep_vars=True).items():
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        yield key, t.detach()
-
-
-def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | str | None = None) -> list[Path]:
-    """Write the model's state dict as safetensors; tied tensors stored once. Returns the files.
-
-    With `max_shard_size`, `path` is a folder that receives numbered shards and
-    `model.safetensors.index.json` (the layout `save_pretrained` writes).
-
-    >>> import torch, torchlazy as tl, tempfile, os
-    >>> emb = torch.nn.Embedding(4, 2); head = torch.nn.Linear(2, 4, bias=False); head.weight = emb.weight
-    >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
-    >>> [p.name for p in tl.save(torch.nn.ModuleDict(dict(emb=emb, head=head)), path)]
-    ['model.safetensors']
-    """
-    from safetensors.torch import save_file
-
-    from ._deferred import is_deferred
-
-    if is_deferred(module):
-        raise CheckpointError(
-            "the model is still deferred: call `tl.materialize(model)` (or `tl.build`) before `tl.save`."
-        )
-    tensors = [(k, t.contiguous().cpu()) for k, t in _unique_state(module)]
-    out = Path(path)
-    if max_shard_size is None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(dict(tensors), str(out), metadata={"format": "pt"})
-        return [out]
-    limit = _parse_size(max_shard_size)
-    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = 0
-    for key, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append((key, t))
-        size += nbytes
-    out.mkdir(parents=True, exist_ok=True)
-    files, weight_map = [], {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(dict(shard), str(out / name), metadata={"format": "pt"})
-        files.append(out / name)
-        weight_map.update({k: name for k, _ in shard})
-    total = sum(t.numel() * t.element_size() for _, t in tensors)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return [*files, out / "model.safetensors.index.json"]

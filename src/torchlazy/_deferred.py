@@ -19,27 +19,21 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import (
-    DataDependentOutputException,
-    DynamicOutputShapeException,
-    FakeTensor,
-    FakeTensorMode,
-    UnsupportedOperatorException,
-)
+from torch.nn.modules import module as _module_hooks
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_flatten, tree_leaves
 
-from . import _paths
+from . import _markers, _paths
+from . import _torch_compat as tc
 from ._errors import DeferredError
+from ._modtree import module_tensors
 from ._record import GENERATOR_LOCK, Const, Key, Node, Record, TRef
 
-__all__ = ["deferred", "deferred_tensors", "is_deferred"]
+__all__ = ["deferred", "deferred_tensors", "fake_attrs", "is_deferred"]
 
 
 class _Local(threading.local):
     def __init__(self) -> None:
-        self.fake_mode: FakeTensorMode | None = None
+        self.fake_mode: Any = None
         self.recorders: list[_Recorder] = []
         self.quiet = 0  # > 0 while torchlazy itself runs a deferred forward
 
@@ -47,18 +41,18 @@ class _Local(threading.local):
 _local = _Local()
 
 
-def fake_mode() -> FakeTensorMode:
+def fake_mode() -> Any:
     """This thread's fake-tensor mode (one per thread, shared by all records)."""
     if _local.fake_mode is None:
-        _local.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        _local.fake_mode = tc.fake_tensor_mode(allow_non_fake_inputs=True)
     return _local.fake_mode
 
 
 def storage_of(t: torch.Tensor) -> tuple[Record, int] | None:
     """The record and storage id of a deferred tensor, or None for a real one."""
-    if not isinstance(t, FakeTensor):
+    if not tc.is_fake(t):
         return None
-    return getattr(t.untyped_storage(), "_torchlazy", None)
+    return getattr(t.untyped_storage(), _markers.RECORD, None)
 
 
 def is_deferred(obj: nn.Module | torch.Tensor) -> bool:
@@ -76,8 +70,8 @@ def is_deferred(obj: nn.Module | torch.Tensor) -> bool:
     False
     """
     if isinstance(obj, torch.Tensor):
-        return isinstance(obj, FakeTensor)
-    unshaped = any(m.__dict__.get("_tl_slot") is not None for m in obj.modules())  # lazy, made under deferred
+        return tc.is_fake(obj)
+    unshaped = any(m.__dict__.get(_markers.SLOT) is not None for m in obj.modules())  # lazy, made under deferred
     return unshaped or bool(deferred_tensors(obj))
 
 
@@ -90,17 +84,14 @@ def deferred_tensors(module: nn.Module) -> list[str]:
     >>> tl.deferred_tensors(net)[:3]
     ['0.weight', '0.bias', '1.weight']
     """
-    from ._materialize import module_tensors
-
     _paths.remember_paths(module)
-    return [path for path, _, _, t in module_tensors(module) if isinstance(t, FakeTensor)]
+    return [path for path, _, _, t in module_tensors(module) if tc.is_fake(t)]
 
 
 # -- the recorder ------------------------------------------------------------
 
 # Initializers whose control flow reads random values (rejection sampling). Only
 # inside them is a value computed for real during deferred construction.
-_CONCRETIZE_IN = (torch.nn.init._no_grad_trunc_normal_.__code__,)
 _CHEAP_BYTES = 1 << 20
 _READS_VALUES = {
     torch.Tensor.numpy: "`.numpy()`",
@@ -109,7 +100,7 @@ _READS_VALUES = {
 }
 
 
-class _Recorder(TorchDispatchMode):
+class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     """Appends every storage-creating or storage-writing op to a record."""
 
     @classmethod
@@ -136,9 +127,9 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         try:
             out = func(*args, **kwargs)
-        except (DataDependentOutputException, DynamicOutputShapeException):
+        except tc.data_dependent_errors():
             return self._needs_values(func, args, kwargs)
-        except UnsupportedOperatorException:
+        except tc.unsupported_operator_error():
             raise DeferredError(
                 f"`{func}` has no fake-tensor (meta) implementation, so {_paths.constructing_module()} "
                 "cannot be constructed under `tl.deferred()`. Construct that module outside "
@@ -149,7 +140,7 @@ class _Recorder(TorchDispatchMode):
         return out
 
     def _ref(self, t: torch.Tensor, func: Any) -> TRef | Const:
-        if not isinstance(t, FakeTensor):
+        if not tc.is_fake(t):
             return Const(t)
         owner = storage_of(t)
         if owner is None or owner[0] is not self.record:
@@ -163,14 +154,14 @@ class _Recorder(TorchDispatchMode):
 
     def _log(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         written: set[int] = set()
-        schema = func._schema
+        schema = tc.op_schema(func)
         for i, arg in enumerate(schema.arguments):
             if arg.alias_info is not None and arg.alias_info.is_write:
                 value = args[i] if i < len(args) else kwargs.get(arg.name)
-                for t in tree_leaves(value):
+                for t in tc.tree_leaves(value):
                     if isinstance(t, torch.Tensor):
                         written.add(id(t))
-        flat, spec = tree_flatten((args, kwargs))
+        flat, spec = tc.tree_flatten((args, kwargs))
         leaves: list[Any] = []
         reads: list[int] = []
         writes: list[int] = []
@@ -185,12 +176,12 @@ class _Recorder(TorchDispatchMode):
             else:
                 leaves.append(x)
         outputs: list[tuple[int, int]] = []
-        for index, t in enumerate(tree_leaves(out)):
-            if isinstance(t, FakeTensor):
+        for index, t in enumerate(tc.tree_leaves(out)):
+            if tc.is_fake(t):
                 storage = t.untyped_storage()
-                if getattr(storage, "_torchlazy", None) is None:
+                if getattr(storage, _markers.RECORD, None) is None:
                     sid = self.record.new_storage(storage, storage.nbytes(), t.device)
-                    storage._torchlazy = (self.record, sid)  # type: ignore[attr-defined]
+                    setattr(storage, _markers.RECORD, (self.record, sid))
                     outputs.append((index, sid))
         if not outputs and not writes:
             return
@@ -227,7 +218,7 @@ class _Recorder(TorchDispatchMode):
         `linspace`, say): computing them costs nothing and decides nothing about the model."""
         sids = {
             ref.sid
-            for t in tree_leaves((args, kwargs))
+            for t in tc.tree_leaves((args, kwargs))
             if isinstance(t, torch.Tensor)
             for ref in [self._ref(t, "read")]
             if isinstance(ref, TRef)
@@ -238,10 +229,12 @@ class _Recorder(TorchDispatchMode):
         return small and all(n.stream is None for n in nodes)
 
     def _needs_values(self, func: Any, args: Any, kwargs: Any) -> Any:
-        allowed = self.concretize or _paths.frames_include(_CONCRETIZE_IN) or self._cheap_and_certain(args, kwargs)
+        allowed = (
+            self.concretize or _paths.frames_include(tc.trunc_normal_codes()) or self._cheap_and_certain(args, kwargs)
+        )
         if not allowed:
             what = "reading a tensor's value (`.item()`, `.tolist()`, `bool(t)`)"
-            if func is not torch.ops.aten._local_scalar_dense.default:
+            if func is not tc.local_scalar_op():
                 what = f"`{func}` (its output shape depends on tensor values)"
             raise DeferredError(
                 f"{what} during deferred construction of {_paths.constructing_module()}: under "
@@ -250,22 +243,22 @@ class _Recorder(TorchDispatchMode):
                 "`tl.deferred(concretize=True)` to compute such values for real (exact, but it "
                 "costs the work needed to produce them)."
             )
-        flat, spec = tree_flatten((args, kwargs))
-        with _disable_current_modes():
+        flat, spec = tc.tree_flatten((args, kwargs))
+        with tc.disable_current_modes():
             real_flat = self._force(flat)
             real_args, real_kwargs = spec.unflatten(real_flat)  # type: ignore[attr-defined]
             out = func(*real_args, **real_kwargs)
-        if not any(isinstance(t, torch.Tensor) for t in tree_leaves(out)):
+        if not any(isinstance(t, torch.Tensor) for t in tc.tree_leaves(out)):
             return out
         # A tensor whose shape depends on values: keep its values as a constant.
-        flat_out, out_spec = tree_flatten(out)
+        flat_out, out_spec = tc.tree_flatten(out)
         mode = fake_mode()
         fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat_out]
         for real, fake in zip(flat_out, fakes):
-            if isinstance(fake, FakeTensor):
+            if tc.is_fake(fake):
                 storage = fake.untyped_storage()
                 sid = self.record.new_storage(storage, storage.nbytes(), fake.device)
-                storage._torchlazy = (self.record, sid)  # type: ignore[attr-defined]
+                setattr(storage, _markers.RECORD, (self.record, sid))
                 self.record.add(
                     Node(
                         self.reserve(),
@@ -318,7 +311,7 @@ def _contiguous_strides(size: tuple[int, ...]) -> list[int]:
 
 
 def _generator_arg(func: Any, args: Any, kwargs: Any) -> torch.Generator | None:
-    for i, arg in enumerate(func._schema.arguments):
+    for i, arg in enumerate(tc.op_schema(func).arguments):
         if arg.name == "generator":
             gen = args[i] if i < len(args) else kwargs.get("generator")
             return gen if isinstance(gen, torch.Generator) else None
@@ -335,7 +328,7 @@ class _ValueGuard(TorchFunctionMode):
         if (
             what is not None
             and _local.quiet == 0
-            and any(storage_of(t) is not None for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+            and any(storage_of(t) is not None for t in tc.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
         ):
             raise DeferredError(
                 f"{what} during deferred construction of {_paths.constructing_module()}: under "
@@ -355,9 +348,7 @@ def _deepcopy(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
         new = nn.Parameter(new, requires_grad=t.requires_grad)
     elif t.requires_grad:
         new.requires_grad_()
-    from ._materialize import _fake_attrs
-
-    internal = _fake_attrs()
+    internal = fake_attrs()
     for k, v in t.__dict__.items():
         if k not in internal:
             setattr(new, k, copy.deepcopy(v, memo))
@@ -453,7 +444,6 @@ def _advance_global_generator(record: Record) -> None:
 
 def _track_modules(record: Record) -> list[Any]:
     """Give modules that receive deferred tensors a forward guard until materialized."""
-    from torch.nn.modules import module as _module
 
     def on_tensor(module: nn.Module, name: str, tensor: Any) -> None:
         if not _local.recorders or tensor is None:
@@ -461,14 +451,12 @@ def _track_modules(record: Record) -> list[Any]:
         if storage_of(tensor) is None:
             return
         # the recorded tensor itself, for when a wrapper (FSDP) puts another in its place
-        module.__dict__.setdefault("_torchlazy_origin", {})[name] = tensor
-        if getattr(module, "_torchlazy_guard", None) is None:
-            module._torchlazy_guard = module.register_forward_pre_hook(_forward_guard)  # type: ignore[assignment]
-        return
+        module.__dict__.setdefault(_markers.ORIGIN, {})[name] = tensor
+        add_guard(module)
 
     return [
-        _module.register_module_parameter_registration_hook(on_tensor),
-        _module.register_module_buffer_registration_hook(on_tensor),
+        _module_hooks.register_module_parameter_registration_hook(on_tensor),
+        _module_hooks.register_module_buffer_registration_hook(on_tensor),
     ]
 
 
@@ -482,8 +470,41 @@ def _forward_guard(module: nn.Module, args: Any) -> None:
     )
 
 
+def add_guard(module: nn.Module) -> None:
+    """Refuse a forward of `module` until its deferred tensors are materialized."""
+    if module.__dict__.get(_markers.GUARD) is None:
+        module.__dict__[_markers.GUARD] = module.register_forward_pre_hook(_forward_guard)
+
+
+def has_guard(module: nn.Module) -> bool:
+    return _markers.GUARD in module.__dict__
+
+
 def drop_guard(module: nn.Module) -> None:
-    module.__dict__.pop("_torchlazy_origin", None)
-    handle = module.__dict__.pop("_torchlazy_guard", None)
+    """`module` is materialized: no guard, no record of its origins."""
+    module.__dict__.pop(_markers.ORIGIN, None)
+    handle = module.__dict__.pop(_markers.GUARD, None)
     if handle is not None:
         handle.remove()
+
+
+def origin_of(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The recorded tensor `module` registered as `name` (a wrapper may have put another in its place)."""
+    return module.__dict__.get(_markers.ORIGIN, {}).get(name)
+
+
+def origins(module: nn.Module) -> list[torch.Tensor]:
+    return list(module.__dict__.get(_markers.ORIGIN, {}).values())
+
+
+_FAKE_ATTRS: set[str] | None = None
+
+
+def fake_attrs() -> set[str]:
+    """Attributes every fake Parameter carries (torch's own), as opposed to the user's."""
+    global _FAKE_ATTRS
+    if _FAKE_ATTRS is None:
+        with fake_mode():
+            probe = nn.Parameter(torch.empty(1))
+        _FAKE_ATTRS = set(probe.__dict__) | {"_is_param"}
+    return _FAKE_ATTRS

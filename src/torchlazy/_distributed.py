@@ -19,21 +19,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_unflatten
 
-from ._deferred import storage_of
+from . import _torch_compat as tc
+from ._deferred import origin_of, storage_of
 from ._errors import DeferredError
+from ._modtree import Placement
 from ._record import GENERATOR_LOCK, Const, Record, TRef, default_generator
 
 __all__ = ["sharded_targets", "materialize_shards"]
-
-
-def _dtensor_type() -> type | None:
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
 
 
 @dataclass
@@ -46,17 +39,13 @@ class Shard:
 
     @functools.cached_property
     def slices(self) -> tuple[slice, ...]:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        shape, offset = compute_local_shape_and_global_offset(
-            self.param.shape, self.param.device_mesh, self.param.placements
-        )
+        shape, offset = tc.local_shape_and_offset(self.param.shape, self.param.device_mesh, self.param.placements)
         return tuple(slice(o, o + s) for o, s in zip(offset, shape))
 
 
 def sharded_targets(module: nn.Module) -> list[Shard]:
     """DTensor parameters whose local tensors are still fake (or meta)."""
-    DTensor = _dtensor_type()
+    DTensor = tc.dtensor_type()
     if DTensor is None:
         return []
     shards: dict[int, Shard] = {}
@@ -64,13 +53,13 @@ def sharded_targets(module: nn.Module) -> list[Shard]:
         for name, p in owner._parameters.items():
             if not isinstance(p, DTensor):
                 continue
-            local = p._local_tensor  # type: ignore[attr-defined]
-            if not (local.is_meta or type(local).__name__ == "FakeTensor"):
+            local = tc.dtensor_local(p)
+            if not (local.is_meta or tc.is_fake(local)):
                 continue
             if id(p) in shards:
                 shards[id(p)].owners.append((owner, name))
                 continue
-            original = owner.__dict__.get("_torchlazy_origin", {}).get(name)
+            original = origin_of(owner, name)
             origin = storage_of(original) if original is not None else None
             path = f"{prefix}.{name}" if prefix else name
             if original is None or origin is None:
@@ -85,8 +74,7 @@ def sharded_targets(module: nn.Module) -> list[Shard]:
 def materialize_shards(
     module: nn.Module,
     shards: list[Shard],
-    device: torch.device | str | None,
-    dtype: torch.dtype | None,
+    placement: Placement,
     exact: bool,
     read_slice: Callable[[Shard, tuple[slice, ...]], torch.Tensor | None] | None = None,
 ) -> None:
@@ -103,8 +91,8 @@ def materialize_shards(
     for shard in todo:
         by_record.setdefault(id(shard.record), []).append(shard)
     with GENERATOR_LOCK:
-        _replay_shards(by_record, local, device, exact)
-    _install(module, shards, local, device, dtype)
+        _replay_shards(by_record, local, placement.device, exact)
+    _install(module, shards, local, placement)
 
 
 def _replay_shards(by_record: dict[int, list[Shard]], local: dict[int, torch.Tensor], device: Any, exact: bool) -> None:
@@ -169,7 +157,7 @@ def _local_only(record: Record, shard: Shard, device: Any) -> torch.Tensor | Non
                 generator = default_generator(values.device)
                 generator.manual_seed(record.seed_for(node, salt))
             assert node.spec is not None and node.func is not None
-            args, kwargs = tree_unflatten(leaves, node.spec)
+            args, kwargs = tc.tree_unflatten(leaves, node.spec)
             node.func(*args, **kwargs)
     return values
 
@@ -181,33 +169,18 @@ _ELEMENTWISE_FILLS = {
 }  # fmt: skip
 
 
-def _fsdp_params(module: nn.Module) -> dict[tuple[int, str], Any]:
-    """(id(owner module), parameter name) -> FSDPParam, for every FSDP module under `module`."""
-    found: dict[tuple[int, str], Any] = {}
-    for sub in module.modules():
-        state_of = getattr(sub, "_get_fsdp_state", None)
-        if state_of is None:
-            continue
-        for group in state_of()._fsdp_param_groups:
-            for fsdp_param in group.fsdp_params:
-                info = fsdp_param._module_info
-                found[(id(info.module), info.param_name)] = fsdp_param
-    return found
-
-
-def _install(
-    module: nn.Module, shards: list[Shard], local: dict[int, torch.Tensor], device: Any, dtype: torch.dtype | None
-) -> None:
+def _install(module: nn.Module, shards: list[Shard], local: dict[int, torch.Tensor], placement: Placement) -> None:
     """Put each local tensor in place and let FSDP re-pad it at once, so one shard is live twice at most."""
-    from torch.distributed.tensor import DTensor
-
-    managers = _fsdp_params(module)
+    DTensor: Any = tc.dtensor_type()
+    managers = {(id(owner), name): manager for owner, name, manager in tc.fsdp_params(module)}
     with torch.no_grad():
         for shard in shards:
             p = shard.param
-            target_device = torch.device(device) if device is not None else torch.device(p.device_mesh.device_type)
-            final_dtype = dtype if dtype is not None and p.dtype.is_floating_point else p.dtype
-            values = local.pop(id(p)).to(target_device, final_dtype).contiguous()
+            if placement.device is None:  # a sharded parameter lives where its mesh does
+                placement_here = Placement(torch.device(p.device_mesh.device_type), placement.dtype)
+            else:
+                placement_here = placement
+            values = placement_here.place(local.pop(id(p)), p).contiguous()
             new = DTensor.from_local(
                 values, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
             )

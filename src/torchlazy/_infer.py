@@ -10,83 +10,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import (
-    DataDependentOutputException,
-    DynamicOutputShapeException,
-    FakeTensor,
-)
-from torch.nn.modules import module as _module
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.nn.modules import module as _module_hooks
 
 from . import _deferred, _lazy, _paths
+from . import _torch_compat as tc
 from ._errors import DeferredError, LazyError, ShapeError
 from ._materialize import materialize
+from ._spec import CONSTANT_LIMIT, to_fake
+from ._twin import run_twin
 
-__all__ = ["Spec", "build"]
-
-
-@dataclass(frozen=True, init=False)
-class Spec:
-    """An input described by its shape and dtype, without data.
-
-    >>> import torch, torchlazy as tl
-    >>> tl.Spec(8, 3, 32, 32)
-    Spec(8, 3, 32, 32)
-    >>> tl.Spec(4, 16, dtype=torch.long)
-    Spec(4, 16, dtype=torch.int64)
-    """
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device | None
-
-    def __init__(
-        self,
-        *shape: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> None:
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
-            shape = tuple(shape[0])
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-            raise ShapeError(f"`tl.Spec{shape}`: every size must be a non-negative int, got {shape}.")
-        object.__setattr__(self, "shape", tuple(shape))
-        object.__setattr__(self, "dtype", dtype)
-        object.__setattr__(self, "device", torch.device(device) if device is not None else None)
-
-    def __repr__(self) -> str:
-        extra = "" if self.dtype == torch.float32 else f", dtype={self.dtype}"
-        extra += "" if self.device is None else f", device='{self.device}'"
-        return f"Spec({', '.join(map(str, self.shape))}{extra})"
-
-
-_CONSTANT_LIMIT = 4096
-
-
-def to_fake(example: Any, mode: Any) -> Any:
-    """Fake copies of the examples: Specs and tensors alike, in nested containers."""
-
-    def convert(x: Any) -> Any:
-        if isinstance(x, Spec):
-            with mode:
-                return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        if isinstance(x, FakeTensor):
-            return x
-        if isinstance(x, torch.Tensor):
-            if not x.is_floating_point() and x.numel() <= _CONSTANT_LIMIT and x.device.type == "cpu":
-                # small integer tensors (lengths, indices) keep their values, so forwards that
-                # read them (packed sequences, gathers) still run
-                return mode.fake_tensor_converter.from_real_tensor(mode, x, make_constant=True)
-            return mode.from_tensor(x)
-        return x
-
-    return tree_map(convert, example, is_leaf=lambda x: isinstance(x, Spec))
+__all__ = ["build", "fake_forward"]
 
 
 @contextlib.contextmanager
@@ -102,8 +39,8 @@ def _tracking_modules() -> Iterator[list[nn.Module]]:
             stack.pop()
 
     handles = [
-        _module.register_module_forward_pre_hook(push),
-        _module.register_module_forward_hook(pop),
+        _module_hooks.register_module_forward_pre_hook(push),
+        _module_hooks.register_module_forward_hook(pop),
     ]
     try:
         yield stack
@@ -112,7 +49,7 @@ def _tracking_modules() -> Iterator[list[nn.Module]]:
             h.remove()
 
 
-class _FoldConstants(TorchDispatchMode):
+class _FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     """Ops whose inputs are all small known constants run for real, so their outputs stay known.
 
     This lets forwards that compute with index tensors (targets, lengths) run on
@@ -129,30 +66,24 @@ class _FoldConstants(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        tensors = [t for t in tc.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         foldable = (
             tensors
-            and all(getattr(t, "constant", None) is not None for t in tensors)
-            and not func._schema.is_mutable
+            and all(tc.fake_constant(t) is not None for t in tensors)
+            and not tc.op_schema(func).is_mutable
             and torch.Tag.nondeterministic_seeded not in func.tags
         )
         if not foldable:
             return func(*args, **kwargs)
 
         def real(x: Any) -> Any:
-            return x.constant if isinstance(x, torch.Tensor) else x  # type: ignore[attr-defined]
+            return tc.fake_constant(x) if isinstance(x, torch.Tensor) else x
 
-        with _disable_current_modes():
-            out = func(*tree_map(real, args), **tree_map(real, kwargs))
-        if any(isinstance(t, torch.Tensor) and t.numel() > _CONSTANT_LIMIT for t in tree_leaves(out)):
+        with tc.disable_current_modes():
+            out = func(*tc.tree_map(real, args), **tc.tree_map(real, kwargs))
+        if any(isinstance(t, torch.Tensor) and t.numel() > CONSTANT_LIMIT for t in tc.tree_leaves(out)):
             return func(*args, **kwargs)
-        converter = self.mode.fake_tensor_converter
-        return tree_map(
-            lambda t: (
-                converter.from_real_tensor(self.mode, t, make_constant=True) if isinstance(t, torch.Tensor) else t
-            ),
-            out,
-        )
+        return tc.tree_map(lambda t: tc.make_constant_fake(self.mode, t) if isinstance(t, torch.Tensor) else t, out)
 
 
 def fake_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -165,7 +96,7 @@ def fake_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
             return module(*fargs, **fkwargs)
         except LazyError:
             raise
-        except (DataDependentOutputException, DynamicOutputShapeException) as e:
+        except tc.data_dependent_errors() as e:
             where = _where(stack, paths, module)
             raise DeferredError(
                 f"the forward of {where} depends on tensor values ({e}), so it cannot run on a "
@@ -185,8 +116,8 @@ def _where(stack: list[nn.Module], paths: dict[int, str], root: nn.Module) -> st
 
 def _mode_of(module: nn.Module) -> Any:
     for t in (*module.parameters(), *module.buffers()):
-        if isinstance(t, FakeTensor):
-            return t.fake_mode
+        if tc.is_fake(t):
+            return tc.fake_mode_of(t)
     return _deferred.fake_mode()
 
 
@@ -196,9 +127,7 @@ def _shape_on_meta_twin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[s
     False when that cannot be done (Keras-style `LazyModule`s need their inputs; forwards that need
     values or fake devices fail on the twin): the caller then runs the fake forward.
     """
-    from ._twin import run_twin
-
-    if any("_tl_hook" in m.__dict__ for m in module.modules()):
+    if any(_lazy.is_lazy_module(m) for m in module.modules()):
         return False
     try:
         with _lazy.observing() as observed:
@@ -207,11 +136,11 @@ def _shape_on_meta_twin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[s
         return False
     values = {path: observed[id(m)] for path, m in twin.named_modules() if id(m) in observed}
     for path, m in module.named_modules():
-        if isinstance(m, _lazy._LazyLayer) and path in values:
-            m._tl_build_with(values[path])
+        if _lazy.is_lazy_layer(m) and path in values:
+            _lazy.build_with(m, values[path])
     # lazy layers that the built ones created (nested) are shaped by a fake forward after all
-    shaped_in_twin = {path for path, m in twin.named_modules() if not isinstance(m, _lazy._LazyLayer)}
-    return not any(isinstance(m, _lazy._LazyLayer) and path in shaped_in_twin for path, m in module.named_modules())
+    shaped_in_twin = {path for path, m in twin.named_modules() if not _lazy.is_lazy_layer(m)}
+    return not any(_lazy.is_lazy_layer(m) and path in shaped_in_twin for path, m in module.named_modules())
 
 
 def build(

@@ -34,18 +34,26 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
-from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils._pytree import tree_leaves
 
-from . import _deferred, _paths
+from . import _deferred, _markers, _paths
+from . import _torch_compat as tc
 from ._errors import DeferredError, LazyError, NotBuiltError, ShapeError
-from ._materialize import drop_parameter_caches, refresh_parameter_caches
+from ._modtree import drop_parameter_caches, refresh_parameter_caches
 from ._record import Record
 from ._rules import Inputs, Rule, Trailing, _Mismatch, as_rule
 
-__all__ = ["LazyModule", "is_built", "lazy"]
+__all__ = [
+    "LazyModule",
+    "build_from_state",
+    "build_with",
+    "first_input",
+    "is_built",
+    "is_lazy_layer",
+    "is_placeholder",
+    "lazy",
+    "placeholder_like",
+]
 
 M = TypeVar("M", bound=nn.Module)
 _order = itertools.count()
@@ -56,7 +64,7 @@ _HOOK_ATTRS = tuple(k for k in nn.Module().__dict__ if "hook" in k)
 
 
 def _not_built(t: Any, what: str) -> NotBuiltError:
-    where: tuple[Any, str] | None = getattr(t, "_tl_where", None)
+    where: tuple[Any, str] | None = getattr(t, _markers.WHERE, None)
     owner = where[0]() if where is not None else None
     if where is not None and owner is not None:
         path = _paths.module_path(owner)
@@ -75,11 +83,11 @@ class _Placeholder:
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        allowed = UninitializedParameter._allowed_methods  # type: ignore[attr-defined]
+        allowed = tc.allowed_placeholder_methods()
         if func in allowed or func.__class__.__name__ == "method-wrapper":
             return super().__torch_function__(func, types, args, kwargs or {})  # type: ignore[misc]
         target = next(
-            (a for a in tree_leaves((args, kwargs)) if isinstance(a, _Placeholder)),
+            (a for a in tc.tree_leaves((args, kwargs)) if isinstance(a, _Placeholder)),
             None,
         )
         raise _not_built(target, f"`{getattr(func, '__name__', func)}`")
@@ -90,7 +98,7 @@ class _Placeholder:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         if id(self) not in memo:
-            with torch._C.DisableTorchFunctionSubclass():
+            with tc.disable_torch_function_subclass():
                 memo[id(self)] = type(self)(self.requires_grad, self.device, self.dtype)  # type: ignore[call-arg,attr-defined]
         return memo[id(self)]
 
@@ -190,7 +198,7 @@ def _undo_now(undo: Callable[[], None]) -> None:
 
 def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bool) -> Callable[[], None]:
     """Run `build(deferred)` for `module` where it belongs; undo everything if it fails."""
-    slot = module.__dict__.get("_tl_slot")
+    slot = module.__dict__.get(_markers.SLOT)
     undo = _snapshot(module)
     if slot is not None and not fake_inputs:
         raise DeferredError(
@@ -201,7 +209,7 @@ def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bo
     if fake_inputs:
         record, prefix = slot if slot is not None else (Record(live=True), ())
         if slot is None:
-            record.order = module.__dict__.get("_tl_order", 0)
+            record.order = module.__dict__.get(_markers.ORDER, 0)
         try:
             with _deferred.recording(record, prefix):
                 build(True)
@@ -227,11 +235,11 @@ def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bo
 
 
 def _fake(args: Any, kwargs: Any) -> bool:
-    return any(isinstance(t, FakeTensor) for t in tree_leaves((args, kwargs)))
+    return any(tc.is_fake(t) for t in tc.tree_leaves((args, kwargs)))
 
 
 def _first_device(args: Any, kwargs: Any) -> torch.device:
-    for t in tree_leaves((args, kwargs)):
+    for t in tc.tree_leaves((args, kwargs)):
         if isinstance(t, torch.Tensor):
             return t.device
         if hasattr(t, "data") and isinstance(t.data, torch.Tensor):  # PackedSequence
@@ -250,7 +258,44 @@ def is_built(module: nn.Module) -> bool:
     >>> tl.is_built(net), net[0]
     (True, Linear(in_features=5, out_features=3, bias=True))
     """
-    return not any(isinstance(m, _LazyLayer) or "_tl_hook" in m.__dict__ for m in module.modules())
+    return not any(isinstance(m, _LazyLayer) or _markers.BUILD_HOOK in m.__dict__ for m in module.modules())
+
+
+def is_lazy_layer(module: nn.Module) -> bool:
+    """Whether `module` is a lazy layer made by `lazy()` that has not been built yet."""
+    return isinstance(module, _LazyLayer)
+
+
+def is_lazy_module(module: nn.Module) -> bool:
+    """Whether `module` is a Keras-style `LazyModule` whose `build` has not run yet."""
+    return _markers.BUILD_HOOK in module.__dict__
+
+
+def is_placeholder(t: Any) -> bool:
+    """Whether `t` is an unbuilt lazy parameter or buffer."""
+    return isinstance(t, _Placeholder)
+
+
+def placeholder_like(t: Any, device: torch.device | str) -> torch.Tensor:
+    """A new placeholder of the same kind as `t` (an unbuilt parameter or buffer), on `device`."""
+    if isinstance(t, LazyBuffer):
+        return LazyBuffer(False, device, t.dtype)  # type: ignore[arg-type]
+    return LazyParameter(t.requires_grad, device, t.dtype)  # type: ignore[call-arg,arg-type]
+
+
+def first_input(module: nn.Module, args: Any, kwargs: Any) -> dict[str, Any]:
+    """Apply a lazy layer's rules to a first input and build it there (no forward); the values taken."""
+    return module._tl_first_input(args, kwargs)[0]  # type: ignore[operator]
+
+
+def build_with(module: nn.Module, values: dict[str, Any]) -> None:
+    """Shape a lazy layer from constructor values inferred elsewhere (a meta twin), deferred."""
+    module._tl_build_with(values)  # type: ignore[operator]
+
+
+def build_from_state(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, deferred: bool) -> None:
+    """Shape a lazy layer from state tensors (a checkpoint's shapes): values come later."""
+    module._tl_build_from_state(tensors, prefix)  # type: ignore[operator]
 
 
 # -- lazy layers made from a class and rules --------------------------------------
@@ -273,8 +318,8 @@ class _LazyLayer:
         given = dict(bound.arguments)
         self._tl_options = {k: given.pop(k, v) for k, v in self._tl_defaults.items()}
         self._tl_args = given
-        self._tl_order = next(_order)
-        self._tl_slot = _slot_for_new_module()
+        self.__dict__[_markers.ORDER] = next(_order)
+        self.__dict__[_markers.SLOT] = _slot_for_new_module()
         self._tl_placeholders()
 
     # construction-time skeleton
@@ -284,7 +329,7 @@ class _LazyLayer:
             if "device" in _parameters_of(self._tl_cls):
                 kwargs["device"] = "meta"
             with (
-                _disable_current_modes(),
+                tc.disable_current_modes(),
                 torch.device("meta"),
                 warnings.catch_warnings(),
             ):
@@ -331,17 +376,17 @@ class _LazyLayer:
     def _tl_placeholders(self) -> None:
         device = self._tl_args.get("device") or torch.get_default_device()
         me: nn.Module = self  # type: ignore[assignment]
-        with _disable_current_modes():
+        with tc.disable_current_modes():
             for kind, prefix, name, requires_grad, dtype, persistent in self._tl_layout():
                 owner = me if not prefix else _unbuilt_at(me, prefix)
                 where = (weakref.ref(me), f"{prefix}.{name}" if prefix else name)
                 if kind == "param":
                     ph = LazyParameter(requires_grad, device, dtype)  # type: ignore[call-arg,arg-type]
-                    ph._tl_where = where  # type: ignore[attr-defined]
+                    setattr(ph, _markers.WHERE, where)
                     owner._parameters[name] = ph  # type: ignore[assignment]
                 else:
                     bh = LazyBuffer(False, device, dtype)  # type: ignore[arg-type]
-                    bh._tl_where = where  # type: ignore[attr-defined]
+                    setattr(bh, _markers.WHERE, where)
                     owner.register_buffer(name, bh, persistent=persistent)
 
     def _tl_dtype(self) -> torch.dtype | None:
@@ -486,12 +531,12 @@ class _LazyLayer:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_tl_slot"] = None
+        state[_markers.SLOT] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         nn.Module.__setstate__(self, state)  # type: ignore[arg-type]
-        self.__dict__["_tl_slot"] = _slot_for_new_module()
+        self.__dict__[_markers.SLOT] = _slot_for_new_module()
 
 
 def _unbuilt_at(root: nn.Module, path: str) -> nn.Module:
@@ -517,13 +562,12 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
                     continue
                 if weakref.getweakrefcount(p) or weakref.getweakrefcount(ph):
                     continue  # something points at the new parameter: keep it, drop the placeholder
-                with torch._C.DisableTorchFunctionSubclass():
+                with tc.disable_torch_function_subclass():
                     torch.utils.swap_tensors(ph, p)  # the placeholder object becomes the parameter
-                ph.__dict__.pop("_tl_where", None)
+                ph.__dict__.pop(_markers.WHERE, None)
                 owner._parameters[name] = ph
-    guard = real.__dict__.pop("_torchlazy_guard", None)
-    if guard is not None:
-        guard.remove()
+    guarded = _deferred.has_guard(real)
+    _deferred.drop_guard(real)
     state = dict(real.__dict__)
     for key in _HOOK_ATTRS:
         mine = me.__dict__.get(key)
@@ -535,8 +579,8 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
     me.__dict__.update(state)
     me.__class__ = type(real)
     refresh_parameter_caches(me)
-    if guard is not None:
-        me._torchlazy_guard = me.register_forward_pre_hook(_deferred._forward_guard)  # type: ignore[assignment]
+    if guarded:
+        _deferred.add_guard(me)
 
 
 _SIGNATURES: dict[type, dict[str, inspect.Parameter]] = {}
@@ -644,9 +688,11 @@ class LazyModule(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._tl_order = next(_order)
-        self._tl_slot = _slot_for_new_module()
-        self._tl_hook = self.register_forward_pre_hook(_build_lazy_module, with_kwargs=True, prepend=True)
+        self.__dict__[_markers.ORDER] = next(_order)
+        self.__dict__[_markers.SLOT] = _slot_for_new_module()
+        self.__dict__[_markers.BUILD_HOOK] = self.register_forward_pre_hook(
+            _build_lazy_module, with_kwargs=True, prepend=True
+        )
 
     def build(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(
@@ -656,21 +702,21 @@ class LazyModule(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        if "_tl_slot" in state:
-            state["_tl_slot"] = None
+        if _markers.SLOT in state:
+            state[_markers.SLOT] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        if "_tl_slot" in state:
-            self.__dict__["_tl_slot"] = _slot_for_new_module()
+        if _markers.SLOT in state:
+            self.__dict__[_markers.SLOT] = _slot_for_new_module()
 
 
 def _build_lazy_module(module: LazyModule, args: Any, kwargs: Any) -> None:
     def build(deferred: bool) -> None:
         module.build(*args, **kwargs)
-        module.__dict__.pop("_tl_hook").remove()
-        for key in ("_tl_slot", "_tl_order"):
+        module.__dict__.pop(_markers.BUILD_HOOK).remove()
+        for key in (_markers.SLOT, _markers.ORDER):
             module.__dict__.pop(key, None)
 
     _run_build(module, build, _fake(args, kwargs))

@@ -12,44 +12,24 @@ from __future__ import annotations
 
 import sys
 import time
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 
-from . import _deferred, _paths
-from ._distributed import materialize_shards, sharded_targets
-from ._errors import DeferredError
+from . import _deferred, _lazy, _paths
+from . import _torch_compat as tc
+from ._checkpoint import Checkpoint, KeyPlan, mapper, open_checkpoint, plan_keys
+from ._distributed import Shard, materialize_shards, sharded_targets
+from ._errors import CheckpointError, DeferredError
+from ._modtree import Placement, module_tensors, swap_all
 from ._record import GENERATOR_LOCK, Record
 
 __all__ = ["materialize"]
 
 Progress = Callable[[int, int, int, int], None]  # tensors done, total, bytes done, total
-
-
-def module_tensors(
-    module: nn.Module,
-) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
-    """(path, owner, attribute, tensor) for every tensor the module tree holds."""
-    for prefix, owner in module.named_modules(remove_duplicate=False):
-        dot = f"{prefix}." if prefix else ""
-        for name, p in owner._parameters.items():
-            if p is not None:
-                yield f"{dot}{name}", owner, name, p
-        for name, b in owner._buffers.items():
-            if b is not None:
-                yield f"{dot}{name}", owner, name, b
-        for name, value in owner.__dict__.items():
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                yield f"{dot}{name}", owner, name, value
-            elif isinstance(value, (list, tuple)) and name not in ("_forward_hooks",):
-                for i, item in enumerate(value):
-                    if isinstance(item, torch.Tensor):
-                        yield f"{dot}{name}.{i}", owner, name, item
 
 
 @dataclass
@@ -64,7 +44,7 @@ def _collect(module: nn.Module) -> list[_Target]:
     seen: set[int] = set()
     targets: list[_Target] = []
     for path, _, _, t in module_tensors(module):
-        if id(t) in seen or not isinstance(t, FakeTensor):
+        if id(t) in seen or not tc.is_fake(t):
             continue
         seen.add(id(t))
         owner = _deferred.storage_of(t)
@@ -78,10 +58,6 @@ def _collect(module: nn.Module) -> list[_Target]:
             )
         targets.append(_Target(path, t, owner[0], owner[1]))
     return targets
-
-
-def _final_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
 
 
 class _Bar:
@@ -145,38 +121,84 @@ def materialize(
     if not isinstance(module, nn.Module):
         raise TypeError(f"`tl.materialize` takes a torch.nn.Module, not {type(module).__name__}.")
     _paths.remember_paths(module)
-    from . import _lazy
-
+    placement = Placement(torch.device(device) if device is not None else None, dtype)
     with _lazy.transaction():
+        ckpt = None
         if checkpoint is not None:
-            from ._checkpoint import Checkpoint, _mapper, build_lazy_from_checkpoint, load_into_targets, open_checkpoint
-
-            if not isinstance(checkpoint, Checkpoint):
-                checkpoint = open_checkpoint(checkpoint)
-            build_lazy_from_checkpoint(module, checkpoint, _mapper(key_map))
+            ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+            _build_lazy_from_checkpoint(module, ckpt, mapper(key_map))
         targets = _collect(module)
         shards = sharded_targets(module)
-        if checkpoint is not None:
-            values, rest = load_into_targets(module, targets, checkpoint, strict, key_map, device, dtype)
-        else:
-            values, rest = {}, targets
+        plan = plan_keys(module, ckpt, key_map) if ckpt is not None else None
+        values, rest = _read_checkpoint(plan, targets, strict, placement) if plan is not None else ({}, targets)
         if rest:
-            values.update(_replay(rest, device, dtype, exact, progress))
+            values.update(_replay(rest, placement, exact, progress))
         if shards:
-            reader = None
-            if checkpoint is not None:
-                from ._checkpoint import shard_reader
-
-                reader = shard_reader(module, checkpoint, key_map, strict)
-            materialize_shards(module, shards, device, dtype, exact, reader)
+            reader = _shard_reader(plan, strict) if plan is not None else None
+            materialize_shards(module, shards, placement, exact, reader)
         _swap_in(module, targets, values)
     return module
 
 
+def _build_lazy_from_checkpoint(module: nn.Module, ckpt: Checkpoint, rename: Callable[[str], str | None]) -> None:
+    """Shape unbuilt lazy layers from the checkpoint's tensor shapes (no data read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, entry in ckpt.entries.items():
+        new = rename(key)
+        if new is not None:
+            shapes[new] = entry.shape
+    for path, sub in list(module.named_modules()):
+        if _lazy.is_lazy_layer(sub):
+            prefix = f"{path}." if path else ""
+            mine = {k[len(prefix) :]: torch.empty(s, device="meta") for k, s in shapes.items() if k.startswith(prefix)}
+            if mine:
+                _lazy.build_from_state(sub, mine, prefix, deferred=True)
+
+
+def _read_checkpoint(
+    plan: KeyPlan, targets: list[_Target], strict: bool, placement: Placement
+) -> tuple[dict[int, torch.Tensor], list[_Target]]:
+    """Values read from the checkpoint, and the targets left for the record (all checked before any read)."""
+    rest: list[_Target] = []
+    missing: list[str] = []
+    reads: list[tuple[_Target, str]] = []
+    for target in targets:
+        found = plan.find(target.tensor)
+        if found is None:
+            rest.append(target)
+            missing += plan.keys_of(target.tensor)[:1]
+            continue
+        key, source = found
+        plan.check(key, source, tuple(target.tensor.shape), target.tensor.dtype)
+        reads.append((target, source))
+    error = plan.mismatch(missing) if strict else None
+    if error is not None:
+        raise error
+    values = {id(t.tensor): placement.place(plan.ckpt.entries[source].read(), t.tensor) for t, source in reads}
+    return values, rest
+
+
+def _shard_reader(plan: KeyPlan, strict: bool) -> Callable[[Shard, tuple[slice, ...]], torch.Tensor | None]:
+    """For sharded parameters: read each rank's slice of the checkpoint tensor, nothing more."""
+
+    def read(shard: Shard, index: tuple[slice, ...]) -> torch.Tensor | None:
+        found = plan.find(shard.param)
+        if found is None:
+            if strict:
+                raise CheckpointError(
+                    f"`{shard.path}` is missing from `{plan.ckpt.path}`; use `strict=False` to initialize it "
+                    "from the record."
+                )
+            return None
+        key, source = found
+        return plan.check(key, source, tuple(shard.param.shape), shard.param.dtype).slice(index)
+
+    return read
+
+
 def _replay(
     targets: list[_Target],
-    device: torch.device | str | None,
-    dtype: torch.dtype | None,
+    placement: Placement,
     exact: bool,
     progress: bool | Progress | None,
 ) -> dict[int, torch.Tensor]:
@@ -188,14 +210,13 @@ def _replay(
     order = sorted(records.values(), key=lambda r: getattr(r, "order", 0))
     bar = _Bar(len(targets), sum(t.tensor.nbytes for t in targets), progress)
     with GENERATOR_LOCK:
-        return _replay_locked(order, by_record, device, dtype, exact, bar)
+        return _replay_locked(order, by_record, placement, exact, bar)
 
 
 def _replay_locked(
     order: list[Record],
     by_record: dict[int, list[_Target]],
-    device: torch.device | str | None,
-    dtype: torch.dtype | None,
+    placement: Placement,
     exact: bool,
     bar: _Bar,
 ) -> dict[int, torch.Tensor]:
@@ -206,7 +227,7 @@ def _replay_locked(
             group = by_record[id(record)]
             if record.live:
                 torch.default_generator.set_state(saved)
-            values.update(_replay_record(record, group, device, dtype, exact, bar))
+            values.update(_replay_record(record, group, placement, exact, bar))
             stream = record.streams.get(id(torch.default_generator))
             if stream is not None and record.live:  # the live generator moves past every draw, as eagerly
                 saved = stream.finish()
@@ -220,8 +241,7 @@ def _replay_locked(
 def _replay_record(
     record: Record,
     group: list[_Target],
-    device: torch.device | str | None,
-    dtype: torch.dtype | None,
+    placement: Placement,
     exact: bool,
     bar: _Bar,
 ) -> dict[int, torch.Tensor]:
@@ -232,22 +252,12 @@ def _replay_record(
 
     def on_ready(sid: int, storage: torch.UntypedStorage) -> None:
         users = by_sid[sid]
-        target_device = torch.device(device) if device is not None else users[0].tensor.device
         for t in users:
-            real = _view(storage, t.tensor)
-            values[id(t.tensor)] = real.to(target_device, _final_dtype(t.tensor, dtype))
+            values[id(t.tensor)] = placement.place(_view(storage, t.tensor), t.tensor)
         bar.step(len(users), sum(t.tensor.nbytes for t in users))
 
-    sample = group[0].tensor.device
-    replay_on = "cpu" if exact or device is None and sample.type == "cpu" else (device or sample)
-    kept = [
-        sid
-        for sid, users in by_sid.items()
-        if all(
-            _final_dtype(t.tensor, dtype) == t.tensor.dtype and (device is None or torch.device(device).type == "cpu")
-            for t in users
-        )
-    ]
+    replay_on = placement.replay_device(exact, group[0].tensor.device)
+    kept = [sid for sid, users in by_sid.items() if all(placement.keeps(t.tensor) for t in users)]
     record.evaluate(by_sid.keys(), device=replay_on, exact=exact, on_ready=on_ready, adopt=kept)
     return values
 
@@ -257,85 +267,13 @@ def _view(storage: torch.UntypedStorage, like: torch.Tensor) -> torch.Tensor:
     return out.set_(storage, like.storage_offset(), like.shape, like.stride())
 
 
-_FAKE_ATTRS: set[str] | None = None
-
-
-def _fake_attrs() -> set[str]:
-    global _FAKE_ATTRS
-    if _FAKE_ATTRS is None:
-        with _deferred.fake_mode():
-            probe = nn.Parameter(torch.empty(1))
-        _FAKE_ATTRS = set(probe.__dict__) | {"_is_param"}
-    return _FAKE_ATTRS
-
-
-def _forget_conversions(targets: list[_Target]) -> None:
-    """Drop fake-mode caches that hold weak references to our tensors (they block swaps)."""
-    ours = {id(t.tensor) for t in targets}
-    for mode in {id(t.tensor.fake_mode): t.tensor.fake_mode for t in targets}.values():  # type: ignore[attr-defined]
-        memo = mode.fake_tensor_converter.meta_converter.tensor_memo
-        for key in [k for k, v in list(memo.items()) if id(v) in ours]:
-            del memo[key]
-
-
-def drop_parameter_caches(module: nn.Module) -> None:
-    """Forget cached references to parameters (RNNs keep weak ones) before swapping them."""
-    for sub in module.modules():
-        if isinstance(sub, nn.RNNBase):
-            sub._flat_weights = []
-            sub._flat_weight_refs = []
-
-
-def refresh_parameter_caches(module: nn.Module) -> None:
-    """Modules that cache references to their parameters (RNNs) re-read them."""
-    for sub in module.modules():
-        if isinstance(sub, nn.RNNBase):
-            sub._init_flat_weights()
-
-
-def _replace_references(module: nn.Module, new: dict[int, torch.Tensor]) -> None:
-    for _, owner, name, t in list(module_tensors(module)):
-        real = new.get(id(t))
-        if real is None:
-            continue
-        if owner._parameters.get(name) is t:
-            owner._parameters[name] = real  # type: ignore[assignment]
-        elif owner._buffers.get(name) is t:
-            owner._buffers[name] = real
-        elif owner.__dict__.get(name) is t:
-            owner.__dict__[name] = real
-        elif isinstance(owner.__dict__.get(name), (list, tuple)):
-            items = owner.__dict__[name]
-            fixed = [new.get(id(x), x) if isinstance(x, torch.Tensor) else x for x in items]
-            owner.__dict__[name] = type(items)(fixed) if isinstance(items, tuple) else fixed
-
-
 def _swap_in(module: nn.Module, targets: list[_Target], values: dict[int, torch.Tensor]) -> None:
     """Put the real tensors into the objects the model holds (all or nothing)."""
-    internal = _fake_attrs()
-    _forget_conversions(targets)
-    drop_parameter_caches(module)
-    replacements: dict[int, torch.Tensor] = {}
-    for t in targets:
-        fake = t.tensor
-        real = values[id(fake)]
-        if isinstance(fake, nn.Parameter):
-            real = nn.Parameter(real, requires_grad=fake.requires_grad)
-        elif fake.requires_grad and real.is_floating_point():
-            real.requires_grad_(True)
-        attrs = {k: v for k, v in fake.__dict__.items() if k not in internal}
-        if weakref.getweakrefcount(fake) == 0:
-            torch.utils.swap_tensors(fake, real)
-            fake.__dict__.clear()
-            fake.__dict__.update(attrs)
-        else:  # something holds a weak reference: replace it wherever the model holds it
-            real.__dict__.update(attrs)
-            replacements[id(fake)] = real
-    if replacements:
-        _replace_references(module, replacements)
-    refresh_parameter_caches(module)
+    for mode in {id(m): m for m in (tc.fake_mode_of(t.tensor) for t in targets)}.values():
+        tc.forget_fake_conversions(mode, {id(t.tensor) for t in targets})  # their weak references block swaps
+    swap_all(module, [(t.tensor, values[id(t.tensor)]) for t in targets], _deferred.fake_attrs())
     for sub in module.modules():
-        if "_torchlazy_guard" in sub.__dict__ and not any(
-            isinstance(x, FakeTensor) for x in (*sub._parameters.values(), *sub._buffers.values())
+        if _deferred.has_guard(sub) and not any(
+            tc.is_fake(x) for x in (*sub._parameters.values(), *sub._buffers.values())
         ):
             _deferred.drop_guard(sub)

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_leaves, tree_unflatten
 
+from . import _torch_compat as tc
 from ._errors import DeferredError
 
 Key = tuple[int, ...]
@@ -66,7 +66,7 @@ class Const:
 class Node:
     key: Key
     func: Callable[..., Any] | None  # None: the node makes a constant (leaves[0])
-    spec: TreeSpec | None
+    spec: Any  # a pytree spec of (args, kwargs); None for a constant
     leaves: list[Any]
     outputs: list[tuple[int, int]]  # (index among the output's leaves, new storage id)
     reads: tuple[int, ...]
@@ -391,7 +391,7 @@ class Record:
             out: Any = leaves[0]
         else:
             assert node.spec is not None
-            args, kwargs = tree_unflatten(leaves, node.spec)
+            args, kwargs = tc.tree_unflatten(leaves, node.spec)
             try:
                 out = node.func(*args, **kwargs)
             except Exception as e:
@@ -400,7 +400,7 @@ class Record:
                     "deferred construction; if it cannot run on this device, materialize on "
                     "`device='cpu'` and move the model afterwards."
                 ) from e
-        flat = tree_leaves(out)
+        flat = tc.tree_leaves(out)
         for index, sid in node.outputs:
             env[sid] = flat[index].untyped_storage()
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from . import _lazy
+from . import _torch_compat as tc
 from ._infer import fake_forward
 from ._twin import run_twin
 
@@ -148,13 +148,13 @@ def _bytes(n: int | None) -> str:
 
 
 def _shape_of(t: torch.Tensor) -> Shape | None:
-    if isinstance(t, _lazy.LazyParameter | _lazy.LazyBuffer):
+    if _lazy.is_placeholder(t):
         return None
     return tuple(int(s) for s in t.shape)
 
 
 def _tensor_shapes(value: Any) -> tuple[Shape, ...]:
-    return tuple(tuple(int(s) for s in t.shape) for t in tree_leaves(value) if isinstance(t, torch.Tensor))
+    return tuple(tuple(int(s) for s in t.shape) for t in tc.tree_leaves(value) if isinstance(t, torch.Tensor))
 
 
 def summary(

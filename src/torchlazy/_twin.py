@@ -15,32 +15,29 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from . import _deferred, _lazy
-from ._infer import _CONSTANT_LIMIT, Spec
+from . import _torch_compat as tc
+from ._modtree import module_tensors
+from ._spec import to_meta
 
 __all__ = ["run_twin"]
 
 
 def _meta_twin(module: nn.Module) -> nn.Module:
     """A deep copy whose every tensor is an empty meta tensor of the same shape (placeholders stay)."""
-    from ._materialize import module_tensors
-
     memo: dict[int, Any] = {}
 
     def twin(t: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, _lazy.LazyBuffer):
-            return _lazy.LazyBuffer(False, "meta", t.dtype)  # type: ignore[arg-type]
-        if isinstance(t, _lazy.LazyParameter):
-            return _lazy.LazyParameter(t.requires_grad, "meta", t.dtype)  # type: ignore[call-arg,arg-type]
+        if _lazy.is_placeholder(t):
+            return _lazy.placeholder_like(t, "meta")
         empty = torch.empty(t.shape, dtype=t.dtype, device="meta")
         return nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
 
     tensors = [t for _, _, _, t in module_tensors(module)]
     for sub in module.modules():
-        tensors += list(sub.__dict__.get("_torchlazy_origin", {}).values())
-    with torch._C.DisableTorchFunctionSubclass():
+        tensors += _deferred.origins(sub)
+    with tc.disable_torch_function_subclass():
         for t in tensors:
             if id(t) not in memo:
                 memo[id(t)] = twin(t)
@@ -51,8 +48,8 @@ def _shape_preserving(module: nn.Module) -> Callable[..., Any]:
     """A forward for the twin of a layer whose output has its input's shape (a lazy one still builds)."""
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if isinstance(module, _lazy._LazyLayer):
-            module._tl_first_input((x, *args), kwargs)  # its rule and its build, not its arithmetic
+        if _lazy.is_lazy_layer(module):
+            _lazy.first_input(module, (x, *args), kwargs)  # its rule and its build, not its arithmetic
             module.forward = forward  # type: ignore[method-assign]  # the build replaced the instance's state
         return x
 
@@ -68,20 +65,11 @@ def run_twin(
     """Run the forward of a meta twin of `module` on meta copies of the examples; return the twin."""
     twin = _meta_twin(module)
     for m in twin.modules():  # normalization keeps the input's shape: skip its (Python) meta kernels
-        if isinstance(m, nn.modules.batchnorm._NormBase):
+        if isinstance(m, tc.norm_base_type()):
             m.forward = _shape_preserving(m)  # type: ignore[method-assign]
     handles = [hook(m) for m in twin.modules()] if hook is not None else []
 
-    def to_meta(x: Any) -> Any:
-        if isinstance(x, Spec):
-            return torch.empty(x.shape, dtype=x.dtype, device="meta")
-        if isinstance(x, torch.Tensor):
-            if not x.is_floating_point() and x.numel() <= _CONSTANT_LIMIT:
-                raise ValueError("small integer inputs keep their values only on the fake-tensor path")
-            return torch.empty(x.shape, dtype=x.dtype, device="meta")
-        return x
-
-    margs, mkwargs = tree_map(to_meta, (args, kwargs), is_leaf=lambda x: isinstance(x, Spec))
+    margs, mkwargs = to_meta((args, kwargs))
     try:
         with _deferred.quiet(), torch.device("meta"), torch.no_grad():
             twin(*margs, **mkwargs)

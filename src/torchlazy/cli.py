@@ -24,11 +24,12 @@ from typing import Any
 import torch
 
 from . import _lazy
-from ._checkpoint import save
 from ._deferred import deferred, deferred_tensors
 from ._errors import LazyError
-from ._infer import Spec, build
+from ._infer import build
 from ._materialize import materialize
+from ._save import save
+from ._spec import Spec
 from ._summary import summary
 
 DTYPES = {

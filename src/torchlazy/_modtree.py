@@ -1,0 +1,131 @@
+"""Walking a module tree's tensors, swapping them in place, and where they end up.
+
+The bottom of the stack: every part of torchlazy that finds a model's tensors,
+replaces them, or decides their final device and dtype does it here, once.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import _torch_compat as tc
+
+__all__ = ["Placement", "drop_parameter_caches", "module_tensors", "refresh_parameter_caches", "swap_all"]
+
+
+def module_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """(path, owner, attribute, tensor) for every tensor the module tree holds.
+
+    Parameters, buffers, plain tensor attributes, and tensors in list/tuple attributes.
+    """
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for name, p in owner._parameters.items():
+            if p is not None:
+                yield f"{dot}{name}", owner, name, p
+        for name, b in owner._buffers.items():
+            if b is not None:
+                yield f"{dot}{name}", owner, name, b
+        for name, value in owner.__dict__.items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                yield f"{dot}{name}", owner, name, value
+            elif isinstance(value, (list, tuple)) and name not in ("_forward_hooks",):
+                for i, item in enumerate(value):
+                    if isinstance(item, torch.Tensor):
+                        yield f"{dot}{name}.{i}", owner, name, item
+
+
+def drop_parameter_caches(module: nn.Module) -> None:
+    """Forget cached references to parameters (RNNs keep weak ones) before swapping them."""
+    for sub in module.modules():
+        if isinstance(sub, nn.RNNBase):
+            tc.drop_rnn_weights(sub)
+
+
+def refresh_parameter_caches(module: nn.Module) -> None:
+    """Modules that cache references to their parameters (RNNs) re-read them."""
+    for sub in module.modules():
+        if isinstance(sub, nn.RNNBase):
+            tc.refresh_rnn_weights(sub)
+
+
+def _replace_references(module: nn.Module, new: dict[int, torch.Tensor]) -> None:
+    for _, owner, name, t in list(module_tensors(module)):
+        real = new.get(id(t))
+        if real is None:
+            continue
+        if owner._parameters.get(name) is t:
+            owner._parameters[name] = real  # type: ignore[assignment]
+        elif owner._buffers.get(name) is t:
+            owner._buffers[name] = real
+        elif owner.__dict__.get(name) is t:
+            owner.__dict__[name] = real
+        elif isinstance(owner.__dict__.get(name), (list, tuple)):
+            items = owner.__dict__[name]
+            fixed = [new.get(id(x), x) if isinstance(x, torch.Tensor) else x for x in items]
+            owner.__dict__[name] = type(items)(fixed) if isinstance(items, tuple) else fixed
+
+
+def swap_all(module: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], internal: set[str]) -> None:
+    """Make each old tensor of `module` hold its new value, keeping Python identity where possible.
+
+    The old object becomes the new tensor (`torch.utils.swap_tensors`), so ties and
+    references held elsewhere (optimizers, other modules) follow; its user attributes
+    (all but `internal`) are kept. Where something holds a weak reference to the old
+    object (swapping is then refused), the new tensor takes its place in the model.
+    """
+    drop_parameter_caches(module)
+    replacements: dict[int, torch.Tensor] = {}
+    for old, new in pairs:
+        if isinstance(old, nn.Parameter) and not isinstance(new, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        elif old.requires_grad and new.is_floating_point() and not new.requires_grad:
+            new.requires_grad_(True)
+        attrs = {k: v for k, v in old.__dict__.items() if k not in internal}
+        if weakref.getweakrefcount(old) == 0:
+            torch.utils.swap_tensors(old, new)
+            old.__dict__.clear()
+            old.__dict__.update(attrs)
+        else:
+            new.__dict__.update(attrs)
+            replacements[id(old)] = new
+    if replacements:
+        _replace_references(module, replacements)
+    refresh_parameter_caches(module)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where materialized tensors go: the one cast/move policy (records, checkpoints, shards).
+
+    `device=None` keeps each tensor's recorded device; `dtype` applies to floating
+    tensors only (integer buffers such as counters and indices keep theirs).
+    """
+
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+
+    def final_dtype(self, like: torch.Tensor) -> torch.dtype:
+        return self.dtype if self.dtype is not None and like.dtype.is_floating_point else like.dtype
+
+    def final_device(self, like: torch.Tensor) -> torch.device:
+        return self.device if self.device is not None else like.device
+
+    def place(self, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """`value` (computed for `like`) on its final device and dtype; no copy when already there."""
+        return value.to(self.final_device(like), self.final_dtype(like), copy=False)
+
+    def keeps(self, like: torch.Tensor) -> bool:
+        """Whether a CPU value computed for `like` is already final (no cast, no move)."""
+        return self.final_dtype(like) == like.dtype and (self.device is None or self.device.type == "cpu")
+
+    def replay_device(self, exact: bool, sample: torch.device) -> torch.device:
+        """Where to compute: the CPU when exact (its generator is the one eager used), else the target."""
+        if exact:
+            return torch.device("cpu")
+        return self.device if self.device is not None else sample

@@ -1,0 +1,83 @@
+"""`save()`: a model's state dict as safetensors, sharded on request, ties stored once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._deferred import is_deferred
+from ._errors import CheckpointError
+
+__all__ = ["save"]
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", size.upper())
+    if match is None:
+        raise ValueError(f"`max_shard_size={size!r}`: expected bytes as an int or a string such as '2GB'.")
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[match.group(2)]
+    return int(float(match.group(1)) * scale)
+
+
+def _unique_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    seen: set[int] = set()
+    for key, t in module.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        yield key, t.detach()
+
+
+def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | str | None = None) -> list[Path]:
+    """Write the model's state dict as safetensors; tied tensors stored once. Returns the files.
+
+    With `max_shard_size`, `path` is a folder that receives numbered shards and
+    `model.safetensors.index.json` (the layout `save_pretrained` writes).
+
+    >>> import torch, torchlazy as tl, tempfile, os
+    >>> emb = torch.nn.Embedding(4, 2); head = torch.nn.Linear(2, 4, bias=False); head.weight = emb.weight
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+    >>> [p.name for p in tl.save(torch.nn.ModuleDict(dict(emb=emb, head=head)), path)]
+    ['model.safetensors']
+    """
+    from safetensors.torch import save_file
+
+    if is_deferred(module):
+        raise CheckpointError(
+            "the model is still deferred: call `tl.materialize(model)` (or `tl.build`) before `tl.save`."
+        )
+    tensors = [(k, t.contiguous().cpu()) for k, t in _unique_state(module)]
+    out = Path(path)
+    if max_shard_size is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(dict(tensors), str(out), metadata={"format": "pt"})
+        return [out]
+    limit = _parse_size(max_shard_size)
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for key, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, t))
+        size += nbytes
+    out.mkdir(parents=True, exist_ok=True)
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(dict(shard), str(out / name), metadata={"format": "pt"})
+        files.append(out / name)
+        weight_map.update({k: name for k, _ in shard})
+    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return [*files, out / "model.safetensors.index.json"]

@@ -1,0 +1,249 @@
+"""Every private PyTorch name torchlazy uses, looked up lazily, in one place.
+
+torchlazy leans on PyTorch internals (fake tensors, dispatch modes, pytree,
+RNN weight caches, FSDP2 and DTensor internals). Each is reached through a
+function here, resolved on first use: a torch release that moves one breaks
+this file only, `import torchlazy` keeps working, and the feature that needs
+the missing piece raises a `tl.LazyError` naming the torch version and what is
+missing. Nothing else in the package names `torch._*` or a private attribute
+of a torch object.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._errors import LazyError
+
+__all__ = [
+    "DispatchModeBase",
+    "allowed_placeholder_methods",
+    "data_dependent_errors",
+    "disable_current_modes",
+    "disable_torch_function_subclass",
+    "dtensor_local",
+    "dtensor_type",
+    "fake_mode_of",
+    "fake_tensor_mode",
+    "fake_tensor_type",
+    "forget_fake_conversions",
+    "fsdp_params",
+    "is_fake",
+    "local_scalar_op",
+    "local_shape_and_offset",
+    "make_constant_fake",
+    "norm_base_type",
+    "op_schema",
+    "refresh_rnn_weights",
+    "drop_rnn_weights",
+    "tree_flatten",
+    "tree_leaves",
+    "tree_map",
+    "tree_unflatten",
+    "trunc_normal_codes",
+    "unsupported_operator_error",
+]
+
+
+def _missing(what: str, error: BaseException | None) -> LazyError:
+    cause = f" ({error})" if error is not None else ""
+    return LazyError(
+        f"this feature of torchlazy needs `{what}`, which torch {torch.__version__} does not provide{cause}. "
+        "Use a torch version torchlazy is tested with (see the README), or report the version."
+    )
+
+
+@functools.cache
+def _lookup(module: str, name: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise _missing(f"{module}.{name}", e) from None
+
+
+# -- dispatch modes and pytree -----------------------------------------------------
+
+
+def _dispatch_mode_base() -> type:
+    """`TorchDispatchMode`, or a stand-in that fails clearly when instantiated."""
+    try:
+        return _lookup("torch.utils._python_dispatch", "TorchDispatchMode")  # type: ignore[no-any-return]
+    except LazyError as e:
+        error = e
+
+        class _Unavailable:
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                raise error
+
+        return _Unavailable
+
+
+# Base class of torchlazy's dispatch modes (resolved once: classes need it at definition).
+DispatchModeBase: type = _dispatch_mode_base()
+
+
+def disable_current_modes() -> Any:
+    """A context manager that runs its body with no dispatch mode active."""
+    return _lookup("torch.utils._python_dispatch", "_disable_current_modes")()
+
+
+def disable_torch_function_subclass() -> Any:
+    """A context manager in which tensor subclasses' `__torch_function__` is not called."""
+    return torch._C.DisableTorchFunctionSubclass()
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    return _lookup("torch.utils._pytree", "tree_leaves")(tree)  # type: ignore[no-any-return]
+
+
+def tree_flatten(tree: Any) -> tuple[list[Any], Any]:
+    return _lookup("torch.utils._pytree", "tree_flatten")(tree)  # type: ignore[no-any-return]
+
+
+def tree_unflatten(leaves: list[Any], spec: Any) -> Any:
+    return _lookup("torch.utils._pytree", "tree_unflatten")(leaves, spec)
+
+
+def tree_map(fn: Callable[[Any], Any], tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> Any:
+    return _lookup("torch.utils._pytree", "tree_map")(fn, tree, is_leaf=is_leaf)
+
+
+def op_schema(func: Any) -> Any:
+    """The schema (`torch._C.FunctionSchema`) of an ATen operator overload."""
+    return func._schema
+
+
+def local_scalar_op() -> Any:
+    """The operator behind `.item()`/`.tolist()`."""
+    return torch.ops.aten._local_scalar_dense.default
+
+
+# -- fake tensors --------------------------------------------------------------------
+
+
+def fake_tensor_type() -> type:
+    return _lookup("torch._subclasses.fake_tensor", "FakeTensor")  # type: ignore[no-any-return]
+
+
+def fake_tensor_mode(**kwargs: Any) -> Any:
+    return _lookup("torch._subclasses.fake_tensor", "FakeTensorMode")(**kwargs)
+
+
+def is_fake(t: Any) -> bool:
+    """Whether `t` is a fake tensor (shape, dtype, device; no storage)."""
+    cls = _FAKE_TYPE or _fake_type_now()
+    return isinstance(t, cls)
+
+
+_FAKE_TYPE: type | None = None
+
+
+def _fake_type_now() -> type:
+    global _FAKE_TYPE
+    _FAKE_TYPE = fake_tensor_type()
+    return _FAKE_TYPE
+
+
+def fake_mode_of(t: Any) -> Any:
+    return t.fake_mode
+
+
+def data_dependent_errors() -> tuple[type[BaseException], ...]:
+    """What fake tensors raise when an op's result depends on values they do not have."""
+    return (
+        _lookup("torch._subclasses.fake_tensor", "DataDependentOutputException"),
+        _lookup("torch._subclasses.fake_tensor", "DynamicOutputShapeException"),
+    )
+
+
+def unsupported_operator_error() -> type[BaseException]:
+    """What fake tensors raise for an op with no fake (meta) kernel."""
+    return _lookup("torch._subclasses.fake_tensor", "UnsupportedOperatorException")  # type: ignore[no-any-return]
+
+
+def make_constant_fake(mode: Any, t: torch.Tensor) -> Any:
+    """A fake tensor that remembers the real values of `t` (small constants)."""
+    return mode.fake_tensor_converter.from_real_tensor(mode, t, make_constant=True)
+
+
+def fake_constant(t: Any) -> torch.Tensor | None:
+    """The real values a fake constant carries, if any."""
+    return getattr(t, "constant", None)
+
+
+def forget_fake_conversions(mode: Any, ids: set[int]) -> None:
+    """Drop a fake mode's cached conversions that hold weak references to these tensors."""
+    memo = mode.fake_tensor_converter.meta_converter.tensor_memo
+    for key in [k for k, v in list(memo.items()) if id(v) in ids]:
+        del memo[key]
+
+
+@functools.cache
+def trunc_normal_codes() -> tuple[Any, ...]:
+    """Code objects of initializers whose control flow reads random values (rejection loops)."""
+    init = getattr(torch.nn.init, "_no_grad_trunc_normal_", None)
+    return (init.__code__,) if init is not None else ()
+
+
+# -- torch.nn internals -----------------------------------------------------------------
+
+
+def allowed_placeholder_methods() -> Any:
+    """What PyTorch lets an `UninitializedParameter` do before it has a shape."""
+    return getattr(nn.parameter.UninitializedParameter, "_allowed_methods", ())
+
+
+def norm_base_type() -> type:
+    """The base class of BatchNorm/InstanceNorm (their output has their input's shape)."""
+    return _lookup("torch.nn.modules.batchnorm", "_NormBase")  # type: ignore[no-any-return]
+
+
+def drop_rnn_weights(rnn: nn.RNNBase) -> None:
+    """Forget an RNN's cached references to its parameters (before they are swapped)."""
+    rnn._flat_weights = []
+    rnn._flat_weight_refs = []  # type: ignore[attr-defined]
+
+
+def refresh_rnn_weights(rnn: nn.RNNBase) -> None:
+    """Make an RNN re-read its parameters into its cache."""
+    rnn._init_flat_weights()
+
+
+# -- DTensor and FSDP2 -------------------------------------------------------------------
+
+
+def dtensor_type() -> type | None:
+    """`DTensor`, or None where torch.distributed is not built."""
+    if not torch.distributed.is_available():
+        return None
+    return _lookup("torch.distributed.tensor", "DTensor")  # type: ignore[no-any-return]
+
+
+def dtensor_local(p: Any) -> torch.Tensor:
+    """The local tensor a DTensor wraps (fake or meta until materialized)."""
+    return p._local_tensor  # type: ignore[no-any-return]
+
+
+def local_shape_and_offset(shape: Any, mesh: Any, placements: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """This rank's slice of a DTensor: local shape and offset in the global tensor."""
+    compute = _lookup("torch.distributed.tensor._utils", "compute_local_shape_and_global_offset")
+    local, offset = compute(shape, mesh, placements)
+    return tuple(local), tuple(offset)
+
+
+def fsdp_params(module: nn.Module) -> Iterator[tuple[nn.Module, str, Any]]:
+    """(owner module, parameter name, FSDP's manager of it) for every FSDP2 module under `module`."""
+    for sub in module.modules():
+        state_of = getattr(sub, "_get_fsdp_state", None)
+        if state_of is None:
+            continue
+        for group in state_of()._fsdp_param_groups:
+            for fsdp_param in group.fsdp_params:
+                info = fsdp_param._module_info
+                yield info.module, info.param_name, fsdp_param
