@@ -3,6 +3,7 @@
 from . import nn
 from ._deferred import deferred, deferred_tensors, is_deferred
 from ._errors import (
+    ArgumentError,
     CheckpointError,
     DeferredError,
     LazyError,
@@ -17,6 +18,7 @@ from ._spec import Spec
 from ._summary import Row, Summary, summary
 
 __all__ = [
+    "ArgumentError",
     "CheckpointError",
     "DeferredError",
     "LazyError",

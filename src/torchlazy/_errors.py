@@ -7,6 +7,7 @@ what was expected, what was seen, and what to do.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
     "CheckpointError",
     "DeferredError",
     "LazyError",
@@ -17,6 +18,13 @@ __all__ = [
 
 class LazyError(Exception):
     """Root of every error torchlazy raises on purpose."""
+
+
+class ArgumentError(LazyError, TypeError, ValueError):
+    """A torchlazy function got an argument it cannot use (a wrong type or value).
+
+    Also a `TypeError` and a `ValueError`, so code catching the built-in errors keeps working.
+    """
 
 
 class NotBuiltError(LazyError, ValueError, RuntimeError):

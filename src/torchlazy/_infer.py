@@ -18,7 +18,7 @@ from torch.nn.modules import module as _module_hooks
 
 from . import _deferred, _lazy, _paths
 from . import _torch_compat as tc
-from ._errors import DeferredError, LazyError, ShapeError
+from ._errors import ArgumentError, DeferredError, LazyError, ShapeError
 from ._materialize import materialize
 from ._spec import CONSTANT_LIMIT, to_fake
 from ._twin import run_twin
@@ -165,7 +165,7 @@ def build(
     Linear(in_features=576, out_features=10, bias=True)
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"`tl.build` takes a torch.nn.Module, not {type(module).__name__}.")
+        raise ArgumentError(f"`tl.build` takes a torch.nn.Module, not {type(module).__name__}.")
     if not example_args and not example_kwargs and not _lazy.is_built(module):
         raise ShapeError(
             "`tl.build` needs example inputs to shape the lazy layers: pass what the forward takes, "

@@ -38,7 +38,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from . import _deferred, _markers, _paths
 from . import _torch_compat as tc
-from ._errors import DeferredError, LazyError, NotBuiltError, ShapeError
+from ._errors import ArgumentError, DeferredError, LazyError, NotBuiltError, ShapeError
 from ._modtree import drop_parameter_caches, refresh_parameter_caches
 from ._record import Record
 from ._rules import Inputs, Rule, Trailing, _Mismatch, as_rule
@@ -84,6 +84,8 @@ class _Placeholder:
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         allowed = tc.allowed_placeholder_methods()
+        if func is torch.Tensor.size:  # PyTorch answers (0,) here: a size that is not the layer's
+            raise _not_built(args[0] if args else None, "`.size()`")
         if func in allowed or func.__class__.__name__ == "method-wrapper":
             return super().__torch_function__(func, types, args, kwargs or {})  # type: ignore[misc]
         target = next(
@@ -314,7 +316,7 @@ class _LazyLayer:
         try:
             bound = self._tl_signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise TypeError(f"{type(self).__module__}.{type(self).__qualname__}(): {e}") from None
+            raise ArgumentError(f"{type(self).__module__}.{type(self).__qualname__}(): {e}") from None
         given = dict(bound.arguments)
         self._tl_options = {k: given.pop(k, v) for k, v in self._tl_defaults.items()}
         self._tl_args = given
@@ -354,11 +356,17 @@ class _LazyLayer:
     def _tl_layout(self) -> list[tuple[str, str, str, bool, torch.dtype, bool]]:
         """(kind, sub-module path, name, requires_grad, dtype, persistent) of what the real class holds.
 
-        Learnt from a skeleton on the meta device, cached per class and arguments.
+        Learnt from a skeleton on the meta device, cached per class, arguments and default dtype.
         """
-        key = (type(self), repr(sorted(self._tl_args.items())))
-        layout = _LAYOUTS.get(key)
-        if layout is None:
+        return self._tl_learn()[0]
+
+    def _tl_learn(self) -> tuple[list[tuple[str, str, str, bool, torch.dtype, bool]], frozenset[str], frozenset[str]]:
+        """The layout; top-level tensor names that exist for some first inputs and not for others
+        (MultiheadAttention's `in_proj_weight` or `q/k/v_proj_weight`, by the key/value sizes); and
+        the plain attributes the real class sets (`in_features`, ...)."""
+        key = (type(self), repr(sorted(self._tl_args.items())), torch.get_default_dtype())
+        learnt = _LAYOUTS.get(key)
+        if learnt is None:
             skeleton = self._tl_skeleton()
             layout = []
             for prefix, sub in skeleton.named_modules() if skeleton is not None else ():
@@ -369,9 +377,58 @@ class _LazyLayer:
                     if b is not None:
                         persistent = name not in sub._non_persistent_buffers_set
                         layout.append(("buffer", prefix, name, False, b.dtype, persistent))
+            plain = (
+                frozenset(k for k in vars(skeleton) if not k.startswith("_")) if skeleton is not None else frozenset()
+            )
+            learnt = (layout, self._tl_variable_names(skeleton), plain)
             if len(_LAYOUTS) < 4096:
-                _LAYOUTS[key] = layout
-        return layout
+                _LAYOUTS[key] = learnt
+        return learnt
+
+    def _tl_variable_names(self, skeleton: nn.Module | None) -> frozenset[str]:
+        """Names held by the skeleton but not by a variant where optional rules give a size, or back."""
+        optional = [name for name, rule in self._tl_rules.items() if rule.probes() == (None,)]
+        if skeleton is None or not optional:
+            return frozenset()
+
+        def held(module: nn.Module) -> set[str]:
+            return {n for n, t in (*module._parameters.items(), *module._buffers.items()) if t is not None}
+
+        base = held(skeleton)
+        choices = {name: rule.probes() for name, rule in self._tl_rules.items() if name not in optional}
+        varied: set[str] = set()
+        for size in (3, 7):
+            for i in range(max((len(c) for c in choices.values()), default=1)):
+                attempt = {name: c[min(i, len(c) - 1)] for name, c in choices.items()}
+                variant = self._tl_skeleton({**attempt, **dict.fromkeys(optional, size)})
+                if variant is not None:
+                    varied |= base ^ held(variant)
+                    break
+        return frozenset(varied)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            return nn.Module.__getattr__(self, name)  # type: ignore[arg-type]
+        _, variable, plain = self._tl_learn()
+        if name not in variable:
+            try:
+                return nn.Module.__getattr__(self, name)  # type: ignore[arg-type]
+            except AttributeError:
+                if name not in plain and name not in self._tl_rules:
+                    raise
+                if name in self._tl_args:  # given to the constructor: known already
+                    return self._tl_args[name]
+        if name in variable:
+            optional = ", ".join(f"`{n}`" for n, r in self._tl_rules.items() if r.probes() == (None,))
+            what = f"whether it exists at all depends on the first input (here: the sizes of {optional})"
+        elif name in self._tl_rules:
+            what = "its value comes from the first input"
+        else:
+            what = "the real constructor sets it when the first input gives the missing sizes"
+        raise NotBuiltError(
+            f"`{name}` of `{_paths.module_path(self)}` ({type(self).__qualname__}) is not built yet: "  # type: ignore[arg-type]
+            f"{what}. Run one forward pass, or `tl.build(model, tl.Spec(*input_shape))`, first."
+        )
 
     def _tl_placeholders(self) -> None:
         device = self._tl_args.get("device") or torch.get_default_device()
@@ -436,7 +493,7 @@ class _LazyLayer:
         try:
             named = inspect.signature(self._tl_cls.forward).bind(self, *args, **kwargs)
         except TypeError as e:
-            raise TypeError(f"`{_paths.module_path(self)}` ({type(self).__qualname__}): {e}") from None  # type: ignore[arg-type]
+            raise ArgumentError(f"`{_paths.module_path(self)}` ({type(self).__qualname__}): {e}") from None  # type: ignore[arg-type]
         named.apply_defaults()
         arguments = dict(named.arguments)
         arguments.pop(next(iter(arguments)))  # self
@@ -584,7 +641,10 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
 
 
 _SIGNATURES: dict[type, dict[str, inspect.Parameter]] = {}
-_LAYOUTS: dict[tuple[type, str], list[tuple[str, str, str, bool, torch.dtype, bool]]] = {}
+_LAYOUTS: dict[
+    tuple[type, str, torch.dtype],
+    tuple[list[tuple[str, str, str, bool, torch.dtype, bool]], frozenset[str], frozenset[str]],
+] = {}
 
 
 def _parameters_of(cls: type) -> dict[str, inspect.Parameter]:
@@ -629,7 +689,7 @@ def make_lazy(cls: type[M], rules: dict[str, Rule], name: str, module: str) -> t
     params = _parameters_of(cls)
     unknown = [r for r in rules if r not in params]
     if unknown:
-        raise TypeError(
+        raise ArgumentError(
             f"`tl.lazy({cls.__name__}, ...)`: {', '.join(map(repr, unknown))} is not an argument of "
             f"`{cls.__name__}.__init__` (it takes {', '.join(params)})."
         )
@@ -660,6 +720,10 @@ def make_lazy(cls: type[M], rules: dict[str, Rule], name: str, module: str) -> t
 
 
 # -- Keras-style lazy modules -----------------------------------------------------
+
+
+class _NoBuild(LazyError, NotImplementedError):
+    """A `tl.LazyModule` subclass without `build`."""
 
 
 class LazyModule(nn.Module):
@@ -695,7 +759,7 @@ class LazyModule(nn.Module):
         )
 
     def build(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
+        raise _NoBuild(
             f"`{type(self).__qualname__}` subclasses `tl.LazyModule` but does not define "
             "`build(self, *inputs)`: create its layers there from the first inputs."
         )

@@ -23,7 +23,7 @@ from . import _deferred, _lazy, _paths
 from . import _torch_compat as tc
 from ._checkpoint import Checkpoint, KeyPlan, mapper, open_checkpoint, plan_keys
 from ._distributed import Shard, materialize_shards, sharded_targets
-from ._errors import CheckpointError, DeferredError
+from ._errors import ArgumentError, CheckpointError, DeferredError
 from ._modtree import Placement, module_tensors, swap_all
 from ._record import GENERATOR_LOCK, Record
 
@@ -119,7 +119,7 @@ def materialize(
     0.0
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"`tl.materialize` takes a torch.nn.Module, not {type(module).__name__}.")
+        raise ArgumentError(f"`tl.materialize` takes a torch.nn.Module, not {type(module).__name__}.")
     _paths.remember_paths(module)
     placement = Placement(torch.device(device) if device is not None else None, dtype)
     with _lazy.transaction():

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
+from ._errors import ArgumentError
+
 Options = Mapping[str, Any]
 
 
@@ -185,4 +187,4 @@ def as_rule(value: Any) -> Rule:
         return value
     if callable(value):
         return Custom(value)
-    raise TypeError(f"a lazy rule must be a callable taking the forward's inputs, not {type(value).__name__}")
+    raise ArgumentError(f"a lazy rule must be a callable taking the forward's inputs, not {type(value).__name__}")

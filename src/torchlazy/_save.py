@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ._deferred import is_deferred
-from ._errors import CheckpointError
+from ._errors import ArgumentError, CheckpointError
 
 __all__ = ["save"]
 
@@ -22,7 +22,7 @@ def _parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", size.upper())
     if match is None:
-        raise ValueError(f"`max_shard_size={size!r}`: expected bytes as an int or a string such as '2GB'.")
+        raise ArgumentError(f"`max_shard_size={size!r}`: expected bytes as an int or a string such as '2GB'.")
     scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[match.group(2)]
     return int(float(match.group(1)) * scale)
 
