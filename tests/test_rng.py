@@ -57,7 +57,7 @@ def run(op: str, dtype: torch.dtype, n: int, g: torch.Generator, **params: objec
 
 def test_phi_annihilates_the_stream() -> None:
     """Every bit of the stream satisfies the recurrence of phi, so phi is MT19937's characteristic polynomial."""
-    block = _rng._py_advance(bytes(seeded(7).get_state()[24 : 24 + 4992].numpy()), 1)
+    block = _rng._py_advance(bytes(seeded(7).get_state()[24 : 24 + 4992].tolist()), 1)
     stream: list[int] = []
     for _ in range(_rng._WINDOW_BLOCKS + 1):
         stream += struct.unpack("<624Q", block)
@@ -83,7 +83,7 @@ def test_jump_equals_torch_uniform(path: str, skip: int) -> None:
 
 def test_jump_from_refill_pending(path: str) -> None:
     g = seeded(6, 624)  # next == 624, left == 1: the next draw refills
-    assert struct.unpack_from("<iiQ", bytes(g.get_state()[8:24].numpy())) == (1, 1, 624)
+    assert struct.unpack_from("<iiQ", bytes(g.get_state()[8:24].tolist())) == (1, 1, 624)
     before = g.get_state()
     for n in (1, 624, 625, 5000):
         g.set_state(before)
@@ -200,6 +200,7 @@ def test_unmodelled_kernels_say_none() -> None:
     assert _rng.words("bernoulli_", torch.float32, 10, p=torch.full((10,), 0.5)) is None
     assert _rng.words("randperm", torch.int64, 2**32) is None  # random64 swaps: not calibrated
     assert _rng.words("multinomial", torch.float32, 10) is None
+    assert _rng.words("random_", torch.complex64, 10, low=0, high=None) is None
     assert (
         _rng.chunk("randperm", torch.int64, 100) is None
         and _rng.word_offset("log_normal_", torch.float32, 99, 0) is None

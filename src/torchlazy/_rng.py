@@ -30,6 +30,7 @@ True
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import struct
@@ -37,7 +38,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["after", "backend", "chunk", "generator_at", "jump", "word_offset", "words"]
+__all__ = ["after", "backend", "chunk", "distance", "generator_at", "jump", "word_offset", "words"]
 
 # MT19937 parameters.
 _N = 624
@@ -221,7 +222,8 @@ def _state_bytes(state: torch.Tensor) -> bytes:
         raise ValueError(
             f"expected a CPU generator state (`torch.Generator().get_state()`: uint8 x {STATE_BYTES}), got {seen}"
         )
-    return state.detach().cpu().contiguous().numpy().tobytes()
+    flat = state.detach().cpu().contiguous()
+    return ctypes.string_at(flat.data_ptr(), STATE_BYTES)  # numpy is not a dependency: no `.numpy()`
 
 
 def jump(state: torch.Tensor, n_words: int) -> torch.Tensor:
@@ -314,6 +316,8 @@ _NORMAL_VECTOR = 16  # normal_ on >= 16 contiguous elements: Box-Muller over blo
 
 def _range_words(dtype: torch.dtype, low: int, high: int | None) -> int | None:
     """Words per element of ``random_(low, high)`` (``high=None``: up to the dtype's largest value)."""
+    if dtype not in _FLOATS + _INTS:
+        return None
     if high is None:
         if low == -(1 << 63):
             return 2 if dtype == torch.int64 else None  # the full 64-bit range
