@@ -199,7 +199,7 @@ def _py_combine(g: int, block: bytes) -> bytes:
 @functools.lru_cache(maxsize=512)
 def _jump_poly(n_words: int, which: str) -> int:
     core = _core() if which == "c" else None
-    if core is not None:
+    if core is not None and n_words < 1 << 64:  # the core takes a u64 distance
         return int.from_bytes(core.powmod(n_words, _PHI_TERMS_BYTES), "little")
     return _py_powmod(n_words)
 
