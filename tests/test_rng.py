@@ -93,7 +93,8 @@ def test_jump_from_refill_pending(path: str) -> None:
 
 def test_jump_composes_at_any_scale(path: str) -> None:
     s = seeded(9, 33).get_state()
-    for a, b in [(10**13, 10**12 + 7), (2**40 + 1, 623), (10**9, 10**9), (2**69, 2**69)]:  # 2^70: past the C u64
+    huge = [(2**69, 2**69)] if path == "c" else []  # 2^70 words: past the core's u64, the Python polynomial
+    for a, b in [(10**13, 10**12 + 7), (2**40 + 1, 623), (10**9, 10**9), *huge]:
         assert torch.equal(_rng.jump(_rng.jump(s, a), b), _rng.jump(s, a + b))
 
 
