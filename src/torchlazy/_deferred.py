@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -394,9 +393,10 @@ def deferred(*, concretize: bool = False) -> Iterator[None]:
     kept, and `tl.materialize` later replays exactly what construction did.
     Nested blocks join the outer one; the mode is per thread.
 
-    On exit the global generator is moved to a state derived from the draws the
-    block recorded, so two models built in two blocks get different weights
-    (eager code would also have advanced it, by generating them).
+    On exit every generator the block drew from is left exactly where eager
+    construction would have left it (a jump over the recorded draws, none of
+    them made), so the rest of the program runs as it would have eagerly and
+    two blocks in a row give the two models two eager constructions give.
 
     >>> import torch, torchlazy as tl
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -425,18 +425,25 @@ def deferred(*, concretize: bool = False) -> Iterator[None]:
                     "and so on, with the same names without `Lazy`."
                 ) from e
             raise
-    _advance_global_generator(record)
+    _leave_generators_as_eager(record)
 
 
-def _advance_global_generator(record: Record) -> None:
-    stream = record.streams.get(id(torch.default_generator))
-    if stream is None or not stream.keys:
-        return
-    entry = stream.entry
-    assert entry is not None
+def _leave_generators_as_eager(record: Record) -> None:
+    """Every generator the block drew from ends where eager construction would have left it.
 
-    digest = hashlib.blake2b(entry.numpy().tobytes() + str(len(stream.keys)).encode(), digest_size=8).digest()
-    torch.default_generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    The draws are not made: the generator model jumps over them (`_rng`), so the rest of
+    the program (data order, dropout) runs as it would have after eager construction.
+    Lazy layers not yet shaped have no draws yet: theirs are added when they are built.
+    """
+    with GENERATOR_LOCK:
+        for stream in record.streams.values():
+            if stream.keys:
+                state = stream.finish()
+                stream.generator.set_state(state)
+                record.exit_states[id(stream.generator)] = state
+        default = id(torch.default_generator)
+        if default not in record.exit_states:  # lazy layers may draw from it later, in their slots
+            record.exit_states[default] = torch.default_generator.get_state()
 
 
 # -- a clear error when a deferred model is called ---------------------------

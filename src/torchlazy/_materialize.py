@@ -231,11 +231,26 @@ def _replay_locked(
             stream = record.streams.get(id(torch.default_generator))
             if stream is not None and record.live:  # the live generator moves past every draw, as eagerly
                 saved = stream.finish()
+            elif stream is not None:
+                saved = _add_late_draws(record, stream, saved)
     finally:
         torch.default_generator.set_state(saved)
         for record in order:
             record.release_scratch()
     return values
+
+
+def _add_late_draws(record: Record, stream: Any, now: torch.Tensor) -> torch.Tensor:
+    """Lazy layers shaped after their `deferred()` block drew in their construction-order slots:
+    if nothing has used the generator since the block left it, move it past those draws too, so
+    it ends where eager construction (with explicit sizes) left it."""
+    key = id(torch.default_generator)
+    left = record.exit_states.get(key)
+    if left is None or not torch.equal(left, now):
+        return now
+    final = stream.finish()
+    record.exit_states[key] = final
+    return final
 
 
 def _replay_record(

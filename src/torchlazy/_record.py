@@ -22,11 +22,13 @@ import bisect
 import hashlib
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import _rng
 from . import _torch_compat as tc
 from ._errors import DeferredError
 
@@ -96,8 +98,10 @@ class _Stream:
     """The draws of one generator, in record order, with the state before each.
 
     `cursor` counts the random nodes already accounted for; the generator
-    state before node `cursor` is `cursor_state`. Moving the cursor past a node
-    whose result nobody wants runs that node on scratch memory.
+    state before node `cursor` is `cursor_state`. Moving the cursor past nodes
+    whose results nobody wants jumps the generator over their draws (their
+    word counts are known from the generator model, `_rng`), or, for the few
+    kernels it does not model, runs them on scratch memory.
     """
 
     def __init__(self, record: Record, generator: torch.Generator, entry: torch.Tensor | None):
@@ -107,12 +111,14 @@ class _Stream:
         self.keys: list[Key] = []
         self.nodes: dict[Key, Node] = {}
         self.before: dict[Key, torch.Tensor] = {}
+        self.after: dict[Key, torch.Tensor] = {}  # after unmodelled nodes (those the model cannot jump)
+        self.committed = 0  # random nodes before this index gave real values: none may come before them
         self.cursor = 0
         self.cursor_state: torch.Tensor | None = entry
 
     def add(self, node: Node) -> None:
         at = bisect.bisect_left(self.keys, node.key)
-        if at < self.cursor:
+        if at < self.committed:
             raise DeferredError(
                 f"`{node.name}` draws random numbers at a place in construction order that "
                 "the record has already replayed past (a lazy layer was shaped after a "
@@ -121,19 +127,27 @@ class _Stream:
             )
         self.keys.insert(at, node.key)
         self.nodes[node.key] = node
+        if at < self.cursor:  # only accounted for (jumped over): account again from before it
+            self._rewind(at)
+
+    def _rewind(self, first: int) -> None:
+        """Forget what is known of the states from random node `first` on; the cursor goes back."""
+        for k in self.keys[first:]:
+            self.before.pop(k, None)
+            self.after.pop(k, None)
+        if self.cursor > first:  # back to the last place before `first` whose state is known
+            restart = next((i for i in range(first - 1, -1, -1) if self.keys[i] in self.before), None)
+            self.cursor = 0 if restart is None else restart
+            self.cursor_state = self.entry if restart is None else self.before[self.keys[restart]]
 
     def drop(self, prefix: Key) -> None:
         kept = [k for k in self.keys if k[: len(prefix)] != prefix]
         if len(kept) == len(self.keys):
             return
         first = min(i for i, k in enumerate(self.keys) if k[: len(prefix)] == prefix)
-        for k in self.keys[first:]:
-            self.before.pop(k, None)
+        self._rewind(first)
         for k in set(self.keys) - set(kept):
             self.nodes.pop(k, None)
-        if self.cursor > first:
-            self.cursor = first
-            self.cursor_state = self.before.get(self.keys[first]) if first else self.entry
         self.keys = kept
 
     def state_before(self, node: Node) -> torch.Tensor:
@@ -141,32 +155,137 @@ class _Stream:
         known = self.before.get(node.key)
         if known is not None:
             return known
-        state = self._advance(bisect.bisect_left(self.keys, node.key))
+        index = bisect.bisect_left(self.keys, node.key)
+        self.committed = max(self.committed, index + 1)  # its values are about to be made for real
+        state = self._advance(index) if index >= self.cursor else self._behind(index)
         self.before[node.key] = state
         return state
 
     def ran(self, node: Node) -> None:
-        """`node` just ran from `state_before(node)`: move the cursor past it."""
+        """`node` just ran on the generator from `state_before(node)`: move the cursor past it."""
         if self.cursor < len(self.keys) and self.keys[self.cursor] == node.key:
             self.cursor_state = _generator_state(self.generator)
+            self.after[node.key] = self.cursor_state
             self.cursor += 1
 
     def finish(self) -> torch.Tensor:
-        """Account for every recorded draw (skipped ones on scratch); the state after them all."""
+        """Account for every recorded draw; the state after them all (eager's after construction)."""
         return self._advance(len(self.keys))
 
     def _advance(self, target: int) -> torch.Tensor:
-        """Move the cursor to random node `target`, drawing the skipped ones on scratch memory."""
-        if self.cursor_state is None:  # live: start from wherever the generator is now
-            self.cursor_state = _generator_state(self.generator)
-        while self.cursor < target:
-            skipped = self.nodes[self.keys[self.cursor]]
-            self.before[skipped.key] = self.cursor_state
-            self.generator.set_state(self.cursor_state)
-            self.record.run_on_scratch(skipped)
-            self.cursor_state = _generator_state(self.generator)
-            self.cursor += 1
-        return self.cursor_state
+        """Move the cursor to random node `target`: jump over modelled draws, run the others on scratch."""
+        state = self.cursor_state
+        if state is None:  # live: start from wherever the generator is now
+            state = self.entry = self.cursor_state = _generator_state(self.generator)
+        pending = 0
+        for key in self.keys[self.cursor : target]:
+            node = self.nodes[key]
+            words = draw_words(node)
+            if words is not None:
+                pending += words
+                continue
+            if pending:
+                state, pending = _rng.jump(state, pending), 0
+            self.before[key] = state
+            self.generator.set_state(state)
+            self.record.run_on_scratch(node)
+            state = self.after[key] = _generator_state(self.generator)
+        if pending:
+            state = _rng.jump(state, pending)
+        if target > self.cursor:
+            self.cursor, self.cursor_state = target, state
+        return state
+
+    def _behind(self, index: int) -> torch.Tensor:
+        """The state before random node `index`, already passed: from the nearest known state before it."""
+        pending = 0
+        j = index
+        state: torch.Tensor | None
+        while True:
+            if j < len(self.keys) and self.keys[j] in self.before:
+                state = self.before[self.keys[j]]
+                break
+            if j == 0:
+                state = self.entry
+                break
+            words = draw_words(self.nodes[self.keys[j - 1]])
+            if words is None:  # an unmodelled node ran (on scratch or for real): its state after is known
+                state = self.after.get(self.keys[j - 1])
+                break
+            pending += words
+            j -= 1
+        if state is None:
+            raise DeferredError("internal: a random node behind the replay cursor has no known generator state")
+        return _rng.jump(state, pending) if pending else state
+
+
+# -- what the generator model knows of a recorded random node ---------------------------
+
+_UNKNOWN: Any = object()
+
+
+@dataclass(frozen=True)
+class Draw:
+    """A random node that fills one contiguous tensor: what `_rng` needs to place and split it."""
+
+    op: str
+    target: TRef
+    numel: int
+    params: dict[str, Any]
+    words: int
+    align: int | None  # split generation is exact at multiples of this (None: not splittable)
+
+
+def draw_of(node: Node) -> Draw | None:
+    """The modelled draw of `node`, or None (not random, not contiguous, or a kernel `_rng` does not model)."""
+    cached = node.__dict__.get("_draw", _UNKNOWN)
+    if cached is not _UNKNOWN:
+        return cached  # type: ignore[no-any-return]
+    draw = None
+    if node.func is not None and node.stream is not None and node.spec is not None:
+        args, kwargs = tc.tree_unflatten(node.leaves, node.spec)
+        target = args[0] if args else None
+        if isinstance(target, TRef) and list(target.stride) == contiguous_strides(target.size):
+            op = node.func.overloadpacket.__name__  # type: ignore[attr-defined]
+            named = {a.name: v for a, v in zip(tc.op_schema(node.func).arguments, args)} | kwargs
+            params: dict[str, Any] = {}
+            if op == "random_" and ("from" in named or "to" in named):
+                params = {"low": named.get("from", 0), "high": named.get("to")}
+            elif op == "bernoulli_":
+                params = {"p": named.get("p", 0.5)}
+            numel = 1
+            for n in target.size:
+                numel *= n
+            words = _rng.words(op, target.dtype, numel, **params)
+            if words is not None:
+                draw = Draw(op, target, numel, params, words, _rng.chunk(op, target.dtype, numel, **params))
+    node.__dict__["_draw"] = draw
+    return draw
+
+
+def draw_words(node: Node) -> int | None:
+    draw = draw_of(node)
+    return None if draw is None else draw.words
+
+
+def contiguous_strides(size: tuple[int, ...]) -> list[int]:
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= max(n, 1)
+    return list(reversed(strides))
+
+
+def pieces(draw: Draw, parts: int) -> list[tuple[int, int]]:
+    """Element ranges [a, b) that generate `draw` exactly in `parts` independent pieces (fewer if small)."""
+    align = draw.align
+    if align is None or parts <= 1:
+        return [(0, draw.numel)]
+    step = max(align, (draw.numel // parts) // align * align)
+    starts = list(range(0, draw.numel, step))
+    if len(starts) > 1 and draw.numel - starts[-1] < align:
+        starts.pop()  # the last piece holds at least `align` elements (and the ragged end)
+    return [(a, starts[i + 1] if i + 1 < len(starts) else draw.numel) for i, a in enumerate(starts)]
 
 
 class Record:
@@ -181,6 +300,7 @@ class Record:
         self._sorted = True
         self._next_sid = 0
         self._default_entry = None if live else _generator_state(torch.default_generator)
+        self.exit_states: dict[int, torch.Tensor] = {}  # id(generator) -> its state set when the block ended
         self._scratch: torch.UntypedStorage | None = None
         self._adopt: tuple[dict[int, torch.UntypedStorage], set[int]] | None = None
 
@@ -317,16 +437,34 @@ class Record:
         on_ready: Callable[[int, torch.UntypedStorage], None] | None,
         result: dict[int, torch.UntypedStorage],
     ) -> None:
+        pending: dict[int, list[Future[None]]] = {}  # storages that workers are still filling
+        waiting: list[tuple[int, torch.UntypedStorage]] = []  # final, once their workers are done
+
+        def hand_over(sid: int, storage: torch.UntypedStorage) -> None:
+            if on_ready is not None:
+                on_ready(sid, storage)
+            else:
+                result[sid] = storage
+
+        def hand_over_done(block: bool) -> None:
+            while waiting and (block or all(f.done() for f in pending.get(waiting[0][0], ()))):
+                sid, storage = waiting.pop(0)
+                _wait(pending, (sid,))
+                hand_over(sid, storage)
+
         with torch.no_grad():
-            for i, node in enumerate(nodes):
-                self._run(node, env, device, exact)
-                for sid in release.get(i, ()):
-                    storage = env.pop(sid)
-                    if sid in wanted:
-                        if on_ready is not None:
-                            on_ready(sid, storage)
-                        else:
-                            result[sid] = storage
+            try:
+                for i, node in enumerate(nodes):
+                    self._run(node, env, device, exact, pending)
+                    for sid in release.get(i, ()):
+                        storage = env.pop(sid)
+                        if sid in wanted:
+                            waiting.append((sid, storage))
+                    hand_over_done(block=False)
+                hand_over_done(block=True)
+            finally:
+                for futures in pending.values():  # on failure: let workers finish before memory goes
+                    wait(futures)
 
     def run_on_scratch(self, node: Node) -> None:
         """Run a random node only for its draws: inputs it overwrites are scratch."""
@@ -360,20 +498,51 @@ class Record:
         env: dict[int, torch.UntypedStorage],
         device: torch.device,
         exact: bool,
+        pending: dict[int, list[Future[None]]] | None = None,
     ) -> None:
         stream = node.stream
         if stream is None:
-            self._call(node, env, device)
+            self._call(node, env, device, pending)
             return
         if exact:
+            draw = draw_of(node)
+            workers = _workers()
+            if draw is not None and pending is not None and workers > 1 and draw.numel >= PARALLEL_MIN:
+                self._draw_in_pieces(node, draw, stream.state_before(node), env, workers, pending)
+                return  # the stream's cursor stays before it: moving past it adds its word count
             gen = stream.generator
             gen.set_state(stream.state_before(node))
-            self._call(node, env, device)
+            self._call(node, env, device, pending)
             stream.ran(node)
         else:
             gen = default_generator(device) if stream.generator is torch.default_generator else stream.generator
             gen.manual_seed(self.seed_for(node))
-            self._call(node, env, device)
+            self._call(node, env, device, pending)
+
+    def _draw_in_pieces(
+        self,
+        node: Node,
+        draw: Draw,
+        state: torch.Tensor,
+        env: dict[int, torch.UntypedStorage],
+        workers: int,
+        pending: dict[int, list[Future[None]]],
+    ) -> None:
+        """Run a modelled draw on worker threads, each piece on its own generator placed by a jump:
+        the bits eager's single serial kernel gives, whatever the number of pieces."""
+        _wait(pending, (*node.reads, *node.writes))
+        cpu = torch.device("cpu")
+        self._ensure_target(node, env, cpu)
+        assert node.spec is not None and node.func is not None
+        args, kwargs = tc.tree_unflatten([_real(leaf, env, cpu) for leaf in node.leaves], node.spec)
+        flat = args[0].view(-1)
+        futures = [
+            _pool().submit(_draw_piece, node.func, (flat[a:b], *args[1:]), kwargs, state, offset)
+            for a, b in pieces(draw, workers)
+            for offset in [_rng.word_offset(draw.op, draw.target.dtype, draw.numel, a, **draw.params) or 0]
+        ]
+        for sid in dict.fromkeys(node.writes):
+            pending.setdefault(sid, []).extend(futures)
 
     def seed_for(self, node: Node, salt: bytes = b"") -> int:
         """A seed for `node` in non-exact replay: from the entry state and the node's place."""
@@ -382,10 +551,21 @@ class Record:
         digest = hashlib.blake2b(base + repr(node.key).encode() + salt, digest_size=8).digest()
         return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
-    def _call(self, node: Node, env: dict[int, torch.UntypedStorage], device: torch.device) -> None:
+    def _ensure_target(self, node: Node, env: dict[int, torch.UntypedStorage], device: torch.device) -> None:
         if node.overwrites is not None and node.overwrites not in env:  # its earlier writes were dead
             nbytes = self.storages[node.overwrites].nbytes
             env[node.overwrites] = torch.empty(nbytes, dtype=torch.uint8, device=device).untyped_storage()
+
+    def _call(
+        self,
+        node: Node,
+        env: dict[int, torch.UntypedStorage],
+        device: torch.device,
+        pending: dict[int, list[Future[None]]] | None = None,
+    ) -> None:
+        if pending:
+            _wait(pending, (*node.reads, *node.writes))
+        self._ensure_target(node, env, device)
         leaves = [_real(leaf, env, device) for leaf in node.leaves]
         if node.func is None:
             out: Any = leaves[0]
@@ -403,6 +583,35 @@ class Record:
         flat = tc.tree_leaves(out)
         for index, sid in node.outputs:
             env[sid] = flat[index].untyped_storage()
+
+
+# -- worker threads for exact draws ------------------------------------------------------
+
+PARALLEL_MIN = 1 << 16  # elements: smaller draws run inline (a thread hop costs more than they do)
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _workers() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _pool() -> ThreadPoolExecutor:
+    n = _workers()
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="torchlazy-draw")
+    return _POOLS[n]
+
+
+def _draw_piece(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], state: torch.Tensor, offset: int) -> None:
+    generator = _rng.generator_at(_rng.jump(state, offset) if offset else state)
+    with torch.no_grad():
+        func(*args, **{**kwargs, "generator": generator})
+
+
+def _wait(pending: dict[int, list[Future[None]]], sids: Iterable[int]) -> None:
+    for sid in sids:
+        for future in pending.pop(sid, ()):
+            future.result()
 
 
 def _real(leaf: Any, env: dict[int, torch.UntypedStorage], device: torch.device) -> Any:

@@ -1,0 +1,187 @@
+"""Exact at any scale: dead draws jumped over, draws split over threads, generators left as eager leaves them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torchlazy as tl
+from torchlazy import _record
+
+
+def _same(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape, k
+        assert torch.equal(sa[k].view(torch.uint8), sb[k].view(torch.uint8)), k
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(300, 700), nn.GELU(), nn.Linear(700, 301), nn.LayerNorm(301))
+
+
+def _hf_style() -> nn.Module:
+    """reset_parameters draws, then an `_init_weights` redraws every Linear and Embedding (dead draws)."""
+    m = nn.ModuleDict(dict(emb=nn.Embedding(5000, 96, padding_idx=0), a=nn.Linear(96, 384), b=nn.Linear(384, 96)))
+    for sub in m.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            sub.weight.data.normal_(0.0, 0.02)
+        if isinstance(sub, nn.Embedding):
+            sub.weight.data[0].zero_()
+    return m
+
+
+def _truncated() -> nn.Module:
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 17))
+    nn.init.trunc_normal_(m[0].weight, std=0.02)  # a rejection sampler: draws depend on values
+    nn.init.normal_(m[1].weight[:, :5])  # a non-contiguous draw: the generator model falls back to running it
+    return m
+
+
+def _with_lazy() -> nn.Module:
+    return nn.Sequential(nn.Linear(10, 30), tl.nn.Linear(7), tl.nn.LayerNorm(), nn.Linear(7, 3))
+
+
+def _with_lazy_eager() -> nn.Module:
+    return nn.Sequential(nn.Linear(10, 30), nn.Linear(30, 7), nn.LayerNorm(7), nn.Linear(7, 3))
+
+
+MODELS: list[tuple[str, Callable[[], nn.Module]]] = [
+    ("mlp", _mlp),
+    ("hf_style", _hf_style),
+    ("truncated", _truncated),
+    ("transformer", lambda: nn.TransformerEncoderLayer(32, 4, 64)),
+]
+
+
+@pytest.mark.parametrize("name,make", MODELS)
+def test_generator_after_block_and_after_materialize_is_eagers(name: str, make: Callable[[], nn.Module]) -> None:
+    torch.manual_seed(3)
+    with tl.deferred():
+        model = make()
+    after_block = torch.get_rng_state()
+    drawn_after = torch.randn(5)  # the rest of the program sees eager's stream
+    tl.materialize(model)
+    assert torch.equal(torch.get_rng_state(), torch.default_generator.get_state())
+    torch.manual_seed(3)
+    eager = make()
+    assert torch.equal(after_block, torch.get_rng_state())
+    assert torch.equal(drawn_after, torch.randn(5))
+    _same(model, eager)
+
+
+def test_materialize_never_moves_the_generator() -> None:
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = _hf_style()
+    before = torch.get_rng_state()
+    tl.materialize(model)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_two_blocks_in_a_row_are_two_eager_constructions() -> None:
+    torch.manual_seed(1)
+    with tl.deferred():
+        a = _mlp()
+    with tl.deferred():
+        b = _hf_style()
+    tl.materialize(b)
+    tl.materialize(a)
+    torch.manual_seed(1)
+    ea, eb = _mlp(), _hf_style()
+    _same(a, ea)
+    _same(b, eb)
+
+
+def test_lazy_layers_built_after_the_block_leave_the_generator_as_eager() -> None:
+    torch.manual_seed(2)
+    with tl.deferred():
+        model = _with_lazy()
+    tl.build(model, tl.Spec(4, 10))
+    after = torch.randn(3)
+    torch.manual_seed(2)
+    eager = _with_lazy_eager()
+    assert torch.equal(after, torch.randn(3))
+    _same(model, eager)
+
+
+def test_an_explicit_generator_advances_as_eager() -> None:
+    def make(gen: torch.Generator) -> nn.Module:
+        layer = nn.Linear(50, 40)
+        nn.init.normal_(layer.weight, generator=gen)
+        nn.init.uniform_(layer.bias, generator=gen)
+        return layer
+
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make(gen)
+    after = gen.get_state()
+    tl.materialize(model)
+    gen_eager = torch.Generator().manual_seed(7)
+    torch.manual_seed(0)
+    eager = make(gen_eager)
+    assert torch.equal(after, gen_eager.get_state())
+    _same(model, eager)
+
+
+class _CountDraws(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        if name in ("uniform_", "normal_"):
+            self.elements[name] = self.elements.get(name, 0) + args[0].numel()
+        return func(*args, **(kwargs or {}))
+
+
+def test_dead_draws_are_jumped_not_generated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_record, "PARALLEL_MIN", 1 << 40)  # all inline, where a dispatch mode sees them
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = _hf_style()  # every kaiming_uniform_ / normal_ of reset_parameters is redrawn
+    counter = _CountDraws()
+    with counter:
+        tl.materialize(model)
+    live = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
+    assert counter.elements.get("uniform_", 0) < 1000  # only the biases' draws (live), no dead weight draw
+    assert counter.elements["normal_"] == live  # the redrawn values, each once
+    torch.manual_seed(0)
+    _same(model, _hf_style())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_exact_whatever_the_number_of_threads(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_record, "PARALLEL_MIN", 16)  # split even small draws
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(5)
+        with tl.deferred():
+            model = nn.Sequential(nn.Linear(333, 77), nn.Embedding(1001, 33), nn.Linear(7, 5))
+            nn.init.normal_(model[1].weight, 0.0, 0.5)
+            nn.init.uniform_(model[0].weight, -1, 1)
+        tl.materialize(model)
+    finally:
+        torch.set_num_threads(old)
+    torch.manual_seed(5)
+    eager = nn.Sequential(nn.Linear(333, 77), nn.Embedding(1001, 33), nn.Linear(7, 5))
+    nn.init.normal_(eager[1].weight, 0.0, 0.5)
+    nn.init.uniform_(eager[0].weight, -1, 1)
+    _same(model, eager)
+
+
+def test_pieces_cover_a_draw_at_its_alignment() -> None:
+    draw = _record.Draw("normal_", _record.TRef(0, (1007,), (1,), 0, torch.float32), 1007, {}, 1023, 16)
+    parts = _record.pieces(draw, 3)
+    assert parts[0][0] == 0 and parts[-1][1] == 1007
+    assert all(b == c for (_, b), (c, _) in zip(parts, parts[1:]))
+    assert all(a % 16 == 0 and b - a >= 16 for a, b in parts)
