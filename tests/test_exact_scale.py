@@ -161,6 +161,7 @@ def test_dead_draws_are_jumped_not_generated(monkeypatch: pytest.MonkeyPatch) ->
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_exact_whatever_the_number_of_threads(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_record, "PARALLEL_MIN", 16)  # split even small draws
+    monkeypatch.setattr(_record, "SPLIT_MIN", 16)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -185,3 +186,34 @@ def test_pieces_cover_a_draw_at_its_alignment() -> None:
     assert parts[0][0] == 0 and parts[-1][1] == 1007
     assert all(b == c for (_, b), (c, _) in zip(parts, parts[1:]))
     assert all(a % 16 == 0 and b - a >= 16 for a, b in parts)
+
+
+@pytest.mark.parametrize("rows", [(0, 7), (7, 20), (13, 33), (32, 33), (0, 33)])
+def test_a_shard_alone_is_the_eager_rows(rows: tuple[int, int]) -> None:
+    """What an FSDP rank computes for its rows (no full tensor): exactly eager's rows."""
+    from torchlazy import _deferred, _distributed
+
+    def make() -> nn.Module:
+        m = nn.Sequential(nn.Linear(31, 33), nn.Embedding(33, 17))
+        nn.init.normal_(m[0].weight, std=0.02)
+        m[1].weight.data.mul_(3.0)
+        return m
+
+    torch.manual_seed(4)
+    with tl.deferred():
+        model = make()
+    torch.manual_seed(4)
+    eager = make()
+    for name in ("0.weight", "0.bias", "1.weight"):
+        fake = model.get_parameter(name)
+        found = _deferred.storage_of(fake)
+        assert found is not None
+        record, sid = found
+        size = tuple(fake.shape)
+        start, stop = rows if len(size) > 1 or rows[1] <= size[0] else (0, size[0])
+        shard = _distributed.Shard(name, [], None, record, _record.TRef.of(sid, fake))
+        shard.__dict__["slices"] = (slice(start, stop), *(slice(0, n) for n in size[1:]))
+        local = _distributed._local_exact(record, shard)
+        assert local is not None, name  # the slice alone, not a full tensor
+        expected = eager.get_parameter(name).detach()[start:stop]
+        assert torch.equal(local.view(torch.uint8), expected.contiguous().view(torch.uint8)), name

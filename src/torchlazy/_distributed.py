@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _rng
 from . import _torch_compat as tc
 from ._deferred import origin_of, storage_of
 from ._errors import DeferredError
 from ._modtree import Placement
-from ._record import GENERATOR_LOCK, Const, Record, TRef, default_generator
+from ._record import GENERATOR_LOCK, Const, Node, Record, TRef, contiguous_strides, default_generator, draw_of
 
 __all__ = ["sharded_targets", "materialize_shards"]
 
@@ -104,12 +105,13 @@ def _replay_shards(by_record: dict[int, list[Shard]], local: dict[int, torch.Ten
             for shard in group:
                 by_sid.setdefault(shard.ref.sid, []).append(shard)
 
-            if not exact:  # only this rank's slice, where every operation on the tensor is elementwise
-                for sid in list(by_sid):
-                    if len(by_sid[sid]) == 1:
-                        value = _local_only(record, by_sid[sid][0], device or "cpu")
-                        if value is not None:
-                            local[id(by_sid.pop(sid)[0].param)] = value
+            # only this rank's slice, where every operation on the tensor is elementwise
+            for sid in list(by_sid):
+                if len(by_sid[sid]) == 1:
+                    shard = by_sid[sid][0]
+                    value = _local_exact(record, shard) if exact else _local_only(record, shard, device or "cpu")
+                    if value is not None:
+                        local[id(by_sid.pop(sid)[0].param)] = value
 
             def on_ready(sid: int, storage: torch.UntypedStorage, by_sid: dict[int, list[Shard]] = by_sid) -> None:
                 for shard in by_sid[sid]:
@@ -126,14 +128,9 @@ def _replay_shards(by_record: dict[int, list[Shard]], local: dict[int, torch.Ten
             group[0].record.release_scratch()
 
 
-def _local_only(record: Record, shard: Shard, device: Any) -> torch.Tensor | None:
-    """Generate only the local slice (not exact): possible when every op on the tensor is
-    elementwise over the whole of it (fills, draws, scaling), as in most initializers.
-
-    Draws use a generator seeded from the construction's entry state, the operation and
-    the slice's offset: reproducible for a given sharding, different across shardings.
-    """
-    ref = shard.ref
+def _elementwise_closure(record: Record, ref: TRef) -> list[Node] | None:
+    """The nodes that make the tensor `ref`, if they are a full overwrite followed by elementwise
+    operations on that tensor alone (fills, draws, scaling): then any slice can be made alone."""
     nodes = record.closure([ref.sid], None)
     if not nodes or nodes[0].overwrites != ref.sid:
         return None
@@ -147,6 +144,69 @@ def _local_only(record: Record, shard: Shard, device: Any) -> torch.Tensor | Non
         for leaf in node.leaves:
             if isinstance(leaf, Const) or (isinstance(leaf, TRef) and leaf != ref):
                 return None
+    return nodes
+
+
+def _flat_range(shard: Shard) -> tuple[int, int] | None:
+    """The local slice as a range of flat elements, when it is one (rows of a contiguous tensor)."""
+    ref = shard.ref
+    if list(ref.stride) != contiguous_strides(ref.size) or not ref.size:
+        return None
+    rest = shard.slices[1:]
+    if any(s.start != 0 or s.stop != n for s, n in zip(rest, ref.size[1:])):
+        return None
+    row = 1
+    for n in ref.size[1:]:
+        row *= n
+    return shard.slices[0].start * row, shard.slices[0].stop * row
+
+
+def _local_exact(record: Record, shard: Shard) -> torch.Tensor | None:
+    """Eager's exact values of the local slice alone: each draw starts from a generator jumped to
+    the slice's first word (the smallest covering range where a kernel works in blocks)."""
+    ref = shard.ref
+    nodes = _elementwise_closure(record, ref)
+    span = _flat_range(shard)
+    if nodes is None or span is None:
+        return None
+    draws = [draw_of(n) for n in nodes if n.stream is not None]
+    if any(d is None or d.target != ref or d.align is None for d in draws):
+        return None
+    numel = 1
+    for n in ref.size:
+        numel *= n
+    align = max([1, *(d.align for d in draws if d is not None and d.align is not None)])
+    a, b = span
+    start, stop = a // align * align, min(numel, -(-b // align) * align)
+    if stop == numel and numel - start < align:  # the ragged last piece holds at least `align` elements
+        start = max(0, (numel - align) // align * align)
+    values = torch.empty(stop - start, dtype=ref.dtype)
+    with torch.no_grad():
+        for node in nodes:
+            assert node.spec is not None and node.func is not None
+            args, kwargs = tc.tree_unflatten([values if isinstance(x, TRef) else x for x in node.leaves], node.spec)
+            draw = draw_of(node) if node.stream is not None else None
+            if draw is not None and node.stream is not None:
+                offset = _rng.word_offset(draw.op, ref.dtype, numel, start, **draw.params) or 0
+                state = node.stream.state_before(node)
+                kwargs = {**kwargs, "generator": _rng.generator_at(_rng.jump(state, offset) if offset else state)}
+            node.func(*args, **kwargs)  # type: ignore[misc]
+    local_shape = tuple(s.stop - s.start for s in shard.slices)
+    piece = values[a - start : b - start]
+    return (piece.clone() if piece.numel() != values.numel() else piece).view(local_shape)
+
+
+def _local_only(record: Record, shard: Shard, device: Any) -> torch.Tensor | None:
+    """Generate only the local slice (not exact): possible when every op on the tensor is
+    elementwise over the whole of it (fills, draws, scaling), as in most initializers.
+
+    Draws use a generator seeded from the construction's entry state, the operation and
+    the slice's offset: reproducible for a given sharding, different across shardings.
+    """
+    ref = shard.ref
+    nodes = _elementwise_closure(record, ref)
+    if nodes is None:
+        return None
     index = shard.slices
     values = torch.empty(tuple(s.stop - s.start for s in index), dtype=ref.dtype, device=device)
     salt = repr(tuple(s.start for s in index)).encode()

@@ -22,7 +22,7 @@ import bisect
 import hashlib
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -536,13 +536,17 @@ class Record:
         assert node.spec is not None and node.func is not None
         args, kwargs = tc.tree_unflatten([_real(leaf, env, cpu) for leaf in node.leaves], node.spec)
         flat = args[0].view(-1)
+        parts = workers if draw.numel >= SPLIT_MIN else 1  # smaller draws: parallel across nodes, no extra jump
         futures = [
             _pool().submit(_draw_piece, node.func, (flat[a:b], *args[1:]), kwargs, state, offset)
-            for a, b in pieces(draw, workers)
+            for a, b in pieces(draw, parts)
             for offset in [_rng.word_offset(draw.op, draw.target.dtype, draw.numel, a, **draw.params) or 0]
         ]
         for sid in dict.fromkeys(node.writes):
             pending.setdefault(sid, []).extend(futures)
+        in_flight = [f for fs in pending.values() for f in fs if not f.done()]
+        if len(in_flight) > 2 * workers:  # keep memory bounded: finished storages are handed over first
+            wait(in_flight, return_when=FIRST_COMPLETED)
 
     def seed_for(self, node: Node, salt: bytes = b"") -> int:
         """A seed for `node` in non-exact replay: from the entry state and the node's place."""
@@ -588,6 +592,7 @@ class Record:
 # -- worker threads for exact draws ------------------------------------------------------
 
 PARALLEL_MIN = 1 << 16  # elements: smaller draws run inline (a thread hop costs more than they do)
+SPLIT_MIN = 1 << 23  # elements: larger draws are also split over the workers (a jump per piece)
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
