@@ -2,6 +2,7 @@
 
 from . import nn
 from ._checkpoint import save
+from ._costs import CostError, MemoryEstimate, estimate_memory
 from ._deferred import deferred, deferred_tensors, is_deferred
 from ._errors import (
     CheckpointError,
@@ -17,9 +18,11 @@ from ._summary import Row, Summary, summary
 
 __all__ = [
     "CheckpointError",
+    "CostError",
     "DeferredError",
     "LazyError",
     "LazyModule",
+    "MemoryEstimate",
     "NotBuiltError",
     "Row",
     "ShapeError",
@@ -28,6 +31,7 @@ __all__ = [
     "build",
     "deferred",
     "deferred_tensors",
+    "estimate_memory",
     "is_built",
     "is_deferred",
     "lazy",
