@@ -395,7 +395,7 @@ def _bytes(n: int) -> str:
     raise AssertionError
 
 
-def _optimizer_class(optimizer: Any) -> type[torch.optim.Optimizer]:
+def optimizer_class(optimizer: Any) -> type[torch.optim.Optimizer]:
     if isinstance(optimizer, str):
         cls = OPTIMIZERS.get(optimizer.lower())
         if cls is None:
@@ -455,7 +455,7 @@ def estimate_memory(
     if mode not in ("train", "inference"):
         raise CostError(f"`mode` must be 'train' or 'inference', not {mode!r}.")
     train = mode == "train"
-    opt_cls = _optimizer_class(optimizer) if train else None
+    opt_cls = optimizer_class(optimizer) if train else None
     if loss is not None and not callable(loss):
         raise CostError(f"`loss` must be a callable taking the forward's output, not {type(loss).__name__}.")
     kwargs = dict(example_kwargs or {})

@@ -27,7 +27,7 @@ import torch
 
 from . import _lazy
 from ._checkpoint import save
-from ._costs import CostError, estimate_memory
+from ._costs import CostError, estimate_memory, optimizer_class
 from ._deferred import deferred, deferred_tensors
 from ._errors import LazyError
 from ._from_config import config_file, model_from_config
@@ -131,6 +131,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if (args.flops or args.memory) and not (positional or keywords):
         raise UsageError("--flops and --memory run the forward: pass an example with --input SHAPE[:dtype]")
     autocast = parse_dtype(args.autocast) if args.autocast else None
+    try:
+        optimizer = optimizer_class(args.optimizer)  # checked before the model is constructed
+    except CostError as e:
+        raise UsageError(str(e)) from None
     if args.format not in ("text", "json", "markdown"):
         raise UsageError(f"unknown --format `{args.format}`; use text, json or markdown")
     model = _construct(args)
@@ -139,7 +143,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if args.memory:
         try:
             memory = estimate_memory(
-                model, *positional, optimizer=args.optimizer, autocast=autocast, example_kwargs=keywords
+                model, *positional, optimizer=optimizer, autocast=autocast, example_kwargs=keywords
             )
         except CostError as e:
             raise UsageError(str(e)) from None
