@@ -1,6 +1,7 @@
 """torchlazy: lazy shapes, deferred construction, exact materialization for PyTorch."""
 
 from . import nn
+from ._costs import CostError, MemoryEstimate, estimate_memory
 from ._deferred import deferred, deferred_tensors, is_deferred
 from ._errors import (
     ArgumentError,
@@ -20,9 +21,11 @@ from ._summary import Row, Summary, summary
 __all__ = [
     "ArgumentError",
     "CheckpointError",
+    "CostError",
     "DeferredError",
     "LazyError",
     "LazyModule",
+    "MemoryEstimate",
     "NotBuiltError",
     "Row",
     "ShapeError",
@@ -31,6 +34,7 @@ __all__ = [
     "build",
     "deferred",
     "deferred_tensors",
+    "estimate_memory",
     "is_built",
     "is_deferred",
     "lazy",

@@ -49,7 +49,7 @@ def _tracking_modules() -> Iterator[list[nn.Module]]:
             h.remove()
 
 
-class _FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
+class FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     """Ops whose inputs are all small known constants run for real, so their outputs stay known.
 
     This lets forwards that compute with index tensors (targets, lengths) run on
@@ -88,10 +88,10 @@ class _FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
 def fake_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run `module` on fake copies of the examples; errors name the failing module."""
-    mode = _mode_of(module)
+    mode = mode_of(module)
     paths = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
     fargs, fkwargs = to_fake((args, kwargs), mode)
-    with _tracking_modules() as stack, _deferred.quiet(), mode, _FoldConstants(mode):
+    with _tracking_modules() as stack, _deferred.quiet(), mode, FoldConstants(mode):
         try:
             return module(*fargs, **fkwargs)
         except LazyError:
@@ -114,7 +114,7 @@ def _where(stack: list[nn.Module], paths: dict[int, str], root: nn.Module) -> st
     return f"`{path}` ({type(culprit).__name__})"
 
 
-def _mode_of(module: nn.Module) -> Any:
+def mode_of(module: nn.Module) -> Any:
     for t in (*module.parameters(), *module.buffers()):
         if tc.is_fake(t):
             return tc.fake_mode_of(t)

@@ -3,13 +3,14 @@
 With examples, the forward runs on fake tensors inside a transaction that is
 always rolled back: lazy layers are shaped only for the time of the count, and
 the model is left exactly as it was. Rows are data (`Summary.rows`); `str()`
-renders the text table and notebooks get an HTML one.
+renders the text table, notebooks get an HTML one, `to_markdown()` and
+`to_dict()` the rest. With `flops=True`, FLOPs per module come from `_costs`.
 """
 
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from . import _lazy
 from . import _torch_compat as tc
+from ._costs import FlopCounts, count_flops
 from ._infer import fake_forward
 from ._twin import run_twin
 
@@ -39,6 +41,8 @@ class Row:
     total_params: int | None  # the whole sub-tree, tied ones once
     trainable: bool
     tied_to: dict[str, str] = field(default_factory=dict)  # own name -> path it is tied to
+    flops: int | None = None  # forward FLOPs of its own ops (submodules' not included); None: not counted
+    total_flops: int | None = None  # forward FLOPs of the whole sub-tree
 
 
 @dataclass(repr=False)
@@ -54,25 +58,36 @@ class Summary:
     bytes_bf16: int | None
     depth: int | None = None
     unknown: list[str] = field(default_factory=list)
+    total_flops: int | None = None  # one forward; None: not counted (`summary(..., flops=True)`)
+    total_flops_train: int | None = None  # forward + backward (a loss on the output, gradients of the parameters)
 
-    def __str__(self) -> str:
+    def _header(self) -> tuple[str, ...]:
+        flops = ("FLOPs",) if self.total_flops is not None else ()
+        return ("Module", "Type", "Input shape", "Output shape", "Params", *flops)
+
+    def _cells(self) -> list[tuple[str, ...]]:
+        """One tuple of strings per shown row; `--` where a row's children are listed and it has nothing of its own."""
         shown = [r for r in self.rows if self.depth is None or r.depth <= self.depth]
-        header = ("Module", "Type", "Input shape", "Output shape", "Params")
+        parents = {r.path.rpartition(".")[0] for r in self.rows if r.depth > 0}
         body = []
         for r in shown:
             folded = self.depth is not None and r.depth == self.depth
-            count = r.total_params if folded or r.depth == 0 else r.num_params
+            listed = not folded and r.path in parents and r.depth > 0  # its children are rows of their own
+            whole = folded or r.depth == 0
+            count = r.total_params if whole else r.num_params
             name = "  " * max(r.depth - 1, 0) + (r.path.rsplit(".", 1)[-1] if r.depth else "(root)")
             tied = f" (tied to {', '.join(sorted(set(r.tied_to.values())))})" if r.tied_to else ""
-            body.append(
-                (
-                    name,
-                    r.type,
-                    _shapes(r.inputs),
-                    _shapes(r.outputs),
-                    _count(count) + tied,
-                )
-            )
+            params = "--" if listed and count == 0 and not tied else _count(count) + tied
+            cells = [name, r.type, _shapes(r.inputs), _shapes(r.outputs), params]
+            if self.total_flops is not None:
+                flops = r.total_flops if whole else r.flops
+                cells.append("--" if listed and not flops else _flops(flops))
+            body.append(tuple(cells))
+        return body
+
+    def __str__(self) -> str:
+        header = self._header()
+        body = self._cells()
         widths = [max(len(x) for x in col) for col in zip(header, *body)]
         line = "-" * (sum(widths) + 2 * (len(widths) - 1))
         out = [_join(header, widths), line, *(_join(row, widths) for row in body), line]
@@ -93,30 +108,43 @@ class Summary:
             f"Params size: {_bytes(self.param_bytes)} (fp32: {_bytes(self.bytes_fp32)}, bf16: {_bytes(self.bytes_bf16)})"
         )
         out.append(f"Buffers size: {_bytes(self.buffer_bytes)}")
+        if self.total_flops is not None:
+            out.append(f"Forward FLOPs: {_flops(self.total_flops)} ({self.total_flops:,})")
+        if self.total_flops_train is not None:
+            out.append(f"Forward + backward FLOPs: {_flops(self.total_flops_train)} ({self.total_flops_train:,})")
         if self.unknown:
             out.append(
                 f"Unknown until built ({len(self.unknown)}): pass an example input, e.g. `tl.summary(model, tl.Spec(...))`"
             )
         return out
 
-    def _repr_html_(self) -> str:
+    def to_markdown(self) -> str:
+        """The table as Markdown (module names are full paths), then the totals."""
         shown = [r for r in self.rows if self.depth is None or r.depth <= self.depth]
-        cells = "".join(
-            "<tr>"
-            + "".join(
-                f"<td>{html.escape(str(x))}</td>"
-                for x in (
-                    r.path or "(root)",
-                    r.type,
-                    _shapes(r.inputs),
-                    _shapes(r.outputs),
-                    _count(r.num_params),
-                )
-            )
-            + "</tr>"
-            for r in shown
-        )
-        head = "".join(f"<th>{h}</th>" for h in ("Module", "Type", "Input shape", "Output shape", "Params"))
+        header = self._header()
+        lines = [
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join("---" if i < 4 else "---:" for i in range(len(header))) + "|",
+        ]
+        for r, cells in zip(shown, self._cells()):
+            row = (f"`{r.path}`" if r.path else "(root)", *cells[1:])
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+        return "\n".join([*lines, "", *(f"- {t}" for t in self._totals())])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as JSON-able data: the rows (every module, whatever `depth`) and the totals."""
+        out = {k: v for k, v in asdict(self).items() if k != "rows"}
+        out["rows"] = [
+            {**asdict(r), "inputs": _listed(r.inputs), "outputs": _listed(r.outputs), "params": {
+                k: None if v is None else list(v) for k, v in r.params.items()
+            }}
+            for r in self.rows
+        ]  # fmt: skip
+        return out
+
+    def _repr_html_(self) -> str:
+        cells = "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in row) + "</tr>" for row in self._cells())
+        head = "".join(f"<th>{h}</th>" for h in self._header())
         totals = html.escape("\n".join(self._totals()))
         return f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table><pre>{totals}</pre>"
 
@@ -135,6 +163,19 @@ def _shapes(shapes: tuple[Shape, ...] | None) -> str:
 
 def _count(n: int | None) -> str:
     return "?" if n is None else f"{n:,}"
+
+
+def _flops(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("P", 10**15), ("T", 10**12), ("G", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _listed(shapes: tuple[Shape, ...] | None) -> list[list[int]] | None:
+    return None if shapes is None else [list(s) for s in shapes]
 
 
 def _bytes(n: int | None) -> str:
@@ -161,6 +202,7 @@ def summary(
     module: nn.Module,
     *example_args: Any,
     depth: int | None = None,
+    flops: bool = False,
     **example_kwargs: Any,
 ) -> Summary:
     """Shapes, parameter counts and bytes per module, allocating nothing.
@@ -168,6 +210,9 @@ def summary(
     Works on unbuilt lazy and deferred models and leaves them unchanged. With
     example inputs (`tl.Spec`s or tensors) lazy sizes are inferred for the
     count and input/output shapes are shown; without, unknown sizes show `?`.
+    With `flops=True` (examples needed) each row gets its forward FLOPs, as
+    `torch.utils.flop_counter.FlopCounterMode` counts them, and the totals
+    `total_flops` (forward) and `total_flops_train` (forward + backward).
 
     >>> import torch, torchlazy as tl
     >>> net = torch.nn.Sequential(tl.nn.Linear(32), torch.nn.ReLU(), tl.nn.Linear(10))
@@ -177,6 +222,9 @@ def summary(
     >>> tl.summary(net).total_params is None   # unbuilt and no example: unknown
     True
     """
+    if flops:
+        return _with_flops(summary(module, *example_args, depth=depth, **example_kwargs),
+                           count_flops(module, example_args, example_kwargs))  # fmt: skip
     if example_args or example_kwargs:
         try:  # fast path: a twin of the model on the meta device, where lazy layers build for free
             return _summary_of_meta_twin(module, example_args, example_kwargs, depth)
@@ -192,6 +240,24 @@ def summary(
                 for h in hooks:
                     h.remove()
         return _tabulate(module, calls, depth)
+
+
+def _with_flops(s: Summary, counts: FlopCounts) -> Summary:
+    """Rows get FlopCounterMode's (inclusive) count; own = that minus the nearest called submodules' counts."""
+    called = counts.by_module
+    called_paths = [p for p in called if p]
+
+    def nearest_called_below(path: str) -> list[str]:
+        inside = f"{path}." if path else ""
+        below = [d for d in called_paths if d.startswith(inside) and d != path]
+        return [d for d in below if not any(d.startswith(f"{m}.") for m in below if m != d)]
+
+    rows = []
+    for r in s.rows:
+        top = sum(called[d] for d in nearest_called_below(r.path))
+        total = called.get(r.path, top)
+        rows.append(replace(r, flops=max(total - top, 0) if r.path in called else 0, total_flops=total))
+    return replace(s, rows=rows, total_flops=counts.forward, total_flops_train=counts.train)
 
 
 def _summary_of_meta_twin(

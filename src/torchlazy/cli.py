@@ -1,6 +1,8 @@
 """The `torchlazy` command: the same facts for people who do not want to write code.
 
     torchlazy summary pkg.module:factory [--kwargs JSON] [--input 8x3x224x224[:dtype] ...] [--depth N]
+                      [--flops] [--memory [--optimizer adamw] [--autocast bf16]] [--format text|json|markdown]
+    torchlazy summary path/to/config.json --input 1x128:int64 --flops --memory   (a transformers config)
     torchlazy materialize pkg.module:factory [--kwargs JSON] [--input ...] [--seed N] [--dtype D] --out FILE
 
 The factory is constructed under `tl.deferred()`: nothing is allocated by
@@ -24,8 +26,10 @@ from typing import Any
 import torch
 
 from . import _lazy
+from ._costs import CostError, estimate_memory, optimizer_class
 from ._deferred import deferred, deferred_tensors
 from ._errors import LazyError
+from ._from_config import config_file, model_from_config
 from ._infer import build
 from ._materialize import materialize
 from ._save import save
@@ -92,6 +96,11 @@ def load_factory(target: str) -> Callable[..., Any]:
 
 
 def _construct(args: argparse.Namespace) -> torch.nn.Module:
+    config = config_file(args.model)
+    if config is not None:
+        if args.kwargs:
+            raise UsageError("--kwargs applies to a MODULE:CALLABLE factory, not to a transformers config")
+        return model_from_config(config)
     try:
         kwargs = json.loads(args.kwargs) if args.kwargs else {}
     except json.JSONDecodeError as e:
@@ -120,8 +129,31 @@ def _examples(inputs: Sequence[str]) -> tuple[list[Spec], dict[str, Spec]]:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     positional, keywords = _examples(args.input)
+    if (args.flops or args.memory) and not (positional or keywords):
+        raise UsageError("--flops and --memory run the forward: pass an example with --input SHAPE[:dtype]")
+    autocast = parse_dtype(args.autocast) if args.autocast else None
+    try:
+        optimizer = optimizer_class(args.optimizer)  # checked before the model is constructed
+    except CostError as e:
+        raise UsageError(str(e)) from None
+    if args.format not in ("text", "json", "markdown"):
+        raise UsageError(f"unknown --format `{args.format}`; use text, json or markdown")
     model = _construct(args)
-    print(summary(model, *positional, depth=args.depth, **keywords))
+    s = summary(model, *positional, depth=args.depth, flops=args.flops, **keywords)
+    memory = None
+    if args.memory:
+        try:
+            memory = estimate_memory(
+                model, *positional, optimizer=optimizer, autocast=autocast, example_kwargs=keywords
+            )
+        except CostError as e:
+            raise UsageError(str(e)) from None
+    if args.format == "json":
+        print(json.dumps({"summary": s.to_dict(), "memory": memory.to_dict() if memory else None}, indent=1))
+    elif args.format == "markdown":
+        print(s.to_markdown() + (f"\n\n{memory.to_markdown()}" if memory else ""))
+    else:
+        print(str(s) + (f"\n\n{memory}" if memory else ""))
     return 0
 
 
@@ -153,7 +185,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("model", help="MODULE:CALLABLE returning a torch.nn.Module")
+        q.add_argument("model", help="MODULE:CALLABLE returning a torch.nn.Module, or a transformers config.json")
         q.add_argument("--kwargs", help="JSON object of keyword arguments for the callable")
         q.add_argument(
             "--input",
@@ -166,6 +198,11 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summary", help="print shapes, parameters and bytes; allocates nothing")
     common(s)
     s.add_argument("--depth", type=int, default=None, help="fold modules deeper than this")
+    s.add_argument("--flops", action="store_true", help="forward FLOPs per module, and forward + backward in total")
+    s.add_argument("--memory", action="store_true", help="peak memory of one training step, on fake tensors")
+    s.add_argument("--optimizer", default="adamw", help="for --memory: adamw (default), adam, sgd, ...")
+    s.add_argument("--autocast", default=None, metavar="DTYPE", help="for --memory: mixed precision, e.g. bf16")
+    s.add_argument("--format", default="text", help="text (default), json or markdown")
     s.set_defaults(run=cmd_summary)
     m = sub.add_parser("materialize", help="write an exactly initialized checkpoint (safetensors)")
     common(m)
