@@ -34,12 +34,12 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from . import _deferred, _markers, _paths
 from . import _torch_compat as tc
 from ._errors import ArgumentError, DeferredError, LazyError, NotBuiltError, ShapeError
-from ._modtree import drop_parameter_caches, refresh_parameter_caches
+from ._modtree import TensorState, drop_parameter_caches, refresh_parameter_caches
 from ._record import Record
 from ._rules import Inputs, Rule, Trailing, _Mismatch, as_rule
 
@@ -86,6 +86,9 @@ class _Placeholder:
         allowed = tc.allowed_placeholder_methods()
         if func is torch.Tensor.size:  # PyTorch answers (0,) here: a size that is not the layer's
             raise _not_built(args[0] if args else None, "`.size()`")
+        if func in _SETTINGS:  # what a user sets on the tensor object: kept, and carried to the built one
+            with tc.disable_torch_function_subclass():
+                return func(*args, **(kwargs or {}))
         if func in allowed or func.__class__.__name__ == "method-wrapper":
             return super().__torch_function__(func, types, args, kwargs or {})  # type: ignore[misc]
         target = next(
@@ -98,11 +101,24 @@ class _Placeholder:
     def shape(self) -> torch.Size:
         raise _not_built(self, "`.shape`")
 
+    def share_memory_(self) -> Any:
+        raise _not_built(self, "`share_memory_()`")
+
+    def __reduce_ex__(self, proto: Any) -> Any:  # PyTorch's keeps `requires_grad` only
+        with tc.disable_torch_function_subclass():
+            return type(self), (self.requires_grad, self.device, self.dtype)  # type: ignore[attr-defined]
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         if id(self) not in memo:
             with tc.disable_torch_function_subclass():
                 memo[id(self)] = type(self)(self.requires_grad, self.device, self.dtype)  # type: ignore[call-arg,attr-defined]
         return memo[id(self)]
+
+
+# Tensor methods that set state on the tensor object rather than read its values.
+_SETTINGS = frozenset(
+    {torch.Tensor.requires_grad_, torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook}
+)
 
 
 class LazyParameter(_Placeholder, UninitializedParameter):  # type: ignore[misc,override]
@@ -118,6 +134,26 @@ class _Unbuilt(nn.Module):
 
     def _get_name(self) -> str:
         return "Unbuilt"
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        _save_unbuilt(self, destination, prefix, keep_vars)
+
+
+def _save_unbuilt(module: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+    """Save an unbuilt module's state: a new placeholder for each (PyTorch's lazy layers save theirs).
+
+    They are PyTorch's `UninitializedParameter`/`UninitializedBuffer` (subclasses of them), detached
+    from the layer as `detach()` would be: `torch.save`, `copy.deepcopy` (which PyTorch's own
+    `UninitializedBuffer` refuses) and PyTorch's `nn.Lazy*` layers accept them, and `load_state_dict`
+    of an unbuilt torchlazy layer leaves it unbuilt. With `keep_vars`, the placeholders themselves.
+    """
+    for name, t in itertools.chain(module._parameters.items(), module._buffers.items()):
+        if t is None or name in module._non_persistent_buffers_set:
+            continue
+        if keep_vars:
+            destination[prefix + name] = t
+        else:
+            destination[prefix + name] = placeholder_like(t, t.device) if isinstance(t, _Placeholder) else t.detach()
 
 
 # -- building in place, atomically -----------------------------------------------
@@ -527,11 +563,16 @@ class _LazyLayer:
         real.train(me.training)
         _take_over(me, real, reuse_placeholders=not deferred)
 
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        _save_unbuilt(self, destination, prefix, keep_vars)  # type: ignore[arg-type]
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         mine = {
             k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)
         }
-        if not mine:
+        if not mine or any(is_lazy(v) for v in mine.values()):
+            # nothing to take sizes from (no state, or an unbuilt layer's placeholders): the layer
+            # stays unbuilt and torch matches the keys, as it does for its own lazy layers
             return nn.Module._load_from_state_dict(self, state_dict, prefix, *args)  # type: ignore[arg-type]
         values = self._tl_solve(mine, prefix)
         device = next((p.device for p in nn.Module.parameters(self)), torch.get_default_device())  # type: ignore[arg-type]
@@ -608,21 +649,30 @@ def _unbuilt_at(root: nn.Module, path: str) -> nn.Module:
 
 
 def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None:
-    """`me` becomes `real`: its state, its class; placeholders become the real parameters."""
+    """`me` becomes `real`: its state, its class; placeholders become the real parameters and buffers.
+
+    What the user set on a placeholder (`requires_grad`, attributes, hooks on the tensor) goes to
+    the tensor that takes its place: the placeholder object itself where it can be reused (so
+    optimizers and other holders of it follow), else the new tensor.
+    """
+    placeholders = {
+        path: t for path, t in itertools.chain(me.named_parameters(), me.named_buffers()) if isinstance(t, _Placeholder)
+    }
     if reuse_placeholders:
-        placeholders = {path: p for path, p in me.named_parameters() if isinstance(p, LazyParameter)}
         drop_parameter_caches(real)
-        for prefix, owner in real.named_modules():
-            for name, p in list(owner._parameters.items()):
+    for prefix, owner in real.named_modules():
+        for slots in (owner._parameters, owner._buffers):
+            for name, t in list(slots.items()):
                 ph = placeholders.get(f"{prefix}.{name}" if prefix else name)
-                if p is None or ph is None:
+                if t is None or ph is None:
                     continue
-                if weakref.getweakrefcount(p) or weakref.getweakrefcount(ph):
-                    continue  # something points at the new parameter: keep it, drop the placeholder
-                with tc.disable_torch_function_subclass():
-                    torch.utils.swap_tensors(ph, p)  # the placeholder object becomes the parameter
-                ph.__dict__.pop(_markers.WHERE, None)
-                owner._parameters[name] = ph
+                carried = TensorState.of(ph, internal={_markers.WHERE})
+                if reuse_placeholders and not (weakref.getweakrefcount(t) or weakref.getweakrefcount(ph)):
+                    with tc.disable_torch_function_subclass():
+                        torch.utils.swap_tensors(ph, t)  # the placeholder object becomes the tensor
+                    ph.__dict__.pop(_markers.WHERE, None)
+                    slots[name] = t = ph  # type: ignore[assignment]
+                carried.give(t)
     guarded = _deferred.has_guard(real)
     _deferred.drop_guard(real)
     state = dict(real.__dict__)
