@@ -11,7 +11,7 @@ import torch
 from conftest import same_state
 from layer_cases import CASES, Case
 from torch import nn
-from torch.nn.parameter import UninitializedParameter
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 import torchlazy as tl
 
@@ -75,27 +75,34 @@ def test_bad_first_input_leaves_layer_unbuilt(case: Case) -> None:
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_unbuilt_parameters_raise_not_built(case: Case) -> None:
     lazy = case.lazy()
-    params = list(lazy.parameters())
-    if not params:
-        pytest.skip("no parameters")
+    params, buffers = list(lazy.parameters()), list(lazy.buffers())
     assert all(isinstance(p, UninitializedParameter) for p in params)
+    assert all(isinstance(b, UninitializedBuffer) for b in buffers)
+    if not params and not buffers:  # InstanceNorm1d without affine or stats: only its sizes are unknown
+        with pytest.raises(tl.NotBuiltError, match="forward pass"):
+            _ = lazy.num_features  # type: ignore[attr-defined]
+        return
     with pytest.raises(tl.NotBuiltError, match="forward pass"):
-        sum(p.numel() for p in lazy.parameters())
-    with pytest.raises(tl.NotBuiltError):
-        _ = params[0].shape
-    with pytest.raises(ValueError):  # what PyTorch raises for its own lazy parameters
-        params[0] + 1
+        sum(t.numel() for t in [*params, *buffers])
+    for t in (params or buffers)[:1]:
+        with pytest.raises(tl.NotBuiltError):
+            _ = t.shape
+        with pytest.raises(ValueError):  # what PyTorch raises for its own lazy parameters
+            t + 1
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_load_state_dict_infers_sizes(case: Case) -> None:
     lazy, eager, inputs = case.lazy(), case.eager(), case.inputs()
     lazy.eval(), eager.eval()
-    if not eager.state_dict():
-        pytest.skip("no state to infer sizes from")
-    lazy.load_state_dict(eager.state_dict())
-    assert type(lazy) is type(eager)
+    result = lazy.load_state_dict(eager.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    if eager.state_dict():
+        assert type(lazy) is type(eager)
+    else:  # nothing to take sizes from: still unbuilt, and the first call builds it
+        assert not tl.is_built(lazy)
     torch.testing.assert_close(_call(lazy, inputs), _call(eager, inputs), rtol=0, atol=0)
+    assert type(lazy) is type(eager)
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
@@ -112,10 +119,17 @@ def test_copy_and_pickle_before_and_after_build(case: Case) -> None:
         torch.testing.assert_close(_call(clone, inputs), out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", CASES, ids=repr)
+_OTHER_PARAMETERS = pytest.mark.xfail(
+    strict=True,
+    reason="distinct kdim/vdim make q/k/v_proj_weight where the placeholders held in_proj_weight: "
+    "three parameters cannot take the identity of one; create the optimizer after the first call",
+)
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=_OTHER_PARAMETERS) if c.name == "MultiheadAttention-kvdim" else c for c in CASES], ids=repr
+)
 def test_optimizer_created_before_build_holds_the_real_parameters(case: Case) -> None:
-    if case.name == "MultiheadAttention-kvdim":
-        pytest.skip("distinct kdim/vdim give other parameters than the skeleton's in_proj_weight")
     lazy = case.lazy()
     held = list(lazy.parameters())
     _call(lazy, case.inputs())
