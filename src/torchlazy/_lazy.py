@@ -38,7 +38,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_l
 
 from . import _deferred, _markers, _paths
 from . import _torch_compat as tc
-from ._errors import ArgumentError, DeferredError, LazyError, NotBuiltError, ShapeError
+from ._errors import ArgumentError, DeferredError, DtypeError, LazyError, NotBuiltError, ShapeError
 from ._modtree import TensorState, drop_parameter_caches, refresh_parameter_caches
 from ._record import Record
 from ._rules import Inputs, Rule, Trailing, _Mismatch, as_rule
@@ -392,7 +392,7 @@ class _LazyLayer:
     def _tl_layout(self) -> list[tuple[str, str, str, bool, torch.dtype, bool]]:
         """(kind, sub-module path, name, requires_grad, dtype, persistent) of what the real class holds.
 
-        Learnt from a skeleton on the meta device, cached per class, arguments and default dtype.
+        Learnt from a skeleton on the meta device, cached by everything the skeleton depends on.
         """
         return self._tl_learn()[0]
 
@@ -400,8 +400,8 @@ class _LazyLayer:
         """The layout; top-level tensor names that exist for some first inputs and not for others
         (MultiheadAttention's `in_proj_weight` or `q/k/v_proj_weight`, by the key/value sizes); and
         the plain attributes the real class sets (`in_features`, ...)."""
-        key = (type(self), repr(sorted(self._tl_args.items())), torch.get_default_dtype())
-        learnt = _LAYOUTS.get(key)
+        key = _layout_key(type(self), self._tl_args)
+        learnt = _LAYOUTS.get(key) if key is not None else None
         if learnt is None:
             skeleton = self._tl_skeleton()
             layout = []
@@ -417,7 +417,7 @@ class _LazyLayer:
                 frozenset(k for k in vars(skeleton) if not k.startswith("_")) if skeleton is not None else frozenset()
             )
             learnt = (layout, self._tl_variable_names(skeleton), plain)
-            if len(_LAYOUTS) < 4096:
+            if key is not None and len(_LAYOUTS) < 4096:
                 _LAYOUTS[key] = learnt
         return learnt
 
@@ -498,6 +498,9 @@ class _LazyLayer:
             _undo_now(undo)  # a failed first call leaves the layer as it was
             if fake or isinstance(e, LazyError):
                 raise
+            mismatch = self._tl_dtype_mismatch(args, kwargs)
+            if mismatch is not None:
+                raise mismatch from e
             raise self._tl_unbuilt_error(
                 values, f"its forward then failed on that input: {e}", "an input of the form the layer expects"
             ) from e
@@ -523,6 +526,25 @@ class _LazyLayer:
         return ShapeError(
             f"`{_paths.module_path(self)}` ({type(self).__name__}) took {sizes} from its first input, "  # type: ignore[arg-type]
             f"but {reason}. The layer is still unbuilt; pass {fix}."
+        )
+
+    def _tl_dtype_mismatch(self, args: Any, kwargs: Any) -> DtypeError | None:
+        """Why a first forward failed, when its floating inputs are not in the layer's dtype.
+
+        PyTorch's lazy layers build in their own dtype, then fail in the forward with the kernel's
+        message (and stay built); here the layer stays unbuilt and the error says what to cast.
+        """
+        mine = self._tl_dtype()
+        seen = sorted(
+            {str(t.dtype) for t in tc.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point()}
+        )
+        if mine is None or not seen or seen == [str(mine)]:
+            return None
+        name = str(mine).removeprefix("torch.")
+        return DtypeError(
+            f"`{_paths.module_path(self)}` ({type(self).__qualname__}) holds {mine} parameters but its "  # type: ignore[arg-type]
+            f"first input is {', '.join(seen)}. Cast the input (`x.to(torch.{name})`) or the layer "
+            "(`layer.to(dtype)`, or `dtype=` at construction) first; the layer is still unbuilt."
         )
 
     def _tl_infer(self, args: Any, kwargs: Any) -> dict[str, Any]:
@@ -692,9 +714,34 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
 
 _SIGNATURES: dict[type, dict[str, inspect.Parameter]] = {}
 _LAYOUTS: dict[
-    tuple[type, str, torch.dtype],
+    tuple[Any, ...],
     tuple[list[tuple[str, str, str, bool, torch.dtype, bool]], frozenset[str], frozenset[str]],
 ] = {}
+
+
+def _layout_key(cls: type, args: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What a skeleton of `cls` built from `args` depends on; None where that cannot be told.
+
+    The arguments by value and type (`1` and `True` differ; a repr can hide a difference, or an
+    address reused after garbage collection), and the defaults that reach the constructor: the
+    default dtype and device (the skeleton is built on the meta device, but a class may read them).
+    The key holds the arguments themselves, so an object keyed by identity cannot be freed and its
+    id reused while the entry lives.
+    """
+
+    def freeze(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return type(value), tuple(freeze(v) for v in value)
+        if isinstance(value, dict):
+            return type(value), tuple((k, freeze(v)) for k, v in sorted(value.items(), key=repr))
+        hash(value)  # unhashable: TypeError, and the layout is not cached
+        return type(value), value
+
+    try:
+        frozen = freeze(args)
+    except TypeError:
+        return None
+    return cls, frozen, torch.get_default_dtype(), torch.get_default_device()
 
 
 def _parameters_of(cls: type) -> dict[str, inspect.Parameter]:
