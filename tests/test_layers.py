@@ -9,21 +9,11 @@ import pickle
 import pytest
 import torch
 from conftest import same_state
-from layer_cases import CASES, Case
+from layer_cases import CASES, Case, call
 from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 import torchlazy as tl
-
-
-def _call(module: nn.Module, inputs: tuple) -> torch.Tensor:
-    out = module(*inputs)
-    first = out[0] if isinstance(out, tuple) else out
-    if hasattr(first, "data") and not isinstance(first, torch.Tensor):  # PackedSequence
-        first = first.data
-    if hasattr(out, "output"):  # AdaptiveLogSoftmaxWithLoss
-        first = out.output
-    return first
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
@@ -32,14 +22,14 @@ def test_becomes_the_eager_class(case: Case) -> None:
     lazy.eval(), eager.eval()
     assert "?" in repr(lazy)
     obj = id(lazy)
-    _call(lazy, inputs)
+    call(lazy, inputs)
     assert type(lazy) is type(eager) and id(lazy) == obj
     assert not lazy.training
     assert {k: v.shape for k, v in lazy.state_dict().items()} == {k: v.shape for k, v in eager.state_dict().items()}
     assert not any(k.startswith("_tl") for k in vars(lazy))
     assert repr(lazy) == repr(eager)
     lazy.load_state_dict(eager.state_dict())
-    torch.testing.assert_close(_call(lazy, inputs), _call(eager, inputs), rtol=0, atol=0)
+    torch.testing.assert_close(call(lazy, inputs), call(eager, inputs), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
@@ -68,7 +58,7 @@ def test_bad_first_input_leaves_layer_unbuilt(case: Case) -> None:
     if isinstance(info.value, tl.ShapeError):
         assert type(lazy).__name__ in str(info.value) and "expected" in str(info.value)
     assert not tl.is_built(lazy)
-    _call(lazy, case.inputs())  # still usable
+    call(lazy, case.inputs())  # still usable
     assert tl.is_built(lazy)
 
 
@@ -101,7 +91,7 @@ def test_load_state_dict_infers_sizes(case: Case) -> None:
         assert type(lazy) is type(eager)
     else:  # nothing to take sizes from: still unbuilt, and the first call builds it
         assert not tl.is_built(lazy)
-    torch.testing.assert_close(_call(lazy, inputs), _call(eager, inputs), rtol=0, atol=0)
+    torch.testing.assert_close(call(lazy, inputs), call(eager, inputs), rtol=0, atol=0)
     assert type(lazy) is type(eager)
 
 
@@ -109,14 +99,14 @@ def test_load_state_dict_infers_sizes(case: Case) -> None:
 def test_copy_and_pickle_before_and_after_build(case: Case) -> None:
     lazy = case.lazy().eval()
     for clone in (copy.deepcopy(lazy), pickle.loads(pickle.dumps(lazy))):
-        _call(clone, case.inputs())
+        call(clone, case.inputs())
         assert type(clone) is type(case.eager())
-    out = _call(lazy, inputs := case.inputs())
+    out = call(lazy, inputs := case.inputs())
     buffer = io.BytesIO()
     torch.save(lazy, buffer)
     buffer.seek(0)
     for clone in (copy.deepcopy(lazy), torch.load(buffer, weights_only=False)):
-        torch.testing.assert_close(_call(clone, inputs), out, rtol=0, atol=0)
+        torch.testing.assert_close(call(clone, inputs), out, rtol=0, atol=0)
 
 
 _OTHER_PARAMETERS = pytest.mark.xfail(
@@ -127,12 +117,14 @@ _OTHER_PARAMETERS = pytest.mark.xfail(
 
 
 @pytest.mark.parametrize(
-    "case", [pytest.param(c, marks=_OTHER_PARAMETERS) if c.name == "MultiheadAttention-kvdim" else c for c in CASES], ids=repr
+    "case",
+    [pytest.param(c, marks=_OTHER_PARAMETERS) if c.name == "MultiheadAttention-kvdim" else c for c in CASES],
+    ids=repr,
 )
 def test_optimizer_created_before_build_holds_the_real_parameters(case: Case) -> None:
     lazy = case.lazy()
     held = list(lazy.parameters())
-    _call(lazy, case.inputs())
+    call(lazy, case.inputs())
     assert [id(p) for p in held] == [id(p) for p in lazy.parameters()]
     assert all(type(p) is nn.Parameter for p in held)
 

@@ -536,7 +536,11 @@ class _LazyLayer:
         """
         mine = self._tl_dtype()
         seen = sorted(
-            {str(t.dtype) for t in tc.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point()}
+            {
+                str(t.dtype)
+                for t in tc.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor) and t.is_floating_point()
+            }
         )
         if mine is None or not seen or seen == [str(mine)]:
             return None
