@@ -16,7 +16,10 @@ A user switching from `nn.Lazy*` to `tl.nn` may rely on every one of these:
 8. What is set on a parameter or buffer object before the first call stays on it:
    `requires_grad` (also through `module.requires_grad_`), attributes, `.grad = None`, and,
    beyond PyTorch (which refuses them), hooks registered on the tensor. This holds even
-   where the placeholder object itself cannot become the parameter.
+   where the placeholder object itself cannot become the parameter. Where a placeholder
+   held before the first call does not become the parameter (MultiheadAttention whose
+   key/value sizes make three projections of one, `tl.build`), asking it for its gradient
+   (an optimizer's step) is an error, not a silent skip.
 9. Module hooks registered before the first call run at that call and after.
 10. Lazy layers chain: each takes its sizes from the previous one's output.
 11. `share_memory()` is refused before the first call and works after.
@@ -224,6 +227,21 @@ def test_state_carries_over_through_tl_build() -> None:
     tl.build(layer, tl.Spec(2, 5))
     layer(torch.randn(2, 5)).sum().backward()
     assert not layer.weight.requires_grad and layer.weight.tag == "w" and fired == ["bias"]
+
+
+def test_an_optimizer_holding_left_behind_placeholders_fails_loudly() -> None:
+    mha = tl.nn.MultiheadAttention(2, batch_first=True)
+    opt = torch.optim.SGD(mha.parameters(), lr=0.1)
+    q, kv = torch.randn(2, 3, 8), torch.randn(2, 3, 5)
+    mha(q, kv, kv)[0].sum().backward()
+    with pytest.raises(tl.LazyError, match=r"in_proj_weight.*holds no parameter.*after the first call"):
+        opt.step()
+    linear = tl.nn.Linear(3)
+    opt = torch.optim.SGD(linear.parameters(), lr=0.1)
+    tl.build(linear, tl.Spec(2, 5))  # a deferred build makes new objects
+    with pytest.raises(tl.LazyError, match=r"`Linear.weight`.*another parameter"):
+        opt.zero_grad()
+    torch.optim.SGD(linear.parameters(), lr=0.1).zero_grad()  # made after: fine
 
 
 def test_hook_handles_made_before_the_first_call_still_remove_their_hooks() -> None:

@@ -78,11 +78,35 @@ def _not_built(t: Any, what: str) -> NotBuiltError:
     )
 
 
+_GRAD_GETTER: Any = inspect.getattr_static(torch.Tensor, "grad").__get__  # what `t.grad` calls
+
+
+def _left_behind(t: Any) -> bool:
+    """Whether `t` is a placeholder whose layer was built with another object in its place."""
+    where = t.__dict__.get(_markers.WHERE)
+    owner = where[0]() if where is not None else None
+    return owner is not None and not isinstance(owner, _LazyLayer)
+
+
+def _left_behind_error(t: Any) -> LazyError:
+    owner, name = t.__dict__[_markers.WHERE][0](), t.__dict__[_markers.WHERE][1]
+    held = name in dict(owner.named_parameters())
+    there = "another parameter" if held else "no parameter (the sizes it was built with make others)"
+    return LazyError(
+        f"`{_paths.module_path(owner)}.{name}` was a placeholder before the layer's first input, and the built "
+        f"layer holds {there} under that name: whatever still holds the placeholder (an optimizer created "
+        "before the first call?) would never update the real parameters. Create it after the first call or "
+        "`tl.build`, from `model.parameters()`."
+    )
+
+
 class _Placeholder:
     """Behaviour shared by unbuilt parameters and buffers."""
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func == _GRAD_GETTER and args and _left_behind(args[0]):
+            raise _left_behind_error(args[0])  # an optimizer made before the build would skip it silently
         allowed = tc.allowed_placeholder_methods()
         if func is torch.Tensor.size:  # PyTorch answers (0,) here: a size that is not the layer's
             raise _not_built(args[0] if args else None, "`.size()`")
