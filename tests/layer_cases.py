@@ -17,6 +17,17 @@ def t(*shape: int) -> torch.Tensor:
     return torch.randn(*shape)
 
 
+def call(module: nn.Module, inputs: tuple) -> torch.Tensor:
+    """The main output of a zoo layer as one tensor."""
+    out = module(*inputs)
+    first = out[0] if isinstance(out, tuple) else out
+    if hasattr(first, "data") and not isinstance(first, torch.Tensor):  # PackedSequence
+        first = first.data
+    if hasattr(out, "output"):  # AdaptiveLogSoftmaxWithLoss
+        first = out.output
+    return first
+
+
 @dataclass
 class Case:
     name: str

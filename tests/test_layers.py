@@ -9,21 +9,11 @@ import pickle
 import pytest
 import torch
 from conftest import same_state
-from layer_cases import CASES, Case
+from layer_cases import CASES, Case, call
 from torch import nn
-from torch.nn.parameter import UninitializedParameter
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 import torchlazy as tl
-
-
-def _call(module: nn.Module, inputs: tuple) -> torch.Tensor:
-    out = module(*inputs)
-    first = out[0] if isinstance(out, tuple) else out
-    if hasattr(first, "data") and not isinstance(first, torch.Tensor):  # PackedSequence
-        first = first.data
-    if hasattr(out, "output"):  # AdaptiveLogSoftmaxWithLoss
-        first = out.output
-    return first
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
@@ -32,14 +22,14 @@ def test_becomes_the_eager_class(case: Case) -> None:
     lazy.eval(), eager.eval()
     assert "?" in repr(lazy)
     obj = id(lazy)
-    _call(lazy, inputs)
+    call(lazy, inputs)
     assert type(lazy) is type(eager) and id(lazy) == obj
     assert not lazy.training
     assert {k: v.shape for k, v in lazy.state_dict().items()} == {k: v.shape for k, v in eager.state_dict().items()}
     assert not any(k.startswith("_tl") for k in vars(lazy))
     assert repr(lazy) == repr(eager)
     lazy.load_state_dict(eager.state_dict())
-    torch.testing.assert_close(_call(lazy, inputs), _call(eager, inputs), rtol=0, atol=0)
+    torch.testing.assert_close(call(lazy, inputs), call(eager, inputs), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
@@ -68,57 +58,73 @@ def test_bad_first_input_leaves_layer_unbuilt(case: Case) -> None:
     if isinstance(info.value, tl.ShapeError):
         assert type(lazy).__name__ in str(info.value) and "expected" in str(info.value)
     assert not tl.is_built(lazy)
-    _call(lazy, case.inputs())  # still usable
+    call(lazy, case.inputs())  # still usable
     assert tl.is_built(lazy)
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_unbuilt_parameters_raise_not_built(case: Case) -> None:
     lazy = case.lazy()
-    params = list(lazy.parameters())
-    if not params:
-        pytest.skip("no parameters")
+    params, buffers = list(lazy.parameters()), list(lazy.buffers())
     assert all(isinstance(p, UninitializedParameter) for p in params)
+    assert all(isinstance(b, UninitializedBuffer) for b in buffers)
+    if not params and not buffers:  # InstanceNorm1d without affine or stats: only its sizes are unknown
+        with pytest.raises(tl.NotBuiltError, match="forward pass"):
+            _ = lazy.num_features  # type: ignore[attr-defined]
+        return
     with pytest.raises(tl.NotBuiltError, match="forward pass"):
-        sum(p.numel() for p in lazy.parameters())
-    with pytest.raises(tl.NotBuiltError):
-        _ = params[0].shape
-    with pytest.raises(ValueError):  # what PyTorch raises for its own lazy parameters
-        params[0] + 1
+        sum(t.numel() for t in [*params, *buffers])
+    for t in (params or buffers)[:1]:
+        with pytest.raises(tl.NotBuiltError):
+            _ = t.shape
+        with pytest.raises(ValueError):  # what PyTorch raises for its own lazy parameters
+            t + 1
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_load_state_dict_infers_sizes(case: Case) -> None:
     lazy, eager, inputs = case.lazy(), case.eager(), case.inputs()
     lazy.eval(), eager.eval()
-    if not eager.state_dict():
-        pytest.skip("no state to infer sizes from")
-    lazy.load_state_dict(eager.state_dict())
+    result = lazy.load_state_dict(eager.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    if eager.state_dict():
+        assert type(lazy) is type(eager)
+    else:  # nothing to take sizes from: still unbuilt, and the first call builds it
+        assert not tl.is_built(lazy)
+    torch.testing.assert_close(call(lazy, inputs), call(eager, inputs), rtol=0, atol=0)
     assert type(lazy) is type(eager)
-    torch.testing.assert_close(_call(lazy, inputs), _call(eager, inputs), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_copy_and_pickle_before_and_after_build(case: Case) -> None:
     lazy = case.lazy().eval()
     for clone in (copy.deepcopy(lazy), pickle.loads(pickle.dumps(lazy))):
-        _call(clone, case.inputs())
+        call(clone, case.inputs())
         assert type(clone) is type(case.eager())
-    out = _call(lazy, inputs := case.inputs())
+    out = call(lazy, inputs := case.inputs())
     buffer = io.BytesIO()
     torch.save(lazy, buffer)
     buffer.seek(0)
     for clone in (copy.deepcopy(lazy), torch.load(buffer, weights_only=False)):
-        torch.testing.assert_close(_call(clone, inputs), out, rtol=0, atol=0)
+        torch.testing.assert_close(call(clone, inputs), out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", CASES, ids=repr)
+_OTHER_PARAMETERS = pytest.mark.xfail(
+    strict=True,
+    reason="distinct kdim/vdim make q/k/v_proj_weight where the placeholders held in_proj_weight: "
+    "three parameters cannot take the identity of one; create the optimizer after the first call",
+)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=_OTHER_PARAMETERS) if c.name == "MultiheadAttention-kvdim" else c for c in CASES],
+    ids=repr,
+)
 def test_optimizer_created_before_build_holds_the_real_parameters(case: Case) -> None:
-    if case.name == "MultiheadAttention-kvdim":
-        pytest.skip("distinct kdim/vdim give other parameters than the skeleton's in_proj_weight")
     lazy = case.lazy()
     held = list(lazy.parameters())
-    _call(lazy, case.inputs())
+    call(lazy, case.inputs())
     assert [id(p) for p in held] == [id(p) for p in lazy.parameters()]
     assert all(type(p) is nn.Parameter for p in held)
 

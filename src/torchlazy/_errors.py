@@ -10,6 +10,7 @@ __all__ = [
     "ArgumentError",
     "CheckpointError",
     "DeferredError",
+    "DtypeError",
     "LazyError",
     "NotBuiltError",
     "ShapeError",
@@ -39,6 +40,13 @@ class ShapeError(LazyError, ValueError, RuntimeError):
     """An input, a state dict or a checkpoint disagrees with a module's sizes.
 
     Also a `ValueError` and a `RuntimeError` (what PyTorch raises for shape mismatches).
+    """
+
+
+class DtypeError(LazyError, TypeError, RuntimeError):
+    """An input's dtype disagrees with a module's (a float64 input to a float32 layer).
+
+    Also a `RuntimeError` (what PyTorch's kernels raise for it) and a `TypeError`.
     """
 
 

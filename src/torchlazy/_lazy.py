@@ -34,12 +34,12 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from . import _deferred, _markers, _paths
 from . import _torch_compat as tc
-from ._errors import ArgumentError, DeferredError, LazyError, NotBuiltError, ShapeError
-from ._modtree import drop_parameter_caches, refresh_parameter_caches
+from ._errors import ArgumentError, DeferredError, DtypeError, LazyError, NotBuiltError, ShapeError
+from ._modtree import TensorState, drop_parameter_caches, refresh_parameter_caches
 from ._record import Record
 from ._rules import Inputs, Rule, Trailing, _Mismatch, as_rule
 
@@ -78,14 +78,41 @@ def _not_built(t: Any, what: str) -> NotBuiltError:
     )
 
 
+_GRAD_GETTER: Any = inspect.getattr_static(torch.Tensor, "grad").__get__  # what `t.grad` calls
+
+
+def _left_behind(t: Any) -> bool:
+    """Whether `t` is a placeholder whose layer was built with another object in its place."""
+    where = t.__dict__.get(_markers.WHERE)
+    owner = where[0]() if where is not None else None
+    return owner is not None and not isinstance(owner, _LazyLayer)
+
+
+def _left_behind_error(t: Any) -> LazyError:
+    owner, name = t.__dict__[_markers.WHERE][0](), t.__dict__[_markers.WHERE][1]
+    held = name in dict(owner.named_parameters())
+    there = "another parameter" if held else "no parameter (the sizes it was built with make others)"
+    return LazyError(
+        f"`{_paths.module_path(owner)}.{name}` was a placeholder before the layer's first input, and the built "
+        f"layer holds {there} under that name: whatever still holds the placeholder (an optimizer created "
+        "before the first call?) would never update the real parameters. Create it after the first call or "
+        "`tl.build`, from `model.parameters()`."
+    )
+
+
 class _Placeholder:
     """Behaviour shared by unbuilt parameters and buffers."""
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func == _GRAD_GETTER and args and _left_behind(args[0]):
+            raise _left_behind_error(args[0])  # an optimizer made before the build would skip it silently
         allowed = tc.allowed_placeholder_methods()
         if func is torch.Tensor.size:  # PyTorch answers (0,) here: a size that is not the layer's
             raise _not_built(args[0] if args else None, "`.size()`")
+        if func in _SETTINGS:  # what a user sets on the tensor object: kept, and carried to the built one
+            with tc.disable_torch_function_subclass():
+                return func(*args, **(kwargs or {}))
         if func in allowed or func.__class__.__name__ == "method-wrapper":
             return super().__torch_function__(func, types, args, kwargs or {})  # type: ignore[misc]
         target = next(
@@ -98,11 +125,24 @@ class _Placeholder:
     def shape(self) -> torch.Size:
         raise _not_built(self, "`.shape`")
 
+    def share_memory_(self) -> Any:
+        raise _not_built(self, "`share_memory_()`")
+
+    def __reduce_ex__(self, proto: Any) -> Any:  # PyTorch's keeps `requires_grad` only
+        with tc.disable_torch_function_subclass():
+            return type(self), (self.requires_grad, self.device, self.dtype)  # type: ignore[attr-defined]
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         if id(self) not in memo:
             with tc.disable_torch_function_subclass():
                 memo[id(self)] = type(self)(self.requires_grad, self.device, self.dtype)  # type: ignore[call-arg,attr-defined]
         return memo[id(self)]
+
+
+# Tensor methods that set state on the tensor object rather than read its values.
+_SETTINGS = frozenset(
+    {torch.Tensor.requires_grad_, torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook}
+)
 
 
 class LazyParameter(_Placeholder, UninitializedParameter):  # type: ignore[misc,override]
@@ -118,6 +158,26 @@ class _Unbuilt(nn.Module):
 
     def _get_name(self) -> str:
         return "Unbuilt"
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        _save_unbuilt(self, destination, prefix, keep_vars)
+
+
+def _save_unbuilt(module: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+    """Save an unbuilt module's state: a new placeholder for each (PyTorch's lazy layers save theirs).
+
+    They are PyTorch's `UninitializedParameter`/`UninitializedBuffer` (subclasses of them), detached
+    from the layer as `detach()` would be: `torch.save`, `copy.deepcopy` (which PyTorch's own
+    `UninitializedBuffer` refuses) and PyTorch's `nn.Lazy*` layers accept them, and `load_state_dict`
+    of an unbuilt torchlazy layer leaves it unbuilt. With `keep_vars`, the placeholders themselves.
+    """
+    for name, t in itertools.chain(module._parameters.items(), module._buffers.items()):
+        if t is None or name in module._non_persistent_buffers_set:
+            continue
+        if keep_vars:
+            destination[prefix + name] = t
+        else:
+            destination[prefix + name] = placeholder_like(t, t.device) if isinstance(t, _Placeholder) else t.detach()
 
 
 # -- building in place, atomically -----------------------------------------------
@@ -356,7 +416,7 @@ class _LazyLayer:
     def _tl_layout(self) -> list[tuple[str, str, str, bool, torch.dtype, bool]]:
         """(kind, sub-module path, name, requires_grad, dtype, persistent) of what the real class holds.
 
-        Learnt from a skeleton on the meta device, cached per class, arguments and default dtype.
+        Learnt from a skeleton on the meta device, cached by everything the skeleton depends on.
         """
         return self._tl_learn()[0]
 
@@ -364,8 +424,8 @@ class _LazyLayer:
         """The layout; top-level tensor names that exist for some first inputs and not for others
         (MultiheadAttention's `in_proj_weight` or `q/k/v_proj_weight`, by the key/value sizes); and
         the plain attributes the real class sets (`in_features`, ...)."""
-        key = (type(self), repr(sorted(self._tl_args.items())), torch.get_default_dtype())
-        learnt = _LAYOUTS.get(key)
+        key = _layout_key(type(self), self._tl_args)
+        learnt = _LAYOUTS.get(key) if key is not None else None
         if learnt is None:
             skeleton = self._tl_skeleton()
             layout = []
@@ -381,7 +441,7 @@ class _LazyLayer:
                 frozenset(k for k in vars(skeleton) if not k.startswith("_")) if skeleton is not None else frozenset()
             )
             learnt = (layout, self._tl_variable_names(skeleton), plain)
-            if len(_LAYOUTS) < 4096:
+            if key is not None and len(_LAYOUTS) < 4096:
                 _LAYOUTS[key] = learnt
         return learnt
 
@@ -462,6 +522,9 @@ class _LazyLayer:
             _undo_now(undo)  # a failed first call leaves the layer as it was
             if fake or isinstance(e, LazyError):
                 raise
+            mismatch = self._tl_dtype_mismatch(args, kwargs)
+            if mismatch is not None:
+                raise mismatch from e
             raise self._tl_unbuilt_error(
                 values, f"its forward then failed on that input: {e}", "an input of the form the layer expects"
             ) from e
@@ -487,6 +550,29 @@ class _LazyLayer:
         return ShapeError(
             f"`{_paths.module_path(self)}` ({type(self).__name__}) took {sizes} from its first input, "  # type: ignore[arg-type]
             f"but {reason}. The layer is still unbuilt; pass {fix}."
+        )
+
+    def _tl_dtype_mismatch(self, args: Any, kwargs: Any) -> DtypeError | None:
+        """Why a first forward failed, when its floating inputs are not in the layer's dtype.
+
+        PyTorch's lazy layers build in their own dtype, then fail in the forward with the kernel's
+        message (and stay built); here the layer stays unbuilt and the error says what to cast.
+        """
+        mine = self._tl_dtype()
+        seen = sorted(
+            {
+                str(t.dtype)
+                for t in tc.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor) and t.is_floating_point()
+            }
+        )
+        if mine is None or not seen or seen == [str(mine)]:
+            return None
+        name = str(mine).removeprefix("torch.")
+        return DtypeError(
+            f"`{_paths.module_path(self)}` ({type(self).__qualname__}) holds {mine} parameters but its "  # type: ignore[arg-type]
+            f"first input is {', '.join(seen)}. Cast the input (`x.to(torch.{name})`) or the layer "
+            "(`layer.to(dtype)`, or `dtype=` at construction) first; the layer is still unbuilt."
         )
 
     def _tl_infer(self, args: Any, kwargs: Any) -> dict[str, Any]:
@@ -527,11 +613,16 @@ class _LazyLayer:
         real.train(me.training)
         _take_over(me, real, reuse_placeholders=not deferred)
 
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        _save_unbuilt(self, destination, prefix, keep_vars)  # type: ignore[arg-type]
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         mine = {
             k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)
         }
-        if not mine:
+        if not mine or any(is_lazy(v) for v in mine.values()):
+            # nothing to take sizes from (no state, or an unbuilt layer's placeholders): the layer
+            # stays unbuilt and torch matches the keys, as it does for its own lazy layers
             return nn.Module._load_from_state_dict(self, state_dict, prefix, *args)  # type: ignore[arg-type]
         values = self._tl_solve(mine, prefix)
         device = next((p.device for p in nn.Module.parameters(self)), torch.get_default_device())  # type: ignore[arg-type]
@@ -608,21 +699,30 @@ def _unbuilt_at(root: nn.Module, path: str) -> nn.Module:
 
 
 def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None:
-    """`me` becomes `real`: its state, its class; placeholders become the real parameters."""
+    """`me` becomes `real`: its state, its class; placeholders become the real parameters and buffers.
+
+    What the user set on a placeholder (`requires_grad`, attributes, hooks on the tensor) goes to
+    the tensor that takes its place: the placeholder object itself where it can be reused (so
+    optimizers and other holders of it follow), else the new tensor.
+    """
+    placeholders = {
+        path: t for path, t in itertools.chain(me.named_parameters(), me.named_buffers()) if isinstance(t, _Placeholder)
+    }
     if reuse_placeholders:
-        placeholders = {path: p for path, p in me.named_parameters() if isinstance(p, LazyParameter)}
         drop_parameter_caches(real)
-        for prefix, owner in real.named_modules():
-            for name, p in list(owner._parameters.items()):
+    for prefix, owner in real.named_modules():
+        for slots in (owner._parameters, owner._buffers):
+            for name, t in list(slots.items()):
                 ph = placeholders.get(f"{prefix}.{name}" if prefix else name)
-                if p is None or ph is None:
+                if t is None or ph is None:
                     continue
-                if weakref.getweakrefcount(p) or weakref.getweakrefcount(ph):
-                    continue  # something points at the new parameter: keep it, drop the placeholder
-                with tc.disable_torch_function_subclass():
-                    torch.utils.swap_tensors(ph, p)  # the placeholder object becomes the parameter
-                ph.__dict__.pop(_markers.WHERE, None)
-                owner._parameters[name] = ph
+                carried = TensorState.of(ph, internal={_markers.WHERE})
+                if reuse_placeholders and not (weakref.getweakrefcount(t) or weakref.getweakrefcount(ph)):
+                    with tc.disable_torch_function_subclass():
+                        torch.utils.swap_tensors(ph, t)  # the placeholder object becomes the tensor
+                    ph.__dict__.pop(_markers.WHERE, None)
+                    slots[name] = t = ph  # type: ignore[assignment]
+                carried.give(t)
     guarded = _deferred.has_guard(real)
     _deferred.drop_guard(real)
     state = dict(real.__dict__)
@@ -642,9 +742,34 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
 
 _SIGNATURES: dict[type, dict[str, inspect.Parameter]] = {}
 _LAYOUTS: dict[
-    tuple[type, str, torch.dtype],
+    tuple[Any, ...],
     tuple[list[tuple[str, str, str, bool, torch.dtype, bool]], frozenset[str], frozenset[str]],
 ] = {}
+
+
+def _layout_key(cls: type, args: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What a skeleton of `cls` built from `args` depends on; None where that cannot be told.
+
+    The arguments by value and type (`1` and `True` differ; a repr can hide a difference, or an
+    address reused after garbage collection), and the defaults that reach the constructor: the
+    default dtype and device (the skeleton is built on the meta device, but a class may read them).
+    The key holds the arguments themselves, so an object keyed by identity cannot be freed and its
+    id reused while the entry lives.
+    """
+
+    def freeze(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return type(value), tuple(freeze(v) for v in value)
+        if isinstance(value, dict):
+            return type(value), tuple((k, freeze(v)) for k, v in sorted(value.items(), key=repr))
+        hash(value)  # unhashable: TypeError, and the layout is not cached
+        return type(value), value
+
+    try:
+        frozen = freeze(args)
+    except TypeError:
+        return None
+    return cls, frozen, torch.get_default_dtype(), torch.get_default_device()
 
 
 def _parameters_of(cls: type) -> dict[str, inspect.Parameter]:

@@ -9,13 +9,21 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import _torch_compat as tc
 
-__all__ = ["Placement", "drop_parameter_caches", "module_tensors", "refresh_parameter_caches", "swap_all"]
+__all__ = [
+    "Placement",
+    "TensorState",
+    "drop_parameter_caches",
+    "module_tensors",
+    "refresh_parameter_caches",
+    "swap_all",
+]
 
 
 def module_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
@@ -54,6 +62,33 @@ def refresh_parameter_caches(module: nn.Module) -> None:
             tc.refresh_rnn_weights(sub)
 
 
+@dataclass(frozen=True)
+class TensorState:
+    """What a user set on a tensor object: `requires_grad`, attributes, hooks on the tensor itself.
+
+    Taken from a tensor about to be replaced (a placeholder, a fake tensor) and given to
+    its replacement, whether the replacement is the same Python object after
+    `torch.utils.swap_tensors` (which moves autograd state, hooks included, to the
+    other object, and swaps `__dict__`) or a new object (where swapping is refused).
+    """
+
+    requires_grad: bool
+    attrs: dict[str, Any]
+    hooks: dict[str, Any]
+
+    @classmethod
+    def of(cls, t: torch.Tensor, internal: frozenset[str] | set[str] = frozenset()) -> TensorState:
+        attrs = {k: v for k, v in t.__dict__.items() if k not in internal}
+        return cls(bool(t.requires_grad), attrs, tc.tensor_hooks(t))
+
+    def give(self, t: torch.Tensor, requires_grad: bool = True) -> None:
+        """Give this state to `t` (its own attributes stay unless these name them too)."""
+        if requires_grad and t.requires_grad != self.requires_grad:
+            t.requires_grad_(self.requires_grad)
+        t.__dict__.update(self.attrs)
+        tc.set_tensor_hooks(t, self.hooks)
+
+
 def _replace_references(module: nn.Module, new: dict[int, torch.Tensor]) -> None:
     for _, owner, name, t in list(module_tensors(module)):
         real = new.get(id(t))
@@ -86,13 +121,13 @@ def swap_all(module: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], 
             new = nn.Parameter(new, requires_grad=old.requires_grad)
         elif old.requires_grad and new.is_floating_point() and not new.requires_grad:
             new.requires_grad_(True)
-        attrs = {k: v for k, v in old.__dict__.items() if k not in internal}
+        state = TensorState.of(old, internal)
         if weakref.getweakrefcount(old) == 0:
             torch.utils.swap_tensors(old, new)
             old.__dict__.clear()
-            old.__dict__.update(attrs)
+            state.give(old, requires_grad=False)
         else:
-            new.__dict__.update(attrs)
+            state.give(new, requires_grad=False)
             replacements[id(old)] = new
     if replacements:
         _replace_references(module, replacements)

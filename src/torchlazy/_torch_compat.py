@@ -42,6 +42,8 @@ __all__ = [
     "op_schema",
     "refresh_rnn_weights",
     "drop_rnn_weights",
+    "set_tensor_hooks",
+    "tensor_hooks",
     "tree_flatten",
     "tree_leaves",
     "tree_map",
@@ -197,6 +199,26 @@ def trunc_normal_codes() -> tuple[Any, ...]:
 def allowed_placeholder_methods() -> Any:
     """What PyTorch lets an `UninitializedParameter` do before it has a shape."""
     return getattr(nn.parameter.UninitializedParameter, "_allowed_methods", ())
+
+
+_TENSOR_HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
+
+
+def tensor_hooks(t: torch.Tensor) -> dict[str, Any]:
+    """The hooks registered on a tensor itself (`register_hook`, `register_post_accumulate_grad_hook`).
+
+    They are kept in dicts on the Python object but registered on the tensor's autograd state,
+    which `torch.utils.swap_tensors` moves to the other object: `set_tensor_hooks` re-registers them.
+    """
+    with disable_torch_function_subclass():
+        return {name: getattr(t, name) for name in _TENSOR_HOOKS if getattr(t, name, None) is not None}
+
+
+def set_tensor_hooks(t: torch.Tensor, hooks: dict[str, Any]) -> None:
+    """Register `hooks` (from `tensor_hooks`) on `t`: the same dicts, so their handles still remove them."""
+    with disable_torch_function_subclass():
+        for name, value in hooks.items():
+            setattr(t, name, value)
 
 
 def norm_base_type() -> type:
