@@ -57,9 +57,18 @@ class TRef:
 
 @dataclass(frozen=True)
 class Const:
-    """A real tensor that construction used as an input."""
+    """A real tensor that construction used as an input (kept by reference, not copied).
+
+    `version` is the tensor's in-place version counter when it was recorded: a
+    source changed in place before replay is refused instead of read as it is now.
+    """
 
     value: torch.Tensor
+    version: int | None = None
+
+    @staticmethod
+    def of(t: torch.Tensor) -> Const:
+        return Const(t, tc.tensor_version(t))
 
 
 @dataclass
@@ -77,6 +86,20 @@ class Node:
     @property
     def name(self) -> str:
         return "constant" if self.func is None else str(self.func)
+
+
+@dataclass(frozen=True)
+class Reseed:
+    """The program set a generator's state inside the record (`manual_seed`, `set_rng_state`).
+
+    Later draws continue from `state`, or, where the program restored a state the
+    record itself had left the generator in (`fork_rng`, a saved `get_rng_state`),
+    from the state just after the random event `after`.
+    """
+
+    key: Key
+    state: torch.Tensor | None
+    after: Key | None = None
 
 
 @dataclass
@@ -109,6 +132,12 @@ class _Stream:
         self.before: dict[Key, torch.Tensor] = {}
         self.cursor = 0
         self.cursor_state: torch.Tensor | None = entry
+        # reseed events (keys in `keys` too), the state after each event passed, and
+        # the token states the recorder parked the real generator in (digest -> event key)
+        self.reseeds: dict[Key, Reseed] = {}
+        self.after: dict[Key, torch.Tensor] = {}
+        self.tokens: dict[bytes, Key] = {}
+        self.parked: torch.Tensor | None = entry
 
     def add(self, node: Node) -> None:
         at = bisect.bisect_left(self.keys, node.key)
@@ -122,6 +151,11 @@ class _Stream:
         self.keys.insert(at, node.key)
         self.nodes[node.key] = node
 
+    def reseed(self, event: Reseed) -> None:
+        """From `event.key` on, draws start from the state the program set."""
+        self.keys.insert(bisect.bisect_left(self.keys, event.key), event.key)
+        self.reseeds[event.key] = event
+
     def drop(self, prefix: Key) -> None:
         kept = [k for k in self.keys if k[: len(prefix)] != prefix]
         if len(kept) == len(self.keys):
@@ -129,8 +163,10 @@ class _Stream:
         first = min(i for i, k in enumerate(self.keys) if k[: len(prefix)] == prefix)
         for k in self.keys[first:]:
             self.before.pop(k, None)
+            self.after.pop(k, None)
         for k in set(self.keys) - set(kept):
             self.nodes.pop(k, None)
+            self.reseeds.pop(k, None)
         if self.cursor > first:
             self.cursor = first
             self.cursor_state = self.before.get(self.keys[first]) if first else self.entry
@@ -148,7 +184,7 @@ class _Stream:
     def ran(self, node: Node) -> None:
         """`node` just ran from `state_before(node)`: move the cursor past it."""
         if self.cursor < len(self.keys) and self.keys[self.cursor] == node.key:
-            self.cursor_state = _generator_state(self.generator)
+            self.cursor_state = self.after[node.key] = _generator_state(self.generator)
             self.cursor += 1
 
     def finish(self) -> torch.Tensor:
@@ -160,11 +196,16 @@ class _Stream:
         if self.cursor_state is None:  # live: start from wherever the generator is now
             self.cursor_state = _generator_state(self.generator)
         while self.cursor < target:
-            skipped = self.nodes[self.keys[self.cursor]]
-            self.before[skipped.key] = self.cursor_state
-            self.generator.set_state(self.cursor_state)
-            self.record.run_on_scratch(skipped)
-            self.cursor_state = _generator_state(self.generator)
+            key = self.keys[self.cursor]
+            self.before[key] = self.cursor_state
+            event = self.reseeds.get(key)
+            if event is not None:
+                self.cursor_state = event.state if event.state is not None else self.after[event.after]  # type: ignore[index]
+            else:
+                self.generator.set_state(self.cursor_state)
+                self.record.run_on_scratch(self.nodes[key])
+                self.cursor_state = _generator_state(self.generator)
+            self.after[key] = self.cursor_state
             self.cursor += 1
         return self.cursor_state
 
@@ -176,6 +217,7 @@ class Record:
         self.live = live
         self.order = 0  # where live records (lazy layers built outside deferred) come in the RNG stream
         self.storages: dict[int, StorageInfo] = {}
+        self.names: dict[int, str] = {}  # storage id -> `Class.attribute` that registered it, for messages
         self.streams: dict[int, _Stream] = {}
         self.nodes: list[Node] = []
         self._sorted = True
@@ -409,6 +451,12 @@ def _real(leaf: Any, env: dict[int, torch.UntypedStorage], device: torch.device)
     if isinstance(leaf, TRef):
         return leaf.on(env[leaf.sid])
     if isinstance(leaf, Const):
+        if leaf.version is not None and tc.tensor_version(leaf.value) != leaf.version:
+            raise DeferredError(
+                f"a real tensor of shape {tuple(leaf.value.shape)} that was given to the deferred model "
+                "(`load_state_dict`, `copy_`, ...) was changed in place before `tl.materialize`, which "
+                "reads it only now. Materialize before changing it, or pass a copy (`t.clone()`)."
+            )
         return leaf.value.to(device) if leaf.value.device != device else leaf.value
     if isinstance(leaf, torch.device):
         return device
