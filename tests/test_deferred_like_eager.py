@@ -291,3 +291,30 @@ def test_parametrizations_construct_and_materialize_exactly() -> None:
     torch.manual_seed(0)
     eager = _parametrized()
     assert all(torch.equal(a.weight, b.weight) for a, b in zip(model, eager))  # type: ignore[union-attr]
+
+
+# -- 7. raw errors that are now torchlazy errors -----------------------------------------
+
+
+def test_pickling_a_deferred_state_dict_is_a_deferred_error(tmp_path: Path) -> None:
+    with tl.deferred():
+        model = nn.Linear(3, 4)
+    with pytest.raises(tl.DeferredError, match=r"`Linear.weight`.*tl.materialize"):
+        torch.save(model.state_dict(), tmp_path / "x.pt")
+    tl.materialize(model)
+    torch.save(model.state_dict(), tmp_path / "x.pt")  # fine once real
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: tl.is_deferred(3),  # type: ignore[arg-type]
+        lambda: tl.summary(torch.ones(3)),  # type: ignore[arg-type]
+        lambda: tl.summary(nn.Linear(2, 2), depth=-1),
+        lambda: tl.lazy(nn.Linear),
+    ],
+    ids=["is_deferred(3)", "summary(tensor)", "summary(depth=-1)", "lazy-without-rules"],
+)
+def test_bad_arguments_of_public_functions_are_argument_errors(call: Callable[[], object]) -> None:
+    with pytest.raises(tl.ArgumentError):
+        call()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import copyreg
 import functools
 import hashlib
 import threading
@@ -27,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import _markers, _paths
 from . import _torch_compat as tc
-from ._errors import DeferredError
+from ._errors import ArgumentError, DeferredError
 from ._modtree import module_tensors
 from ._record import GENERATOR_LOCK, Const, Key, Node, Record, Reseed, TRef, _Stream
 
@@ -65,6 +66,7 @@ def _open_record_mode() -> type:
     exactly as inside the block (in-place init, `copy_`, `load_state_dict`, `.to()`).
     """
     base = tc.fake_tensor_mode_type()
+    copyreg.pickle(tc.fake_tensor_type(), _refuse_pickle)  # type: ignore[arg-type]
 
     class _OpenRecordMode(base):  # type: ignore[misc,valid-type]
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -86,6 +88,19 @@ def _open_record_mode() -> type:
             return out
 
     return _OpenRecordMode
+
+
+def _refuse_pickle(t: torch.Tensor) -> Any:
+    """Pickling (`torch.save(model.state_dict())`) a deferred tensor: say what to do instead."""
+    owner = storage_of(t)
+    if owner is not None:
+        name = owner[0].names.get(owner[1])
+        raise DeferredError(
+            f"pickling {f'`{name}`, ' if name else ''}a deferred tensor of shape {tuple(t.shape)} "
+            "(`torch.save(model.state_dict())`, `pickle`): it has no values yet. Call `tl.materialize(model)` "
+            "first, or save the materialized model with `tl.save(model, 'model.safetensors')`."
+        )
+    return t.__reduce_ex__(2)
 
 
 def _tail_of(args: Any, kwargs: Any) -> _Recorder | None:
@@ -120,6 +135,8 @@ def is_deferred(obj: nn.Module | torch.Tensor) -> bool:
     """
     if isinstance(obj, torch.Tensor):
         return tc.is_fake(obj)
+    if not isinstance(obj, nn.Module):
+        raise ArgumentError(f"`tl.is_deferred` takes a torch.nn.Module or a tensor, not {type(obj).__name__}.")
     unshaped = any(m.__dict__.get(_markers.SLOT) is not None for m in obj.modules())  # lazy, made under deferred
     return unshaped or bool(deferred_tensors(obj))
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import _lazy
 from . import _torch_compat as tc
+from ._errors import ArgumentError
 from ._infer import fake_forward
 from ._twin import run_twin
 
@@ -177,6 +178,13 @@ def summary(
     >>> tl.summary(net).total_params is None   # unbuilt and no example: unknown
     True
     """
+    if not isinstance(module, nn.Module):
+        raise ArgumentError(
+            f"`tl.summary` takes a torch.nn.Module (then example inputs), not {type(module).__name__}; "
+            "for a tensor, use `t.shape` and `t.numel()`."
+        )
+    if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 0):
+        raise ArgumentError(f"`tl.summary`: `depth=` takes a whole number >= 0 (or None for all), not `{depth!r}`.")
     if example_args or example_kwargs:
         try:  # fast path: a twin of the model on the meta device, where lazy layers build for free
             return _summary_of_meta_twin(module, example_args, example_kwargs, depth)
