@@ -217,3 +217,27 @@ def test_a_shard_alone_is_the_eager_rows(rows: tuple[int, int]) -> None:
         assert local is not None, name  # the slice alone, not a full tensor
         expected = eager.get_parameter(name).detach()[start:stop]
         assert torch.equal(local.view(torch.uint8), expected.contiguous().view(torch.uint8)), name
+
+
+def test_a_program_around_a_deferred_model_runs_as_eagerly() -> None:
+    """Real draws after the block, init after the block, more draws: every value and state as eager."""
+
+    def program(defer: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        if defer:
+            with tl.deferred():
+                model = nn.Sequential(nn.Linear(40, 50), nn.Linear(50, 3))
+        else:
+            model = nn.Sequential(nn.Linear(40, 50), nn.Linear(50, 3))
+        x = torch.randn(3)
+        nn.init.normal_(model[0].weight, std=0.1)
+        model.apply(lambda m: nn.init.zeros_(m.bias) if isinstance(m, nn.Linear) else None)
+        y = torch.rand(2)
+        if defer:
+            tl.materialize(model)
+        return model, x, y, torch.get_rng_state()
+
+    ours, eager = program(True), program(False)
+    _same(ours[0], eager[0])
+    for a, b in zip(ours[1:], eager[1:]):
+        assert torch.equal(a, b)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import _paths
-from ._errors import CheckpointError, ShapeError
+from ._errors import ArgumentError, CheckpointError, ShapeError
 
 __all__ = ["Checkpoint", "CheckpointShapeError", "KeyPlan", "mapper", "open_checkpoint", "plan_keys"]
 
@@ -123,11 +123,14 @@ def _pickle_entries(path: Path) -> dict[str, _Entry]:
         data = data["state_dict"]
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"`{path}` does not hold a state dict (a mapping of names to tensors).")
+    return _mapping_entries(data, str(path))
 
+
+def _mapping_entries(data: Mapping[str, torch.Tensor], where: str) -> dict[str, _Entry]:
     def reader(t: torch.Tensor) -> Callable[[], torch.Tensor]:
         return lambda: t
 
-    return {k: _Entry(tuple(v.shape), v.dtype, reader(v), str(path)) for k, v in data.items()}
+    return {k: _Entry(tuple(v.shape), v.dtype, reader(v), where) for k, v in data.items()}
 
 
 def _from_index(index: Path) -> dict[str, _Entry]:
@@ -147,8 +150,21 @@ def _from_index(index: Path) -> dict[str, _Entry]:
     return entries
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """A safetensors file, a folder or index of shards, or a `.pt`/`.bin` state dict."""
+def open_checkpoint(path: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> Checkpoint:
+    """A safetensors file, a folder or index of shards, a `.pt`/`.bin` state dict, or a state dict in memory."""
+    if isinstance(path, Mapping):
+        bad = [k for k, v in path.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ArgumentError(
+                f"`checkpoint=` got a mapping whose entries are not all name -> tensor (first: `{bad[0]!r}`); "
+                "pass `model.state_dict()`-like dicts, or a path."
+            )
+        return Checkpoint(_mapping_entries(path, "<state dict>"), "<state dict>")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentError(
+            f"`checkpoint=` takes a path (safetensors, .pt/.bin, a folder or an index) or a state dict, "
+            f"not {type(path).__name__}."
+        )
     p = Path(path)
     if p.is_dir():
         for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):

@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import copyreg
+import functools
+import hashlib
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from . import _markers, _paths
 from . import _torch_compat as tc
-from ._errors import DeferredError
+from ._errors import ArgumentError, DeferredError
 from ._modtree import module_tensors
-from ._record import GENERATOR_LOCK, Const, Key, Node, Record, TRef
+from ._record import GENERATOR_LOCK, Const, Key, Node, Record, Reseed, TRef, _Stream
 
 __all__ = ["deferred", "deferred_tensors", "fake_attrs", "is_deferred"]
 
@@ -35,16 +40,76 @@ class _Local(threading.local):
         self.fake_mode: Any = None
         self.recorders: list[_Recorder] = []
         self.quiet = 0  # > 0 while torchlazy itself runs a deferred forward
+        self.after_block = 0  # > 0 while an op after a block is being recorded
 
 
 _local = _Local()
+
+# The top-level recorder of each closed block: it goes on recording ops on the record's
+# tensors after the block (the record stays open until materialize).
+_tails: weakref.WeakKeyDictionary[Record, _Recorder] = weakref.WeakKeyDictionary()
 
 
 def fake_mode() -> Any:
     """This thread's fake-tensor mode (one per thread, shared by all records)."""
     if _local.fake_mode is None:
-        _local.fake_mode = tc.fake_tensor_mode(allow_non_fake_inputs=True)
+        _local.fake_mode = _open_record_mode()(allow_non_fake_inputs=True)
     return _local.fake_mode
+
+
+@functools.cache
+def _open_record_mode() -> type:
+    """A fake-tensor mode under which the records of closed blocks stay open.
+
+    Outside any block, an op on a fake tensor runs under that tensor's fake mode:
+    when one of its tensors belongs to a record, the op is appended to that record,
+    exactly as inside the block (in-place init, `copy_`, `load_state_dict`, `.to()`).
+    """
+    base = tc.fake_tensor_mode_type()
+    copyreg.pickle(tc.fake_tensor_type(), _refuse_pickle)  # type: ignore[arg-type]
+
+    class _OpenRecordMode(base):  # type: ignore[misc,valid-type]
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            tail = None
+            if not (_local.recorders or _local.quiet or _local.after_block):
+                tail = _tail_of(args, kwargs)
+            if tail is None:
+                return super().__torch_dispatch__(func, types, args, kwargs)
+            _local.after_block += 1
+            try:
+                out = tail.__torch_dispatch__(func, types, args, kwargs)
+            finally:
+                _local.after_block -= 1
+            # the mode's conversion cache holds weak references that would make
+            # `Module._apply` (`.to()`, `.half()`) refuse to swap these tensors
+            fakes = {id(t) for t in tc.tree_leaves((args, kwargs, out)) if tc.is_fake(t)}
+            tc.forget_fake_conversions(self, fakes)
+            return out
+
+    return _OpenRecordMode
+
+
+def _refuse_pickle(t: torch.Tensor) -> Any:
+    """Pickling (`torch.save(model.state_dict())`) a deferred tensor: say what to do instead."""
+    owner = storage_of(t)
+    if owner is not None:
+        name = owner[0].names.get(owner[1])
+        raise DeferredError(
+            f"pickling {f'`{name}`, ' if name else ''}a deferred tensor of shape {tuple(t.shape)} "
+            "(`torch.save(model.state_dict())`, `pickle`): it has no values yet. Call `tl.materialize(model)` "
+            "first, or save the materialized model with `tl.save(model, 'model.safetensors')`."
+        )
+    return t.__reduce_ex__(2)
+
+
+def _tail_of(args: Any, kwargs: Any) -> _Recorder | None:
+    for t in tc.tree_leaves((args, kwargs)):
+        if isinstance(t, torch.Tensor):
+            owner = storage_of(t)
+            if owner is not None:
+                return _tails.get(owner[0])
+    return None
 
 
 def storage_of(t: torch.Tensor) -> tuple[Record, int] | None:
@@ -70,6 +135,8 @@ def is_deferred(obj: nn.Module | torch.Tensor) -> bool:
     """
     if isinstance(obj, torch.Tensor):
         return tc.is_fake(obj)
+    if not isinstance(obj, nn.Module):
+        raise ArgumentError(f"`tl.is_deferred` takes a torch.nn.Module or a tensor, not {type(obj).__name__}.")
     unshaped = any(m.__dict__.get(_markers.SLOT) is not None for m in obj.modules())  # lazy, made under deferred
     return unshaped or bool(deferred_tensors(obj))
 
@@ -92,6 +159,9 @@ def deferred_tensors(module: nn.Module) -> list[str]:
 # Initializers whose control flow reads random values (rejection sampling). Only
 # inside them is a value computed for real during deferred construction.
 _CHEAP_BYTES = 1 << 20
+# Registering a parametrization may check the values it is given (`orthogonal`'s
+# `right_inverse`): computed for real there too, exactly, from the record.
+_REGISTERS = (parametrize.register_parametrization.__code__,)
 _READS_VALUES = {
     torch.Tensor.numpy: "`.numpy()`",
     torch.Tensor.__repr__: "printing a tensor",
@@ -112,6 +182,15 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         self.prefix = prefix
         self.count = 0
         self.concretize = concretize
+        self.closed = False  # the block has ended: ops come from the program after it
+
+    def where(self, sid: int | None = None) -> str:
+        """Where an op happens, for messages: the module under construction, or the tensor after the block."""
+        if not self.closed:
+            return f"during deferred construction of {_paths.constructing_module()}"
+        name = self.record.names.get(sid, "") if sid is not None else ""
+        what = f"`{name}`, a deferred tensor" if name else "a deferred tensor"
+        return f"on {what} after its `tl.deferred()` block"
 
     def next_key(self) -> Key:
         return (*self.prefix, self.count)
@@ -130,24 +209,26 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return self._needs_values(func, args, kwargs)
         except tc.unsupported_operator_error():
             raise DeferredError(
-                f"`{func}` has no fake-tensor (meta) implementation, so {_paths.constructing_module()} "
-                "cannot be constructed under `tl.deferred()`. Construct that module outside "
-                "`tl.deferred()` (eagerly), or register a fake kernel for the op "
-                "(`torch.library.register_fake`)."
+                f"`{func}` has no fake-tensor (meta) implementation, so it cannot run {self.where()}. "
+                "Construct that module outside `tl.deferred()` (eagerly), materialize before this "
+                "operation, or register a fake kernel for the op (`torch.library.register_fake`)."
             ) from None
         self._log(func, args, kwargs, out)
         return out
 
+    def _ref_or_none(self, t: Any) -> TRef | None:
+        owner = storage_of(t) if isinstance(t, torch.Tensor) else None
+        return TRef.of(owner[1], t) if owner is not None and owner[0] is self.record else None
+
     def _ref(self, t: torch.Tensor, func: Any) -> TRef | Const:
         if not tc.is_fake(t):
-            return Const(t)
+            return Const.of(t)
         owner = storage_of(t)
         if owner is None or owner[0] is not self.record:
             raise DeferredError(
-                f"`{func}` during deferred construction of {_paths.constructing_module()} uses a "
-                "tensor that this `tl.deferred()` block did not create (a tensor of another "
-                "deferred model, or an activation). Materialize that model first, or construct "
-                "both models in one `tl.deferred()` block."
+                f"`{func}` {self.where()} uses a tensor that this `tl.deferred()` block did not "
+                "create (a tensor of another deferred model, or an activation). Materialize that "
+                "model first, or construct both models in one `tl.deferred()` block."
             )
         return TRef.of(owner[1], t)
 
@@ -185,13 +266,46 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if not outputs and not writes:
             return
         stream = None
+        top = self.prefix == () and not self.record.live  # in program order, not a lazy layer's slot
         if torch.Tag.nondeterministic_seeded in func.tags:
-            stream = self.record.stream_for(_generator_arg(func, args, kwargs))
+            with tc.disable_current_modes():  # generator states are real tensors
+                stream = self.record.stream_for(_generator_arg(func, args, kwargs))
+                if top:
+                    self._sync(stream)
         overwrites = self._full_overwrite(func, leaves, writes)
         if overwrites is not None:
             reads = [r for r in reads if r != overwrites]
         node = Node(self.reserve(), func, spec, leaves, outputs, tuple(reads), tuple(writes), stream, overwrites)
         self.record.add(node)
+        if stream is not None and top:
+            with tc.disable_current_modes():
+                self._park(stream, node.key)
+
+    # -- the program's own seeding -------------------------------------------------
+    # Nothing is drawn while recording, so the real generator is free to carry a
+    # token: after each recorded draw it is parked in a fresh state derived from the
+    # last one. Finding it elsewhere at the next draw means the program set it
+    # (`manual_seed`, `set_rng_state`, `fork_rng` restoring a saved state): a reseed
+    # event goes into the stream, and replay draws from there as eager code did.
+
+    def _sync(self, stream: _Stream) -> None:
+        now = stream.generator.get_state()
+        digest = _digest(now)
+        if stream.parked is not None and digest == _digest(stream.parked):
+            return
+        after = stream.tokens.get(digest)
+        stream.reseed(Reseed(self.reserve(), None if after is not None else now, after))
+        stream.parked = now
+
+    def _park(self, stream: _Stream, key: Key) -> None:
+        if self.closed:  # after the block, the program sees eager's generator (a jump; few ops get here)
+            park_exactly(stream)
+            return
+        before = stream.parked if stream.parked is not None else stream.generator.get_state()
+        seed = hashlib.blake2b(_digest(before) + repr(key).encode(), digest_size=8).digest()
+        stream.generator.manual_seed(int.from_bytes(seed, "little") & ((1 << 63) - 1))
+        token = stream.parked = stream.generator.get_state()
+        stream.tokens[_digest(token)] = key
 
     def _full_overwrite(self, func: Any, leaves: list[Any], writes: list[int]) -> int | None:
         """The storage `func` rewrites entirely without reading it (a fill, a draw, a copy into it)."""
@@ -229,12 +343,20 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
     def _needs_values(self, func: Any, args: Any, kwargs: Any) -> Any:
         allowed = (
-            self.concretize or _paths.frames_include(tc.trunc_normal_codes()) or self._cheap_and_certain(args, kwargs)
+            self.concretize
+            or _paths.frames_include((*tc.trunc_normal_codes(), *_REGISTERS))
+            or self._cheap_and_certain(args, kwargs)
         )
         if not allowed:
             what = "reading a tensor's value (`.item()`, `.tolist()`, `bool(t)`)"
             if func is not tc.local_scalar_op():
                 what = f"`{func}` (its output shape depends on tensor values)"
+            if self.closed:
+                sids = [r.sid for r in map(self._ref_or_none, tc.tree_leaves((args, kwargs))) if r is not None]
+                raise DeferredError(
+                    f"{what} {self.where(sids[0] if sids else None)}: it has a shape but no value until "
+                    "`tl.materialize(model)`. Materialize the model first, then read the value."
+                )
             raise DeferredError(
                 f"{what} during deferred construction of {_paths.constructing_module()}: under "
                 "`tl.deferred()` tensors have shapes but no values yet. Compute the value from "
@@ -307,6 +429,10 @@ def _contiguous_strides(size: tuple[int, ...]) -> list[int]:
         strides.append(step)
         step *= max(n, 1)
     return list(reversed(strides))
+
+
+def _digest(state: torch.Tensor) -> bytes:
+    return hashlib.blake2b(state.numpy().tobytes(), digest_size=16).digest()
 
 
 def _generator_arg(func: Any, args: Any, kwargs: Any) -> torch.Generator | None:
@@ -414,7 +540,7 @@ def deferred(*, concretize: bool = False) -> Iterator[None]:
         yield
         return
     record = Record()
-    with recording(record, concretize=concretize):
+    with recording(record, concretize=concretize) as recorder:
         try:
             yield
         except RuntimeError as e:
@@ -425,6 +551,8 @@ def deferred(*, concretize: bool = False) -> Iterator[None]:
                     "and so on, with the same names without `Lazy`."
                 ) from e
             raise
+    recorder.closed = True
+    _tails[record] = recorder  # ops on its tensors after the block go on being recorded
     _leave_generators_as_eager(record)
 
 
@@ -438,12 +566,20 @@ def _leave_generators_as_eager(record: Record) -> None:
     with GENERATOR_LOCK:
         for stream in record.streams.values():
             if stream.keys:
-                state = stream.finish()
-                stream.generator.set_state(state)
-                record.exit_states[id(stream.generator)] = state
+                park_exactly(stream)
+                record.exit_states[id(stream.generator)] = stream.generator.get_state()
         default = id(torch.default_generator)
         if default not in record.exit_states:  # lazy layers may draw from it later, in their slots
             record.exit_states[default] = torch.default_generator.get_state()
+
+
+def park_exactly(stream: _Stream) -> None:
+    """Put the real generator where eager code would have it after the stream's last draw."""
+    state = stream.finish()
+    stream.generator.set_state(state)
+    stream.parked = state
+    if stream.keys:
+        stream.tokens[_digest(state)] = stream.keys[-1]
 
 
 # -- a clear error when a deferred model is called ---------------------------
@@ -459,6 +595,9 @@ def _track_modules(record: Record) -> list[Any]:
             return
         # the recorded tensor itself, for when a wrapper (FSDP) puts another in its place
         module.__dict__.setdefault(_markers.ORIGIN, {})[name] = tensor
+        owner = storage_of(tensor)
+        if owner is not None:
+            owner[0].names.setdefault(owner[1], f"{type(module).__name__}.{name}")
         add_guard(module)
 
     return [
@@ -468,8 +607,10 @@ def _track_modules(record: Record) -> list[Any]:
 
 
 def _forward_guard(module: nn.Module, args: Any) -> None:
-    if _local.quiet:
-        return
+    if _local.quiet or isinstance(module, parametrize.ParametrizationList):
+        return  # a parametrization computes a tensor (`conv.weight`): recorded, like any op
+    if _paths.frames_include((parametrize.ParametrizationList.forward.__code__,)):
+        return  # one step of it (`_SpectralNorm`, with its own deferred buffers)
     raise DeferredError(
         f"`{_paths.module_path(module)}` ({type(module).__name__}) was constructed under "
         "`tl.deferred()` and has no values yet. Call `tl.materialize(model)` (or "

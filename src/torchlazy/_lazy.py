@@ -801,6 +801,11 @@ def lazy(cls: type[M], /, **rules: Any) -> type[M]:
     >>> type(gru).__name__, gru.input_size
     ('GRU', 3)
     """
+    if not rules:
+        raise ArgumentError(
+            f"`tl.lazy({getattr(cls, '__name__', cls)})` needs at least one rule saying which constructor "
+            "argument comes from the input, e.g. `tl.lazy(nn.LSTM, input_size=lambda x, *rest: x.shape[-1])`."
+        )
     module = sys._getframe(1).f_globals.get("__name__", __name__)
     return make_lazy(
         cls,

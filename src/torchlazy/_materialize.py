@@ -35,9 +35,22 @@ Progress = Callable[[int, int, int, int], None]  # tensors done, total, bytes do
 @dataclass
 class _Target:
     path: str
-    tensor: torch.Tensor  # the fake tensor the model holds
-    record: Record
+    tensor: torch.Tensor  # the fake tensor the model holds (or a real one, to load, cast or move)
+    record: Record | None  # None: a real tensor
     sid: int
+
+
+def _real_targets(module: nn.Module) -> list[_Target]:
+    """The real (already materialized) tensors: they take the checkpoint and the placement too."""
+    dtensor = tc.dtensor_type()
+    seen: set[int] = set()
+    out: list[_Target] = []
+    for path, _, _, t in module_tensors(module):
+        if id(t) in seen or tc.is_fake(t) or _lazy.is_placeholder(t) or (dtensor and isinstance(t, dtensor)):
+            continue
+        seen.add(id(t))
+        out.append(_Target(path, t, None, -1))
+    return out
 
 
 def _collect(module: nn.Module) -> list[_Target]:
@@ -120,19 +133,33 @@ def materialize(
     """
     if not isinstance(module, nn.Module):
         raise ArgumentError(f"`tl.materialize` takes a torch.nn.Module, not {type(module).__name__}.")
+    if not isinstance(exact, bool) or not isinstance(strict, bool):
+        raise ArgumentError("`tl.materialize`: `exact=` and `strict=` take True or False.")
+    if key_map is not None and not (callable(key_map) or isinstance(key_map, dict)):
+        raise ArgumentError(
+            f"`tl.materialize`: `key_map=` takes a callable (checkpoint key -> model key or None) or a dict of "
+            f"prefix rules such as {{'module.': ''}}, not {type(key_map).__name__} `{key_map!r}`."
+        )
     _paths.remember_paths(module)
-    placement = Placement(torch.device(device) if device is not None else None, dtype)
+    placement = Placement.of(device, dtype, "tl.materialize")
     with _lazy.transaction():
         ckpt = None
         if checkpoint is not None:
             ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
             _build_lazy_from_checkpoint(module, ckpt, mapper(key_map))
         targets = _collect(module)
+        real = _real_targets(module)
         shards = sharded_targets(module)
         plan = plan_keys(module, ckpt, key_map) if ckpt is not None else None
-        values, rest = _read_checkpoint(plan, targets, strict, placement) if plan is not None else ({}, targets)
+        everything = targets + real
+        values, rest = _read_checkpoint(plan, everything, strict, placement) if plan is not None else ({}, everything)
+        for t in rest:
+            if t.record is None:  # real, not in the checkpoint: cast and move only
+                values[id(t.tensor)] = placement.place(t.tensor, t.tensor)
+        rest = [t for t in rest if t.record is not None]
         if rest:
             values.update(_replay(rest, placement, exact, progress))
+        targets = [t for t in everything if values[id(t.tensor)] is not t.tensor]
         if shards:
             reader = _shard_reader(plan, strict) if plan is not None else None
             materialize_shards(module, shards, placement, exact, reader)
@@ -205,6 +232,7 @@ def _replay(
     by_record: dict[int, list[_Target]] = {}
     records: dict[int, Record] = {}
     for t in targets:
+        assert t.record is not None
         by_record.setdefault(id(t.record), []).append(t)
         records[id(t.record)] = t.record
     order = sorted(records.values(), key=lambda r: getattr(r, "order", 0))
@@ -284,7 +312,8 @@ def _view(storage: torch.UntypedStorage, like: torch.Tensor) -> torch.Tensor:
 
 def _swap_in(module: nn.Module, targets: list[_Target], values: dict[int, torch.Tensor]) -> None:
     """Put the real tensors into the objects the model holds (all or nothing)."""
-    for mode in {id(m): m for m in (tc.fake_mode_of(t.tensor) for t in targets)}.values():
+    fakes = [t for t in targets if tc.is_fake(t.tensor)]
+    for mode in {id(m): m for m in (tc.fake_mode_of(t.tensor) for t in fakes)}.values():
         tc.forget_fake_conversions(mode, {id(t.tensor) for t in targets})  # their weak references block swaps
     swap_all(module, [(t.tensor, values[id(t.tensor)]) for t in targets], _deferred.fake_attrs())
     for sub in module.modules():

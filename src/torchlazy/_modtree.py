@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import _torch_compat as tc
+from ._errors import ArgumentError
 
 __all__ = [
     "Placement",
@@ -134,6 +135,53 @@ def swap_all(module: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], 
     refresh_parameter_caches(module)
 
 
+# spellings of floating dtypes people write (the CLI's too)
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp64": torch.float64, "float64": torch.float64, "double": torch.float64,
+}  # fmt: skip
+
+
+def check_dtype(dtype: object, caller: str) -> torch.dtype | None:
+    """`dtype=` as a floating torch dtype (names such as "bf16" accepted), or None."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise ArgumentError(
+        f"`{caller}`: `dtype=` takes a floating dtype (it casts floating tensors; integer buffers keep "
+        f"theirs), such as `torch.bfloat16` or one of {sorted(DTYPES)}; got `{dtype!r}`."
+    )
+
+
+def check_device(device: object, caller: str) -> torch.device | None:
+    """`device=` as a torch device that this machine has, or None."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)  # type: ignore[call-overload]
+    except (RuntimeError, TypeError) as e:
+        raise ArgumentError(
+            f"`{caller}`: `device=` takes a device such as 'cpu' or 'cuda:0'; got `{device!r}` ({e})."
+        ) from None
+    backend = getattr(torch, dev.type, None) if dev.type not in ("cpu", "meta") else None
+    available = getattr(backend, "is_available", None)
+    if callable(available) and not available():
+        raise ArgumentError(
+            f"`{caller}`: `device={device!r}`, but this machine has no {dev.type} device "
+            f"(`torch.{dev.type}.is_available()` is False). Use `device='cpu'`, or run where {dev.type} is."
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ArgumentError(
+            f"`{caller}`: `device={device!r}`, but this machine has {torch.cuda.device_count()} CUDA devices."
+        )
+    return dev
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where materialized tensors go: the one cast/move policy (records, checkpoints, shards).
@@ -144,6 +192,11 @@ class Placement:
 
     device: torch.device | None = None
     dtype: torch.dtype | None = None
+
+    @staticmethod
+    def of(device: object, dtype: object, caller: str) -> Placement:
+        """A checked placement from a user's `device=` and `dtype=` (ArgumentError otherwise)."""
+        return Placement(check_device(device, caller), check_dtype(dtype, caller))
 
     def final_dtype(self, like: torch.Tensor) -> torch.dtype:
         return self.dtype if self.dtype is not None and like.dtype.is_floating_point else like.dtype

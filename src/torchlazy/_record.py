@@ -59,9 +59,18 @@ class TRef:
 
 @dataclass(frozen=True)
 class Const:
-    """A real tensor that construction used as an input."""
+    """A real tensor that construction used as an input (kept by reference, not copied).
+
+    `version` is the tensor's in-place version counter when it was recorded: a
+    source changed in place before replay is refused instead of read as it is now.
+    """
 
     value: torch.Tensor
+    version: int | None = None
+
+    @staticmethod
+    def of(t: torch.Tensor) -> Const:
+        return Const(t, tc.tensor_version(t))
 
 
 @dataclass
@@ -79,6 +88,20 @@ class Node:
     @property
     def name(self) -> str:
         return "constant" if self.func is None else str(self.func)
+
+
+@dataclass(frozen=True)
+class Reseed:
+    """The program set a generator's state inside the record (`manual_seed`, `set_rng_state`).
+
+    Later draws continue from `state`, or, where the program restored a state the
+    record itself had left the generator in (`fork_rng`, a saved `get_rng_state`),
+    from the state just after the random event `after`.
+    """
+
+    key: Key
+    state: torch.Tensor | None
+    after: Key | None = None
 
 
 @dataclass
@@ -115,6 +138,11 @@ class _Stream:
         self.committed = 0  # random nodes before this index gave real values: none may come before them
         self.cursor = 0
         self.cursor_state: torch.Tensor | None = entry
+        # reseed events (keys in `keys` too), the state after each event passed, and
+        # the token states the recorder parked the real generator in (digest -> event key)
+        self.reseeds: dict[Key, Reseed] = {}
+        self.tokens: dict[bytes, Key] = {}
+        self.parked: torch.Tensor | None = entry
 
     def add(self, node: Node) -> None:
         at = bisect.bisect_left(self.keys, node.key)
@@ -140,6 +168,14 @@ class _Stream:
             self.cursor = 0 if restart is None else restart
             self.cursor_state = self.entry if restart is None else self.before[self.keys[restart]]
 
+    def reseed(self, event: Reseed) -> None:
+        """From `event.key` on, draws start from the state the program set."""
+        at = bisect.bisect_left(self.keys, event.key)
+        self.keys.insert(at, event.key)
+        self.reseeds[event.key] = event
+        if at < self.cursor:
+            self._rewind(at)
+
     def drop(self, prefix: Key) -> None:
         kept = [k for k in self.keys if k[: len(prefix)] != prefix]
         if len(kept) == len(self.keys):
@@ -148,6 +184,7 @@ class _Stream:
         self._rewind(first)
         for k in set(self.keys) - set(kept):
             self.nodes.pop(k, None)
+            self.reseeds.pop(k, None)
         self.keys = kept
 
     def state_before(self, node: Node) -> torch.Tensor:
@@ -164,8 +201,7 @@ class _Stream:
     def ran(self, node: Node) -> None:
         """`node` just ran on the generator from `state_before(node)`: move the cursor past it."""
         if self.cursor < len(self.keys) and self.keys[self.cursor] == node.key:
-            self.cursor_state = _generator_state(self.generator)
-            self.after[node.key] = self.cursor_state
+            self.cursor_state = self.after[node.key] = _generator_state(self.generator)
             self.cursor += 1
 
     def finish(self) -> torch.Tensor:
@@ -179,6 +215,11 @@ class _Stream:
             state = self.entry = self.cursor_state = _generator_state(self.generator)
         pending = 0
         for key in self.keys[self.cursor : target]:
+            event = self.reseeds.get(key)
+            if event is not None:  # the program set the generator here
+                pending = 0
+                state = self.after[key] = self._reseeded(event)
+                continue
             node = self.nodes[key]
             words = draw_words(node)
             if words is not None:
@@ -196,6 +237,20 @@ class _Stream:
             self.cursor, self.cursor_state = target, state
         return state
 
+    def _reseeded(self, event: Reseed) -> torch.Tensor:
+        if event.state is not None:
+            return event.state
+        assert event.after is not None
+        return self.state_after(event.after)
+
+    def state_after(self, key: Key) -> torch.Tensor:
+        """The generator state just after the random node (or reseed event) `key`."""
+        known = self.after.get(key)
+        if known is not None:
+            return known
+        index = bisect.bisect_left(self.keys, key)
+        return self._advance(index + 1) if index >= self.cursor else self._behind(index + 1)
+
     def _behind(self, index: int) -> torch.Tensor:
         """The state before random node `index`, already passed: from the nearest known state before it."""
         pending = 0
@@ -208,9 +263,10 @@ class _Stream:
             if j == 0:
                 state = self.entry
                 break
-            words = draw_words(self.nodes[self.keys[j - 1]])
-            if words is None:  # an unmodelled node ran (on scratch or for real): its state after is known
-                state = self.after.get(self.keys[j - 1])
+            previous = self.keys[j - 1]
+            words = None if previous in self.reseeds else draw_words(self.nodes[previous])
+            if words is None:  # a reseed, or an unmodelled node that ran: its state after is known
+                state = self.after.get(previous)
                 break
             pending += words
             j -= 1
@@ -295,6 +351,7 @@ class Record:
         self.live = live
         self.order = 0  # where live records (lazy layers built outside deferred) come in the RNG stream
         self.storages: dict[int, StorageInfo] = {}
+        self.names: dict[int, str] = {}  # storage id -> `Class.attribute` that registered it, for messages
         self.streams: dict[int, _Stream] = {}
         self.nodes: list[Node] = []
         self._sorted = True
@@ -623,6 +680,12 @@ def _real(leaf: Any, env: dict[int, torch.UntypedStorage], device: torch.device)
     if isinstance(leaf, TRef):
         return leaf.on(env[leaf.sid])
     if isinstance(leaf, Const):
+        if leaf.version is not None and tc.tensor_version(leaf.value) != leaf.version:
+            raise DeferredError(
+                f"a real tensor of shape {tuple(leaf.value.shape)} that was given to the deferred model "
+                "(`load_state_dict`, `copy_`, ...) was changed in place before `tl.materialize`, which "
+                "reads it only now. Materialize before changing it, or pass a copy (`t.clone()`)."
+            )
         return leaf.value.to(device) if leaf.value.device != device else leaf.value
     if isinstance(leaf, torch.device):
         return device

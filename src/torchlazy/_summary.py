@@ -19,6 +19,7 @@ from torch import nn
 from . import _lazy
 from . import _torch_compat as tc
 from ._costs import FlopCounts, count_flops
+from ._errors import ArgumentError
 from ._infer import fake_forward
 from ._twin import run_twin
 
@@ -222,6 +223,13 @@ def summary(
     >>> tl.summary(net).total_params is None   # unbuilt and no example: unknown
     True
     """
+    if not isinstance(module, nn.Module):
+        raise ArgumentError(
+            f"`tl.summary` takes a torch.nn.Module (then example inputs), not {type(module).__name__}; "
+            "for a tensor, use `t.shape` and `t.numel()`."
+        )
+    if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 0):
+        raise ArgumentError(f"`tl.summary`: `depth=` takes a whole number >= 0 (or None for all), not `{depth!r}`.")
     if flops:
         return _with_flops(summary(module, *example_args, depth=depth, **example_kwargs),
                            count_flops(module, example_args, example_kwargs))  # fmt: skip

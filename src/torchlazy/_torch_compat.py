@@ -31,6 +31,7 @@ __all__ = [
     "dtensor_type",
     "fake_mode_of",
     "fake_tensor_mode",
+    "fake_tensor_mode_type",
     "fake_tensor_type",
     "forget_fake_conversions",
     "fsdp_params",
@@ -40,6 +41,7 @@ __all__ = [
     "make_constant_fake",
     "norm_base_type",
     "op_schema",
+    "tensor_version",
     "refresh_rnn_weights",
     "drop_rnn_weights",
     "set_tensor_hooks",
@@ -167,6 +169,18 @@ def data_dependent_errors() -> tuple[type[BaseException], ...]:
 def unsupported_operator_error() -> type[BaseException]:
     """What fake tensors raise for an op with no fake (meta) kernel."""
     return _lookup("torch._subclasses.fake_tensor", "UnsupportedOperatorException")  # type: ignore[no-any-return]
+
+
+def tensor_version(t: torch.Tensor) -> int | None:
+    """The in-place version counter of a tensor (bumped by every write into it); None if untracked."""
+    try:
+        return int(t._version)
+    except RuntimeError:  # inference tensors keep no counter
+        return None
+
+
+def fake_tensor_mode_type() -> type:
+    return _lookup("torch._subclasses.fake_tensor", "FakeTensorMode")  # type: ignore[no-any-return]
 
 
 def make_constant_fake(mode: Any, t: torch.Tensor) -> Any:

@@ -1,0 +1,320 @@
+"""Issue 10: a deferred model behaves like an eager one until it is materialized.
+
+Every test runs the same program twice, once eagerly and once under `tl.deferred()`
+(then `tl.materialize`), and compares the tensors bit for bit; or it asserts the
+torchlazy error and that the model is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import same_state
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import torchlazy as tl
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def _both(make: Callable[[], nn.Module], after: Callable[[nn.Module], object] = lambda m: None) -> None:
+    """`make()` then `after(model)`: eagerly, and deferred then materialized; the same bits."""
+    torch.manual_seed(0)
+    eager = make()
+    after(eager)
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make()
+    after(model)
+    tl.materialize(model)
+    assert same_state(model, eager) == []
+
+
+# -- 1. work after the block is recorded, not dropped ------------------------------------
+
+
+def _linear_init(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        lambda m: m.apply(_linear_init),
+        lambda m: nn.init.normal_(m[0].weight, std=0.02),
+        lambda m: m[0].bias.data.zero_(),
+        lambda m: m[3].weight.data.mul_(3).add_(1),
+        lambda m: m.double(),
+        lambda m: m.half().float(),
+        lambda m: m.to(torch.bfloat16),
+        lambda m: m[0].weight.requires_grad_(False),
+    ],
+    ids=["apply", "nn.init", "zero_", "mul_add_", "double", "half_float", "to_dtype", "requires_grad_"],
+)
+def test_work_after_the_block_is_replayed_as_eager_ran_it(after: Callable[[nn.Module], object]) -> None:
+    _both(_net, after)
+
+
+def test_requires_grad_after_the_block_is_kept() -> None:
+    with tl.deferred():
+        model = _net()
+    model[0].weight.requires_grad_(False)
+    tl.materialize(model)
+    assert not model[0].weight.requires_grad and model[3].weight.requires_grad
+
+
+def test_load_state_dict_after_the_block_gives_the_loaded_values() -> None:
+    source = {k: v.clone() for k, v in _net().state_dict().items()}
+    with tl.deferred():
+        model = _net()
+    model.load_state_dict(source)
+    tl.materialize(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.items())
+
+
+def test_copy_from_a_real_tensor_then_init_runs_in_order() -> None:
+    real = torch.randn(4, 3)
+
+    def after(m: nn.Module) -> None:
+        with torch.no_grad():
+            m[0].weight.copy_(real)
+            m[0].weight.mul_(2)
+
+    _both(_net, after)
+
+
+def test_a_source_changed_in_place_before_materialize_is_refused() -> None:
+    source = {k: v.clone() for k, v in _net().state_dict().items()}
+    with tl.deferred():
+        model = _net()
+    model.load_state_dict(source)
+    source["0.weight"].add_(1)  # eager would have copied already: torchlazy reads at materialize
+    with pytest.raises(tl.DeferredError, match="changed in place"):
+        tl.materialize(model)
+    assert tl.is_deferred(model)
+
+
+def test_reading_a_value_after_the_block_names_the_tensor() -> None:
+    with tl.deferred():
+        model = nn.Linear(3, 4)
+    with pytest.raises(tl.DeferredError, match=r"`Linear.weight`.*tl.materialize"):
+        model.weight[0, 0].item()
+
+
+# -- 2. seeding inside the block is part of the record -----------------------------------
+
+
+def _seeding_program() -> nn.Module:
+    torch.manual_seed(7)
+    a = nn.Linear(5, 5)
+    torch.manual_seed(8)
+    b = nn.Linear(5, 5)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        c = nn.Linear(5, 5)
+    d = nn.Linear(5, 5)
+    saved = torch.get_rng_state()
+    e = nn.Linear(2, 2)
+    torch.set_rng_state(saved)
+    f = nn.Linear(2, 2)
+    g = torch.Generator().manual_seed(11)
+    w = nn.Parameter(torch.empty(3, 3))
+    nn.init.normal_(w, generator=g)
+    g.manual_seed(11)
+    v = nn.Parameter(torch.empty(3, 3))
+    nn.init.normal_(v, generator=g)
+    out = nn.ModuleList([a, b, c, d, e, f])
+    out.register_parameter("w", w)
+    out.register_parameter("v", v)
+    return out
+
+
+def test_seeding_inside_the_block_gives_eager_weights_whatever_came_before() -> None:
+    results = []
+    for before in (1, 2):
+        torch.manual_seed(before)  # the state at entry must not matter: the program reseeds
+        with tl.deferred():
+            model = _seeding_program()
+        tl.materialize(model)
+        results.append(model)
+    eager = _seeding_program()
+    assert same_state(results[0], eager) == []
+    assert same_state(results[1], eager) == []
+    assert torch.equal(eager.w, eager.v)
+
+
+def test_the_generator_after_a_reseeding_block_is_deterministic() -> None:
+    states = []
+    for before in (1, 2):
+        torch.manual_seed(before)
+        with tl.deferred():
+            torch.manual_seed(5)
+            nn.Linear(3, 3)
+        states.append(torch.get_rng_state())
+    assert torch.equal(states[0], states[1])
+
+
+def test_post_block_draws_follow_a_reseed_after_the_block() -> None:
+    def after(m: nn.Module) -> None:
+        torch.manual_seed(42)
+        m.apply(_linear_init)
+
+    _both(_net, after)
+
+
+# -- 3. materialize on real tensors does what it is asked --------------------------------
+
+
+def test_materialize_loads_a_checkpoint_into_tensors_already_real(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    source = _net()
+    path = tmp_path / "net.pt"
+    torch.save(source.state_dict(), path)
+    with tl.deferred():
+        model = _net()
+    tl.materialize(model[0])  # partly real
+    tl.materialize(model, checkpoint=str(path))
+    assert same_state(model, source) == []
+    real = _net()
+    tl.materialize(real, checkpoint=source.state_dict())  # a state dict in memory too
+    assert same_state(real, source) == []
+
+
+def test_materialize_casts_real_tensors_and_refuses_a_checkpoint_of_wrong_shapes(tmp_path: Path) -> None:
+    model = _net()
+    tl.materialize(model, dtype="bf16")
+    assert model[0].weight.dtype == torch.bfloat16 and model[1].num_batches_tracked.dtype == torch.int64
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrong = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2))
+    path = tmp_path / "wrong.pt"
+    torch.save(wrong.state_dict(), path)
+    with pytest.raises(tl.ShapeError, match=r"`0.weight`.*\(4, 3\).*\(5, 3\)"):
+        tl.materialize(model, checkpoint=str(path))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+# -- 7. bad arguments are torchlazy errors, and the model stays as it was ----------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"device": "bogus"},
+        {"dtype": torch.int64},
+        {"dtype": "int8"},
+        {"key_map": 42},
+        {"checkpoint": 42},
+        {"checkpoint": {"0.weight": [1.0]}},
+        pytest.param(
+            {"device": "cuda"},
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA"),
+        ),
+    ],
+    ids=repr,
+)
+def test_bad_materialize_arguments_are_argument_errors(kwargs: dict[str, object]) -> None:
+    with tl.deferred():
+        model = _net()
+    with pytest.raises(tl.ArgumentError):
+        tl.materialize(model, **kwargs)  # type: ignore[arg-type]
+    assert tl.is_deferred(model) and len(tl.deferred_tensors(model)) == 9
+
+
+# -- the property: any sequence of post-block operations equals eager --------------------
+
+_OPS: dict[str, Callable[[nn.Module], object]] = {
+    "normal": lambda m: nn.init.normal_(m[0].weight),
+    "uniform": lambda m: nn.init.uniform_(m[3].weight, -1, 1),
+    "kaiming": lambda m: nn.init.kaiming_uniform_(m[3].weight),
+    "zero_bias": lambda m: m[0].bias.data.zero_(),
+    "scale": lambda m: m[0].weight.data.mul_(0.5),
+    "add_other": lambda m: m[3].bias.data.add_(m[1].weight.data[:2]),
+    "fill_bn": lambda m: m[1].weight.data.fill_(2.0),
+    "apply": lambda m: m.apply(_linear_init),
+    "reseed": lambda m: torch.manual_seed(123),
+    "double": lambda m: m.double(),
+    "float": lambda m: m.float(),
+    "freeze": lambda m: m[3].weight.requires_grad_(False),
+    "copy_real": lambda m: m[0].bias.data.copy_(torch.arange(4.0)),
+}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(sorted(_OPS)), max_size=8))
+def test_any_sequence_of_post_block_operations_equals_eager(ops: list[str]) -> None:
+    def after(m: nn.Module) -> None:
+        with torch.no_grad():
+            for op in ops:
+                _OPS[op](m)
+
+    _both(_net, after)
+
+
+# -- 4. parametrizations construct and materialize exactly -------------------------------
+
+
+class _Symmetric(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.triu() + x.triu(1).transpose(-1, -2)
+
+
+def _parametrized() -> nn.Module:
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 3), name="weight", dim=2)
+    nn.init.normal_(conv.weight, std=0.1)  # what Wav2Vec2's `_init_weights` does: reads `conv.weight`
+    sym = nn.Linear(3, 3)
+    nn.utils.parametrize.register_parametrization(sym, "weight", _Symmetric())
+    return nn.ModuleList(
+        [
+            conv,
+            nn.utils.parametrizations.spectral_norm(nn.Linear(5, 5)),
+            nn.utils.parametrizations.orthogonal(nn.Linear(4, 4)),
+            sym,
+        ]
+    )
+
+
+def test_parametrizations_construct_and_materialize_exactly() -> None:
+    _both(_parametrized)
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = _parametrized()
+    tl.materialize(model)
+    torch.manual_seed(0)
+    eager = _parametrized()
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(model, eager))  # type: ignore[union-attr]
+
+
+# -- 7. raw errors that are now torchlazy errors -----------------------------------------
+
+
+def test_pickling_a_deferred_state_dict_is_a_deferred_error(tmp_path: Path) -> None:
+    with tl.deferred():
+        model = nn.Linear(3, 4)
+    with pytest.raises(tl.DeferredError, match=r"`Linear.weight`.*tl.materialize"):
+        torch.save(model.state_dict(), tmp_path / "x.pt")
+    tl.materialize(model)
+    torch.save(model.state_dict(), tmp_path / "x.pt")  # fine once real
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: tl.is_deferred(3),  # type: ignore[arg-type]
+        lambda: tl.summary(torch.ones(3)),  # type: ignore[arg-type]
+        lambda: tl.summary(nn.Linear(2, 2), depth=-1),
+        lambda: tl.lazy(nn.Linear),
+    ],
+    ids=["is_deferred(3)", "summary(tensor)", "summary(depth=-1)", "lazy-without-rules"],
+)
+def test_bad_arguments_of_public_functions_are_argument_errors(call: Callable[[], object]) -> None:
+    with pytest.raises(tl.ArgumentError):
+        call()
