@@ -1,0 +1,562 @@
+/* torchlazy._countercore: the compiled path of torchlazy._counter.
+ *
+ * Fills a raw buffer (an address from `tensor.data_ptr()`, no torch headers)
+ * with elements [start, start + count) of a counter-based random stream:
+ * Philox-4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy
+ * as 1, 2, 3", SC11) keyed by two 64-bit integers.  Element i is a pure function
+ * of (key, i, law, parameters, dtype), so any slice in any thread gives the same
+ * bits.  The pure-torch path in _counter.py performs the same IEEE operations in
+ * the same order; this file must be compiled with -ffp-contract=off and without
+ * -ffast-math, and uses no libm function whose last bit may differ from torch's
+ * (log, sin, cos, exp and even sqrt are written below from +, -, *, /, floor and
+ * exponent bit handling).
+ *
+ * Keep every constant and every operation order in step with _counter.py.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__)) && defined(__linux__)
+#define TL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TL_CLONES
+#endif
+#if defined(__GNUC__)
+#define TL_INLINE static inline __attribute__((always_inline))
+#else
+#define TL_INLINE static inline
+#endif
+
+/* law codes (same table as _counter._LAWS) */
+enum { UNIFORM, NORMAL, BERNOULLI, EXPONENTIAL, LOG_NORMAL, CAUCHY, GEOMETRIC, RANDOM, TRUNC_NORMAL };
+/* dtype codes (same table as _counter._DTYPES) */
+enum { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL };
+
+#define CHUNK 2048 /* elements per inner pass: a multiple of 4, scratch stays in L1/L2 */
+#define MAX_ATTEMPTS 65536
+
+static const double TWO_M32 = 2.3283064365386963e-10; /* 2**-32 */
+static const double TWO_M53 = 1.1102230246251565e-16; /* 2**-53 */
+static const double SQRT2 = 1.4142135623730951;
+static const double LN2 = 0.6931471805599453;
+static const double LN2_HI = 0.6931471803691238; /* ln 2 with 32 trailing zero bits */
+static const double LN2_LO = 1.9082146973659064e-10;
+static const double INV_LN2 = 1.4426950408889634;
+static const double HALF_PI = 1.5707963267948966;
+static const double TWO_52 = 4503599627370496.0;
+
+typedef struct {
+    uint32_t k0, k1, c2, c3;
+} tl_key;
+
+TL_INLINE uint64_t dbits(double d) {
+    uint64_t b;
+    memcpy(&b, &d, 8);
+    return b;
+}
+TL_INLINE double bitsd(uint64_t b) {
+    double d;
+    memcpy(&d, &b, 8);
+    return d;
+}
+TL_INLINE uint32_t fbits(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return b;
+}
+TL_INLINE float bitsf(uint32_t b) {
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+/* uint32 -> double, exactly, in a form that vectorizes without unsigned converts */
+TL_INLINE double u32d(uint32_t x) { return (double)(int32_t)(x ^ 0x80000000u) + 2147483648.0; }
+
+/* ---- Philox-4x32-10 over a run of consecutive blocks, structure of arrays ---- */
+
+TL_CLONES
+static void philox_blocks(uint64_t blk0, size_t nb, uint32_t attempt_bits, tl_key key, uint32_t *restrict x0,
+                          uint32_t *restrict x1, uint32_t *restrict x2, uint32_t *restrict x3) {
+    for (size_t j = 0; j < nb; j++) {
+        uint64_t blk = blk0 + j;
+        uint32_t c0 = (uint32_t)blk, c1 = (uint32_t)(blk >> 32) | attempt_bits, c2 = key.c2, c3 = key.c3;
+        uint32_t k0 = key.k0, k1 = key.k1;
+        for (int r = 0; r < 10; r++) {
+            uint64_t p0 = (uint64_t)0xD2511F53u * c0;
+            uint64_t p1 = (uint64_t)0xCD9E8D57u * c2;
+            uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
+            uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
+            c1 = (uint32_t)p1;
+            c3 = (uint32_t)p0;
+            c0 = n0;
+            c2 = n2;
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        x0[j] = c0;
+        x1[j] = c1;
+        x2[j] = c2;
+        x3[j] = c3;
+    }
+}
+
+/* ---- elementary functions from IEEE basic operations ---- */
+
+/* natural log for normal positive doubles: u = m 2^e, m in [sqrt(1/2), sqrt(2)),
+   log m = 2 atanh s, s = (m - 1) / (m + 1), by its Taylor series in s^2 (|s| < 0.172) */
+TL_INLINE double tl_log(double u) {
+    uint64_t b = dbits(u);
+    double e = bitsd((b >> 52) | 0x4330000000000000ull) - TWO_52 - 1023.0;
+    double m = bitsd((b & 0x000fffffffffffffull) | 0x3ff0000000000000ull);
+    int big = m > SQRT2;
+    m = big ? m * 0.5 : m;
+    e = big ? e + 1.0 : e;
+    double s = (m - 1.0) / (m + 1.0);
+    double z = s * s;
+    double p = 0.05263157894736842;
+    p = p * z + 0.058823529411764705;
+    p = p * z + 0.06666666666666667;
+    p = p * z + 0.07692307692307693;
+    p = p * z + 0.09090909090909091;
+    p = p * z + 0.1111111111111111;
+    p = p * z + 0.14285714285714285;
+    p = p * z + 0.2;
+    p = p * z + 0.3333333333333333;
+    p = p * z + 1.0;
+    double t = s * p;
+    return (t + t) + e * LN2;
+}
+
+/* sqrt for t >= 0 from + and * alone: torch's sqrt is not correctly rounded on every build, so neither
+   path may use a hardware or libm sqrt.  Reciprocal square root from the exponent-halving guess
+   (Lomont's constant, relative error < 3.5%), four Newton steps (error < 1e-20), then t * y. */
+TL_INLINE double tl_sqrt(double t) {
+    double h = 0.5 * t;
+    double y = bitsd(0x5FE6EB50C7B537A9ull - (dbits(t) >> 1));
+    y = y * (1.5 - (h * y) * y);
+    y = y * (1.5 - (h * y) * y);
+    y = y * (1.5 - (h * y) * y);
+    y = y * (1.5 - (h * y) * y);
+    return t > 0.0 ? t * y : 0.0;
+}
+
+/* 2**j for integral j in [-1022, 1023] */
+TL_INLINE double tl_pow2(double j) {
+    uint64_t n = dbits(j + 1023.0 + TWO_52) & 0x7ffull;
+    return bitsd(n << 52);
+}
+
+/* exp: y = k ln2 + r, |r| <= ln2 / 2, Taylor to degree 13, then two exact power-of-two scalings */
+TL_INLINE double tl_exp(double y) {
+    y = y < -800.0 ? -800.0 : y;
+    y = y > 800.0 ? 800.0 : y;
+    double k = floor(y * INV_LN2 + 0.5);
+    double r = (y - k * LN2_HI) - k * LN2_LO;
+    double p = 1.6059043836821613e-10;
+    p = p * r + 2.08767569878681e-09;
+    p = p * r + 2.505210838544172e-08;
+    p = p * r + 2.755731922398589e-07;
+    p = p * r + 2.7557319223985893e-06;
+    p = p * r + 2.48015873015873e-05;
+    p = p * r + 0.0001984126984126984;
+    p = p * r + 0.001388888888888889;
+    p = p * r + 0.008333333333333333;
+    p = p * r + 0.041666666666666664;
+    p = p * r + 0.16666666666666666;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    double h = floor(k * 0.5);
+    return (p * tl_pow2(k - h)) * tl_pow2(h);
+}
+
+/* sin and cos of 2 pi v (|v| <= 1): v = q/4 + r/4, |r| <= 1/2, a = r pi/2, Taylor on |a| <= pi/4,
+   then a quarter-turn rotation by q mod 4 */
+TL_INLINE void tl_sincos2pi(double v, double *sn, double *cs) {
+    double q = floor(v * 4.0 + 0.5);
+    double r = v * 4.0 - q;
+    double a = r * HALF_PI;
+    double z = a * a;
+    double sp = -7.647163731819816e-13;
+    sp = sp * z + 1.6059043836821613e-10;
+    sp = sp * z + -2.505210838544172e-08;
+    sp = sp * z + 2.7557319223985893e-06;
+    sp = sp * z + -0.0001984126984126984;
+    sp = sp * z + 0.008333333333333333;
+    sp = sp * z + -0.16666666666666666;
+    double s = a + (a * z) * sp;
+    double cp = 4.779477332387385e-14;
+    cp = cp * z + -1.1470745597729725e-11;
+    cp = cp * z + 2.08767569878681e-09;
+    cp = cp * z + -2.755731922398589e-07;
+    cp = cp * z + 2.48015873015873e-05;
+    cp = cp * z + -0.001388888888888889;
+    cp = cp * z + 0.041666666666666664;
+    cp = cp * z + -0.5;
+    double c = 1.0 + z * cp;
+    double qm = q - 4.0 * floor(q * 0.25);
+    int swap = (qm == 1.0) | (qm == 3.0);
+    double c2 = swap ? s : c;
+    double s2 = swap ? c : s;
+    *cs = ((qm == 1.0) | (qm == 2.0)) ? -c2 : c2;
+    *sn = (qm >= 2.0) ? -s2 : s2;
+}
+
+/* ---- laws ---- */
+
+typedef struct {
+    int law, wide;
+    double p0, p1, p2, p3;
+    int64_t ifrom;
+    uint64_t irange;
+} tl_law;
+
+/* the normal pair of two lane integers a, b (as doubles) */
+TL_INLINE void normal_pair(double a, double b, double scale, double *z0, double *z1) {
+    double ua = (a + 1.0) * scale;
+    double ub = b * scale;
+    double r = tl_sqrt(-2.0 * tl_log(ua));
+    double sn, cs;
+    tl_sincos2pi(ub, &sn, &cs);
+    *z0 = r * cs;
+    *z1 = r * sn;
+}
+
+/* lane integers (as exact doubles) of nb blocks: 4 lanes of 32 bits, or 2 lanes of 53 bits (wide) */
+TL_CLONES
+static void lane_ints(int wide, size_t nb, const uint32_t *restrict x0, const uint32_t *restrict x1,
+                      const uint32_t *restrict x2, const uint32_t *restrict x3, double *restrict k0,
+                      double *restrict k1, double *restrict k2, double *restrict k3) {
+    if (wide) {
+        for (size_t j = 0; j < nb; j++) {
+            k0[j] = u32d(x1[j] >> 11) * 4294967296.0 + u32d(x0[j]);
+            k1[j] = u32d(x3[j] >> 11) * 4294967296.0 + u32d(x2[j]);
+        }
+    } else {
+        for (size_t j = 0; j < nb; j++) {
+            k0[j] = u32d(x0[j]);
+            k1[j] = u32d(x1[j]);
+            k2[j] = u32d(x2[j]);
+            k3[j] = u32d(x3[j]);
+        }
+    }
+}
+
+/* values of lanes (ka, kb) -> (va, vb) for laws of doubles */
+TL_CLONES
+static void lane_values(const tl_law *lw, size_t nb, const double *restrict ka, const double *restrict kb,
+                        double *restrict va, double *restrict vb) {
+    const double scale = lw->wide ? TWO_M53 : TWO_M32;
+    const double p0 = lw->p0, p1 = lw->p1;
+    switch (lw->law) {
+        case UNIFORM: /* p0 = from, p1 = to - from */
+            for (size_t j = 0; j < nb; j++) {
+                va[j] = (ka[j] * scale) * p1 + p0;
+                vb[j] = (kb[j] * scale) * p1 + p0;
+            }
+            break;
+        case NORMAL:
+        case TRUNC_NORMAL: /* p0 = mean, p1 = std */
+            for (size_t j = 0; j < nb; j++) {
+                double z0, z1;
+                normal_pair(ka[j], kb[j], scale, &z0, &z1);
+                va[j] = z0 * p1 + p0;
+                vb[j] = z1 * p1 + p0;
+            }
+            break;
+        case LOG_NORMAL: /* p0 = mean, p1 = std of the log */
+            for (size_t j = 0; j < nb; j++) {
+                double z0, z1;
+                normal_pair(ka[j], kb[j], scale, &z0, &z1);
+                va[j] = tl_exp(z0 * p1 + p0);
+                vb[j] = tl_exp(z1 * p1 + p0);
+            }
+            break;
+        case BERNOULLI: /* p0 = p */
+            for (size_t j = 0; j < nb; j++) {
+                va[j] = (ka[j] * scale) < p0 ? 1.0 : 0.0;
+                vb[j] = (kb[j] * scale) < p0 ? 1.0 : 0.0;
+            }
+            break;
+        case EXPONENTIAL: /* p0 = -1 / lambd */
+            for (size_t j = 0; j < nb; j++) {
+                va[j] = tl_log((ka[j] + 0.5) * scale) * p0;
+                vb[j] = tl_log((kb[j] + 0.5) * scale) * p0;
+            }
+            break;
+        case GEOMETRIC: /* p0 = 1 / log1p(-p) */
+            for (size_t j = 0; j < nb; j++) {
+                double a = ceil(tl_log((ka[j] + 0.5) * scale) * p0);
+                double b = ceil(tl_log((kb[j] + 0.5) * scale) * p0);
+                va[j] = a < 1.0 ? 1.0 : a;
+                vb[j] = b < 1.0 ? 1.0 : b;
+            }
+            break;
+        case CAUCHY: /* p0 = median, p1 = sigma: median - sigma cot(pi u) */
+            for (size_t j = 0; j < nb; j++) {
+                double sa, ca, sb, cb;
+                tl_sincos2pi(((ka[j] + 0.5) * scale) * 0.5, &sa, &ca);
+                tl_sincos2pi(((kb[j] + 0.5) * scale) * 0.5, &sb, &cb);
+                va[j] = p0 - (ca / sa) * p1;
+                vb[j] = p0 - (cb / sb) * p1;
+            }
+            break;
+        default:
+            break;
+    }
+}
+
+/* one block's lane values for one attempt (the truncated normal's per-element redraws) */
+static void block_values(const tl_law *lw, tl_key key, uint64_t blk, uint32_t attempt, double v[4]) {
+    uint32_t x[4];
+    double k[4];
+    philox_blocks(blk, 1, attempt << 16, key, x, x + 1, x + 2, x + 3);
+    lane_ints(lw->wide, 1, x, x + 1, x + 2, x + 3, k, k + 1, k + 2, k + 3);
+    lane_values(lw, 1, k, k + 1, v, v + 1);
+    if (!lw->wide) lane_values(lw, 1, k + 2, k + 3, v + 2, v + 3);
+}
+
+static double trunc_retry(const tl_law *lw, tl_key key, uint64_t e) {
+    const uint64_t per = lw->wide ? 2 : 4;
+    double v[4];
+    for (uint32_t att = 1; att < MAX_ATTEMPTS; att++) {
+        block_values(lw, key, e / per, att, v);
+        double x = v[e % per];
+        if (x >= lw->p2 && x <= lw->p3) return x;
+    }
+    return lw->p2; /* unreachable for the acceptance rates _counter.py admits */
+}
+
+/* ---- conversion to the target dtype ---- */
+
+TL_INLINE uint16_t f32_to_bf16(float f) {
+    uint32_t x = fbits(f);
+    uint32_t r = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+    return (x & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0u : (uint16_t)r;
+}
+
+TL_INLINE uint16_t f32_to_f16(float f) {
+    uint32_t x = fbits(f);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t a = x & 0x7fffffffu;
+    /* subnormal or zero half: round by adding to 0.5f, whose ulp is the half subnormal step 2**-24 */
+    uint32_t sub = fbits(bitsf(a) + 0.5f) - 0x3f000000u;
+    uint32_t nrm = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
+    uint32_t h = a < 0x38800000u ? sub : nrm;
+    h = a >= 0x477ff000u ? 0x7c00u : h;
+    h = a > 0x7f800000u ? 0x7e00u : h;
+    return (uint16_t)(sign | h);
+}
+
+TL_INLINE double f32_to_d(float f) { return (double)f; }
+
+/* value as the dtype will hold it (used by the uniform law to keep values below `to`) */
+TL_INLINE double round_to(int dtype, double d) {
+    switch (dtype) {
+        case F32:
+            return (double)(float)d;
+        case BF16:
+            return (double)bitsf((uint32_t)f32_to_bf16((float)d) << 16);
+        case F16: {
+            float f = (float)d; /* the representable neighbours are exact in float */
+            uint16_t h = f32_to_f16(f);
+            uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+            double mag = e == 0 ? ldexp((double)m, -24) : (e == 31 ? INFINITY : ldexp(1024.0 + m, (int)e - 25));
+            return (h & 0x8000u) ? -mag : mag;
+        }
+        default:
+            return d;
+    }
+}
+
+TL_CLONES
+static void store_doubles(int dtype, const double *restrict v, size_t n, char *restrict out) {
+    switch (dtype) {
+        case F64:
+            memcpy(out, v, n * 8);
+            break;
+        case F32: {
+            float *o = (float *)out;
+            for (size_t i = 0; i < n; i++) o[i] = (float)v[i];
+            break;
+        }
+        case BF16: {
+            uint16_t *o = (uint16_t *)out;
+            for (size_t i = 0; i < n; i++) o[i] = f32_to_bf16((float)v[i]);
+            break;
+        }
+        case F16: {
+            uint16_t *o = (uint16_t *)out;
+            for (size_t i = 0; i < n; i++) o[i] = f32_to_f16((float)v[i]);
+            break;
+        }
+        case I64: {
+            int64_t *o = (int64_t *)out;
+            for (size_t i = 0; i < n; i++) o[i] = (int64_t)v[i];
+            break;
+        }
+        case I32: {
+            int32_t *o = (int32_t *)out;
+            for (size_t i = 0; i < n; i++) o[i] = (int32_t)v[i];
+            break;
+        }
+        case I16: {
+            int16_t *o = (int16_t *)out;
+            for (size_t i = 0; i < n; i++) o[i] = (int16_t)v[i];
+            break;
+        }
+        case I8: {
+            int8_t *o = (int8_t *)out;
+            for (size_t i = 0; i < n; i++) o[i] = (int8_t)v[i];
+            break;
+        }
+        case U8: {
+            uint8_t *o = (uint8_t *)out;
+            for (size_t i = 0; i < n; i++) o[i] = (uint8_t)v[i];
+            break;
+        }
+        case BOOL: {
+            uint8_t *o = (uint8_t *)out;
+            for (size_t i = 0; i < n; i++) o[i] = v[i] != 0.0;
+            break;
+        }
+        default:
+            break;
+    }
+}
+
+static void store_ints(int dtype, const int64_t *v, size_t n, char *out) {
+    switch (dtype) {
+        case I64:
+            memcpy(out, v, n * 8);
+            return;
+        case I32:
+            for (size_t i = 0; i < n; i++) ((int32_t *)out)[i] = (int32_t)v[i];
+            return;
+        case I16:
+            for (size_t i = 0; i < n; i++) ((int16_t *)out)[i] = (int16_t)v[i];
+            return;
+        case I8:
+            for (size_t i = 0; i < n; i++) ((int8_t *)out)[i] = (int8_t)v[i];
+            return;
+        case U8:
+            for (size_t i = 0; i < n; i++) ((uint8_t *)out)[i] = (uint8_t)v[i];
+            return;
+        case BOOL:
+            for (size_t i = 0; i < n; i++) ((uint8_t *)out)[i] = v[i] != 0;
+            return;
+        default: {
+            double d[CHUNK];
+            for (size_t i = 0; i < n; i++) d[i] = (double)v[i];
+            store_doubles(dtype, d, n, out);
+        }
+    }
+}
+
+static const size_t ITEMSIZE[] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 1};
+
+/* the whole fill, GIL released by the caller */
+static void fill_range(const tl_law *lw, tl_key key, int dtype, uint64_t start, uint64_t count, char *out,
+                       int clamp, double clamp_to, double clamp_hi) {
+    uint32_t x[4][CHUNK / 2 + 2];
+    double k[4][CHUNK / 2 + 2], v[4][CHUNK / 2 + 2];
+    double buf[CHUNK + 4];
+    int64_t ibuf[CHUNK + 4];
+    const uint64_t per = lw->wide ? 2 : 4;
+    const uint64_t end = start + count;
+    const size_t isz = ITEMSIZE[dtype];
+    for (uint64_t e = start; e < end;) {
+        uint64_t b0 = e / per;
+        uint64_t ce = b0 * per + CHUNK;
+        ce = ce < end ? ce : end;
+        uint64_t nb = (ce - 1) / per + 1 - b0;
+        philox_blocks(b0, nb, 0, key, x[0], x[1], x[2], x[3]);
+        size_t off = (size_t)(e - b0 * per), n = (size_t)(ce - e);
+        if (lw->law == RANDOM) {
+            for (uint64_t j = 0; j < nb; j++)
+                for (int l = 0; l < 4; l++)
+                    ibuf[4 * j + l] = lw->ifrom + (int64_t)(((uint64_t)x[l][j] * lw->irange) >> 32);
+            store_ints(dtype, ibuf + off, n, out + (e - start) * isz);
+            e = ce;
+            continue;
+        }
+        lane_ints(lw->wide, nb, x[0], x[1], x[2], x[3], k[0], k[1], k[2], k[3]);
+        lane_values(lw, nb, k[0], k[1], v[0], v[1]);
+        if (!lw->wide) lane_values(lw, nb, k[2], k[3], v[2], v[3]);
+        if (lw->wide) {
+            for (uint64_t j = 0; j < nb; j++) {
+                buf[2 * j] = v[0][j];
+                buf[2 * j + 1] = v[1][j];
+            }
+        } else {
+            for (uint64_t j = 0; j < nb; j++) {
+                buf[4 * j] = v[0][j];
+                buf[4 * j + 1] = v[1][j];
+                buf[4 * j + 2] = v[2][j];
+                buf[4 * j + 3] = v[3][j];
+            }
+        }
+        if (lw->law == TRUNC_NORMAL) {
+            for (size_t i = off; i < off + n; i++)
+                if (!(buf[i] >= lw->p2 && buf[i] <= lw->p3)) buf[i] = trunc_retry(lw, key, b0 * per + i);
+        }
+        if (clamp) {
+            for (size_t i = off; i < off + n; i++) {
+                double r = round_to(dtype, buf[i]);
+                buf[i] = r >= clamp_to ? clamp_hi : r;
+            }
+        }
+        store_doubles(dtype, buf + off, n, out + (e - start) * isz);
+        e = ce;
+    }
+}
+
+static PyObject *py_fill(PyObject *self, PyObject *args) {
+    unsigned long long addr, start, count, key0, key1, irange;
+    long long ifrom;
+    int dtype, clamp;
+    double clamp_to, clamp_hi;
+    tl_law lw;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKiiiKKddddLKidd", &addr, &start, &count, &dtype, &lw.law, &lw.wide, &key0, &key1,
+                          &lw.p0, &lw.p1, &lw.p2, &lw.p3, &ifrom, &irange, &clamp, &clamp_to, &clamp_hi))
+        return NULL;
+    if (dtype < 0 || dtype > BOOL || lw.law < 0 || lw.law > TRUNC_NORMAL) {
+        PyErr_SetString(PyExc_ValueError, "torchlazy._countercore.fill: unknown dtype or law code");
+        return NULL;
+    }
+    lw.ifrom = (int64_t)ifrom;
+    lw.irange = (uint64_t)irange;
+    tl_key key = {(uint32_t)key0, (uint32_t)(key0 >> 32), (uint32_t)key1, (uint32_t)(key1 >> 32)};
+    Py_BEGIN_ALLOW_THREADS fill_range(&lw, key, dtype, start, count, (char *)(uintptr_t)addr, clamp, clamp_to,
+                                      clamp_hi);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+static PyObject *py_philox(PyObject *self, PyObject *args) {
+    unsigned int c[4], k[2];
+    (void)self;
+    if (!PyArg_ParseTuple(args, "IIIIII", &c[0], &c[1], &c[2], &c[3], &k[0], &k[1])) return NULL;
+    /* known-answer check of the raw generator: counter (c0 + 2^32 c1, c2, c3), key (k0, k1) */
+    uint32_t x[4];
+    tl_key key = {k[0], k[1], c[2], c[3]};
+    philox_blocks((uint64_t)c[0] | ((uint64_t)c[1] << 32), 1, 0, key, x, x + 1, x + 2, x + 3);
+    return Py_BuildValue("(IIII)", x[0], x[1], x[2], x[3]);
+}
+
+static PyMethodDef methods[] = {
+    {"fill", py_fill, METH_VARARGS,
+     "fill(addr, start, count, dtype, law, wide, key0, key1, p0, p1, p2, p3, ifrom, irange, clamp, clamp_to, "
+     "clamp_hi): write elements [start, start + count) of the stream into the buffer at addr."},
+    {"philox", py_philox, METH_VARARGS, "philox(c0, c1, c2, c3, k0, k1) -> the four words of Philox-4x32-10."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_countercore", "Counter-based fills (Philox-4x32-10).",
+                                       -1, methods};
+
+PyMODINIT_FUNC PyInit__countercore(void) { return PyModule_Create(&moduledef); }
