@@ -9,11 +9,12 @@ import sys
 from setuptools import Extension, setup
 
 # Bit identity with the pure-torch path needs strict IEEE double arithmetic: no FMA contraction,
-# no fast-math. -fno-math-errno only lets sqrt/floor inline (their values do not change).
+# no fast-math. -fno-math-errno and -fno-trapping-math only let floor inline and branch-free selects
+# vectorize (they change no value; the tests compare both paths bit for bit).
 if sys.platform == "win32":
     STRICT_FP = ["/O2", "/fp:precise"]
 else:
-    STRICT_FP = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-std=c11"]
+    STRICT_FP = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fno-trapping-math", "-std=c11"]
 
 setup(
     ext_modules=[

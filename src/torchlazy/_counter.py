@@ -73,7 +73,7 @@ _M64 = (1 << 64) - 1
 _MAX_ELEMENTS = 1 << 48  # the block index must leave counter word 1's bits 16-31 to the redraw attempt
 _MAX_ATTEMPTS = 65536
 _MIN_ACCEPT = 1e-3  # the truncated normal's lowest admitted acceptance rate (65535 redraws then never run out)
-_PURE_CHUNK = 1 << 20
+_PURE_CHUNK = 1 << 16  # small enough for the temporaries to stay in cache
 
 _TWO_M32 = 2.0**-32
 _TWO_M53 = 2.0**-53
@@ -280,8 +280,8 @@ def _log(u: torch.Tensor) -> torch.Tensor:
     e = (b >> 52).double() - 1023.0
     m = ((b & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000).view(torch.float64)
     big = m > _SQRT2
-    m = torch.where(big, m * 0.5, m)
     e = torch.where(big, e + 1.0, e)
+    m = torch.where(big, m * 0.5, m)
     s = (m - 1.0) / (m + 1.0)
     t = s * _horner(_LOG_C, s * s)
     return (t + t) + e * _LN2
@@ -317,9 +317,9 @@ def _sincos2pi(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = a + (a * z) * _horner(_SIN_C, z)
     c = 1.0 + z * _horner(_COS_C, z)
     qm = q - 4.0 * torch.floor(q * 0.25)
-    swap = (qm == 1.0) | (qm == 3.0)
+    swap = (qm * 0.5 - torch.floor(qm * 0.5)) != 0.0
     c2, s2 = torch.where(swap, s, c), torch.where(swap, c, s)
-    return torch.where(qm >= 2.0, -s2, s2), torch.where((qm == 1.0) | (qm == 2.0), -c2, c2)
+    return torch.where(qm >= 2.0, -s2, s2), torch.where(torch.abs(qm - 1.5) < 1.0, -c2, c2)
 
 
 def _normal_pair(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,15 +52,20 @@ typedef struct {
     uint32_t k0, k1, c2, c3;
 } tl_key;
 
+/* bit casts through a union (defined in C11; unlike memcpy, gcc vectorizes them inside loops) */
+typedef union {
+    double d;
+    uint64_t u;
+} tl_pun;
 TL_INLINE uint64_t dbits(double d) {
-    uint64_t b;
-    memcpy(&b, &d, 8);
-    return b;
+    tl_pun p;
+    p.d = d;
+    return p.u;
 }
 TL_INLINE double bitsd(uint64_t b) {
-    double d;
-    memcpy(&d, &b, 8);
-    return d;
+    tl_pun p;
+    p.u = b;
+    return p.d;
 }
 TL_INLINE uint32_t fbits(float f) {
     uint32_t b;
@@ -112,9 +117,8 @@ TL_INLINE double tl_log(double u) {
     uint64_t b = dbits(u);
     double e = bitsd((b >> 52) | 0x4330000000000000ull) - TWO_52 - 1023.0;
     double m = bitsd((b & 0x000fffffffffffffull) | 0x3ff0000000000000ull);
-    int big = m > SQRT2;
-    m = big ? m * 0.5 : m;
-    e = big ? e + 1.0 : e;
+    e = m > SQRT2 ? e + 1.0 : e;
+    m = m > SQRT2 ? m * 0.5 : m;
     double s = (m - 1.0) / (m + 1.0);
     double z = s * s;
     double p = 0.05263157894736842;
@@ -198,12 +202,13 @@ TL_INLINE void tl_sincos2pi(double v, double *sn, double *cs) {
     cp = cp * z + 0.041666666666666664;
     cp = cp * z + -0.5;
     double c = 1.0 + z * cp;
+    /* one comparison per select (no && or ||) so that gcc if-converts and vectorizes */
     double qm = q - 4.0 * floor(q * 0.25);
-    int swap = (qm == 1.0) | (qm == 3.0);
-    double c2 = swap ? s : c;
-    double s2 = swap ? c : s;
-    *cs = ((qm == 1.0) | (qm == 2.0)) ? -c2 : c2;
-    *sn = (qm >= 2.0) ? -s2 : s2;
+    double odd = qm * 0.5 - floor(qm * 0.5);
+    double c2 = odd != 0.0 ? s : c;
+    double s2 = odd != 0.0 ? c : s;
+    *cs = fabs(qm - 1.5) < 1.0 ? -c2 : c2;
+    *sn = qm >= 2.0 ? -s2 : s2;
 }
 
 /* ---- laws ---- */
