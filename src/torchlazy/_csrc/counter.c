@@ -83,24 +83,28 @@ TL_INLINE double u32d(uint32_t x) { return (double)(int32_t)(x ^ 0x80000000u) + 
 
 /* ---- Philox-4x32-10 over a run of consecutive blocks, structure of arrays ---- */
 
-TL_CLONES
-static void philox_blocks(uint64_t blk0, size_t nb, uint32_t attempt_bits, tl_key key, uint32_t *restrict x0,
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
+
+static void philox_scalar(uint64_t blk0, size_t nb, uint32_t attempt_bits, tl_key key, uint32_t *restrict x0,
                           uint32_t *restrict x1, uint32_t *restrict x2, uint32_t *restrict x3) {
     for (size_t j = 0; j < nb; j++) {
         uint64_t blk = blk0 + j;
         uint32_t c0 = (uint32_t)blk, c1 = (uint32_t)(blk >> 32) | attempt_bits, c2 = key.c2, c3 = key.c3;
         uint32_t k0 = key.k0, k1 = key.k1;
         for (int r = 0; r < 10; r++) {
-            uint64_t p0 = (uint64_t)0xD2511F53u * c0;
-            uint64_t p1 = (uint64_t)0xCD9E8D57u * c2;
+            uint64_t p0 = (uint64_t)PHILOX_M0 * c0;
+            uint64_t p1 = (uint64_t)PHILOX_M1 * c2;
             uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
             uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
             c1 = (uint32_t)p1;
             c3 = (uint32_t)p0;
             c0 = n0;
             c2 = n2;
-            k0 += 0x9E3779B9u;
-            k1 += 0xBB67AE85u;
+            k0 += PHILOX_W0;
+            k1 += PHILOX_W1;
         }
         x0[j] = c0;
         x1[j] = c1;
@@ -108,6 +112,81 @@ static void philox_blocks(uint64_t blk0, size_t nb, uint32_t attempt_bits, tl_ke
         x3[j] = c3;
     }
 }
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define TL_X86 1
+/* One 32-bit word per 64-bit lane: the unsigned 32x32->64 multiply (vpmuludq) reads only the low
+   halves, so the high halves may hold garbage between rounds and are dropped at the store.
+   gcc's auto-vectorization of the scalar loop emulates a full 64-bit multiply instead (3x slower). */
+__attribute__((target("avx512f"))) static void philox_avx512(uint64_t blk0, size_t nb, uint32_t attempt_bits,
+                                                              tl_key key, uint32_t *restrict x0,
+                                                              uint32_t *restrict x1, uint32_t *restrict x2,
+                                                              uint32_t *restrict x3) {
+    const __m512i m0 = _mm512_set1_epi64(PHILOX_M0), m1 = _mm512_set1_epi64(PHILOX_M1);
+    const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    size_t j = 0;
+    for (; j + 8 <= nb; j += 8) {
+        __m512i blk = _mm512_add_epi64(_mm512_set1_epi64((long long)(blk0 + j)), lane);
+        __m512i c0 = blk;
+        __m512i c1 = _mm512_or_si512(_mm512_srli_epi64(blk, 32), _mm512_set1_epi64(attempt_bits));
+        __m512i c2 = _mm512_set1_epi64(key.c2), c3 = _mm512_set1_epi64(key.c3);
+        uint32_t k0 = key.k0, k1 = key.k1;
+        for (int r = 0; r < 10; r++) {
+            __m512i p0 = _mm512_mul_epu32(c0, m0), p1 = _mm512_mul_epu32(c2, m1);
+            __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(p1, 32), c1), _mm512_set1_epi64(k0));
+            __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(p0, 32), c3), _mm512_set1_epi64(k1));
+            c1 = p1;
+            c3 = p0;
+            c0 = n0;
+            c2 = n2;
+            k0 += PHILOX_W0;
+            k1 += PHILOX_W1;
+        }
+        _mm256_storeu_si256((__m256i *)(x0 + j), _mm512_cvtepi64_epi32(c0));
+        _mm256_storeu_si256((__m256i *)(x1 + j), _mm512_cvtepi64_epi32(c1));
+        _mm256_storeu_si256((__m256i *)(x2 + j), _mm512_cvtepi64_epi32(c2));
+        _mm256_storeu_si256((__m256i *)(x3 + j), _mm512_cvtepi64_epi32(c3));
+    }
+    philox_scalar(blk0 + j, nb - j, attempt_bits, key, x0 + j, x1 + j, x2 + j, x3 + j);
+}
+
+__attribute__((target("avx2"))) static void philox_avx2(uint64_t blk0, size_t nb, uint32_t attempt_bits, tl_key key,
+                                                        uint32_t *restrict x0, uint32_t *restrict x1,
+                                                        uint32_t *restrict x2, uint32_t *restrict x3) {
+    const __m256i m0 = _mm256_set1_epi64x(PHILOX_M0), m1 = _mm256_set1_epi64x(PHILOX_M1);
+    const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
+    const __m256i low = _mm256_set_epi32(7, 7, 7, 7, 6, 4, 2, 0); /* low halves of the 4 lanes to the bottom */
+    size_t j = 0;
+    for (; j + 4 <= nb; j += 4) {
+        __m256i blk = _mm256_add_epi64(_mm256_set1_epi64x((long long)(blk0 + j)), lane);
+        __m256i c0 = blk;
+        __m256i c1 = _mm256_or_si256(_mm256_srli_epi64(blk, 32), _mm256_set1_epi64x(attempt_bits));
+        __m256i c2 = _mm256_set1_epi64x(key.c2), c3 = _mm256_set1_epi64x(key.c3);
+        uint32_t k0 = key.k0, k1 = key.k1;
+        for (int r = 0; r < 10; r++) {
+            __m256i p0 = _mm256_mul_epu32(c0, m0), p1 = _mm256_mul_epu32(c2, m1);
+            __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1), _mm256_set1_epi64x(k0));
+            __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3), _mm256_set1_epi64x(k1));
+            c1 = p1;
+            c3 = p0;
+            c0 = n0;
+            c2 = n2;
+            k0 += PHILOX_W0;
+            k1 += PHILOX_W1;
+        }
+        _mm_storeu_si128((__m128i *)(x0 + j), _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c0, low)));
+        _mm_storeu_si128((__m128i *)(x1 + j), _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c1, low)));
+        _mm_storeu_si128((__m128i *)(x2 + j), _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c2, low)));
+        _mm_storeu_si128((__m128i *)(x3 + j), _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c3, low)));
+    }
+    philox_scalar(blk0 + j, nb - j, attempt_bits, key, x0 + j, x1 + j, x2 + j, x3 + j);
+}
+#endif
+
+typedef void (*philox_fn)(uint64_t, size_t, uint32_t, tl_key, uint32_t *restrict, uint32_t *restrict,
+                          uint32_t *restrict, uint32_t *restrict);
+static philox_fn philox_blocks = philox_scalar; /* chosen once at import by the CPU's features */
 
 /* ---- elementary functions from IEEE basic operations ---- */
 
@@ -562,6 +641,15 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_countercore", "Counter-based fills (Philox-4x32-10).",
-                                       -1, methods};
+                                       -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__countercore(void) { return PyModule_Create(&moduledef); }
+PyMODINIT_FUNC PyInit__countercore(void) {
+#ifdef TL_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f"))
+        philox_blocks = philox_avx512;
+    else if (__builtin_cpu_supports("avx2"))
+        philox_blocks = philox_avx2;
+#endif
+    return PyModule_Create(&moduledef);
+}
