@@ -268,6 +268,12 @@ def _philox(blocks: torch.Tensor, attempt: int, key: tuple[int, int]) -> list[to
     return [c0, c1, c2, c3]
 
 
+_LOG_DEG = {False: 6, True: 10}  # narrow (32-bit) lanes use the shorter tails, as in the C core
+_SIN_DEG = {False: 5, True: 7}
+_COS_DEG = {False: 6, True: 8}
+_NEWTON_STEPS = {False: 3, True: 4}
+
+
 def _horner(coeffs: tuple[float, ...], z: torch.Tensor) -> torch.Tensor:
     p = torch.full_like(z, coeffs[0])
     for c in coeffs[1:]:
@@ -275,7 +281,7 @@ def _horner(coeffs: tuple[float, ...], z: torch.Tensor) -> torch.Tensor:
     return p
 
 
-def _log(u: torch.Tensor) -> torch.Tensor:
+def _log(u: torch.Tensor, wide: bool) -> torch.Tensor:
     b = u.view(torch.int64)
     e = (b >> 52).double() - 1023.0
     m = ((b & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000).view(torch.float64)
@@ -283,14 +289,14 @@ def _log(u: torch.Tensor) -> torch.Tensor:
     e = torch.where(big, e + 1.0, e)
     m = torch.where(big, m * 0.5, m)
     s = (m - 1.0) / (m + 1.0)
-    t = s * _horner(_LOG_C, s * s)
+    t = s * _horner(_LOG_C[-_LOG_DEG[wide] :], s * s)
     return (t + t) + e * _LN2
 
 
-def _sqrt(t: torch.Tensor) -> torch.Tensor:
+def _sqrt(t: torch.Tensor, wide: bool) -> torch.Tensor:
     h = 0.5 * t
     y = (0x5FE6EB50C7B537A9 - (t.view(torch.int64) >> 1)).view(torch.float64)
-    for _ in range(4):
+    for _ in range(_NEWTON_STEPS[wide]):
         y = y * (1.5 - (h * y) * y)
     return torch.where(t > 0.0, t * y, 0.0)
 
@@ -309,22 +315,23 @@ def _exp(y: torch.Tensor) -> torch.Tensor:
     return (p * _pow2(k - h)) * _pow2(h)
 
 
-def _sincos2pi(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sincos2pi(v: torch.Tensor, wide: bool) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.floor(v * 4.0 + 0.5)
     r = v * 4.0 - q
     a = r * _HALF_PI
     z = a * a
-    s = a + (a * z) * _horner(_SIN_C, z)
-    c = 1.0 + z * _horner(_COS_C, z)
+    s = a + (a * z) * _horner(_SIN_C[-_SIN_DEG[wide] :], z)
+    c = 1.0 + z * _horner(_COS_C[-_COS_DEG[wide] :], z)
     qm = q - 4.0 * torch.floor(q * 0.25)
     swap = (qm * 0.5 - torch.floor(qm * 0.5)) != 0.0
     c2, s2 = torch.where(swap, s, c), torch.where(swap, c, s)
     return torch.where(qm >= 2.0, -s2, s2), torch.where(torch.abs(qm - 1.5) < 1.0, -c2, c2)
 
 
-def _normal_pair(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    r = _sqrt(-2.0 * _log((a + 1.0) * scale))
-    sn, cs = _sincos2pi(b * scale)
+def _normal_pair(a: torch.Tensor, b: torch.Tensor, wide: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = _TWO_M53 if wide else _TWO_M32
+    r = _sqrt(-2.0 * _log((a + 1.0) * scale, wide), wide)
+    sn, cs = _sincos2pi(b * scale, wide)
     return r * cs, r * sn
 
 
@@ -335,19 +342,22 @@ def _lane_values(plan: _Plan, ka: torch.Tensor, kb: torch.Tensor) -> tuple[torch
     if law == "uniform":
         return (ka * scale) * p1 + p0, (kb * scale) * p1 + p0
     if law in ("normal", "truncated_normal", "log_normal"):
-        z0, z1 = _normal_pair(ka, kb, scale)
+        z0, z1 = _normal_pair(ka, kb, plan.wide)
         va, vb = z0 * p1 + p0, z1 * p1 + p0
         return (_exp(va), _exp(vb)) if law == "log_normal" else (va, vb)
     if law == "bernoulli":
         return ((ka * scale) < p0).double(), ((kb * scale) < p0).double()
     if law == "exponential":
-        return _log((ka + 0.5) * scale) * p0, _log((kb + 0.5) * scale) * p0
+        return _log((ka + 0.5) * scale, plan.wide) * p0, _log((kb + 0.5) * scale, plan.wide) * p0
     if law == "geometric":
-        a, b = torch.ceil(_log((ka + 0.5) * scale) * p0), torch.ceil(_log((kb + 0.5) * scale) * p0)
+        a, b = (
+            torch.ceil(_log((ka + 0.5) * scale, plan.wide) * p0),
+            torch.ceil(_log((kb + 0.5) * scale, plan.wide) * p0),
+        )
         return torch.where(a < 1.0, 1.0, a), torch.where(b < 1.0, 1.0, b)
     # cauchy
-    sa, ca = _sincos2pi(((ka + 0.5) * scale) * 0.5)
-    sb, cb = _sincos2pi(((kb + 0.5) * scale) * 0.5)
+    sa, ca = _sincos2pi(((ka + 0.5) * scale) * 0.5, plan.wide)
+    sb, cb = _sincos2pi(((kb + 0.5) * scale) * 0.5, plan.wide)
     return p0 - (ca / sa) * p1, p0 - (cb / sb) * p1
 
 

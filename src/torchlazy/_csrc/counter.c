@@ -190,40 +190,50 @@ static philox_fn philox_blocks = philox_scalar; /* chosen once at import by the 
 
 /* ---- elementary functions from IEEE basic operations ---- */
 
+/* Polynomial coefficients, highest degree first.  32-bit ("narrow") lanes feed dtypes of at most 24
+   bits and use the shorter tails (truncation error < 1e-10); 53-bit ("wide") lanes use them all. */
+static const double LOG_C[10] = {0.05263157894736842, 0.058823529411764705, 0.06666666666666667,
+                                 0.07692307692307693, 0.09090909090909091,  0.1111111111111111,
+                                 0.14285714285714285, 0.2,                  0.3333333333333333,
+                                 1.0};
+static const double SIN_C[7] = {-7.647163731819816e-13, 1.6059043836821613e-10, -2.505210838544172e-08,
+                                2.7557319223985893e-06, -0.0001984126984126984, 0.008333333333333333,
+                                -0.16666666666666666};
+static const double COS_C[8] = {4.779477332387385e-14,  -1.1470745597729725e-11, 2.08767569878681e-09,
+                                -2.755731922398589e-07, 2.48015873015873e-05,    -0.001388888888888889,
+                                0.041666666666666664,   -0.5};
+#define LOG_DEG(wide) ((wide) ? 10 : 6)
+#define SIN_DEG(wide) ((wide) ? 7 : 5)
+#define COS_DEG(wide) ((wide) ? 8 : 6)
+#define NEWTON_STEPS(wide) ((wide) ? 4 : 3)
+
+/* Horner over the last n coefficients of c (n a constant after inlining, so the loop unrolls) */
+TL_INLINE double horner(const double *c, int total, int n, double z) {
+    double p = c[total - n];
+    for (int i = total - n + 1; i < total; i++) p = p * z + c[i];
+    return p;
+}
+
 /* natural log for normal positive doubles: u = m 2^e, m in [sqrt(1/2), sqrt(2)),
    log m = 2 atanh s, s = (m - 1) / (m + 1), by its Taylor series in s^2 (|s| < 0.172) */
-TL_INLINE double tl_log(double u) {
+TL_INLINE double tl_log(double u, int wide) {
     uint64_t b = dbits(u);
     double e = bitsd((b >> 52) | 0x4330000000000000ull) - TWO_52 - 1023.0;
     double m = bitsd((b & 0x000fffffffffffffull) | 0x3ff0000000000000ull);
     e = m > SQRT2 ? e + 1.0 : e;
     m = m > SQRT2 ? m * 0.5 : m;
     double s = (m - 1.0) / (m + 1.0);
-    double z = s * s;
-    double p = 0.05263157894736842;
-    p = p * z + 0.058823529411764705;
-    p = p * z + 0.06666666666666667;
-    p = p * z + 0.07692307692307693;
-    p = p * z + 0.09090909090909091;
-    p = p * z + 0.1111111111111111;
-    p = p * z + 0.14285714285714285;
-    p = p * z + 0.2;
-    p = p * z + 0.3333333333333333;
-    p = p * z + 1.0;
-    double t = s * p;
+    double t = s * horner(LOG_C, 10, LOG_DEG(wide), s * s);
     return (t + t) + e * LN2;
 }
 
 /* sqrt for t >= 0 from + and * alone: torch's sqrt is not correctly rounded on every build, so neither
    path may use a hardware or libm sqrt.  Reciprocal square root from the exponent-halving guess
-   (Lomont's constant, relative error < 3.5%), four Newton steps (error < 1e-20), then t * y. */
-TL_INLINE double tl_sqrt(double t) {
+   (Lomont's constant, relative error < 3.5%), Newton steps (3: error < 1e-10; 4: < 1e-20), then t * y. */
+TL_INLINE double tl_sqrt(double t, int wide) {
     double h = 0.5 * t;
     double y = bitsd(0x5FE6EB50C7B537A9ull - (dbits(t) >> 1));
-    y = y * (1.5 - (h * y) * y);
-    y = y * (1.5 - (h * y) * y);
-    y = y * (1.5 - (h * y) * y);
-    y = y * (1.5 - (h * y) * y);
+    for (int i = 0; i < NEWTON_STEPS(wide); i++) y = y * (1.5 - (h * y) * y);
     return t > 0.0 ? t * y : 0.0;
 }
 
@@ -259,28 +269,13 @@ TL_INLINE double tl_exp(double y) {
 
 /* sin and cos of 2 pi v (|v| <= 1): v = q/4 + r/4, |r| <= 1/2, a = r pi/2, Taylor on |a| <= pi/4,
    then a quarter-turn rotation by q mod 4 */
-TL_INLINE void tl_sincos2pi(double v, double *sn, double *cs) {
+TL_INLINE void tl_sincos2pi(double v, int wide, double *sn, double *cs) {
     double q = floor(v * 4.0 + 0.5);
     double r = v * 4.0 - q;
     double a = r * HALF_PI;
     double z = a * a;
-    double sp = -7.647163731819816e-13;
-    sp = sp * z + 1.6059043836821613e-10;
-    sp = sp * z + -2.505210838544172e-08;
-    sp = sp * z + 2.7557319223985893e-06;
-    sp = sp * z + -0.0001984126984126984;
-    sp = sp * z + 0.008333333333333333;
-    sp = sp * z + -0.16666666666666666;
-    double s = a + (a * z) * sp;
-    double cp = 4.779477332387385e-14;
-    cp = cp * z + -1.1470745597729725e-11;
-    cp = cp * z + 2.08767569878681e-09;
-    cp = cp * z + -2.755731922398589e-07;
-    cp = cp * z + 2.48015873015873e-05;
-    cp = cp * z + -0.001388888888888889;
-    cp = cp * z + 0.041666666666666664;
-    cp = cp * z + -0.5;
-    double c = 1.0 + z * cp;
+    double s = a + (a * z) * horner(SIN_C, 7, SIN_DEG(wide), z);
+    double c = 1.0 + z * horner(COS_C, 8, COS_DEG(wide), z);
     /* one comparison per select (no && or ||) so that gcc if-converts and vectorizes */
     double qm = q - 4.0 * floor(q * 0.25);
     double odd = qm * 0.5 - floor(qm * 0.5);
@@ -300,12 +295,12 @@ typedef struct {
 } tl_law;
 
 /* the normal pair of two lane integers a, b (as doubles) */
-TL_INLINE void normal_pair(double a, double b, double scale, double *z0, double *z1) {
+TL_INLINE void normal_pair(double a, double b, double scale, int wide, double *z0, double *z1) {
     double ua = (a + 1.0) * scale;
     double ub = b * scale;
-    double r = tl_sqrt(-2.0 * tl_log(ua));
+    double r = tl_sqrt(-2.0 * tl_log(ua, wide), wide);
     double sn, cs;
-    tl_sincos2pi(ub, &sn, &cs);
+    tl_sincos2pi(ub, wide, &sn, &cs);
     *z0 = r * cs;
     *z1 = r * sn;
 }
@@ -331,10 +326,9 @@ static void lane_ints(int wide, size_t nb, const uint32_t *restrict x0, const ui
 }
 
 /* values of lanes (ka, kb) -> (va, vb) for laws of doubles */
-TL_CLONES
-static void lane_values(const tl_law *lw, size_t nb, const double *restrict ka, const double *restrict kb,
-                        double *restrict va, double *restrict vb) {
-    const double scale = lw->wide ? TWO_M53 : TWO_M32;
+TL_INLINE void lane_values_impl(const tl_law *lw, const int wide, size_t nb, const double *restrict ka,
+                                const double *restrict kb, double *restrict va, double *restrict vb) {
+    const double scale = wide ? TWO_M53 : TWO_M32;
     const double p0 = lw->p0, p1 = lw->p1;
     switch (lw->law) {
         case UNIFORM: /* p0 = from, p1 = to - from */
@@ -347,7 +341,7 @@ static void lane_values(const tl_law *lw, size_t nb, const double *restrict ka, 
         case TRUNC_NORMAL: /* p0 = mean, p1 = std */
             for (size_t j = 0; j < nb; j++) {
                 double z0, z1;
-                normal_pair(ka[j], kb[j], scale, &z0, &z1);
+                normal_pair(ka[j], kb[j], scale, wide, &z0, &z1);
                 va[j] = z0 * p1 + p0;
                 vb[j] = z1 * p1 + p0;
             }
@@ -355,7 +349,7 @@ static void lane_values(const tl_law *lw, size_t nb, const double *restrict ka, 
         case LOG_NORMAL: /* p0 = mean, p1 = std of the log */
             for (size_t j = 0; j < nb; j++) {
                 double z0, z1;
-                normal_pair(ka[j], kb[j], scale, &z0, &z1);
+                normal_pair(ka[j], kb[j], scale, wide, &z0, &z1);
                 va[j] = tl_exp(z0 * p1 + p0);
                 vb[j] = tl_exp(z1 * p1 + p0);
             }
@@ -368,14 +362,14 @@ static void lane_values(const tl_law *lw, size_t nb, const double *restrict ka, 
             break;
         case EXPONENTIAL: /* p0 = -1 / lambd */
             for (size_t j = 0; j < nb; j++) {
-                va[j] = tl_log((ka[j] + 0.5) * scale) * p0;
-                vb[j] = tl_log((kb[j] + 0.5) * scale) * p0;
+                va[j] = tl_log((ka[j] + 0.5) * scale, wide) * p0;
+                vb[j] = tl_log((kb[j] + 0.5) * scale, wide) * p0;
             }
             break;
         case GEOMETRIC: /* p0 = 1 / log1p(-p) */
             for (size_t j = 0; j < nb; j++) {
-                double a = ceil(tl_log((ka[j] + 0.5) * scale) * p0);
-                double b = ceil(tl_log((kb[j] + 0.5) * scale) * p0);
+                double a = ceil(tl_log((ka[j] + 0.5) * scale, wide) * p0);
+                double b = ceil(tl_log((kb[j] + 0.5) * scale, wide) * p0);
                 va[j] = a < 1.0 ? 1.0 : a;
                 vb[j] = b < 1.0 ? 1.0 : b;
             }
@@ -383,8 +377,8 @@ static void lane_values(const tl_law *lw, size_t nb, const double *restrict ka, 
         case CAUCHY: /* p0 = median, p1 = sigma: median - sigma cot(pi u) */
             for (size_t j = 0; j < nb; j++) {
                 double sa, ca, sb, cb;
-                tl_sincos2pi(((ka[j] + 0.5) * scale) * 0.5, &sa, &ca);
-                tl_sincos2pi(((kb[j] + 0.5) * scale) * 0.5, &sb, &cb);
+                tl_sincos2pi(((ka[j] + 0.5) * scale) * 0.5, wide, &sa, &ca);
+                tl_sincos2pi(((kb[j] + 0.5) * scale) * 0.5, wide, &sb, &cb);
                 va[j] = p0 - (ca / sa) * p1;
                 vb[j] = p0 - (cb / sb) * p1;
             }
@@ -392,6 +386,22 @@ static void lane_values(const tl_law *lw, size_t nb, const double *restrict ka, 
         default:
             break;
     }
+}
+
+/* the law loops specialized for each lane width (the polynomial degrees depend on it) */
+TL_CLONES
+static void lane_values_narrow(const tl_law *lw, size_t nb, const double *restrict ka, const double *restrict kb,
+                               double *restrict va, double *restrict vb) {
+    lane_values_impl(lw, 0, nb, ka, kb, va, vb);
+}
+TL_CLONES
+static void lane_values_wide(const tl_law *lw, size_t nb, const double *restrict ka, const double *restrict kb,
+                             double *restrict va, double *restrict vb) {
+    lane_values_impl(lw, 1, nb, ka, kb, va, vb);
+}
+static void lane_values(const tl_law *lw, size_t nb, const double *restrict ka, const double *restrict kb,
+                        double *restrict va, double *restrict vb) {
+    (lw->wide ? lane_values_wide : lane_values_narrow)(lw, nb, ka, kb, va, vb);
 }
 
 /* one block's lane values for one attempt (the truncated normal's per-element redraws) */
