@@ -448,22 +448,41 @@ TL_INLINE uint16_t f32_to_f16(float f) {
 
 TL_INLINE double f32_to_d(float f) { return (double)f; }
 
-/* value as the dtype will hold it (used by the uniform law to keep values below `to`) */
-TL_INLINE double round_to(int dtype, double d) {
+TL_INLINE float f16_to_f32(uint16_t h) {
+    uint32_t a = h & 0x7fffu;
+    float nrm = bitsf((a << 13) + 0x38000000u);   /* rebias the exponent: 127 - 15 = 112 */
+    float sub = (float)a * 5.9604644775390625e-08f; /* subnormals (and zero): a * 2**-24, exact */
+    float v = a < 0x400u ? sub : nrm;
+    v = a >= 0x7c00u ? bitsf(0x7f800000u) : v;
+    return (h & 0x8000u) ? -v : v;
+}
+
+/* round v to the dtype (kept as double), and keep the uniform law below `to`: a value that
+   rounds up to `to` (or beyond) becomes `hi`, the dtype's largest value below `to` */
+TL_CLONES
+static void clamp_below(int dtype, double *restrict v, size_t n, double to, double hi) {
     switch (dtype) {
         case F32:
-            return (double)(float)d;
+            for (size_t i = 0; i < n; i++) {
+                double r = (double)(float)v[i];
+                v[i] = r >= to ? hi : r;
+            }
+            break;
         case BF16:
-            return (double)bitsf((uint32_t)f32_to_bf16((float)d) << 16);
-        case F16: {
-            float f = (float)d; /* the representable neighbours are exact in float */
-            uint16_t h = f32_to_f16(f);
-            uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-            double mag = e == 0 ? ldexp((double)m, -24) : (e == 31 ? INFINITY : ldexp(1024.0 + m, (int)e - 25));
-            return (h & 0x8000u) ? -mag : mag;
-        }
+            for (size_t i = 0; i < n; i++) {
+                double r = (double)bitsf((uint32_t)f32_to_bf16((float)v[i]) << 16);
+                v[i] = r >= to ? hi : r;
+            }
+            break;
+        case F16:
+            for (size_t i = 0; i < n; i++) {
+                double r = (double)f16_to_f32(f32_to_f16((float)v[i]));
+                v[i] = r >= to ? hi : r;
+            }
+            break;
         default:
-            return d;
+            for (size_t i = 0; i < n; i++) v[i] = v[i] >= to ? hi : v[i];
+            break;
     }
 }
 
@@ -598,12 +617,7 @@ static void fill_range(const tl_law *lw, tl_key key, int dtype, uint64_t start, 
             for (size_t i = off; i < off + n; i++)
                 if (!(buf[i] >= lw->p2 && buf[i] <= lw->p3)) buf[i] = trunc_retry(lw, key, b0 * per + i);
         }
-        if (clamp) {
-            for (size_t i = off; i < off + n; i++) {
-                double r = round_to(dtype, buf[i]);
-                buf[i] = r >= clamp_to ? clamp_hi : r;
-            }
-        }
+        if (clamp) clamp_below(dtype, buf + off, n, clamp_to, clamp_hi);
         store_doubles(dtype, buf + off, n, out + (e - start) * isz);
         e = ce;
     }
