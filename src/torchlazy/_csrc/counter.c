@@ -267,7 +267,7 @@ TL_INLINE double tl_exp(double y) {
     return (p * tl_pow2(k - h)) * tl_pow2(h);
 }
 
-/* sin and cos of 2 pi v (|v| <= 1): v = q/4 + r/4, |r| <= 1/2, a = r pi/2, Taylor on |a| <= pi/4,
+/* sin and cos of 2 pi v (0 <= v <= 1): v = q/4 + r/4, |r| <= 1/2, a = r pi/2, Taylor on |a| <= pi/4,
    then a quarter-turn rotation by q mod 4 */
 TL_INLINE void tl_sincos2pi(double v, int wide, double *sn, double *cs) {
     double q = floor(v * 4.0 + 0.5);
@@ -276,13 +276,14 @@ TL_INLINE void tl_sincos2pi(double v, int wide, double *sn, double *cs) {
     double z = a * a;
     double s = a + (a * z) * horner(SIN_C, 7, SIN_DEG(wide), z);
     double c = 1.0 + z * horner(COS_C, 8, COS_DEG(wide), z);
-    /* one comparison per select (no && or ||) so that gcc if-converts and vectorizes */
-    double qm = q - 4.0 * floor(q * 0.25);
-    double odd = qm * 0.5 - floor(qm * 0.5);
-    double c2 = odd != 0.0 ? s : c;
-    double s2 = odd != 0.0 ? c : s;
-    *cs = fabs(qm - 1.5) < 1.0 ? -c2 : c2;
-    *sn = qm >= 2.0 ? -s2 : s2;
+    /* quarter turns qm = q mod 4 (q >= 0 is integral: its low bits sit in the mantissa of q + 2**52),
+       then swap (qm odd) and sign flips (cos: qm in {1, 2}; sin: qm in {2, 3}) as bit operations */
+    uint64_t qb = dbits(q + TWO_52);
+    uint64_t odd = 0 - (qb & 1u);
+    uint64_t cb = dbits(c), sb = dbits(s);
+    uint64_t c2 = (sb & odd) | (cb & ~odd), s2 = (cb & odd) | (sb & ~odd);
+    *cs = bitsd(c2 ^ (((qb + 1u) & 2u) << 62));
+    *sn = bitsd(s2 ^ ((qb & 2u) << 62));
 }
 
 /* ---- laws ---- */
