@@ -80,7 +80,9 @@ def main() -> None:
     else:
         print("(torchlazy._countercore is not built: C rows skipped)")
     for law in ("normal", "uniform"):
-        rows.append((f"pure torch {law} float32 (n={pn:,})", law, measure(pn, counter_fill(pn, torch.float32, law, 1, True))))
+        rows.append(
+            (f"pure torch {law} float32 (n={pn:,})", law, measure(pn, counter_fill(pn, torch.float32, law, 1, True)))
+        )
 
     head = f"{'variant':<44} {'M el/s':>8} {'M el/CPU-s':>11} {'vs torch same law':>18} {'vs first touch':>15}"
     print(head)

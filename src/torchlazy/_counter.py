@@ -7,14 +7,17 @@ R. O. Dror, D. E. Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC11, 201
 as cuRAND's and JAX's counter-based generators), keyed by the first 64-bit key word, with the block
 index in counter words 0-1 and the second key word in counter words 2-3.
 
-Words to values. Dtypes narrower than float64 take one 32-bit word per element (4 elements per
-Philox block); float64 takes 53 bits from two words (2 elements per block). Uniforms are
+Words to values. Dtypes narrower than float64 take one 32-bit word per element (4 lanes per
+Philox block); float64 takes 53 bits from two words (2 lanes per block). Blocks come in groups of
+512: lane ``l`` of block ``j`` of group ``g`` is element ``g * 512 * lanes + l * 512 + j``, so each
+lane is a contiguous run of elements (no interleaving pass in the C core). Uniforms are
 ``k * 2**-bits`` in [0, 1), ``(k + 1) * 2**-bits`` in (0, 1], or ``(k + 1/2) * 2**-bits`` in (0, 1).
-Normals come in Box-Muller pairs (elements 2m and 2m+1 share one pair of words):
-``r = sqrt(-2 log u1)``, ``(r cos 2 pi u2, r sin 2 pi u2)``. ``log``, ``exp``, ``sin``/``cos`` and even ``sqrt`` (torch's is
-not correctly rounded on every build) are written here from IEEE ``+ - * /``, ``floor`` and exponent bits, in the same order as the
-C core (``torchlazy._countercore``), so both paths give the same bits. Values are computed in
-float64, then rounded to float32 and from there (round to nearest even) to float16/bfloat16.
+Normals come in Box-Muller pairs (lanes 0 and 1, 2 and 3 of a block):
+``r = sqrt(-2 log u1)``, ``(r cos 2 pi u2, r sin 2 pi u2)``. ``log``, ``exp``, ``sin``/``cos`` and
+even ``sqrt`` (torch's is not correctly rounded on every build) are written here from IEEE
+``+ - * /``, ``floor`` and exponent bits, in the same order as the C core
+(``torchlazy._countercore``), so both paths give the same bits. Values are computed in float64,
+then rounded to float32 and from there (round to nearest even) to float16/bfloat16.
 The truncated normal redraws rejected elements one by one from a per-element sub-counter
 (attempt number in bits 16-31 of counter word 1), so it stays counter-based.
 
@@ -73,6 +76,7 @@ _M64 = (1 << 64) - 1
 _MAX_ELEMENTS = 1 << 48  # the block index must leave counter word 1's bits 16-31 to the redraw attempt
 _MAX_ATTEMPTS = 65536
 _MIN_ACCEPT = 1e-3  # the truncated normal's lowest admitted acceptance rate (65535 redraws then never run out)
+_GROUP = 512  # blocks per group: lane l of block j of a group is element l * _GROUP + j (as in the C core)
 _PURE_CHUNK = 1 << 16  # small enough for the temporaries to stay in cache
 
 _TWO_M32 = 2.0**-32
@@ -362,7 +366,7 @@ def _lane_values(plan: _Plan, ka: torch.Tensor, kb: torch.Tensor) -> tuple[torch
 
 
 def _block_values(plan: _Plan, blocks: torch.Tensor, attempt: int, key: tuple[int, int]) -> torch.Tensor:
-    """Values of whole blocks, flattened in element order (per_block per block)."""
+    """Lane values of blocks, shape (lanes, len(blocks)): 4 lanes of 32 bits, or 2 of 53 bits (wide)."""
     x = _philox(blocks, attempt, key)
     if plan.wide:
         k = [(x[1] >> 11).double() * 4294967296.0 + x[0].double(), (x[3] >> 11).double() * 4294967296.0 + x[2].double()]
@@ -370,33 +374,38 @@ def _block_values(plan: _Plan, blocks: torch.Tensor, attempt: int, key: tuple[in
     else:
         k = [w.double() for w in x]
         lanes = [*_lane_values(plan, k[0], k[1]), *_lane_values(plan, k[2], k[3])]
-    return torch.stack(lanes, dim=1).reshape(-1)
+    return torch.stack(lanes)
+
+
+def _group_order(lanes: torch.Tensor) -> torch.Tensor:
+    """(lanes, groups * _GROUP) -> element order: each group's lanes one after the other."""
+    return lanes.view(lanes.shape[0], -1, _GROUP).transpose(0, 1).reshape(-1)
 
 
 def _pure_range(plan: _Plan, key: tuple[int, int], start: int, count: int) -> torch.Tensor:
     """Elements [start, start + count) as float64 (int64 for `random`), before the dtype conversion."""
-    per = plan.per_block
-    b0, b1 = start // per, (start + count - 1) // per + 1
-    blocks = torch.arange(b0, b1, dtype=torch.int64)
+    per_group = plan.per_block * _GROUP
+    g0, g1 = start // per_group, (start + count - 1) // per_group + 1
+    blocks = torch.arange(g0 * _GROUP, g1 * _GROUP, dtype=torch.int64)
+    lo = start - g0 * per_group
     if LAWS[plan.law] == "random":
-        words = torch.stack(_philox(blocks, 0, key), dim=1).reshape(-1)
-        vals = plan.ifrom + (_mulhilo(plan.irange, words)[0] if plan.irange < 1 << 32 else words)
-        return vals[start - b0 * per : start - b0 * per + count]
-    vals = _block_values(plan, blocks, 0, key)[start - b0 * per : start - b0 * per + count]
+        words = _group_order(torch.stack(_philox(blocks, 0, key)))
+        return plan.ifrom + (_mulhilo(plan.irange, words)[0] if plan.irange < 1 << 32 else words)[lo : lo + count]
+    vals = _group_order(_block_values(plan, blocks, 0, key))[lo : lo + count]
     if LAWS[plan.law] == "truncated_normal":
-        lo, hi = plan.p[2], plan.p[3]
+        a, b = plan.p[2], plan.p[3]
         index = torch.arange(start, start + count, dtype=torch.int64)
-        todo = ~((vals >= lo) & (vals <= hi))
+        todo = ~((vals >= a) & (vals <= b))
         for attempt in range(1, _MAX_ATTEMPTS):
             if not bool(todo.any()):
                 break
             where = todo.nonzero().squeeze(1)
-            e = index[where]
-            redraw = _block_values(plan, e // per, attempt, key).view(-1, per)
-            got = redraw.gather(1, (e % per).unsqueeze(1)).squeeze(1)
+            r = index[where] % per_group
+            block = index[where] // per_group * _GROUP + r % _GROUP
+            got = _block_values(plan, block, attempt, key).gather(0, (r // _GROUP).unsqueeze(0)).squeeze(0)
             vals[where] = got
-            todo[where] = ~((got >= lo) & (got <= hi))
-        vals[todo] = lo  # unreachable for the acceptance rates _Plan admits (as in the C core)
+            todo[where] = ~((got >= a) & (got <= b))
+        vals[todo] = a  # unreachable for the acceptance rates _Plan admits (as in the C core)
     return vals
 
 

@@ -35,7 +35,12 @@ enum { UNIFORM, NORMAL, BERNOULLI, EXPONENTIAL, LOG_NORMAL, CAUCHY, GEOMETRIC, R
 /* dtype codes (same table as _counter._DTYPES) */
 enum { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL };
 
-#define CHUNK 2048 /* elements per inner pass: a multiple of 4, scratch stays in L1/L2 */
+/* The stream's element order: groups of GROUP consecutive Philox blocks; within a group, lane l of
+   block j is element l * GROUP + j (lanes: 4 words, or 2 word pairs for 53-bit lanes).  So each lane
+   is a contiguous run of elements and no interleaving pass is needed.  Part of the stream's
+   definition: changing GROUP changes the values (_counter._GROUP must match). */
+#define GROUP 512
+#define CHUNK (4 * GROUP) /* elements per inner pass (narrow lanes); scratch stays in L1/L2 */
 #define MAX_ATTEMPTS 65536
 
 static const double TWO_M32 = 2.3283064365386963e-10; /* 2**-32 */
@@ -416,11 +421,12 @@ static void block_values(const tl_law *lw, tl_key key, uint64_t blk, uint32_t at
 }
 
 static double trunc_retry(const tl_law *lw, tl_key key, uint64_t e) {
-    const uint64_t per = lw->wide ? 2 : 4;
+    const uint64_t per_group = (lw->wide ? 2 : 4) * GROUP;
+    const uint64_t r = e % per_group, blk = e / per_group * GROUP + r % GROUP;
     double v[4];
     for (uint32_t att = 1; att < MAX_ATTEMPTS; att++) {
-        block_values(lw, key, e / per, att, v);
-        double x = v[e % per];
+        block_values(lw, key, blk, att, v);
+        double x = v[r / GROUP];
         if (x >= lw->p2 && x <= lw->p3) return x;
     }
     return lw->p2; /* unreachable for the acceptance rates _counter.py admits */
@@ -576,47 +582,32 @@ static const size_t ITEMSIZE[] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 1};
 /* the whole fill, GIL released by the caller */
 static void fill_range(const tl_law *lw, tl_key key, int dtype, uint64_t start, uint64_t count, char *out,
                        int clamp, double clamp_to, double clamp_hi) {
-    uint32_t x[4][CHUNK / 2 + 2];
-    double k[4][CHUNK / 2 + 2], v[4][CHUNK / 2 + 2];
-    double buf[CHUNK + 4];
-    int64_t ibuf[CHUNK + 4];
-    const uint64_t per = lw->wide ? 2 : 4;
+    uint32_t x[4][GROUP];
+    double k[4][GROUP];
+    double buf[CHUNK];
+    int64_t ibuf[CHUNK];
+    const uint64_t per_group = (lw->wide ? 2 : 4) * GROUP;
     const uint64_t end = start + count;
     const size_t isz = ITEMSIZE[dtype];
     for (uint64_t e = start; e < end;) {
-        uint64_t b0 = e / per;
-        uint64_t ce = b0 * per + CHUNK;
-        ce = ce < end ? ce : end;
-        uint64_t nb = (ce - 1) / per + 1 - b0;
-        philox_blocks(b0, nb, 0, key, x[0], x[1], x[2], x[3]);
-        size_t off = (size_t)(e - b0 * per), n = (size_t)(ce - e);
+        uint64_t g0 = e - e % per_group; /* first element of e's group */
+        uint64_t ce = g0 + per_group < end ? g0 + per_group : end;
+        size_t off = (size_t)(e - g0), n = (size_t)(ce - e);
+        philox_blocks(g0 / per_group * GROUP, GROUP, 0, key, x[0], x[1], x[2], x[3]);
         if (lw->law == RANDOM) {
-            for (uint64_t j = 0; j < nb; j++)
-                for (int l = 0; l < 4; l++)
-                    ibuf[4 * j + l] = lw->ifrom + (int64_t)(((uint64_t)x[l][j] * lw->irange) >> 32);
+            for (int l = 0; l < 4; l++)
+                for (size_t j = 0; j < GROUP; j++)
+                    ibuf[l * GROUP + j] = lw->ifrom + (int64_t)(((uint64_t)x[l][j] * lw->irange) >> 32);
             store_ints(dtype, ibuf + off, n, out + (e - start) * isz);
             e = ce;
             continue;
         }
-        lane_ints(lw->wide, nb, x[0], x[1], x[2], x[3], k[0], k[1], k[2], k[3]);
-        lane_values(lw, nb, k[0], k[1], v[0], v[1]);
-        if (!lw->wide) lane_values(lw, nb, k[2], k[3], v[2], v[3]);
-        if (lw->wide) {
-            for (uint64_t j = 0; j < nb; j++) {
-                buf[2 * j] = v[0][j];
-                buf[2 * j + 1] = v[1][j];
-            }
-        } else {
-            for (uint64_t j = 0; j < nb; j++) {
-                buf[4 * j] = v[0][j];
-                buf[4 * j + 1] = v[1][j];
-                buf[4 * j + 2] = v[2][j];
-                buf[4 * j + 3] = v[3][j];
-            }
-        }
+        lane_ints(lw->wide, GROUP, x[0], x[1], x[2], x[3], k[0], k[1], k[2], k[3]);
+        lane_values(lw, GROUP, k[0], k[1], buf, buf + GROUP);
+        if (!lw->wide) lane_values(lw, GROUP, k[2], k[3], buf + 2 * GROUP, buf + 3 * GROUP);
         if (lw->law == TRUNC_NORMAL) {
             for (size_t i = off; i < off + n; i++)
-                if (!(buf[i] >= lw->p2 && buf[i] <= lw->p3)) buf[i] = trunc_retry(lw, key, b0 * per + i);
+                if (!(buf[i] >= lw->p2 && buf[i] <= lw->p3)) buf[i] = trunc_retry(lw, key, g0 + i);
         }
         if (clamp) clamp_below(dtype, buf + off, n, clamp_to, clamp_hi);
         store_doubles(dtype, buf + off, n, out + (e - start) * isz);
