@@ -311,43 +311,30 @@ TL_INLINE void normal_pair(double a, double b, double scale, int wide, double *z
     *z1 = r * sn;
 }
 
-/* lane integers (as exact doubles) of nb blocks: 4 lanes of 32 bits, or 2 lanes of 53 bits (wide) */
-TL_CLONES
-static void lane_ints(int wide, size_t nb, const uint32_t *restrict x0, const uint32_t *restrict x1,
-                      const uint32_t *restrict x2, const uint32_t *restrict x3, double *restrict k0,
-                      double *restrict k1, double *restrict k2, double *restrict k3) {
-    if (wide) {
-        for (size_t j = 0; j < nb; j++) {
-            k0[j] = u32d(x1[j] >> 11) * 4294967296.0 + u32d(x0[j]);
-            k1[j] = u32d(x3[j] >> 11) * 4294967296.0 + u32d(x2[j]);
-        }
-    } else {
-        for (size_t j = 0; j < nb; j++) {
-            k0[j] = u32d(x0[j]);
-            k1[j] = u32d(x1[j]);
-            k2[j] = u32d(x2[j]);
-            k3[j] = u32d(x3[j]);
-        }
-    }
+/* a lane's integer as an exact double: one 32-bit word, or 53 bits of two words (wide) */
+TL_INLINE double lane_int(const int wide, const uint32_t *lo, const uint32_t *hi, size_t j) {
+    return wide ? u32d(hi[j] >> 11) * 4294967296.0 + u32d(lo[j]) : u32d(lo[j]);
 }
 
-/* values of lanes (ka, kb) -> (va, vb) for laws of doubles */
-TL_INLINE void lane_values_impl(const tl_law *lw, const int wide, size_t nb, const double *restrict ka,
-                                const double *restrict kb, double *restrict va, double *restrict vb) {
+/* values of a pair of lanes a, b -> (va, vb) for laws of doubles; a lane is the words a_lo (narrow)
+   or a_lo, a_hi (wide) of nb consecutive blocks */
+TL_INLINE void lane_values_impl(const tl_law *lw, const int wide, size_t nb, const uint32_t *restrict a_lo,
+                                const uint32_t *restrict a_hi, const uint32_t *restrict b_lo,
+                                const uint32_t *restrict b_hi, double *restrict va, double *restrict vb) {
     const double scale = wide ? TWO_M53 : TWO_M32;
     const double p0 = lw->p0, p1 = lw->p1;
     switch (lw->law) {
         case UNIFORM: /* p0 = from, p1 = to - from */
             for (size_t j = 0; j < nb; j++) {
-                va[j] = (ka[j] * scale) * p1 + p0;
-                vb[j] = (kb[j] * scale) * p1 + p0;
+                va[j] = (lane_int(wide, a_lo, a_hi, j) * scale) * p1 + p0;
+                vb[j] = (lane_int(wide, b_lo, b_hi, j) * scale) * p1 + p0;
             }
             break;
         case NORMAL:
         case TRUNC_NORMAL: /* p0 = mean, p1 = std */
             for (size_t j = 0; j < nb; j++) {
                 double z0, z1;
-                normal_pair(ka[j], kb[j], scale, wide, &z0, &z1);
+                normal_pair(lane_int(wide, a_lo, a_hi, j), lane_int(wide, b_lo, b_hi, j), scale, wide, &z0, &z1);
                 va[j] = z0 * p1 + p0;
                 vb[j] = z1 * p1 + p0;
             }
@@ -355,27 +342,27 @@ TL_INLINE void lane_values_impl(const tl_law *lw, const int wide, size_t nb, con
         case LOG_NORMAL: /* p0 = mean, p1 = std of the log */
             for (size_t j = 0; j < nb; j++) {
                 double z0, z1;
-                normal_pair(ka[j], kb[j], scale, wide, &z0, &z1);
+                normal_pair(lane_int(wide, a_lo, a_hi, j), lane_int(wide, b_lo, b_hi, j), scale, wide, &z0, &z1);
                 va[j] = tl_exp(z0 * p1 + p0);
                 vb[j] = tl_exp(z1 * p1 + p0);
             }
             break;
         case BERNOULLI: /* p0 = p */
             for (size_t j = 0; j < nb; j++) {
-                va[j] = (ka[j] * scale) < p0 ? 1.0 : 0.0;
-                vb[j] = (kb[j] * scale) < p0 ? 1.0 : 0.0;
+                va[j] = (lane_int(wide, a_lo, a_hi, j) * scale) < p0 ? 1.0 : 0.0;
+                vb[j] = (lane_int(wide, b_lo, b_hi, j) * scale) < p0 ? 1.0 : 0.0;
             }
             break;
         case EXPONENTIAL: /* p0 = -1 / lambd */
             for (size_t j = 0; j < nb; j++) {
-                va[j] = tl_log((ka[j] + 0.5) * scale, wide) * p0;
-                vb[j] = tl_log((kb[j] + 0.5) * scale, wide) * p0;
+                va[j] = tl_log((lane_int(wide, a_lo, a_hi, j) + 0.5) * scale, wide) * p0;
+                vb[j] = tl_log((lane_int(wide, b_lo, b_hi, j) + 0.5) * scale, wide) * p0;
             }
             break;
         case GEOMETRIC: /* p0 = 1 / log1p(-p) */
             for (size_t j = 0; j < nb; j++) {
-                double a = ceil(tl_log((ka[j] + 0.5) * scale, wide) * p0);
-                double b = ceil(tl_log((kb[j] + 0.5) * scale, wide) * p0);
+                double a = ceil(tl_log((lane_int(wide, a_lo, a_hi, j) + 0.5) * scale, wide) * p0);
+                double b = ceil(tl_log((lane_int(wide, b_lo, b_hi, j) + 0.5) * scale, wide) * p0);
                 va[j] = a < 1.0 ? 1.0 : a;
                 vb[j] = b < 1.0 ? 1.0 : b;
             }
@@ -383,8 +370,8 @@ TL_INLINE void lane_values_impl(const tl_law *lw, const int wide, size_t nb, con
         case CAUCHY: /* p0 = median, p1 = sigma: median - sigma cot(pi u) */
             for (size_t j = 0; j < nb; j++) {
                 double sa, ca, sb, cb;
-                tl_sincos2pi(((ka[j] + 0.5) * scale) * 0.5, wide, &sa, &ca);
-                tl_sincos2pi(((kb[j] + 0.5) * scale) * 0.5, wide, &sb, &cb);
+                tl_sincos2pi(((lane_int(wide, a_lo, a_hi, j) + 0.5) * scale) * 0.5, wide, &sa, &ca);
+                tl_sincos2pi(((lane_int(wide, b_lo, b_hi, j) + 0.5) * scale) * 0.5, wide, &sb, &cb);
                 va[j] = p0 - (ca / sa) * p1;
                 vb[j] = p0 - (cb / sb) * p1;
             }
@@ -396,28 +383,33 @@ TL_INLINE void lane_values_impl(const tl_law *lw, const int wide, size_t nb, con
 
 /* the law loops specialized for each lane width (the polynomial degrees depend on it) */
 TL_CLONES
-static void lane_values_narrow(const tl_law *lw, size_t nb, const double *restrict ka, const double *restrict kb,
+static void lane_values_narrow(const tl_law *lw, size_t nb, const uint32_t *restrict a, const uint32_t *restrict b,
                                double *restrict va, double *restrict vb) {
-    lane_values_impl(lw, 0, nb, ka, kb, va, vb);
+    lane_values_impl(lw, 0, nb, a, a, b, b, va, vb);
 }
 TL_CLONES
-static void lane_values_wide(const tl_law *lw, size_t nb, const double *restrict ka, const double *restrict kb,
-                             double *restrict va, double *restrict vb) {
-    lane_values_impl(lw, 1, nb, ka, kb, va, vb);
+static void lane_values_wide(const tl_law *lw, size_t nb, const uint32_t *restrict a_lo, const uint32_t *restrict a_hi,
+                             const uint32_t *restrict b_lo, const uint32_t *restrict b_hi, double *restrict va,
+                             double *restrict vb) {
+    lane_values_impl(lw, 1, nb, a_lo, a_hi, b_lo, b_hi, va, vb);
 }
-static void lane_values(const tl_law *lw, size_t nb, const double *restrict ka, const double *restrict kb,
-                        double *restrict va, double *restrict vb) {
-    (lw->wide ? lane_values_wide : lane_values_narrow)(lw, nb, ka, kb, va, vb);
+
+/* all lanes of nb blocks (words x0..x3) into v: lane l's values at v + l * nb */
+static void block_lanes(const tl_law *lw, size_t nb, const uint32_t *x0, const uint32_t *x1, const uint32_t *x2,
+                        const uint32_t *x3, double *v) {
+    if (lw->wide) {
+        lane_values_wide(lw, nb, x0, x1, x2, x3, v, v + nb);
+    } else {
+        lane_values_narrow(lw, nb, x0, x1, v, v + nb);
+        lane_values_narrow(lw, nb, x2, x3, v + 2 * nb, v + 3 * nb);
+    }
 }
 
 /* one block's lane values for one attempt (the truncated normal's per-element redraws) */
 static void block_values(const tl_law *lw, tl_key key, uint64_t blk, uint32_t attempt, double v[4]) {
     uint32_t x[4];
-    double k[4];
     philox_blocks(blk, 1, attempt << 16, key, x, x + 1, x + 2, x + 3);
-    lane_ints(lw->wide, 1, x, x + 1, x + 2, x + 3, k, k + 1, k + 2, k + 3);
-    lane_values(lw, 1, k, k + 1, v, v + 1);
-    if (!lw->wide) lane_values(lw, 1, k + 2, k + 3, v + 2, v + 3);
+    block_lanes(lw, 1, x, x + 1, x + 2, x + 3, v);
 }
 
 static double trunc_retry(const tl_law *lw, tl_key key, uint64_t e) {
@@ -583,7 +575,6 @@ static const size_t ITEMSIZE[] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 1};
 static void fill_range(const tl_law *lw, tl_key key, int dtype, uint64_t start, uint64_t count, char *out,
                        int clamp, double clamp_to, double clamp_hi) {
     uint32_t x[4][GROUP];
-    double k[4][GROUP];
     double buf[CHUNK];
     int64_t ibuf[CHUNK];
     const uint64_t per_group = (lw->wide ? 2 : 4) * GROUP;
@@ -602,9 +593,7 @@ static void fill_range(const tl_law *lw, tl_key key, int dtype, uint64_t start, 
             e = ce;
             continue;
         }
-        lane_ints(lw->wide, GROUP, x[0], x[1], x[2], x[3], k[0], k[1], k[2], k[3]);
-        lane_values(lw, GROUP, k[0], k[1], buf, buf + GROUP);
-        if (!lw->wide) lane_values(lw, GROUP, k[2], k[3], buf + 2 * GROUP, buf + 3 * GROUP);
+        block_lanes(lw, GROUP, x[0], x[1], x[2], x[3], buf);
         if (lw->law == TRUNC_NORMAL) {
             for (size_t i = off; i < off + n; i++)
                 if (!(buf[i] >= lw->p2 && buf[i] <= lw->p3)) buf[i] = trunc_retry(lw, key, g0 + i);
