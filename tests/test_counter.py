@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -309,3 +310,18 @@ def test_bad_tensors_are_refused() -> None:
         fill(torch.empty(4, 4).t(), "normal", {}, KEY)
     with pytest.raises(TypeError, match="floating"):
         fill(torch.empty(4, dtype=torch.int32), "normal", {}, KEY)
+
+
+@needs_core
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_threads_work_in_a_forked_child() -> None:
+    n = 4 * _counter._MIN_PER_THREAD
+    want = _core(n, "normal", {}, torch.float32, threads=2)  # the parent's pool now exists
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        signal.alarm(60)  # a hang becomes a failure, not a stuck suite
+        torch.set_num_threads(1)  # torch's own OpenMP pool is not fork-safe; ours must be
+        ok = torch.equal(_core(n, "normal", {}, torch.float32, threads=2), want)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

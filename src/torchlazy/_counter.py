@@ -436,16 +436,16 @@ def _fill_pure(out: torch.Tensor, plan: _Plan, key: tuple[int, int], start: int)
 # ---------------------------------------------------------------- compiled path
 
 _POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
+_POOL_KEY = (0, 0)  # (size, pid): a forked child inherits the pool object but not its threads
 _MIN_PER_THREAD = 1 << 16
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_SIZE
-    if _POOL is None or _POOL_SIZE < threads:
-        if _POOL is not None:
+    global _POOL, _POOL_KEY
+    if _POOL is None or _POOL_KEY[0] < threads or _POOL_KEY[1] != os.getpid():
+        if _POOL is not None and _POOL_KEY[1] == os.getpid():
             _POOL.shutdown(wait=False)
-        _POOL, _POOL_SIZE = ThreadPoolExecutor(threads, thread_name_prefix="torchlazy-fill"), threads
+        _POOL, _POOL_KEY = ThreadPoolExecutor(threads, thread_name_prefix="torchlazy-fill"), (threads, os.getpid())
     return _POOL
 
 
