@@ -159,6 +159,14 @@ def test_shapes_are_flat_views() -> None:
     assert torch.equal(a.flatten(), fill(torch.empty(42), "uniform", {}, KEY))
 
 
+def test_parameters_are_filled_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    for no_ext in ("0", "1"):
+        monkeypatch.setenv("TORCHLAZY_NO_EXT", no_ext)
+        p = torch.nn.Parameter(torch.empty(3, 5))
+        assert fill(p, "normal", {}, KEY) is p and p.requires_grad and p.grad_fn is None
+        assert torch.equal(p.detach().flatten(), fill(torch.empty(15), "normal", {}, KEY))
+
+
 def test_keys_select_streams() -> None:
     a = _sample(1000, "normal", {})
     assert torch.equal(a, _sample(1000, "normal", {}))

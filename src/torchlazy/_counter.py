@@ -520,8 +520,9 @@ def fill(
     k = (int(key[0]) & _M64, int(key[1]) & _M64)
     if out.numel() == 0:
         return out
-    if has_extension():
-        _fill_c(out, plan, k, start, torch.get_num_threads() if threads is None else threads)
-    else:
-        _fill_pure(out, plan, k, start)
+    with torch.no_grad():  # `out` may be a Parameter: the fill is initialization, not autograd history
+        if has_extension():
+            _fill_c(out, plan, k, start, torch.get_num_threads() if threads is None else threads)
+        else:
+            _fill_pure(out, plan, k, start)
     return out
