@@ -1,18 +1,30 @@
-"""Only the optional compiled core; all metadata lives in pyproject.toml.
+"""Build the optional C extensions; all package metadata lives in pyproject.toml.
 
-``torchlazy._mtcore`` speeds up the generator model (``torchlazy._rng``). Where no C compiler is found the build
-skips it (``optional=True``) and the package uses its pure-Python path, which gives the same bits.
+Each extension is optional: without a C compiler the install still succeeds and torchlazy
+uses its pure-Python/pure-torch paths, which give the same bits more slowly.
+- `torchlazy._mtcore`: jump-ahead for torch's CPU MT19937 generator (`torchlazy._rng`).
+- `torchlazy._countercore`: the counter-based stream of exact=False (`torchlazy._counter`).
 """
+
+import sys
 
 from setuptools import Extension, setup
 
+# Bit identity with the pure-torch path needs strict IEEE double arithmetic: no FMA contraction,
+# no fast-math. -fno-math-errno and -fno-trapping-math only let floor inline and branch-free selects
+# vectorize (they change no value; the tests compare both paths bit for bit).
+if sys.platform == "win32":
+    STRICT_FP = ["/O2", "/fp:precise"]
+    FAST = ["/O2"]
+else:
+    STRICT_FP = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fno-trapping-math", "-std=c11"]
+    FAST = ["-O3"]
+
 setup(
     ext_modules=[
+        Extension("torchlazy._mtcore", ["src/torchlazy/_csrc/mt19937.c"], optional=True, extra_compile_args=FAST),
         Extension(
-            "torchlazy._mtcore",
-            ["src/torchlazy/_csrc/mt19937.c"],
-            optional=True,
-            extra_compile_args=["-O3"],
-        )
+            "torchlazy._countercore", ["src/torchlazy/_csrc/counter.c"], optional=True, extra_compile_args=STRICT_FP
+        ),
     ]
 )
