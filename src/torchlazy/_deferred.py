@@ -30,7 +30,7 @@ from . import _markers, _paths
 from . import _torch_compat as tc
 from ._errors import ArgumentError, DeferredError
 from ._modtree import module_tensors
-from ._record import GENERATOR_LOCK, Const, Key, Node, Record, Reseed, TRef, _Stream
+from ._record import GENERATOR_LOCK, Const, Key, Node, Record, Reseed, TRef, _Stream, law_marker
 
 __all__ = ["deferred", "deferred_tensors", "fake_attrs", "is_deferred"]
 
@@ -183,6 +183,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         self.count = 0
         self.concretize = concretize
         self.closed = False  # the block has ended: ops come from the program after it
+        self.law_call: tuple[Any, TRef, dict[str, float]] | None = None  # a running trunc_normal_ (frame, target, law)
 
     def where(self, sid: int | None = None) -> str:
         """Where an op happens, for messages: the module under construction, or the tensor after the block."""
@@ -265,6 +266,9 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                     outputs.append((index, sid))
         if not outputs and not writes:
             return
+        random = torch.Tag.nondeterministic_seeded in func.tags
+        if random or (self.law_call is not None and self.law_call[1].sid in writes):
+            self._follow_law(random)
         stream = None
         top = self.prefix == () and not self.record.live  # in program order, not a lazy layer's slot
         if torch.Tag.nondeterministic_seeded in func.tags:
@@ -280,6 +284,33 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if stream is not None and top:
             with tc.disable_current_modes():
                 self._park(stream, node.key)
+
+    # -- initializers whose law a rejection loop hides -------------------------------
+    # `trunc_normal_` redraws values until all fall in [a, b]; how many times depends on
+    # eager's values. Exact replay repeats the recorded program; exact=False draws other
+    # values, for which that program may not have redrawn enough. So the call is noted
+    # as a law node after its ops: exact replay ignores it, exact=False samples the law.
+
+    def _follow_law(self, random: bool) -> None:
+        frame = _paths.innermost_frame(tc.trunc_normal_codes())
+        if self.law_call is not None and frame is not self.law_call[0]:
+            self.flush_law()
+        if frame is not None and self.law_call is None and random:
+            target = frame.f_locals.get("tensor")
+            ref = self._ref(target, "trunc_normal_") if isinstance(target, torch.Tensor) else None
+            if isinstance(ref, TRef):
+                law = {name: float(frame.f_locals[name]) for name in ("mean", "std", "a", "b")}
+                self.law_call = (frame, ref, law)
+
+    def flush_law(self) -> None:
+        """The running `trunc_normal_` call has returned: note its law after its ops."""
+        if self.law_call is None:
+            return
+        _, ref, law = self.law_call
+        self.law_call = None
+        spec = tc.tree_flatten(((ref,), {}))[1]
+        node = Node(self.reserve(), law_marker, spec, [ref], [], (ref.sid,), (ref.sid,), law=("truncated_normal", law))
+        self.record.add(node)
 
     # -- the program's own seeding -------------------------------------------------
     # Nothing is drawn while recording, so the real generator is free to carry a
@@ -551,6 +582,7 @@ def deferred(*, concretize: bool = False) -> Iterator[None]:
                     "and so on, with the same names without `Lazy`."
                 ) from e
             raise
+    recorder.flush_law()
     recorder.closed = True
     _tails[record] = recorder  # ops on its tensors after the block go on being recorded
     _leave_generators_as_eager(record)

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _rng
+from . import _counter, _rng
 from . import _torch_compat as tc
 from ._deferred import origin_of, storage_of
 from ._errors import DeferredError
 from ._modtree import Placement
-from ._record import GENERATOR_LOCK, Const, Node, Record, TRef, contiguous_strides, default_generator, draw_of
+from ._record import GENERATOR_LOCK, Const, Node, Record, TRef, contiguous_strides, counter_key, counter_law, draw_of
 
 __all__ = ["sharded_targets", "materialize_shards"]
 
@@ -136,7 +136,7 @@ def _elementwise_closure(record: Record, ref: TRef) -> list[Node] | None:
         return None
     for node in nodes:
         func = node.func
-        if func is None or node.outputs or node.spec is None:
+        if func is None or node.outputs or node.spec is None or node.law is not None:
             return None
         elementwise = torch.Tag.pointwise in func.tags or func.overloadpacket in _ELEMENTWISE_FILLS  # type: ignore[attr-defined]
         if not elementwise:
@@ -197,29 +197,26 @@ def _local_exact(record: Record, shard: Shard) -> torch.Tensor | None:
 
 
 def _local_only(record: Record, shard: Shard, device: Any) -> torch.Tensor | None:
-    """Generate only the local slice (not exact): possible when every op on the tensor is
-    elementwise over the whole of it (fills, draws, scaling), as in most initializers.
-
-    Draws use a generator seeded from the construction's entry state, the operation and
-    the slice's offset: reproducible for a given sharding, different across shardings.
-    """
+    """Only the local slice (exact=False): every draw is counter-based, so the slice's elements
+    are the very values the whole tensor has, on any layout. None where a node on the tensor is
+    not elementwise, a draw has no counter law, or the slice is not a range of rows."""
     ref = shard.ref
     nodes = _elementwise_closure(record, ref)
-    if nodes is None:
+    span = _flat_range(shard)
+    if nodes is None or span is None or any(n.stream is not None and counter_law(n) is None for n in nodes):
         return None
-    index = shard.slices
-    values = torch.empty(tuple(s.stop - s.start for s in index), dtype=ref.dtype, device=device)
-    salt = repr(tuple(s.start for s in index)).encode()
+    a, b = span
+    values = torch.empty(b - a, dtype=ref.dtype)
     with torch.no_grad():
         for node in nodes:
-            leaves = [values if isinstance(leaf, TRef) else leaf for leaf in node.leaves]
-            if node.stream is not None:
-                generator = default_generator(values.device)
-                generator.manual_seed(record.seed_for(node, salt))
             assert node.spec is not None and node.func is not None
-            args, kwargs = tc.tree_unflatten(leaves, node.spec)
+            law = counter_law(node) if node.stream is not None else None
+            if law is not None:
+                _counter.fill(values, law[0], law[1], counter_key(record, node), start=a)
+                continue
+            args, kwargs = tc.tree_unflatten([values if isinstance(x, TRef) else x for x in node.leaves], node.spec)
             node.func(*args, **kwargs)
-    return values
+    return values.view(tuple(s.stop - s.start for s in shard.slices)).to(device)
 
 
 _aten = torch.ops.aten

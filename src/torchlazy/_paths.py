@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import weakref
 from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
@@ -76,3 +77,16 @@ def frames_include(codes: Iterable[object]) -> bool:
             return True
         frame = frame.f_back  # type: ignore[assignment]
     return False
+
+
+def innermost_frame(codes: Iterable[object]) -> Any:
+    """The innermost running frame of any of the given code objects on this thread, or None."""
+    wanted = set(map(id, codes))
+    if not wanted:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if id(frame.f_code) in wanted:
+            return frame
+        frame = frame.f_back  # type: ignore[assignment]
+    return None

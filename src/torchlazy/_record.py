@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import _rng
+from . import _counter, _rng
 from . import _torch_compat as tc
 from ._errors import DeferredError
 
@@ -84,6 +84,7 @@ class Node:
     writes: tuple[int, ...]
     stream: _Stream | None = None
     overwrites: int | None = None  # a storage this node rewrites entirely without reading it
+    law: tuple[str, dict[str, Any]] | None = None  # for exact=False: the law a whole initializer samples
 
     @property
     def name(self) -> str:
@@ -357,7 +358,12 @@ class Record:
         self._sorted = True
         self._next_sid = 0
         self._default_entry = None if live else _generator_state(torch.default_generator)
-        self.exit_states: dict[int, torch.Tensor] = {}  # id(generator) -> its state set when the block ended
+        self.exit_states: dict[int, torch.Tensor] = {}
+        # exact=False streams are keyed by this (the generator when the record began)
+        seed_state = _generator_state(torch.default_generator).numpy().tobytes()
+        self.seed = int.from_bytes(
+            hashlib.blake2b(seed_state, digest_size=8).digest(), "little"
+        )  # id(generator) -> its state set when the block ended
         self._scratch: torch.UntypedStorage | None = None
         self._adopt: tuple[dict[int, torch.UntypedStorage], set[int]] | None = None
 
@@ -558,6 +564,14 @@ class Record:
         pending: dict[int, list[Future[None]]] | None = None,
     ) -> None:
         stream = node.stream
+        if node.law is not None and node.func is law_marker:  # a law noted after an initializer's ops
+            if not exact:
+                _wait(pending or {}, (*node.reads, *node.writes))
+                try:
+                    self._fill_by_counter(node, node.law, env, device)
+                except ValueError:  # a law too narrow to sample by counter: the recorded program stands
+                    pass
+            return
         if stream is None:
             self._call(node, env, device, pending)
             return
@@ -572,6 +586,11 @@ class Record:
             self._call(node, env, device, pending)
             stream.ran(node)
         else:
+            law = counter_law(node)
+            if law is not None:
+                _wait(pending or {}, (*node.reads, *node.writes))
+                self._fill_by_counter(node, law, env, device)
+                return
             gen = default_generator(device) if stream.generator is torch.default_generator else stream.generator
             gen.manual_seed(self.seed_for(node))
             self._call(node, env, device, pending)
@@ -605,12 +624,28 @@ class Record:
         if len(in_flight) > 2 * workers:  # keep memory bounded: finished storages are handed over first
             wait(in_flight, return_when=FIRST_COMPLETED)
 
-    def seed_for(self, node: Node, salt: bytes = b"") -> int:
-        """A seed for `node` in non-exact replay: from the entry state and the node's place."""
-        entry = self._default_entry
-        base = b"" if entry is None else hashlib.blake2b(entry.numpy().tobytes(), digest_size=8).digest()
-        digest = hashlib.blake2b(base + repr(node.key).encode() + salt, digest_size=8).digest()
-        return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    def seed_for(self, node: Node) -> int:
+        """A seed for `node` in non-exact replay (kernels with no counter-based law): from the
+        state captured when the record began and the node's place, not from any layout."""
+        return counter_key(self, node)[1] & ((1 << 63) - 1)
+
+    def _fill_by_counter(
+        self, node: Node, law: tuple[str, dict[str, Any]], env: dict[int, torch.UntypedStorage], device: torch.device
+    ) -> None:
+        """Non-exact values of a random node: element i of its result is a function of the record's
+        seed, the node's place and i alone (a counter-based stream), whatever the layout."""
+        self._ensure_target(node, env, device)
+        assert node.spec is not None
+        args, _ = tc.tree_unflatten([_real(leaf, env, device) for leaf in node.leaves], node.spec)
+        target: torch.Tensor = args[0]
+        values = (
+            torch.empty(target.shape, dtype=target.dtype)
+            if device.type != "cpu" or not target.is_contiguous()
+            else target
+        )
+        _counter.fill(values.view(-1) if values.dim() else values.view(1), law[0], law[1], counter_key(self, node))
+        if values is not target:
+            target.copy_(values)
 
     def _ensure_target(self, node: Node, env: dict[int, torch.UntypedStorage], device: torch.device) -> None:
         if node.overwrites is not None and node.overwrites not in env:  # its earlier writes were dead
@@ -644,6 +679,51 @@ class Record:
         flat = tc.tree_leaves(out)
         for index, sid in node.outputs:
             env[sid] = flat[index].untyped_storage()
+
+
+def law_marker(t: torch.Tensor) -> torch.Tensor:
+    """The function of a law node: exact replay leaves the tensor as the recorded ops made it."""
+    return t
+
+
+# -- exact=False: counter-based values -------------------------------------------------------
+
+# aten random op -> (law of `_counter`, {law parameter: schema argument name})
+_LAWS: dict[str, tuple[str, dict[str, str]]] = {
+    "uniform_": ("uniform", {"from": "from", "to": "to"}),
+    "normal_": ("normal", {"mean": "mean", "std": "std"}),
+    "log_normal_": ("log_normal", {"mean": "mean", "std": "std"}),
+    "exponential_": ("exponential", {"lambd": "lambd"}),
+    "cauchy_": ("cauchy", {"median": "median", "sigma": "sigma"}),
+    "geometric_": ("geometric", {"p": "p"}),
+    "bernoulli_": ("bernoulli", {"p": "p"}),
+}
+
+
+def counter_law(node: Node) -> tuple[str, dict[str, Any]] | None:
+    """The law (and its parameters) a random node samples, for counter-based values; None where
+    the node is not an in-place draw of a known law with plain-number parameters."""
+    if node.func is None or node.stream is None or node.spec is None:
+        return None
+    if node.law is not None:
+        return node.law
+    found = _LAWS.get(node.func.overloadpacket.__name__)  # type: ignore[attr-defined]
+    if found is None:
+        return None
+    args, kwargs = tc.tree_unflatten(node.leaves, node.spec)
+    if not args or not isinstance(args[0], TRef) or not args[0].dtype.is_floating_point:
+        return None
+    named = {a.name: v for a, v in zip(tc.op_schema(node.func).arguments, args)} | kwargs
+    params = {law_name: named[arg] for law_name, arg in found[1].items() if arg in named}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in params.values()):
+        return None  # a tensor of probabilities, say
+    return found[0], params
+
+
+def counter_key(record: Record, node: Node) -> tuple[int, int]:
+    """(the record's seed, the node's place in it): names the node's counter-based stream."""
+    place = hashlib.blake2b(repr(node.key).encode(), digest_size=8).digest()
+    return record.seed, int.from_bytes(place, "little")
 
 
 # -- worker threads for exact draws ------------------------------------------------------
