@@ -123,6 +123,34 @@ def test_no_ext_switch_gives_the_pure_path(monkeypatch: pytest.MonkeyPatch) -> N
     assert torch.equal(fill(torch.empty(1000), "normal", {}, KEY), got)
 
 
+def _isas() -> list[str]:
+    if _counter._core is None:
+        return []
+    initial, found = _counter._core.set_isa(), []
+    for name in ("avx512", "avx2", "scalar"):
+        try:
+            found.append(_counter._core.set_isa(name))
+        except ValueError:
+            pass
+    _counter._core.set_isa(initial)
+    return found
+
+
+@needs_core
+@pytest.mark.parametrize("isa", _isas())
+def test_every_philox_kernel_gives_the_same_bits(isa: str) -> None:
+    assert _counter._core is not None
+    initial = _counter._core.set_isa()
+    try:
+        _counter._core.set_isa(isa)
+        for law in ("normal", "truncated_normal", "random"):
+            for dtype in (torch.float32, torch.float64):
+                a, b = _core(5003, law, PARAMS[law], dtype, 3), _pure(5003, law, PARAMS[law], dtype, start=3)
+                assert torch.equal(_bits(a), _bits(b)), (isa, law, dtype)
+    finally:
+        _counter._core.set_isa(initial)
+
+
 # ---------------------------------------------------------------- layout independence
 
 

@@ -637,11 +637,39 @@ static PyObject *py_philox(PyObject *self, PyObject *args) {
     return Py_BuildValue("(IIII)", x[0], x[1], x[2], x[3]);
 }
 
+/* which Philox kernel runs: "avx512", "avx2" or "scalar"; set_isa picks one the CPU supports (for tests) */
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    const char *name = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "|s", &name)) return NULL;
+    if (name != NULL) {
+        if (strcmp(name, "scalar") == 0) {
+            philox_blocks = philox_scalar;
+#ifdef TL_X86
+        } else if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2")) {
+            philox_blocks = philox_avx2;
+        } else if (strcmp(name, "avx512") == 0 && __builtin_cpu_supports("avx512f")) {
+            philox_blocks = philox_avx512;
+#endif
+        } else {
+            PyErr_Format(PyExc_ValueError, "Philox kernel `%s` is not available on this CPU", name);
+            return NULL;
+        }
+    }
+#ifdef TL_X86
+    if (philox_blocks == philox_avx512) return PyUnicode_FromString("avx512");
+    if (philox_blocks == philox_avx2) return PyUnicode_FromString("avx2");
+#endif
+    return PyUnicode_FromString("scalar");
+}
+
 static PyMethodDef methods[] = {
     {"fill", py_fill, METH_VARARGS,
      "fill(addr, start, count, dtype, law, wide, key0, key1, p0, p1, p2, p3, ifrom, irange, clamp, clamp_to, "
      "clamp_hi): write elements [start, start + count) of the stream into the buffer at addr."},
     {"philox", py_philox, METH_VARARGS, "philox(c0, c1, c2, c3, k0, k1) -> the four words of Philox-4x32-10."},
+    {"set_isa", py_set_isa, METH_VARARGS,
+     "set_isa([name]) -> the Philox kernel in use ('avx512', 'avx2', 'scalar'), after switching to `name`."},
     {NULL, NULL, 0, NULL},
 };
 
