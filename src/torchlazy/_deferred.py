@@ -53,7 +53,7 @@ _tails: weakref.WeakKeyDictionary[Record, _Recorder] = weakref.WeakKeyDictionary
 def fake_mode() -> Any:
     """This thread's fake-tensor mode (one per thread, shared by all records)."""
     if _local.fake_mode is None:
-        _local.fake_mode = _open_record_mode()(allow_non_fake_inputs=True)
+        _local.fake_mode = tc.new_fake_mode(_open_record_mode())
     return _local.fake_mode
 
 
@@ -66,16 +66,22 @@ def _open_record_mode() -> type:
     exactly as inside the block (in-place init, `copy_`, `load_state_dict`, `.to()`).
     """
     base = tc.fake_tensor_mode_type()
+    base_dispatch = tc.without_dynamo_disable(base.__torch_dispatch__)  # type: ignore[attr-defined]
     copyreg.pickle(tc.fake_tensor_type(), _refuse_pickle)  # type: ignore[arg-type]
 
     class _OpenRecordMode(base):  # type: ignore[misc,valid-type]
+        @classmethod
+        def _should_skip_dynamo(cls) -> bool:  # no dynamo import on first use
+            return False
+
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
             tail = None
             if not (_local.recorders or _local.quiet or _local.after_block):
                 tail = _tail_of(args, kwargs)
             if tail is None:
-                return super().__torch_dispatch__(func, types, args, kwargs)
+                out = _fast_fake(self, func, args, kwargs)
+                return base_dispatch(self, func, types, args, kwargs) if out is _SLOW else out
             _local.after_block += 1
             try:
                 out = tail.__torch_dispatch__(func, types, args, kwargs)
@@ -204,6 +210,10 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        out = _fast_fake(_local.fake_mode, func, args, kwargs)
+        if out is not _SLOW:
+            self._log(func, args, kwargs, out)
+            return out
         try:
             out = func(*args, **kwargs)
         except tc.data_dependent_errors():
@@ -234,15 +244,15 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         return TRef.of(owner[1], t)
 
     def _log(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        info = _op_info(func)
         written: set[int] = set()
-        schema = tc.op_schema(func)
-        for i, arg in enumerate(schema.arguments):
-            if arg.alias_info is not None and arg.alias_info.is_write:
-                value = args[i] if i < len(args) else kwargs.get(arg.name)
-                for t in tc.tree_leaves(value):
-                    if isinstance(t, torch.Tensor):
-                        written.add(id(t))
-        flat, spec = tc.tree_flatten((args, kwargs))
+        for i, name in info.written:
+            value = args[i] if i < len(args) else kwargs.get(name)
+            if isinstance(value, torch.Tensor):
+                written.add(id(value))
+            else:
+                written.update(id(t) for t in tc.tree_leaves(value) if isinstance(t, torch.Tensor))
+        flat, spec = _flatten(args, kwargs)
         leaves: list[Any] = []
         reads: list[int] = []
         writes: list[int] = []
@@ -257,7 +267,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             else:
                 leaves.append(x)
         outputs: list[tuple[int, int]] = []
-        for index, t in enumerate(tc.tree_leaves(out)):
+        for index, t in enumerate((out,) if isinstance(out, torch.Tensor) else tc.tree_leaves(out)):
             if tc.is_fake(t):
                 storage = t.untyped_storage()
                 if getattr(storage, _markers.RECORD, None) is None:
@@ -266,12 +276,12 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                     outputs.append((index, sid))
         if not outputs and not writes:
             return
-        random = torch.Tag.nondeterministic_seeded in func.tags
+        random = info.random
         if random or (self.law_call is not None and self.law_call[1].sid in writes):
             self._follow_law(random)
         stream = None
         top = self.prefix == () and not self.record.live  # in program order, not a lazy layer's slot
-        if torch.Tag.nondeterministic_seeded in func.tags:
+        if random:
             with tc.disable_current_modes():  # generator states are real tensors
                 stream = self.record.stream_for(_generator_arg(func, args, kwargs))
                 if top:
@@ -340,7 +350,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
     def _full_overwrite(self, func: Any, leaves: list[Any], writes: list[int]) -> int | None:
         """The storage `func` rewrites entirely without reading it (a fill, a draw, a copy into it)."""
-        if func.overloadpacket not in _OVERWRITES or len(set(writes)) != 1:
+        if not _op_info(func).overwrites or len(set(writes)) != 1:
             return None
         sid = writes[0]
         refs = [leaf for leaf in leaves if isinstance(leaf, TRef)]
@@ -467,11 +477,155 @@ def _digest(state: torch.Tensor) -> bytes:
 
 
 def _generator_arg(func: Any, args: Any, kwargs: Any) -> torch.Generator | None:
-    for i, arg in enumerate(tc.op_schema(func).arguments):
-        if arg.name == "generator":
-            gen = args[i] if i < len(args) else kwargs.get("generator")
-            return gen if isinstance(gen, torch.Generator) else None
-    return None
+    i = _op_info(func).generator
+    if i is None:
+        return None
+    gen = args[i] if i < len(args) else kwargs.get("generator")
+    return gen if isinstance(gen, torch.Generator) else None
+
+
+# -- the hot path: what each op does, read once; the ops construction is made of, run directly
+
+
+class _OpInfo:
+    """What the recorder needs to know of an operator, read from its schema once."""
+
+    __slots__ = ("generator", "overwrites", "random", "written")
+
+    def __init__(self, func: Any) -> None:
+        arguments = tc.op_schema(func).arguments
+        self.written = tuple(
+            (i, a.name) for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write
+        )
+        self.random = torch.Tag.nondeterministic_seeded in func.tags
+        self.generator = next((i for i, a in enumerate(arguments) if a.name == "generator"), None)
+        self.overwrites = func.overloadpacket in _OVERWRITES
+
+
+_OP_INFO: dict[Any, _OpInfo] = {}
+
+
+def _op_info(func: Any) -> _OpInfo:
+    info = _OP_INFO.get(func)
+    if info is None:
+        info = _OP_INFO[func] = _OpInfo(func)
+    return info
+
+
+_LEAF_TYPES = frozenset(
+    {int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format}
+)
+_SPECS: dict[Any, Any] = {}
+
+
+def _flat_leaf(x: Any) -> bool:
+    return type(x) in _LEAF_TYPES or isinstance(x, (torch.Tensor, torch.Generator))
+
+
+def _flatten(args: Any, kwargs: Any) -> tuple[list[Any], Any]:
+    """`tree_flatten((args, kwargs))` for the usual shapes of op arguments (leaves, flat lists of
+    leaves): the spec is cached by shape, so no pytree walk runs on the hot path."""
+    leaves: list[Any] = []
+    shape: list[Any] = []
+    for x in (*args, *kwargs.values()):
+        if type(x) is list or type(x) is tuple:
+            if not all(_flat_leaf(y) for y in x):
+                return tc.tree_flatten((args, kwargs))  # type: ignore[no-any-return]
+            leaves.extend(x)
+            shape.append((type(x), len(x)))
+        elif _flat_leaf(x):
+            leaves.append(x)
+            shape.append(None)
+        else:
+            return tc.tree_flatten((args, kwargs))  # type: ignore[no-any-return]
+    key = (len(args), tuple(kwargs), tuple(shape))
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = _SPECS[key] = tc.tree_flatten((args, kwargs))[1]
+    return leaves, spec
+
+
+_SLOW = object()
+_FACTORIES = {
+    _aten.empty.memory_format, _aten.empty_strided.default, _aten.zeros.default, _aten.ones.default,
+    _aten.full.default, _aten.arange.default, _aten.arange.start, _aten.arange.start_step,
+    _aten.linspace.default,
+}  # fmt: skip
+_IN_PLACE = {
+    _aten.uniform_.default, _aten.normal_.default, _aten.fill_.Scalar, _aten.fill_.Tensor, _aten.zero_.default,
+    _aten.copy_.default, _aten.mul_.Tensor, _aten.mul_.Scalar, _aten.add_.Tensor, _aten.add_.Scalar,
+    _aten.sub_.Tensor, _aten.div_.Tensor, _aten.div_.Scalar, _aten.clamp_.default, _aten.erfinv_.default,
+    _aten.bernoulli_.float, _aten.exponential_.default,
+}  # fmt: skip
+# In-place ops that keep shape and dtype: their meta kernels (Python decompositions, the
+# draws' ones importing torch.distributed.tensor and sympy) have nothing to compute.
+_FILLS = {_aten.uniform_.default, _aten.normal_.default, _aten.fill_.Scalar, _aten.zero_.default}
+
+
+def _uniform_ok(low: float = 0.0, high: float = 1.0, **kwargs: Any) -> bool:
+    return type(low) in (int, float) and type(high) in (int, float) and low <= high
+
+
+def _normal_ok(mean: float = 0.0, std: float = 1.0, **kwargs: Any) -> bool:
+    return type(mean) in (int, float) and type(std) in (int, float) and std >= 0.0
+
+
+_VIEWS = {
+    _aten.detach.default, _aten.view.default, _aten.t.default, _aten.transpose.int, _aten.unsqueeze.default,
+    _aten.squeeze.dim, _aten.select.int, _aten.slice.Tensor, _aten.expand.default, _aten.permute.default,
+    _aten.as_strided.default, _aten.alias.default,
+}  # fmt: skip
+_LIFTS = {_aten.lift_fresh.default, _aten.lift_fresh_copy.default}
+_CPU = torch.device("cpu")
+_META = torch.device("meta")
+
+
+def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
+    """The op run directly on the meta storage of this thread's fake tensors, for the few ops
+    nearly all construction is made of (factories, in-place fills and draws, views).
+
+    The fake-tensor mode would give the same tensor through its cache and checks, at several
+    times the cost (and its first miss imports sympy). Anything unusual (another device, a real
+    tensor argument, a fake constant) returns `_SLOW`: the fake-tensor mode runs it.
+    """
+    if func in _FACTORIES:
+        device = kwargs.get("device")
+        if (
+            (device is not None and device != _CPU)
+            or kwargs.get("pin_memory")
+            or any(isinstance(a, torch.Tensor) for a in args)
+        ):
+            return _SLOW
+        with tc.fake_kernel(mode):
+            meta = func(*args, **{**kwargs, "device": _META})
+        return tc.wrap_fake(mode, meta, _CPU)
+    if func in _LIFTS:  # `torch.tensor(...)`: a real tensor becomes a recorded constant
+        real = args[0]
+        if tc.is_fake(real) or real.device != _CPU or real.layout != torch.strided:
+            return _SLOW
+        with tc.fake_kernel(mode):
+            meta = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_META)
+        return tc.wrap_fake(mode, meta, _CPU)
+    viewing = func in _VIEWS
+    if not (viewing or func in _IN_PLACE):
+        return _SLOW
+    for x in (*args, *kwargs.values()):
+        if isinstance(x, torch.Tensor) and not (
+            tc.is_fake(x) and tc.fake_mode_of(x) is mode and tc.fake_constant(x) is None
+        ):
+            return _SLOW
+    self = args[0]
+    if func in _FILLS:  # they keep shape and dtype: nothing to check but their arguments
+        if func is _aten.uniform_.default and not _uniform_ok(*args[1:3], **kwargs):
+            return _SLOW
+        if func is _aten.normal_.default and not _normal_ok(*args[1:3], **kwargs):
+            return _SLOW
+        return self
+    with tc.fake_kernel(mode):
+        out = func(*args, **kwargs)
+    if viewing:
+        return tc.wrap_fake(mode, out, tc.fake_device(self))
+    return self
 
 
 class _ValueGuard(TorchFunctionMode):

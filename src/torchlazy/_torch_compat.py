@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import sys
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,16 +32,21 @@ __all__ = [
     "disable_torch_function_subclass",
     "dtensor_local",
     "dtensor_type",
+    "fake_device",
+    "fake_kernel",
     "fake_mode_of",
     "fake_tensor_mode",
     "fake_tensor_mode_type",
     "fake_tensor_type",
     "forget_fake_conversions",
     "fsdp_params",
+    "wrap_fake",
     "is_fake",
     "local_scalar_op",
     "local_shape_and_offset",
     "make_constant_fake",
+    "new_fake_mode",
+    "without_dynamo_disable",
     "norm_base_type",
     "op_schema",
     "tensor_version",
@@ -158,6 +166,21 @@ def fake_mode_of(t: Any) -> Any:
     return t.fake_mode
 
 
+def fake_device(t: Any) -> torch.device:
+    """The device a fake tensor reports (its storage is on meta)."""
+    return t.fake_device  # type: ignore[no-any-return]
+
+
+def fake_kernel(mode: Any) -> Any:
+    """A context in which fake tensors of `mode` are plain meta tensors (to run meta kernels on them)."""
+    return _lookup("torch._subclasses.fake_tensor", "in_kernel_invocation_manager")(mode)
+
+
+def wrap_fake(mode: Any, meta: torch.Tensor, device: torch.device) -> Any:
+    """A fake tensor of `mode` over the meta tensor `meta`, reporting `device`."""
+    return fake_tensor_type()(mode, meta, device)
+
+
 def data_dependent_errors() -> tuple[type[BaseException], ...]:
     """What fake tensors raise when an op's result depends on values they do not have."""
     return (
@@ -181,6 +204,65 @@ def tensor_version(t: torch.Tensor) -> int | None:
 
 def fake_tensor_mode_type() -> type:
     return _lookup("torch._subclasses.fake_tensor", "FakeTensorMode")  # type: ignore[no-any-return]
+
+
+def without_dynamo_disable(fn: Any) -> Any:
+    """`fn` without the `torch._disable_dynamo` wrapper torch puts on dispatch modes' `__torch_dispatch__`.
+
+    That wrapper imports `torch._dynamo` on its first call (~0.8 s) only to keep dynamo from
+    tracing into the mode; a mode that dynamo never traces can call the function it wraps.
+    """
+    code = getattr(fn, "__code__", None)
+    wrapped = getattr(fn, "__wrapped__", None)
+    if code is not None and wrapped is not None and code.co_filename.endswith(os.path.join("torch", "_compile.py")):
+        return wrapped
+    return fn
+
+
+def new_fake_mode(cls: Any) -> Any:
+    """An instance of `cls` (a FakeTensorMode subclass) accepting real inputs, made without `torch._dynamo`.
+
+    `FakeTensorMode.__init__` imports `torch._dynamo.config` for two flags, and importing it
+    imports all of dynamo (and sympy): ~0.8 s, most of the first `tl.deferred()` block. Until
+    something else has imported dynamo, the same attributes are set here with the flags read
+    from the environment variables dynamo reads; `tests/test_deferred.py` checks the attribute
+    set against torch's own `__init__`. Any surprise falls back to that `__init__`.
+    """
+    if "torch._dynamo" in sys.modules:
+        return cls(allow_non_fake_inputs=True)
+    try:
+        import torch._functorch.config as functorch_config
+        import torch.nested._internal.nested_tensor as nested
+        from torch._subclasses.fake_tensor import FakeTensorConverter
+
+        mode = cls.__new__(cls)
+        DispatchModeBase.__init__(mode)  # type: ignore[misc]
+        propagate = bool(functorch_config.fake_tensor_propagate_real_tensors)
+        attrs = {
+            "allow_fallback_kernels": True,
+            "propagate_real_tensors": propagate,
+            "fake_tensor_converter": FakeTensorConverter(copy_data=propagate, export=False),
+            "static_shapes": True,
+            "allow_scalar_outputs": False,
+            "_allow_unsafe_data_ptr_access": functorch_config.fake_tensor_allow_unsafe_data_ptr_access,
+            "allow_meta": functorch_config.fake_tensor_allow_meta,
+            "cache_enabled": os.environ.get("TORCH_FAKE_TENSOR_DISPATCH_CACHE", "1") == "1" and not propagate,
+            "cache_crosscheck_enabled": os.environ.get("TORCH_FAKE_TENSOR_DISPATCH_CACHE_CROSSCHECK", "0") == "1",
+            "allow_non_fake_inputs": True,
+            "in_kernel_invocation": False,
+            "enter_stack": [],
+            "shape_env": None,
+            "_stack_trace": traceback.extract_stack(),
+            "_stack": None,
+            "_mode_key": torch._C._TorchDispatchModeKey.FAKE,
+            "nt_tensor_id_initial_count": nested._tensor_id_counter,
+            "nt_tensor_id_counter": nested._tensor_id_counter,
+        }
+        for name, value in attrs.items():
+            setattr(mode, name, value)
+        return mode
+    except (ImportError, AttributeError, TypeError):
+        return cls(allow_non_fake_inputs=True)
 
 
 def make_constant_fake(mode: Any, t: torch.Tensor) -> Any:
@@ -255,8 +337,12 @@ def refresh_rnn_weights(rnn: nn.RNNBase) -> None:
 
 
 def dtensor_type() -> type | None:
-    """`DTensor`, or None where torch.distributed is not built."""
-    if not torch.distributed.is_available():
+    """`DTensor`, or None where torch.distributed is not built or not in use.
+
+    No DTensor exists before `torch.distributed.tensor` is imported, and importing it costs
+    ~0.8 s (sympy): a process that has not imported it has none to find.
+    """
+    if not torch.distributed.is_available() or "torch.distributed.tensor" not in sys.modules:
         return None
     return _lookup("torch.distributed.tensor", "DTensor")  # type: ignore[no-any-return]
 
