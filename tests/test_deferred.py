@@ -352,3 +352,55 @@ def test_pytorch_lazy_modules_under_deferred_point_to_tl_nn() -> None:
     with pytest.raises(tl.DeferredError, match=r"tl.nn.Linear"):
         with tl.deferred():
             nn.LazyLinear(4)
+
+
+def _regnet_widths() -> list[int]:
+    """Stage widths the way RegNet constructors compute them: tensor arithmetic, then `.tolist()`."""
+    w_0, w_a, m, d = 24, 36.0, 2.5, 13
+    ws_cont = torch.arange(d) * w_a + w_0
+    block_capacity = torch.round(torch.log(ws_cont / w_0) / math.log(m))
+    return (torch.round(torch.divide(w_0 * torch.pow(m, block_capacity), 8)) * 8).int().tolist()  # type: ignore[no-any-return]
+
+
+DRAW_FREE_VALUES: dict[str, Callable[[], object]] = {
+    "regnet widths": _regnet_widths,
+    "item of a linspace": lambda: torch.linspace(0, 0.1, 5)[2].item(),
+    "drop-path rates": lambda: [x.item() for x in torch.linspace(0, 0.1, 4)],
+    "int": lambda: int(torch.tensor(7) * 2),
+    "float": lambda: float(torch.arange(4).sum()),
+    "bool of any": lambda: bool((torch.arange(3) > 1).any()),
+    "comparison": lambda: bool(torch.tensor(3) > 2),
+    "nonzero then tolist": lambda: torch.nonzero(torch.arange(5) % 2).flatten().tolist(),
+    "boolean mask": lambda: torch.arange(6)[torch.arange(6) > 3].tolist(),
+    "from a list": lambda: torch.tensor([1.0, 2.0]).tolist(),
+}
+
+
+@pytest.mark.parametrize("name", list(DRAW_FREE_VALUES))
+def test_draw_free_values_are_real_during_construction(name: str) -> None:
+    compute = DRAW_FREE_VALUES[name]
+    expected = compute()
+    with tl.deferred():
+        got = compute()
+    assert got == expected
+
+
+def test_regnet_style_constructor_is_exact() -> None:
+    class RegNetLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            widths = _regnet_widths()[:4]
+            self.stages = nn.ModuleList(nn.Conv2d(a, b, 3) for a, b in zip([3, *widths], widths))
+            self.head = nn.Linear(widths[-1], 10)
+
+    assert_exact(RegNetLike)
+
+
+def test_values_that_depend_on_draws_raise_clearly() -> None:
+    with tl.deferred():
+        w = torch.empty(3)
+        nn.init.uniform_(w)
+        with pytest.raises(tl.DeferredError, match="no values yet"):
+            w.sum().item()
+        with pytest.raises(tl.DeferredError):
+            torch.nonzero(w > 0.5).tolist()

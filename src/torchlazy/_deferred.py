@@ -80,7 +80,8 @@ def _open_record_mode() -> type:
             if not (_local.recorders or _local.quiet or _local.after_block):
                 tail = _tail_of(args, kwargs)
             if tail is None:
-                out = _fast_fake(self, func, args, kwargs)
+                # torchlazy's own fake forward keeps the fake mode's constant folding
+                out = _SLOW if _local.quiet else _fast_fake(self, func, args, kwargs)
                 return base_dispatch(self, func, types, args, kwargs) if out is _SLOW else out
             _local.after_block += 1
             try:
@@ -410,13 +411,15 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             real_flat = self._force(flat)
             real_args, real_kwargs = spec.unflatten(real_flat)  # type: ignore[attr-defined]
             out = func(*real_args, **real_kwargs)
+            # the values to keep, copied while no mode runs (under the fake mode a clone is fake)
+            kept = [t.clone() if isinstance(t, torch.Tensor) else t for t in tc.tree_leaves(out)]
         if not any(isinstance(t, torch.Tensor) for t in tc.tree_leaves(out)):
             return out
         # A tensor whose shape depends on values: keep its values as a constant.
         flat_out, out_spec = tc.tree_flatten(out)
         mode = fake_mode()
         fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat_out]
-        for real, fake in zip(flat_out, fakes):
+        for real, fake in zip(kept, fakes):
             if tc.is_fake(fake):
                 storage = fake.untyped_storage()
                 sid = self.record.new_storage(storage, storage.nbytes(), fake.device)
@@ -426,7 +429,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                         self.reserve(),
                         None,
                         None,
-                        [Const(real.clone())],
+                        [Const(real)],
                         [(0, sid)],
                         (),
                         (),
