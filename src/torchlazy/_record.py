@@ -357,10 +357,11 @@ class Record:
         self.nodes: list[Node] = []
         self._sorted = True
         self._next_sid = 0
-        self._default_entry = None if live else _generator_state(torch.default_generator)
+        with tc.disable_current_modes():  # a record may begin inside a fake forward: states are real
+            self._default_entry = None if live else _generator_state(torch.default_generator)
+            # exact=False streams are keyed by this (the generator when the record began)
+            seed_state = _generator_state(torch.default_generator).numpy().tobytes()
         self.exit_states: dict[int, torch.Tensor] = {}
-        # exact=False streams are keyed by this (the generator when the record began)
-        seed_state = _generator_state(torch.default_generator).numpy().tobytes()
         self.seed = int.from_bytes(
             hashlib.blake2b(seed_state, digest_size=8).digest(), "little"
         )  # id(generator) -> its state set when the block ended
