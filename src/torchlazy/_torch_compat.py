@@ -365,7 +365,12 @@ def fsdp_params(module: nn.Module) -> Iterator[tuple[nn.Module, str, Any]]:
         state_of = getattr(sub, "_get_fsdp_state", None)
         if state_of is None:
             continue
-        for group in state_of()._fsdp_param_groups:
+        state = state_of()
+        groups = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.12; older: one group or None
+        if groups is None:
+            single = getattr(state, "_fsdp_param_group", None)
+            groups = [single] if single is not None else []
+        for group in groups:
             for fsdp_param in group.fsdp_params:
                 info = fsdp_param._module_info
                 yield info.module, info.param_name, fsdp_param
