@@ -363,6 +363,36 @@ def build_from_state(module: nn.Module, tensors: dict[str, torch.Tensor], prefix
 # -- lazy layers made from a class and rules --------------------------------------
 
 
+def _call_text(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    return f"{name}({', '.join([*map(repr, args), *(f'{k}={v!r}' for k, v in kwargs.items())])})"
+
+
+def _bad_construction(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], error: TypeError) -> ArgumentError:
+    """Why the lazy class `cls` refused these constructor arguments, with the call that was meant.
+
+    The usual cause is eager's argument order: `tl.nn.Linear(3, 4)` for `nn.Linear(3, 4)` passes
+    the inferred size too, one positional argument more than the lazy class takes.
+    """
+    real: type = cls._tl_cls  # type: ignore[attr-defined]
+    name = f"tl.nn.{cls.__qualname__}" if cls.__module__ == "torchlazy.nn" else cls.__qualname__
+    eager = f"nn.{real.__qualname__}" if real.__module__.startswith("torch.nn") else real.__qualname__
+    inferred = ", ".join(f"`{n}`" for n in cls._tl_rules)  # type: ignore[attr-defined]
+    signature: inspect.Signature = cls._tl_signature  # type: ignore[attr-defined]
+    positional = [p for p in signature.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    if len(args) > len(positional):
+        meant = f"`{_call_text(name, args[1:], kwargs)}` or `{_call_text(eager, args, kwargs)}`"
+        return ArgumentError(
+            f"`{_call_text(name, args, kwargs)}`: lazy layers infer {inferred} from the first input, and take "
+            f"{len(positional)} positional argument{'s' if len(positional) != 1 else ''} "
+            f"({', '.join(f'`{p.name}`' for p in positional) or 'none'}; the others by keyword). "
+            f"Did you mean {meant}?"
+        )
+    return ArgumentError(
+        f"`{_call_text(name, args, kwargs)}`: {error}. It takes `{name}{signature}` "
+        f"({inferred} come{'s' if len(cls._tl_rules) == 1 else ''} from the first input)."  # type: ignore[attr-defined]
+    )
+
+
 class _LazyLayer:
     """Mixin of every class that `lazy()` makes."""
 
@@ -376,7 +406,7 @@ class _LazyLayer:
         try:
             bound = self._tl_signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise ArgumentError(f"{type(self).__module__}.{type(self).__qualname__}(): {e}") from None
+            raise _bad_construction(type(self), args, kwargs, e) from None
         given = dict(bound.arguments)
         self._tl_options = {k: given.pop(k, v) for k, v in self._tl_defaults.items()}
         self._tl_args = given
@@ -823,7 +853,13 @@ def make_lazy(cls: type[M], rules: dict[str, Rule], name: str, module: str) -> t
             f"`tl.lazy({cls.__name__}, ...)`: {', '.join(map(repr, unknown))} is not an argument of "
             f"`{cls.__name__}.__init__` (it takes {', '.join(params)})."
         )
-    kept = [p for n, p in params.items() if n not in rules]
+    # Arguments with a default are keyword-only: the inferred ones are gone, so eager's positional
+    # order (`nn.Linear(3, 4)`) would shift every value into the wrong argument (`bias=4`).
+    kept = [
+        p.replace(kind=p.KEYWORD_ONLY) if p.default is not p.empty and p.kind is p.POSITIONAL_OR_KEYWORD else p
+        for n, p in params.items()
+        if n not in rules
+    ]
     defaults: dict[str, Any] = {}
     for rule in rules.values():
         options = getattr(rule, "options", None)

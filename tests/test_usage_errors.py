@@ -1,0 +1,62 @@
+"""Issue 10, the rest: every bad argument is a torchlazy error; lazy layers under compile and inference_mode.
+
+Each test compares with the eager program, or asserts the torchlazy error and that the model
+(or the layer) is as it was before the call.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import same_state
+from torch import nn
+
+import torchlazy as tl
+
+
+def _lazy_net() -> nn.Module:
+    return nn.Sequential(tl.nn.Linear(4), nn.ReLU(), tl.nn.Linear(2))
+
+
+# -- 5. eager's argument order is refused with the call that was meant -------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "meant"),
+    [
+        (lambda: tl.nn.Linear(3, 4), r"`tl.nn.Linear\(4\)` or `nn.Linear\(3, 4\)`"),
+        (lambda: tl.nn.Conv2d(3, 16, 3), r"`tl.nn.Conv2d\(16, 3\)` or `nn.Conv2d\(3, 16, 3\)`"),
+        (lambda: tl.nn.BatchNorm1d(4), r"`tl.nn.BatchNorm1d\(\)` or `nn.BatchNorm1d\(4\)`"),
+        (lambda: tl.nn.LSTM(10, 20), r"`tl.nn.LSTM\(20\)` or `nn.LSTM\(10, 20\)`"),
+        (lambda: tl.nn.GroupNorm(2, 8), r"`tl.nn.GroupNorm\(8\)` or `nn.GroupNorm\(2, 8\)`"),
+    ],
+    ids=["Linear(3, 4)", "Conv2d(3, 16, 3)", "BatchNorm1d(4)", "LSTM(10, 20)", "GroupNorm(2, 8)"],
+)
+def test_eager_argument_order_is_an_argument_error_naming_both_calls(make: Callable[[], object], meant: str) -> None:
+    with pytest.raises(tl.ArgumentError, match=r"lazy layers infer `\w+` from the first input.*" + meant):
+        make()
+
+
+def test_optional_arguments_are_keyword_only_and_signatures_stay_visible() -> None:
+    params = inspect.signature(tl.nn.Linear).parameters
+    assert list(params) == ["out_features", "bias", "device", "dtype"]
+    assert params["out_features"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in ("bias", "device", "dtype"))
+    assert tl.nn.Linear(4, bias=False)(torch.ones(2, 3)).shape == (2, 4)
+    assert tl.nn.Conv2d(8, 3, padding=1)(torch.ones(1, 2, 5, 5)).shape == (1, 8, 5, 5)
+    with pytest.raises(tl.ArgumentError, match=r"missing a required argument: 'out_features'.*tl.nn.Linear\("):
+        tl.nn.Linear()  # type: ignore[call-arg]
+
+
+def _unchanged(model: nn.Module) -> Callable[[], None]:
+    before = copy.deepcopy(model)
+
+    def check() -> None:
+        assert repr(model) == repr(before)
+        assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
+
+    return check
