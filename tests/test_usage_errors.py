@@ -22,6 +22,18 @@ def _lazy_net() -> nn.Module:
     return nn.Sequential(tl.nn.Linear(4), nn.ReLU(), tl.nn.Linear(2))
 
 
+# -- 3. a user rule that fails on the input is a ShapeError; the layer stays unbuilt -----------
+
+
+def test_a_rule_that_fails_on_the_input_is_a_shape_error_and_leaves_the_layer_unbuilt() -> None:
+    LazyLinear = tl.lazy(nn.Linear, in_features=lambda x: x.shape[5])
+    layer = LazyLinear(out_features=3)
+    with pytest.raises(tl.ShapeError, match=r"`in_features`.*Tensor\[2, 3\].*IndexError.*still unbuilt"):
+        layer(torch.ones(2, 3))
+    assert not tl.is_built(layer) and type(layer) is LazyLinear
+    assert layer(torch.ones(1, 1, 1, 1, 1, 4)).shape == (1, 1, 1, 1, 1, 3)
+
+
 # -- 5. eager's argument order is refused with the call that was meant -------------------------
 
 

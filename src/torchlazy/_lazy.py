@@ -296,6 +296,18 @@ def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bo
     return full_undo
 
 
+def _input_shapes(args: Any, kwargs: Any) -> str:
+    """The inputs as the user would describe them: `(Tensor[2, 3], 5)`."""
+
+    def show(x: Any) -> str:
+        if isinstance(x, torch.Tensor):
+            return f"Tensor[{', '.join(map(str, x.shape))}]"
+        return type(x).__name__ if not isinstance(x, (int, float, bool, str, type(None))) else repr(x)
+
+    parts = [show(a) for a in args] + [f"{k}={show(v)}" for k, v in kwargs.items()]
+    return f"({', '.join(parts)})"
+
+
 def _fake(args: Any, kwargs: Any) -> bool:
     return any(tc.is_fake(t) for t in tc.tree_leaves((args, kwargs)))
 
@@ -624,6 +636,14 @@ class _LazyLayer:
                     f"{rule.describe()}: expected {m.expected}, got {m.seen}. Pass an input of that "
                     "form; the layer is still unbuilt and usable."
                 ) from None
+            except LazyError:
+                raise
+            except Exception as e:  # a user's rule that does not fit this input (`x.shape[5]` of a 2-d x)
+                raise ShapeError(
+                    f"`{_paths.module_path(self)}` ({type(self).__qualname__}): the rule for `{name}` "  # type: ignore[arg-type]
+                    f"({rule.describe()}) failed on the first input {_input_shapes(args, kwargs)}: "
+                    f"{type(e).__name__}: {e}. Fix the rule or pass an input it fits; the layer is still unbuilt."
+                ) from e
         return values
 
     def _tl_become(self, values: dict[str, Any], device: torch.device, deferred: bool) -> None:
