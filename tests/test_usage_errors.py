@@ -22,6 +22,31 @@ def _lazy_net() -> nn.Module:
     return nn.Sequential(tl.nn.Linear(4), nn.ReLU(), tl.nn.Linear(2))
 
 
+# -- 2. a first call under inference_mode builds normal, trainable parameters ------------------
+
+
+def test_a_first_call_under_inference_mode_builds_trainable_parameters() -> None:
+    class Block(tl.LazyModule):
+        def build(self, x: torch.Tensor) -> None:
+            self.proj = nn.Linear(x.shape[-1], 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    model = nn.Sequential(tl.nn.Linear(4), nn.ReLU(), Block(), tl.nn.BatchNorm1d())
+    with torch.inference_mode():
+        out = model(torch.randn(3, 5))
+    assert out.is_inference()  # the forward itself ran in inference mode
+    assert not any(t.is_inference() for t in [*model.parameters(), *model.buffers()])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    running = model[3].running_mean.clone()
+    model(torch.randn(3, 5)).pow(2).sum().backward()
+    opt.step()  # eager raised here: "Inplace update to inference tensor outside InferenceMode"
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert not torch.equal(running, model[3].running_mean)
+
+
 # -- 3. a user rule that fails on the input is a ShapeError; the layer stays unbuilt -----------
 
 

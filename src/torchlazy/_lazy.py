@@ -286,7 +286,10 @@ def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bo
 
     else:
         try:
-            build(False)
+            # parameters made under `torch.inference_mode()` would be inference tensors, which no
+            # optimizer can update: build outside it (the forward itself still runs inside)
+            with torch.inference_mode(False):
+                build(False)
         except BaseException:
             undo()
             raise
