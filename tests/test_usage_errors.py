@@ -22,6 +22,44 @@ def _lazy_net() -> nn.Module:
     return nn.Sequential(tl.nn.Linear(4), nn.ReLU(), tl.nn.Linear(2))
 
 
+# -- 1. torch.compile of an unbuilt model: the first call builds eagerly -----------------------
+
+# At a graph break dynamo wraps the live activations and reads their `.grad` under a filter that
+# `-W error` overrides (any model with a graph break does this): not torchlazy's warning.
+_DYNAMO_GRAD_WARNING = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+
+
+@_DYNAMO_GRAD_WARNING
+def test_compile_of_an_unbuilt_model_builds_at_the_first_call_and_matches_eager() -> None:
+    x = torch.randn(3, 5)
+    model = _lazy_net()
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
+    compiled = torch.compile(model, backend="eager")
+    torch.manual_seed(0)
+    first = compiled(x)  # builds in call order, which is construction order here: eager's draws
+    assert tl.is_built(model) and type(model[0]) is nn.Linear
+    assert same_state(model, eager) == []
+    assert torch.equal(first, eager(x))
+    assert torch.equal(compiled(x), eager(x))  # later calls: the compiled plain model
+
+
+@_DYNAMO_GRAD_WARNING
+def test_compile_of_an_unbuilt_lazy_module_builds_at_the_first_call() -> None:
+    class Block(tl.LazyModule):
+        def build(self, x: torch.Tensor) -> None:
+            self.proj = nn.Linear(x.shape[-1], 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    block = Block()
+    compiled = torch.compile(block, backend="eager")
+    x = torch.randn(3, 5)
+    assert torch.equal(compiled(x), block.proj(x))
+    assert torch.equal(compiled(x), block(x))
+
+
 # -- 2. a first call under inference_mode builds normal, trainable parameters ------------------
 
 

@@ -311,6 +311,17 @@ def _input_shapes(args: Any, kwargs: Any) -> str:
     return f"({', '.join(parts)})"
 
 
+def _eagerly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)`, run eagerly even under `torch.compile` (a graph break there).
+
+    A first call builds: it swaps classes and tensors, which dynamo cannot trace. As with PyTorch's
+    own lazy layers, it runs eagerly; dynamo compiles the plain built module from the next call.
+    """
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(fn)(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
 def _fake(args: Any, kwargs: Any) -> bool:
     return any(tc.is_fake(t) for t in tc.tree_leaves((args, kwargs)))
 
@@ -559,6 +570,9 @@ class _LazyLayer:
 
     # the first input
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return _eagerly(_LazyLayer._tl_first_forward, self, *args, **kwargs)
+
+    def _tl_first_forward(self, *args: Any, **kwargs: Any) -> Any:
         values, undo = self._tl_first_input(args, kwargs)
         fake = _fake(args, kwargs)
         try:
@@ -966,6 +980,10 @@ class LazyModule(nn.Module):
 
 
 def _build_lazy_module(module: LazyModule, args: Any, kwargs: Any) -> None:
+    _eagerly(_build_lazy_module_now, module, args, kwargs)
+
+
+def _build_lazy_module_now(module: LazyModule, args: Any, kwargs: Any) -> None:
     def build(deferred: bool) -> None:
         module.build(*args, **kwargs)
         module.__dict__.pop(_markers.BUILD_HOOK).remove()
