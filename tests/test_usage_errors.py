@@ -127,6 +127,28 @@ def test_optional_arguments_are_keyword_only_and_signatures_stay_visible() -> No
         tl.nn.Linear()  # type: ignore[call-arg]
 
 
+# -- 7. NotBuiltError names what the user did, not PyTorch's internal op ------------------------
+
+
+@pytest.mark.parametrize(
+    ("use", "named"),
+    [
+        (lambda w: w.detach(), r"`\.detach\(\)`"),
+        (lambda w: w[0], r"indexing \(`t\[...\]`\)"),
+        (lambda w: len(w), r"`len\(\)`"),
+        (lambda w: w == 0, "`==`"),
+        (lambda w: torch.nn.functional.linear(torch.ones(2, 2), w), r"`linear\(\)`"),
+        (lambda w: w._is_view(), r"using it \(PyTorch's internal `_is_view`"),
+    ],
+    ids=["detach", "getitem", "len", "eq", "F.linear", "_is_view"],
+)
+def test_not_built_errors_name_the_users_operation(use: Callable[[torch.Tensor], object], named: str) -> None:
+    layer = tl.nn.Linear(3)
+    with pytest.raises(tl.NotBuiltError, match=r"`weight` of .* is not built yet: " + named + ".* needs its shape"):
+        use(layer.weight)
+    assert not tl.is_built(layer)
+
+
 def _unchanged(model: nn.Module) -> Callable[[], None]:
     before = copy.deepcopy(model)
 

@@ -78,6 +78,37 @@ def _not_built(t: Any, what: str) -> NotBuiltError:
     )
 
 
+# Python's operators, as the user wrote them (PyTorch reports `x + 1` as `add`, `x[0]` as `__getitem__`).
+_OPERATORS = {
+    "__add__": "`+`", "__radd__": "`+`", "__iadd__": "`+=`", "__sub__": "`-`", "__rsub__": "`-`", "__isub__": "`-=`",
+    "__mul__": "`*`", "__rmul__": "`*`", "__imul__": "`*=`", "__truediv__": "`/`", "__rtruediv__": "`/`",
+    "__itruediv__": "`/=`", "__floordiv__": "`//`", "__rfloordiv__": "`//`", "__mod__": "`%`", "__rmod__": "`%`",
+    "__pow__": "`**`", "__rpow__": "`**`", "__matmul__": "`@`", "__rmatmul__": "`@`", "__neg__": "`-x`", "__pos__": "`+x`",
+    "__abs__": "`abs()`", "__invert__": "`~`", "__and__": "`&`", "__or__": "`|`", "__xor__": "`^`",
+    "__eq__": "`==`", "__ne__": "`!=`", "__lt__": "`<`", "__le__": "`<=`", "__gt__": "`>`", "__ge__": "`>=`",
+    "__getitem__": "indexing (`t[...]`)", "__setitem__": "assigning into it (`t[...] = ...`)",
+    "__len__": "`len()`", "__iter__": "iterating over it", "__bool__": "`bool()`", "__contains__": "`in`",
+    "__int__": "`int()`", "__float__": "`float()`", "__index__": "using it as an index",
+    "__array__": "converting it to NumPy", "__format__": "formatting it",
+}  # fmt: skip
+
+
+def _operation(func: Any) -> str:
+    """What the user did, for a `__torch_function__` call: `.detach()`, `+`, `len()`, ...
+
+    Private PyTorch names (`_is_view`, read by `torch.compile` and other tools) are not the user's
+    call: they mean that something used the tensor.
+    """
+    name = getattr(func, "__name__", str(func))
+    if name in _OPERATORS:
+        return _OPERATORS[name]
+    if name.startswith("_"):
+        return f"using it (PyTorch's internal `{name}`, called by a library or `torch.compile`)"
+    if getattr(torch.Tensor, name, None) is func:
+        return f"`.{name}()`"
+    return f"`{name}()`"
+
+
 _GRAD_GETTER: Any = inspect.getattr_static(torch.Tensor, "grad").__get__  # what `t.grad` calls
 
 
@@ -119,7 +150,7 @@ class _Placeholder:
             (a for a in tc.tree_leaves((args, kwargs)) if isinstance(a, _Placeholder)),
             None,
         )
-        raise _not_built(target, f"`{getattr(func, '__name__', func)}`")
+        raise _not_built(target, _operation(func))
 
     @property
     def shape(self) -> torch.Size:
