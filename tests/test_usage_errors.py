@@ -157,3 +157,39 @@ def _unchanged(model: nn.Module) -> Callable[[], None]:
         assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
 
     return check
+
+
+# -- 8. load_state_dict into an unbuilt LazyModule -------------------------------------------
+
+
+class _Block(tl.LazyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def build(self, x: torch.Tensor) -> None:
+        self.proj = nn.Linear(x.shape[-1], 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * self.scale
+
+
+def test_load_state_dict_into_an_unbuilt_lazy_module_is_a_not_built_error() -> None:
+    built = nn.Sequential(_Block())
+    built(torch.ones(1, 3))
+    state = built.state_dict()
+    model = nn.Sequential(_Block())
+    check = _unchanged(model)
+    for strict in (True, False):  # strict=False would drop the weights silently
+        with pytest.raises(tl.NotBuiltError, match=r"`0` \(_Block\).*`0.proj.bias`, `0.proj.weight`.*tl.build"):
+            model.load_state_dict(state, strict=strict)
+        check()
+    model(torch.ones(1, 3))
+    model.load_state_dict(state)  # once built, it loads
+    assert same_state(model, built) == []
+
+
+def test_load_state_dict_into_an_unbuilt_lazy_module_with_only_its_own_keys_works() -> None:
+    block = _Block()
+    block.load_state_dict({"scale": torch.tensor(2.0)})
+    assert block.scale.item() == 2.0 and not tl.is_built(block)

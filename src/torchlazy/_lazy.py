@@ -998,6 +998,22 @@ class LazyModule(nn.Module):
             "`build(self, *inputs)`: create its layers there from the first inputs."
         )
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        if _markers.BUILD_HOOK in self.__dict__:  # not built: keys for what `build` creates have no place yet
+            held = {*self._parameters, *self._buffers, *self._modules}
+            theirs = sorted(
+                k for k in state_dict if k.startswith(prefix) and k[len(prefix) :].split(".")[0] not in held
+            )
+            if theirs:
+                shown = ", ".join(f"`{k}`" for k in theirs[:4]) + (", ..." if len(theirs) > 4 else "")
+                raise NotBuiltError(
+                    f"`{_paths.module_path(self)}` ({type(self).__qualname__}) is a `tl.LazyModule` whose "
+                    f"`build` has not run, so the state dict's {shown} have no place yet: `build` creates them "
+                    "from the first input, which a state dict does not give. Call the model once, or "
+                    "`tl.build(model, tl.Spec(*input_shape))`, then `load_state_dict`."
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         if _markers.SLOT in state:
