@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +195,60 @@ def test_load_state_dict_into_an_unbuilt_lazy_module_with_only_its_own_keys_work
     block = _Block()
     block.load_state_dict({"scale": torch.tensor(2.0)})
     assert block.scale.item() == 2.0 and not tl.is_built(block)
+
+
+# -- 9. the command line: bad arguments exit 2 naming the argument; --out x.pt is a torch file -------
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    from torchlazy.cli import main
+
+    if str(Path(__file__).parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).parent))
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("summary", "zoo:cnn", "--input", "1x3x8x8", "--depth", "-1"), "--depth -1"),
+        (("summary", "zoo:cnn", "--input", "1x3x8x8", "--memory", "--autocast", "int8"), "--autocast `int8`"),
+        (("materialize", "zoo:cnn", "--input", "1x3x8x8", "--dtype", "int8", "--out", "x.st"), "--dtype `int8`"),
+        (("materialize", "zoo:cnn", "--input", "1x3x8x8", "--max-shard-size", "2XB", "--out", "d"), "--max-shard-size"),
+        (("materialize", "zoo:cnn", "--input", "1x3x8x8", "--max-shard-size", "1KB", "--out", "x.pt"), "--out `x.pt`"),
+    ],
+    ids=["depth-1", "autocast-int8", "dtype-int8", "shard-2XB", "shards-into-pt"],
+)
+def test_bad_cli_arguments_exit_2_with_one_line_naming_the_argument(
+    args: tuple[str, ...], named: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    args = tuple(str(tmp_path / a) if a in ("x.st", "d", "x.pt") else a for a in args)
+    named = named.replace("x.pt", str(tmp_path / "x.pt"))
+    code, out, err = _cli(capsys, *args)
+    assert code == 2 and out == ""
+    assert err.startswith(f"torchlazy: error: {named}") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin"])
+def test_cli_out_with_a_torch_suffix_writes_a_torch_save_state_dict(
+    suffix: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import zoo
+
+    out = tmp_path / f"model{suffix}"
+    code, _, err = _cli(capsys, "materialize", "zoo:cnn", "--input", "1x3x8x8", "--seed", "3", "--out", str(out))
+    assert code == 0, err
+    state = torch.load(out, weights_only=True)
+    torch.manual_seed(3)
+    reference = zoo.cnn_eager()
+    assert state.keys() == reference.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in reference.state_dict().items())
+
+
+def test_cli_concretize_flag_is_accepted(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _cli(capsys, "summary", "zoo:cnn", "--input", "1x3x8x8", "--concretize")
+    assert code == 0, err
+    assert "Total" in out or "params" in out.lower()

@@ -14,10 +14,10 @@ from torch import nn
 from ._deferred import is_deferred
 from ._errors import ArgumentError, CheckpointError
 
-__all__ = ["save"]
+__all__ = ["parse_size", "save"]
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", size.upper())
@@ -60,7 +60,7 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
         out.parent.mkdir(parents=True, exist_ok=True)
         save_file(dict(tensors), str(out), metadata={"format": "pt"})
         return [out]
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for key, t in tensors:
