@@ -252,3 +252,70 @@ def test_cli_concretize_flag_is_accepted(capsys: pytest.CaptureFixture[str]) -> 
     code, out, err = _cli(capsys, "summary", "zoo:cnn", "--input", "1x3x8x8", "--concretize")
     assert code == 0, err
     assert "Total" in out or "params" in out.lower()
+
+
+# -- every public function: a wrong-typed first argument or a bad keyword is a torchlazy error ------
+
+
+def _deferred_linear() -> nn.Module:
+    with tl.deferred():
+        return nn.Linear(2, 2)
+
+
+_IN_DEFERRED = pytest.mark.xfail(
+    strict=True, reason="the check belongs in _deferred.py, which is being rewritten in parallel"
+)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda: tl.materialize(3), id="materialize(3)"),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.materialize(_deferred_linear(), exact="yes"), id="materialize(exact='yes')"),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.materialize(_deferred_linear(), progress=3), id="materialize(progress=3)"),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.materialize(_deferred_linear(), device="bogus"), id="materialize(device='bogus')"),
+        pytest.param(lambda: tl.build(3, tl.Spec(1, 2)), id="build(3)"),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.build(nn.Sequential(tl.nn.Linear(2)), tl.Spec(1, 2), dtype="f"), id="build(dtype='f')"),  # type: ignore[arg-type]
+        pytest.param(
+            lambda: tl.build(nn.Sequential(tl.nn.Linear(2)), tl.Spec(1, 2), device="bogus"), id="build(device)"
+        ),
+        pytest.param(lambda: tl.summary(3), id="summary(3)"),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.summary(nn.Linear(2, 2), depth="a"), id="summary(depth='a')"),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.summary(nn.Linear(2, 2), depth=-1), id="summary(depth=-1)"),
+        pytest.param(lambda: tl.save(3, "x.safetensors"), id="save(3)"),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.save(nn.Linear(2, 2), 3), id="save(path=3)"),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.save(nn.Linear(2, 2), "d", max_shard_size=-1), id="save(max_shard_size=-1)"),
+        pytest.param(lambda: tl.save(nn.Linear(2, 2), "d", max_shard_size="2XB"), id="save(max_shard_size='2XB')"),
+        pytest.param(lambda: tl.save(nn.Linear(2, 2), "d", max_shard_size=1.5), id="save(max_shard_size=1.5)"),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.estimate_memory(3), id="estimate_memory(3)"),  # type: ignore[arg-type]
+        pytest.param(
+            lambda: tl.estimate_memory(nn.Linear(2, 2), tl.Spec(1, 2), optimizer="bogus"),
+            id="estimate_memory(optimizer='bogus')",
+        ),
+        pytest.param(
+            lambda: tl.estimate_memory(nn.Linear(2, 2), tl.Spec(1, 2), autocast=torch.int8),
+            id="estimate_memory(autocast=int8)",
+        ),
+        pytest.param(lambda: tl.lazy(3, x=lambda x: 1), id="lazy(3)"),  # type: ignore[call-overload]
+        pytest.param(lambda: tl.lazy(nn.Linear(2, 2), in_features=lambda x: 1), id="lazy(instance)"),  # type: ignore[call-overload]
+        pytest.param(lambda: tl.lazy(nn.Linear, in_features=3), id="lazy(rule=3)"),
+        pytest.param(lambda: tl.lazy(nn.Linear), id="lazy-without-rules"),
+        pytest.param(lambda: tl.is_built(3), id="is_built(3)"),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.is_deferred(3), id="is_deferred(3)"),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.deferred_tensors(3), id="deferred_tensors(3)", marks=_IN_DEFERRED),  # type: ignore[arg-type]
+        pytest.param(
+            lambda: tl.deferred(concretize="x").__enter__(), id="deferred(concretize='x')", marks=_IN_DEFERRED
+        ),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.Spec("a"), id="Spec('a')"),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.Spec(-1), id="Spec(-1)"),
+        pytest.param(lambda: tl.Spec(2, dtype="float32"), id="Spec(dtype='float32')"),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.Spec(2, device="bogus"), id="Spec(device='bogus')"),
+    ],
+)
+def test_bad_arguments_of_every_public_function_are_lazy_errors(
+    call: Callable[[], object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(tl.LazyError):
+        call()
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -377,6 +377,8 @@ def is_built(module: nn.Module) -> bool:
     >>> tl.is_built(net), net[0]
     (True, Linear(in_features=5, out_features=3, bias=True))
     """
+    if not isinstance(module, nn.Module):
+        raise ArgumentError(f"`tl.is_built` takes a torch.nn.Module, not {type(module).__name__}.")
     return not any(isinstance(m, _LazyLayer) or _markers.BUILD_HOOK in m.__dict__ for m in module.modules())
 
 
@@ -899,6 +901,11 @@ def lazy(cls: type[M], /, **rules: Any) -> type[M]:
     >>> type(gru).__name__, gru.input_size
     ('GRU', 3)
     """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ArgumentError(
+            f"`tl.lazy(cls, ...)` takes a torch.nn.Module subclass (the class, not an instance), "
+            f"not {type(cls).__name__} `{cls!r}`."
+        )
     if not rules:
         raise ArgumentError(
             f"`tl.lazy({getattr(cls, '__name__', cls)})` needs at least one rule saying which constructor "
