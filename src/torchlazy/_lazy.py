@@ -300,9 +300,11 @@ def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bo
             "sizes and materialize, then call the model."
         )
     if fake_inputs:
-        record, prefix = slot if slot is not None else (Record(live=True), ())
         if slot is None:
-            record.order = module.__dict__.get(_markers.ORDER, 0)
+            with tc.disable_current_modes():  # the record reads the real generator's state, not a fake one
+                slot = (Record(live=True), ())
+            slot[0].order = module.__dict__.get(_markers.ORDER, 0)
+        record, prefix = slot
         try:
             with _deferred.recording(record, prefix):
                 build(True)
