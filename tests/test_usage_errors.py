@@ -319,3 +319,38 @@ def test_bad_arguments_of_every_public_function_are_lazy_errors(
     with pytest.raises(tl.LazyError):
         call()
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# -- 6. tl.build with a Spec agrees with the real first call on dtypes --------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "first_call",
+    [
+        lambda m, dt: m(torch.ones(2, 5, dtype=dt)),
+        lambda m, dt: tl.build(m, tl.Spec(2, 5, dtype=dt)),
+        lambda m, dt: tl.summary(m, tl.Spec(2, 5, dtype=dt)),
+        lambda m, dt: tl.build(m, torch.ones(2, 5, dtype=dt)),
+    ],
+    ids=["real", "build(Spec)", "summary(Spec)", "build(tensor)"],
+)
+def test_a_wrong_input_dtype_is_the_same_dtype_error_real_or_fake(
+    first_call: Callable[[nn.Module, torch.dtype], object], dtype: torch.dtype
+) -> None:
+    model = nn.Sequential(tl.nn.Linear(3), nn.ReLU(), tl.nn.Conv1d(2, 1))
+    check = _unchanged(model)
+    with pytest.raises(
+        tl.DtypeError, match=rf"`0` \(Linear\) holds torch.float32 parameters but its first input is {dtype}"
+    ):
+        first_call(model, dtype)
+    check()
+
+
+def test_integer_inputs_where_integers_belong_still_build() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), tl.nn.Linear(3))
+    tl.build(model, tl.Spec(2, 5, dtype=torch.int64))
+    assert model[1].in_features == 4
+    plain = nn.Sequential(nn.Linear(5, 3))
+    with pytest.raises(tl.ShapeError, match=r"`mm` needs operands of one dtype, but got int64 and float32|addmm"):
+        tl.build(plain, tl.Spec(2, 5, dtype=torch.int64))  # a built model: checked as the real kernel would

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+import re
 import sys
 import threading
 import typing
@@ -614,11 +615,13 @@ class _LazyLayer:
             return self.forward(*args, **kwargs)  # type: ignore[misc]  # now the real class's
         except Exception as e:
             _undo_now(undo)  # a failed first call leaves the layer as it was
-            if fake or isinstance(e, LazyError):
+            if isinstance(e, LazyError):
                 raise
-            mismatch = self._tl_dtype_mismatch(args, kwargs)
-            if mismatch is not None:
+            mismatch = self._tl_dtype_mismatch(args, kwargs, e)
+            if mismatch is not None:  # the same error on fake inputs (`tl.build`) as on real ones
                 raise mismatch from e
+            if fake:
+                raise
             raise self._tl_unbuilt_error(
                 values, f"its forward then failed on that input: {e}", "an input of the form the layer expects"
             ) from e
@@ -646,20 +649,19 @@ class _LazyLayer:
             f"but {reason}. The layer is still unbuilt; pass {fix}."
         )
 
-    def _tl_dtype_mismatch(self, args: Any, kwargs: Any) -> DtypeError | None:
+    def _tl_dtype_mismatch(self, args: Any, kwargs: Any, error: Exception) -> DtypeError | None:
         """Why a first forward failed, when its floating inputs are not in the layer's dtype.
 
         PyTorch's lazy layers build in their own dtype, then fail in the forward with the kernel's
         message (and stay built); here the layer stays unbuilt and the error says what to cast.
         """
         mine = self._tl_dtype()
-        seen = sorted(
-            {
-                str(t.dtype)
-                for t in tc.tree_leaves((args, kwargs))
-                if isinstance(t, torch.Tensor) and t.is_floating_point()
-            }
-        )
+        tensors = [t for t in tc.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        seen = sorted({str(t.dtype) for t in tensors if t.is_floating_point()})
+        if not seen and re.search(r"dtype|scalar type|[Ii]nput type", str(error)):
+            # integer inputs where the kernel wanted floats (`mat1 and mat2 must have the same dtype`);
+            # only when the kernel said so: an Embedding's integer input is right
+            seen = sorted({str(t.dtype) for t in tensors})
         if mine is None or not seen or seen == [str(mine)]:
             return None
         name = str(mine).removeprefix("torch.")
