@@ -354,3 +354,18 @@ def test_integer_inputs_where_integers_belong_still_build() -> None:
     plain = nn.Sequential(nn.Linear(5, 3))
     with pytest.raises(tl.ShapeError, match=r"`mm` needs operands of one dtype, but got int64 and float32|addmm"):
         tl.build(plain, tl.Spec(2, 5, dtype=torch.int64))  # a built model: checked as the real kernel would
+
+
+# -- 4. is_built is about shapes, is_deferred about values ---------------------------------------
+
+
+def test_is_built_means_every_shape_is_known_and_is_deferred_that_values_are_not_made() -> None:
+    with tl.deferred():
+        plain = nn.Linear(5, 3)
+        lazy = nn.Sequential(tl.nn.Linear(3))
+    assert (tl.is_built(plain), tl.is_deferred(plain)) == (True, True)
+    assert (tl.is_built(lazy), tl.is_deferred(lazy)) == (False, True)
+    tl.build(lazy, tl.Spec(2, 5))
+    tl.materialize(plain)
+    assert (tl.is_built(lazy), tl.is_deferred(lazy)) == (True, False)
+    assert (tl.is_built(plain), tl.is_deferred(plain)) == (True, False)

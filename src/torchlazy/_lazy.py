@@ -370,7 +370,11 @@ def _first_device(args: Any, kwargs: Any) -> torch.device:
 
 
 def is_built(module: nn.Module) -> bool:
-    """Whether every lazy module under `module` has its sizes (deferred or real).
+    """Whether every lazy module under `module` has its sizes: its shapes are all known.
+
+    It says nothing of values: a model made under `tl.deferred()` is built (all its shapes are
+    known) but not materialized until `tl.materialize` (see `tl.is_deferred`). A model without lazy
+    modules is built. Ready to run means `is_built(m) and not is_deferred(m)`.
 
     >>> import torch, torchlazy as tl
     >>> net = torch.nn.Sequential(tl.nn.Linear(3))
@@ -379,6 +383,10 @@ def is_built(module: nn.Module) -> bool:
     >>> _ = net(torch.ones(2, 5))
     >>> tl.is_built(net), net[0]
     (True, Linear(in_features=5, out_features=3, bias=True))
+    >>> with tl.deferred():
+    ...     plain = torch.nn.Linear(5, 3)
+    >>> tl.is_built(plain), tl.is_deferred(plain)
+    (True, True)
     """
     if not isinstance(module, nn.Module):
         raise ArgumentError(f"`tl.is_built` takes a torch.nn.Module, not {type(module).__name__}.")
