@@ -21,7 +21,7 @@ from . import _torch_compat as tc
 from ._errors import ArgumentError, DeferredError, LazyError, ShapeError
 from ._materialize import materialize
 from ._spec import CONSTANT_LIMIT, to_fake
-from ._twin import run_twin
+from ._twin import check_kernel_dtypes, run_twin
 
 __all__ = ["build", "fake_forward"]
 
@@ -66,6 +66,7 @@ class FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        check_kernel_dtypes(func, args, kwargs)
         tensors = [t for t in tc.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         foldable = (
             tensors

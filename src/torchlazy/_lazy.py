@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+import re
 import sys
 import threading
 import typing
@@ -78,6 +79,37 @@ def _not_built(t: Any, what: str) -> NotBuiltError:
     )
 
 
+# Python's operators, as the user wrote them (PyTorch reports `x + 1` as `add`, `x[0]` as `__getitem__`).
+_OPERATORS = {
+    "__add__": "`+`", "__radd__": "`+`", "__iadd__": "`+=`", "__sub__": "`-`", "__rsub__": "`-`", "__isub__": "`-=`",
+    "__mul__": "`*`", "__rmul__": "`*`", "__imul__": "`*=`", "__truediv__": "`/`", "__rtruediv__": "`/`",
+    "__itruediv__": "`/=`", "__floordiv__": "`//`", "__rfloordiv__": "`//`", "__mod__": "`%`", "__rmod__": "`%`",
+    "__pow__": "`**`", "__rpow__": "`**`", "__matmul__": "`@`", "__rmatmul__": "`@`", "__neg__": "`-x`", "__pos__": "`+x`",
+    "__abs__": "`abs()`", "__invert__": "`~`", "__and__": "`&`", "__or__": "`|`", "__xor__": "`^`",
+    "__eq__": "`==`", "__ne__": "`!=`", "__lt__": "`<`", "__le__": "`<=`", "__gt__": "`>`", "__ge__": "`>=`",
+    "__getitem__": "indexing (`t[...]`)", "__setitem__": "assigning into it (`t[...] = ...`)",
+    "__len__": "`len()`", "__iter__": "iterating over it", "__bool__": "`bool()`", "__contains__": "`in`",
+    "__int__": "`int()`", "__float__": "`float()`", "__index__": "using it as an index",
+    "__array__": "converting it to NumPy", "__format__": "formatting it",
+}  # fmt: skip
+
+
+def _operation(func: Any) -> str:
+    """What the user did, for a `__torch_function__` call: `.detach()`, `+`, `len()`, ...
+
+    Private PyTorch names (`_is_view`, read by `torch.compile` and other tools) are not the user's
+    call: they mean that something used the tensor.
+    """
+    name = getattr(func, "__name__", str(func))
+    if name in _OPERATORS:
+        return _OPERATORS[name]
+    if name.startswith("_"):
+        return f"using it (PyTorch's internal `{name}`, called by a library or `torch.compile`)"
+    if getattr(torch.Tensor, name, None) is func:
+        return f"`.{name}()`"
+    return f"`{name}()`"
+
+
 _GRAD_GETTER: Any = inspect.getattr_static(torch.Tensor, "grad").__get__  # what `t.grad` calls
 
 
@@ -119,7 +151,7 @@ class _Placeholder:
             (a for a in tc.tree_leaves((args, kwargs)) if isinstance(a, _Placeholder)),
             None,
         )
-        raise _not_built(target, f"`{getattr(func, '__name__', func)}`")
+        raise _not_built(target, _operation(func))
 
     @property
     def shape(self) -> torch.Size:
@@ -269,9 +301,11 @@ def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bo
             "sizes and materialize, then call the model."
         )
     if fake_inputs:
-        record, prefix = slot if slot is not None else (Record(live=True), ())
         if slot is None:
-            record.order = module.__dict__.get(_markers.ORDER, 0)
+            with tc.disable_current_modes():  # the record reads the real generator's state, not a fake one
+                slot = (Record(live=True), ())
+            slot[0].order = module.__dict__.get(_markers.ORDER, 0)
+        record, prefix = slot
         try:
             with _deferred.recording(record, prefix):
                 build(True)
@@ -286,7 +320,10 @@ def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bo
 
     else:
         try:
-            build(False)
+            # parameters made under `torch.inference_mode()` would be inference tensors, which no
+            # optimizer can update: build outside it (the forward itself still runs inside)
+            with torch.inference_mode(False):
+                build(False)
         except BaseException:
             undo()
             raise
@@ -294,6 +331,29 @@ def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bo
     if _journal.undo is not None:
         _journal.undo.append(full_undo)
     return full_undo
+
+
+def _input_shapes(args: Any, kwargs: Any) -> str:
+    """The inputs as the user would describe them: `(Tensor[2, 3], 5)`."""
+
+    def show(x: Any) -> str:
+        if isinstance(x, torch.Tensor):
+            return f"Tensor[{', '.join(map(str, x.shape))}]"
+        return type(x).__name__ if not isinstance(x, (int, float, bool, str, type(None))) else repr(x)
+
+    parts = [show(a) for a in args] + [f"{k}={show(v)}" for k, v in kwargs.items()]
+    return f"({', '.join(parts)})"
+
+
+def _eagerly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)`, run eagerly even under `torch.compile` (a graph break there).
+
+    A first call builds: it swaps classes and tensors, which dynamo cannot trace. As with PyTorch's
+    own lazy layers, it runs eagerly; dynamo compiles the plain built module from the next call.
+    """
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(fn)(*args, **kwargs)
+    return fn(*args, **kwargs)
 
 
 def _fake(args: Any, kwargs: Any) -> bool:
@@ -310,7 +370,11 @@ def _first_device(args: Any, kwargs: Any) -> torch.device:
 
 
 def is_built(module: nn.Module) -> bool:
-    """Whether every lazy module under `module` has its sizes (deferred or real).
+    """Whether every lazy module under `module` has its sizes: its shapes are all known.
+
+    It says nothing of values: a model made under `tl.deferred()` is built (all its shapes are
+    known) but not materialized until `tl.materialize` (see `tl.is_deferred`). A model without lazy
+    modules is built. Ready to run means `is_built(m) and not is_deferred(m)`.
 
     >>> import torch, torchlazy as tl
     >>> net = torch.nn.Sequential(tl.nn.Linear(3))
@@ -319,7 +383,13 @@ def is_built(module: nn.Module) -> bool:
     >>> _ = net(torch.ones(2, 5))
     >>> tl.is_built(net), net[0]
     (True, Linear(in_features=5, out_features=3, bias=True))
+    >>> with tl.deferred():
+    ...     plain = torch.nn.Linear(5, 3)
+    >>> tl.is_built(plain), tl.is_deferred(plain)
+    (True, True)
     """
+    if not isinstance(module, nn.Module):
+        raise ArgumentError(f"`tl.is_built` takes a torch.nn.Module, not {type(module).__name__}.")
     return not any(isinstance(m, _LazyLayer) or _markers.BUILD_HOOK in m.__dict__ for m in module.modules())
 
 
@@ -363,6 +433,36 @@ def build_from_state(module: nn.Module, tensors: dict[str, torch.Tensor], prefix
 # -- lazy layers made from a class and rules --------------------------------------
 
 
+def _call_text(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    return f"{name}({', '.join([*map(repr, args), *(f'{k}={v!r}' for k, v in kwargs.items())])})"
+
+
+def _bad_construction(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], error: TypeError) -> ArgumentError:
+    """Why the lazy class `cls` refused these constructor arguments, with the call that was meant.
+
+    The usual cause is eager's argument order: `tl.nn.Linear(3, 4)` for `nn.Linear(3, 4)` passes
+    the inferred size too, one positional argument more than the lazy class takes.
+    """
+    real: type = cls._tl_cls  # type: ignore[attr-defined]
+    name = f"tl.nn.{cls.__qualname__}" if cls.__module__ == "torchlazy.nn" else cls.__qualname__
+    eager = f"nn.{real.__qualname__}" if real.__module__.startswith("torch.nn") else real.__qualname__
+    inferred = ", ".join(f"`{n}`" for n in cls._tl_rules)  # type: ignore[attr-defined]
+    signature: inspect.Signature = cls._tl_signature  # type: ignore[attr-defined]
+    positional = [p for p in signature.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    if len(args) > len(positional):
+        meant = f"`{_call_text(name, args[1:], kwargs)}` or `{_call_text(eager, args, kwargs)}`"
+        return ArgumentError(
+            f"`{_call_text(name, args, kwargs)}`: lazy layers infer {inferred} from the first input, and take "
+            f"{len(positional)} positional argument{'s' if len(positional) != 1 else ''} "
+            f"({', '.join(f'`{p.name}`' for p in positional) or 'none'}; the others by keyword). "
+            f"Did you mean {meant}?"
+        )
+    return ArgumentError(
+        f"`{_call_text(name, args, kwargs)}`: {error}. It takes `{name}{signature}` "
+        f"({inferred} come{'s' if len(cls._tl_rules) == 1 else ''} from the first input)."  # type: ignore[attr-defined]
+    )
+
+
 class _LazyLayer:
     """Mixin of every class that `lazy()` makes."""
 
@@ -376,7 +476,7 @@ class _LazyLayer:
         try:
             bound = self._tl_signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise ArgumentError(f"{type(self).__module__}.{type(self).__qualname__}(): {e}") from None
+            raise _bad_construction(type(self), args, kwargs, e) from None
         given = dict(bound.arguments)
         self._tl_options = {k: given.pop(k, v) for k, v in self._tl_defaults.items()}
         self._tl_args = given
@@ -514,17 +614,22 @@ class _LazyLayer:
 
     # the first input
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return _eagerly(_LazyLayer._tl_first_forward, self, *args, **kwargs)
+
+    def _tl_first_forward(self, *args: Any, **kwargs: Any) -> Any:
         values, undo = self._tl_first_input(args, kwargs)
         fake = _fake(args, kwargs)
         try:
             return self.forward(*args, **kwargs)  # type: ignore[misc]  # now the real class's
         except Exception as e:
             _undo_now(undo)  # a failed first call leaves the layer as it was
-            if fake or isinstance(e, LazyError):
+            if isinstance(e, LazyError):
                 raise
-            mismatch = self._tl_dtype_mismatch(args, kwargs)
-            if mismatch is not None:
+            mismatch = self._tl_dtype_mismatch(args, kwargs, e)
+            if mismatch is not None:  # the same error on fake inputs (`tl.build`) as on real ones
                 raise mismatch from e
+            if fake:
+                raise
             raise self._tl_unbuilt_error(
                 values, f"its forward then failed on that input: {e}", "an input of the form the layer expects"
             ) from e
@@ -552,20 +657,19 @@ class _LazyLayer:
             f"but {reason}. The layer is still unbuilt; pass {fix}."
         )
 
-    def _tl_dtype_mismatch(self, args: Any, kwargs: Any) -> DtypeError | None:
+    def _tl_dtype_mismatch(self, args: Any, kwargs: Any, error: Exception) -> DtypeError | None:
         """Why a first forward failed, when its floating inputs are not in the layer's dtype.
 
         PyTorch's lazy layers build in their own dtype, then fail in the forward with the kernel's
         message (and stay built); here the layer stays unbuilt and the error says what to cast.
         """
         mine = self._tl_dtype()
-        seen = sorted(
-            {
-                str(t.dtype)
-                for t in tc.tree_leaves((args, kwargs))
-                if isinstance(t, torch.Tensor) and t.is_floating_point()
-            }
-        )
+        tensors = [t for t in tc.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        seen = sorted({str(t.dtype) for t in tensors if t.is_floating_point()})
+        if not seen and re.search(r"dtype|scalar type|[Ii]nput type", str(error)):
+            # integer inputs where the kernel wanted floats (`mat1 and mat2 must have the same dtype`);
+            # only when the kernel said so: an Embedding's integer input is right
+            seen = sorted({str(t.dtype) for t in tensors})
         if mine is None or not seen or seen == [str(mine)]:
             return None
         name = str(mine).removeprefix("torch.")
@@ -594,6 +698,14 @@ class _LazyLayer:
                     f"{rule.describe()}: expected {m.expected}, got {m.seen}. Pass an input of that "
                     "form; the layer is still unbuilt and usable."
                 ) from None
+            except LazyError:
+                raise
+            except Exception as e:  # a user's rule that does not fit this input (`x.shape[5]` of a 2-d x)
+                raise ShapeError(
+                    f"`{_paths.module_path(self)}` ({type(self).__qualname__}): the rule for `{name}` "  # type: ignore[arg-type]
+                    f"({rule.describe()}) failed on the first input {_input_shapes(args, kwargs)}: "
+                    f"{type(e).__name__}: {e}. Fix the rule or pass an input it fits; the layer is still unbuilt."
+                ) from e
         return values
 
     def _tl_become(self, values: dict[str, Any], device: torch.device, deferred: bool) -> None:
@@ -801,6 +913,11 @@ def lazy(cls: type[M], /, **rules: Any) -> type[M]:
     >>> type(gru).__name__, gru.input_size
     ('GRU', 3)
     """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ArgumentError(
+            f"`tl.lazy(cls, ...)` takes a torch.nn.Module subclass (the class, not an instance), "
+            f"not {type(cls).__name__} `{cls!r}`."
+        )
     if not rules:
         raise ArgumentError(
             f"`tl.lazy({getattr(cls, '__name__', cls)})` needs at least one rule saying which constructor "
@@ -823,7 +940,13 @@ def make_lazy(cls: type[M], rules: dict[str, Rule], name: str, module: str) -> t
             f"`tl.lazy({cls.__name__}, ...)`: {', '.join(map(repr, unknown))} is not an argument of "
             f"`{cls.__name__}.__init__` (it takes {', '.join(params)})."
         )
-    kept = [p for n, p in params.items() if n not in rules]
+    # Arguments with a default are keyword-only: the inferred ones are gone, so eager's positional
+    # order (`nn.Linear(3, 4)`) would shift every value into the wrong argument (`bias=4`).
+    kept = [
+        p.replace(kind=p.KEYWORD_ONLY) if p.default is not p.empty and p.kind is p.POSITIONAL_OR_KEYWORD else p
+        for n, p in params.items()
+        if n not in rules
+    ]
     defaults: dict[str, Any] = {}
     for rule in rules.values():
         options = getattr(rule, "options", None)
@@ -894,6 +1017,22 @@ class LazyModule(nn.Module):
             "`build(self, *inputs)`: create its layers there from the first inputs."
         )
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        if _markers.BUILD_HOOK in self.__dict__:  # not built: keys for what `build` creates have no place yet
+            held = {*self._parameters, *self._buffers, *self._modules}
+            theirs = sorted(
+                k for k in state_dict if k.startswith(prefix) and k[len(prefix) :].split(".")[0] not in held
+            )
+            if theirs:
+                shown = ", ".join(f"`{k}`" for k in theirs[:4]) + (", ..." if len(theirs) > 4 else "")
+                raise NotBuiltError(
+                    f"`{_paths.module_path(self)}` ({type(self).__qualname__}) is a `tl.LazyModule` whose "
+                    f"`build` has not run, so the state dict's {shown} have no place yet: `build` creates them "
+                    "from the first input, which a state dict does not give. Call the model once, or "
+                    "`tl.build(model, tl.Spec(*input_shape))`, then `load_state_dict`."
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         if _markers.SLOT in state:
@@ -907,6 +1046,10 @@ class LazyModule(nn.Module):
 
 
 def _build_lazy_module(module: LazyModule, args: Any, kwargs: Any) -> None:
+    _eagerly(_build_lazy_module_now, module, args, kwargs)
+
+
+def _build_lazy_module_now(module: LazyModule, args: Any, kwargs: Any) -> None:
     def build(deferred: bool) -> None:
         module.build(*args, **kwargs)
         module.__dict__.pop(_markers.BUILD_HOOK).remove()

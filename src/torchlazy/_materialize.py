@@ -135,6 +135,11 @@ def materialize(
         raise ArgumentError(f"`tl.materialize` takes a torch.nn.Module, not {type(module).__name__}.")
     if not isinstance(exact, bool) or not isinstance(strict, bool):
         raise ArgumentError("`tl.materialize`: `exact=` and `strict=` take True or False.")
+    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+        raise ArgumentError(
+            "`tl.materialize`: `progress=` takes True, False, None (a bar for models over 1 GiB on a terminal) "
+            f"or a callable (done, total, bytes_done, bytes_total), not {type(progress).__name__} `{progress!r}`."
+        )
     if key_map is not None and not (callable(key_map) or isinstance(key_map, dict)):
         raise ArgumentError(
             f"`tl.materialize`: `key_map=` takes a callable (checkpoint key -> model key or None) or a dict of "

@@ -14,12 +14,16 @@ from torch import nn
 from ._deferred import is_deferred
 from ._errors import ArgumentError, CheckpointError
 
-__all__ = ["save"]
+__all__ = ["parse_size", "save"]
 
 
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
+    if not isinstance(size, str):
+        raise ArgumentError(
+            f"`max_shard_size={size!r}`: expected a positive number of bytes (an int) or a string such as '2GB'."
+        )
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", size.upper())
     if match is None:
         raise ArgumentError(f"`max_shard_size={size!r}`: expected bytes as an int or a string such as '2GB'.")
@@ -50,6 +54,8 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
     """
     from safetensors.torch import save_file
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentError(f"`tl.save(model, path)`: `path` is a file name (str or Path), not {type(path).__name__}.")
     if is_deferred(module):
         raise CheckpointError(
             "the model is still deferred: call `tl.materialize(model)` (or `tl.build`) before `tl.save`."
@@ -60,7 +66,7 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
         out.parent.mkdir(parents=True, exist_ok=True)
         save_file(dict(tensors), str(out), metadata={"format": "pt"})
         return [out]
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for key, t in tensors:

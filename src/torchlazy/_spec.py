@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from . import _torch_compat as tc
-from ._errors import ShapeError
+from ._errors import ArgumentError, ShapeError
 
 __all__ = ["CONSTANT_LIMIT", "Spec", "to_fake", "to_meta"]
 
@@ -38,9 +38,17 @@ class Spec:
             shape = tuple(shape[0])
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
             raise ShapeError(f"`tl.Spec{shape}`: every size must be a non-negative int, got {shape}.")
+        if not isinstance(dtype, torch.dtype):
+            raise ArgumentError(f"`tl.Spec(..., dtype={dtype!r})`: expected a torch.dtype such as `torch.int64`.")
+        try:
+            place = torch.device(device) if device is not None else None
+        except (RuntimeError, TypeError) as e:
+            raise ArgumentError(
+                f"`tl.Spec(..., device={device!r})`: not a device ({e}); use 'cpu', 'cuda:0', ..."
+            ) from None
         object.__setattr__(self, "shape", tuple(shape))
         object.__setattr__(self, "dtype", dtype)
-        object.__setattr__(self, "device", torch.device(device) if device is not None else None)
+        object.__setattr__(self, "device", place)
 
     def __repr__(self) -> str:
         extra = "" if self.dtype == torch.float32 else f", dtype={self.dtype}"

@@ -21,7 +21,36 @@ from . import _torch_compat as tc
 from ._modtree import module_tensors
 from ._spec import to_meta
 
-__all__ = ["run_twin"]
+__all__ = ["KernelDtypes", "check_kernel_dtypes", "run_twin"]
+
+# Kernels whose real (CPU/CUDA) implementations refuse operands of different dtypes, and whose meta
+# and fake kernels do not check: an int64 or float64 input to a float32 Linear "works" on shapes.
+_SAME_DTYPE_OPS = frozenset(
+    {"mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "convolution", "_convolution"}
+)
+
+
+def check_kernel_dtypes(func: Any, args: Any, kwargs: Any) -> None:
+    """Raise what the real kernel would, where operands' dtypes differ and the real kernel refuses that."""
+    if func.__name__.split(".")[0] not in _SAME_DTYPE_OPS:
+        return
+    dtypes = [t.dtype for t in tc.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if len(set(dtypes)) > 1:
+        names = " and ".join(str(d).removeprefix("torch.") for d in dict.fromkeys(dtypes))
+        raise RuntimeError(f"`{func.__name__.split('.')[0]}` needs operands of one dtype, but got {names}")
+
+
+class KernelDtypes(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
+    """Check operand dtypes as the real kernels do (meta kernels skip that)."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        check_kernel_dtypes(func, args, kwargs)
+        return func(*args, **kwargs)
 
 
 def _meta_twin(module: nn.Module) -> nn.Module:
@@ -71,7 +100,7 @@ def run_twin(
 
     margs, mkwargs = to_meta((args, kwargs))
     try:
-        with _deferred.quiet(), torch.device("meta"), torch.no_grad():
+        with _deferred.quiet(), torch.device("meta"), torch.no_grad(), KernelDtypes():
             twin(*margs, **mkwargs)
     finally:
         for h in handles:

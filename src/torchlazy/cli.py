@@ -2,12 +2,17 @@
 
     torchlazy summary pkg.module:factory [--kwargs JSON] [--input 8x3x224x224[:dtype] ...] [--depth N]
                       [--flops] [--memory [--optimizer adamw] [--autocast bf16]] [--format text|json|markdown]
+                      [--concretize]
     torchlazy summary path/to/config.json --input 1x128:int64 --flops --memory   (a transformers config)
-    torchlazy materialize pkg.module:factory [--kwargs JSON] [--input ...] [--seed N] [--dtype D] --out FILE
+    torchlazy materialize pkg.module:factory [--kwargs JSON] [--input ...] [--seed N] [--dtype D]
+                      [--concretize] --out FILE[.safetensors|.pt] [--max-shard-size 2GB]
 
 The factory is constructed under `tl.deferred()`: nothing is allocated by
 `summary`, and `materialize` writes exactly what eager construction would
 have built under `--seed` (a "seed checkpoint").
+
+`--out` ending in `.pt`, `.pth` or `.bin` writes a `torch.save` state dict; any other name
+a safetensors file (a folder of shards with `--max-shard-size`).
 
 Exit codes: 0 done, 2 bad arguments, 3 the factory cannot be imported,
 4 the model cannot be constructed, built or written.
@@ -21,6 +26,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,14 +34,15 @@ import torch
 from . import _lazy
 from ._costs import CostError, estimate_memory, optimizer_class
 from ._deferred import deferred, deferred_tensors
-from ._errors import LazyError
+from ._errors import ArgumentError, LazyError
 from ._from_config import config_file, model_from_config
 from ._infer import build
 from ._materialize import materialize
-from ._save import save
+from ._save import parse_size, save
 from ._spec import Spec
 from ._summary import summary
 
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
@@ -58,6 +65,15 @@ def parse_dtype(text: str) -> torch.dtype:
     dtype = DTYPES.get(text.strip().lower())
     if dtype is None:
         raise UsageError(f"unknown dtype `{text}`; use one of {', '.join(sorted(DTYPES))}")
+    return dtype
+
+
+def parse_float_dtype(flag: str, text: str) -> torch.dtype:
+    dtype = parse_dtype(text)
+    if not dtype.is_floating_point:
+        raise UsageError(
+            f"{flag} `{text}`: parameters are cast to a floating dtype; use float32, bf16, fp16 or float64"
+        )
     return dtype
 
 
@@ -108,7 +124,7 @@ def _construct(args: argparse.Namespace) -> torch.nn.Module:
     if not isinstance(kwargs, dict):
         raise UsageError("--kwargs must be a JSON object, like '{\"num_classes\": 10}'")
     factory = load_factory(args.model)
-    with deferred():
+    with deferred(concretize=args.concretize):
         model = factory(**kwargs)
     if not isinstance(model, torch.nn.Module):
         raise LazyError(f"`{args.model}` returned {type(model).__name__}, not a torch.nn.Module")
@@ -129,9 +145,11 @@ def _examples(inputs: Sequence[str]) -> tuple[list[Spec], dict[str, Spec]]:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     positional, keywords = _examples(args.input)
+    if args.depth is not None and args.depth < 0:
+        raise UsageError(f"--depth {args.depth}: expected 0 or more (the depth of modules to show)")
     if (args.flops or args.memory) and not (positional or keywords):
         raise UsageError("--flops and --memory run the forward: pass an example with --input SHAPE[:dtype]")
-    autocast = parse_dtype(args.autocast) if args.autocast else None
+    autocast = parse_float_dtype("--autocast", args.autocast) if args.autocast else None
     try:
         optimizer = optimizer_class(args.optimizer)  # checked before the model is constructed
     except CostError as e:
@@ -159,7 +177,20 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_materialize(args: argparse.Namespace) -> int:
     positional, keywords = _examples(args.input)
-    dtype = parse_dtype(args.dtype) if args.dtype else None
+    dtype = parse_float_dtype("--dtype", args.dtype) if args.dtype else None
+    torch_format = args.out.lower().endswith(TORCH_SUFFIXES)
+    if args.max_shard_size is not None:
+        try:
+            parse_size(args.max_shard_size)
+        except ArgumentError:
+            raise UsageError(
+                f"--max-shard-size `{args.max_shard_size}`: expected a size such as 500MB or 2GB"
+            ) from None
+        if torch_format:
+            raise UsageError(
+                f"--out `{args.out}` with --max-shard-size: shards are safetensors files in a folder; "
+                "give a folder name, or drop --max-shard-size to write one torch.save file"
+            )
     torch.manual_seed(args.seed)
     model = _construct(args)
     if positional or keywords:
@@ -170,7 +201,13 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     left = deferred_tensors(model)
     if left:
         raise LazyError(f"still deferred after materialization: {', '.join(left[:5])}")
-    files = save(model, args.out, max_shard_size=args.max_shard_size)
+    if torch_format:  # what the name promises: `torch.load` reads it (ties stay shared)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), out)
+        files = [out]
+    else:
+        files = save(model, args.out, max_shard_size=args.max_shard_size)
     count = len(model.state_dict())
     size = sum(f.stat().st_size for f in files)
     print(f"wrote {', '.join(str(f) for f in files)} ({count} tensors, {size / 2**20:.2f} MiB, seed {args.seed})")
@@ -187,6 +224,12 @@ def parser() -> argparse.ArgumentParser:
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("model", help="MODULE:CALLABLE returning a torch.nn.Module, or a transformers config.json")
         q.add_argument("--kwargs", help="JSON object of keyword arguments for the callable")
+        q.add_argument(
+            "--concretize",
+            action="store_true",
+            help="compute values the construction reads (`.item()`, data-dependent shapes) for real: "
+            "`tl.deferred(concretize=True)`",
+        )
         q.add_argument(
             "--input",
             action="append",
@@ -208,7 +251,11 @@ def parser() -> argparse.ArgumentParser:
     common(m)
     m.add_argument("--seed", type=int, default=0, help="torch.manual_seed before construction (default 0)")
     m.add_argument("--dtype", help="cast floating tensors, e.g. bf16")
-    m.add_argument("--out", required=True, help="output .safetensors file (a folder with --max-shard-size)")
+    m.add_argument(
+        "--out",
+        required=True,
+        help="output .safetensors file (a folder with --max-shard-size), or .pt/.pth/.bin for torch.save",
+    )
     m.add_argument("--max-shard-size", default=None, help="shard the output, e.g. 2GB")
     m.set_defaults(run=cmd_materialize)
     return p
@@ -225,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"torchlazy: error: {e}", file=sys.stderr)
         return 3
     except (LazyError, ValueError, TypeError, RuntimeError) as e:
-        print(f"torchlazy: error: {type(e).__name__}: {e}", file=sys.stderr)
+        hint = " (on the command line: --concretize)" if "concretize=True" in str(e) else ""
+        print(f"torchlazy: error: {type(e).__name__}: {e}{hint}", file=sys.stderr)
         return 4
 
 

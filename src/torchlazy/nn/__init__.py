@@ -1,8 +1,9 @@
 """Lazy counterparts of the torch.nn layers whose sizes depend on their input.
 
 Each class takes torch.nn's constructor minus the inferred arguments, with the
-same names and defaults, and becomes the plain torch.nn class at its first
-input. All of them come from one table: adding a layer is adding a row.
+same names and defaults (those with a default by keyword only, so eager's
+argument order is an error rather than a shifted meaning), and becomes the
+plain torch.nn class at its first input. All of them come from one table: adding a layer is adding a row.
 
 >>> import torch, torchlazy as tl
 >>> net = torch.nn.Sequential(tl.nn.Conv2d(8, 3), tl.nn.BatchNorm2d(), torch.nn.Flatten(), tl.nn.Linear(10))
