@@ -262,11 +262,6 @@ def _deferred_linear() -> nn.Module:
         return nn.Linear(2, 2)
 
 
-_IN_DEFERRED = pytest.mark.xfail(
-    strict=True, reason="the check belongs in _deferred.py, which is being rewritten in parallel"
-)
-
-
 @pytest.mark.parametrize(
     "call",
     [
@@ -302,10 +297,8 @@ _IN_DEFERRED = pytest.mark.xfail(
         pytest.param(lambda: tl.lazy(nn.Linear), id="lazy-without-rules"),
         pytest.param(lambda: tl.is_built(3), id="is_built(3)"),  # type: ignore[arg-type]
         pytest.param(lambda: tl.is_deferred(3), id="is_deferred(3)"),  # type: ignore[arg-type]
-        pytest.param(lambda: tl.deferred_tensors(3), id="deferred_tensors(3)", marks=_IN_DEFERRED),  # type: ignore[arg-type]
-        pytest.param(
-            lambda: tl.deferred(concretize="x").__enter__(), id="deferred(concretize='x')", marks=_IN_DEFERRED
-        ),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.deferred_tensors(3), id="deferred_tensors(3)"),  # type: ignore[arg-type]
+        pytest.param(lambda: tl.deferred(concretize="x").__enter__(), id="deferred(concretize='x')"),  # type: ignore[arg-type]
         pytest.param(lambda: tl.Spec("a"), id="Spec('a')"),  # type: ignore[arg-type]
         pytest.param(lambda: tl.Spec(-1), id="Spec(-1)"),
         pytest.param(lambda: tl.Spec(2, dtype="float32"), id="Spec(dtype='float32')"),  # type: ignore[arg-type]

@@ -157,6 +157,8 @@ def deferred_tensors(module: nn.Module) -> list[str]:
     >>> tl.deferred_tensors(net)[:3]
     ['0.weight', '0.bias', '1.weight']
     """
+    if not isinstance(module, nn.Module):
+        raise ArgumentError(f"`tl.deferred_tensors` takes a torch.nn.Module, not {type(module).__name__}.")
     _paths.remember_paths(module)
     return [path for path, _, _, t in module_tensors(module) if tc.is_fake(t)]
 
@@ -724,6 +726,8 @@ def deferred(*, concretize: bool = False) -> Iterator[None]:
     >>> torch.equal(layer.weight, torch.nn.Linear(1000, 1000).weight)
     True
     """
+    if not isinstance(concretize, bool):
+        raise ArgumentError(f"`tl.deferred(concretize=...)` takes True or False, not {concretize!r}.")
     if _local.recorders and _local.quiet == 0:
         yield
         return
