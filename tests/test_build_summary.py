@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import zoo
-from conftest import same_state
+from exact import assert_models_identical, assert_same_tensors
 from models import MODELS
 from torch import nn
 
@@ -33,7 +33,7 @@ def build_deferred_cnn_and_check_exact() -> nn.Module:
         model = zoo.cnn()
     tl.build(model, tl.Spec(2, 3, 32, 32))
     torch.manual_seed(0)
-    assert same_state(model, zoo.cnn_eager()) == []
+    assert_models_identical(model, zoo.cnn_eager())
     return model
 
 
@@ -52,11 +52,11 @@ def test_build_without_deferred_inits_in_construction_order() -> None:
     two = nn.Sequential(tl.nn.Linear(4), tl.nn.Linear(3))
     torch.manual_seed(5)
     tl.build(two, {"x": tl.Spec(2, 6)}["x"])
-    assert same_state(one, two) == []
+    assert_models_identical(one, two)
     torch.manual_seed(5)
     eager = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
-    assert same_state(one, eager) == []  # drew from the live generator, in construction order
-    assert torch.equal(after_one, torch.random.get_rng_state())
+    assert_models_identical(one, eager)  # drew from the live generator, in construction order
+    assert_same_tensors(after_one, torch.random.get_rng_state(), "generator state")
 
 
 def test_build_accepts_tensors_nested_examples_and_kwargs() -> None:
@@ -170,7 +170,7 @@ def test_cli_materialize_writes_exact_seed_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(7)
     reference = zoo.cnn_eager().to(torch.bfloat16)
     loaded = tl.materialize(nn.Sequential(*zoo.cnn()), checkpoint=tmp_path / "c.safetensors")
-    assert same_state(loaded.to(torch.bfloat16), reference) == []
+    assert_models_identical(loaded.to(torch.bfloat16), reference)
     tied = run_cli("materialize", "zoo:tied", "--out", str(tmp_path / "t"), "--max-shard-size", "1KB")
     assert tied.returncode == 0, tied.stderr and (tmp_path / "t" / "model.safetensors.index.json").exists()
 

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import same_state
+from exact import assert_models_identical, assert_same_tensors
 from layer_cases import CASES, Case
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
@@ -39,7 +39,8 @@ def test_becomes_the_eager_class(case: Case) -> None:
     assert not any(k.startswith("_tl") for k in vars(lazy))
     assert repr(lazy) == repr(eager)
     lazy.load_state_dict(eager.state_dict())
-    torch.testing.assert_close(_call(lazy, inputs), _call(eager, inputs), rtol=0, atol=0)
+    assert_models_identical(lazy, eager)
+    assert_same_tensors(_call(lazy, inputs), _call(eager, inputs), "output")
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
@@ -55,7 +56,7 @@ def test_exact_under_deferred(case: Case) -> None:
     torch.manual_seed(0)
     eager = case.eager()
     assert type(lazy) is type(eager)
-    assert same_state(lazy, eager) == []
+    assert_models_identical(lazy, eager)
     assert not tl.is_deferred(lazy)
 
 
@@ -95,7 +96,8 @@ def test_load_state_dict_infers_sizes(case: Case) -> None:
         pytest.skip("no state to infer sizes from")
     lazy.load_state_dict(eager.state_dict())
     assert type(lazy) is type(eager)
-    torch.testing.assert_close(_call(lazy, inputs), _call(eager, inputs), rtol=0, atol=0)
+    assert_models_identical(lazy, eager)
+    assert_same_tensors(_call(lazy, inputs), _call(eager, inputs), "output")
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
@@ -109,7 +111,7 @@ def test_copy_and_pickle_before_and_after_build(case: Case) -> None:
     torch.save(lazy, buffer)
     buffer.seek(0)
     for clone in (copy.deepcopy(lazy), torch.load(buffer, weights_only=False)):
-        torch.testing.assert_close(_call(clone, inputs), out, rtol=0, atol=0)
+        assert_same_tensors(_call(clone, inputs), out, "output")
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
@@ -133,7 +135,7 @@ def test_optimizer_created_before_build_trains_real_parameters() -> None:
     loss = net(x).pow(2).mean()
     loss.backward()
     opt.step()
-    assert all(a is b for a, b in zip(held, net.parameters()))
+    assert [id(p) for p in held] == [id(p) for p in net.parameters()]
     assert held[0].shape == (8, 4) and type(held[0]) is nn.Parameter
     assert held[0].grad is not None
 
@@ -178,7 +180,7 @@ def test_torch_compile_after_build() -> None:
     x = torch.randn(3, 5)
     expected = net(x)
     compiled = torch.compile(net, backend="eager")
-    torch.testing.assert_close(compiled(x), expected)
+    assert_same_tensors(compiled(x), expected, "output")
 
 
 def test_repr_and_signature() -> None:
