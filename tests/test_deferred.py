@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from alloc import CountAllocations, state_bytes
 from exact import assert_models_identical, assert_same_tensors, raw_bytes
 from torch import nn
 
@@ -196,6 +197,13 @@ def test_not_exact_is_reproducible_with_same_distributions() -> None:
 
 
 def test_nothing_allocated_and_forward_before_materialize_is_a_clear_error() -> None:
+    with CountAllocations() as allocations:
+        with tl.deferred():
+            model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    assert allocations.storages == []
+    with CountAllocations() as allocations:
+        tl.materialize(model)
+    assert allocations.nbytes == state_bytes(model) == (16 + 4 + 8 + 2) * 4  # once each, nothing else
     with tl.deferred():
         model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     assert all(p.untyped_storage().device.type == "meta" for p in model.parameters())
