@@ -43,10 +43,23 @@ def test_becomes_the_eager_class(case: Case) -> None:
     assert_same_tensors(_call(lazy, inputs), _call(eager, inputs), "output")
 
 
-@pytest.mark.parametrize("case", CASES, ids=repr)
+def known_failures(cases: list[Case], reasons: dict[str, str]) -> list[object]:
+    """The cases, those named in `reasons` marked as strict expected failures (they flip to an error when fixed)."""
+    assert set(reasons) <= {c.name for c in cases}, f"unknown cases: {set(reasons) - {c.name for c in cases}}"
+    return [
+        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=reasons[c.name])) if c.name in reasons else c
+        for c in cases
+    ]
+
+
+@pytest.mark.parametrize(
+    "case",
+    known_failures(
+        CASES, {"LSTM-packed": "PyTorch has no fake-tensor kernel for packed LSTM: build from a real batch (README)"}
+    ),
+    ids=repr,
+)
 def test_exact_under_deferred(case: Case) -> None:
-    if case.name == "LSTM-packed":
-        pytest.skip("PyTorch has no fake-tensor kernel for packed LSTM: build from a real batch")
     inputs = case.inputs()
     torch.manual_seed(0)
     with tl.deferred():
@@ -73,12 +86,11 @@ def test_bad_first_input_leaves_layer_unbuilt(case: Case) -> None:
     assert tl.is_built(lazy)
 
 
-@pytest.mark.parametrize("case", CASES, ids=repr)
-def test_unbuilt_parameters_raise_not_built(case: Case) -> None:
+@pytest.mark.parametrize("case", [c for c in CASES if list(c.eager().parameters())], ids=repr)
+def test_unbuilt_parameters_raise_not_built(case: Case) -> None:  # cases without parameters have nothing to raise
     lazy = case.lazy()
     params = list(lazy.parameters())
-    if not params:
-        pytest.skip("no parameters")
+    assert params, "the eager twin has parameters: the unbuilt layer must have placeholders for them"
     assert all(isinstance(p, UninitializedParameter) for p in params)
     with pytest.raises(tl.NotBuiltError, match="forward pass"):
         sum(p.numel() for p in lazy.parameters())
@@ -88,12 +100,10 @@ def test_unbuilt_parameters_raise_not_built(case: Case) -> None:
         params[0] + 1
 
 
-@pytest.mark.parametrize("case", CASES, ids=repr)
-def test_load_state_dict_infers_sizes(case: Case) -> None:
+@pytest.mark.parametrize("case", [c for c in CASES if c.eager().state_dict()], ids=repr)
+def test_load_state_dict_infers_sizes(case: Case) -> None:  # cases with an empty state dict have nothing to infer from
     lazy, eager, inputs = case.lazy(), case.eager(), case.inputs()
     lazy.eval(), eager.eval()
-    if not eager.state_dict():
-        pytest.skip("no state to infer sizes from")
     lazy.load_state_dict(eager.state_dict())
     assert type(lazy) is type(eager)
     assert_models_identical(lazy, eager)
@@ -114,10 +124,18 @@ def test_copy_and_pickle_before_and_after_build(case: Case) -> None:
         assert_same_tensors(_call(clone, inputs), out, "output")
 
 
-@pytest.mark.parametrize("case", CASES, ids=repr)
+@pytest.mark.parametrize(
+    "case",
+    known_failures(
+        CASES,
+        {
+            "MultiheadAttention-kvdim": "distinct kdim/vdim give other parameters (q/k/v_proj_weight) than the "
+            "unbuilt placeholder's in_proj_weight (README, Limits)"
+        },
+    ),
+    ids=repr,
+)
 def test_optimizer_created_before_build_holds_the_real_parameters(case: Case) -> None:
-    if case.name == "MultiheadAttention-kvdim":
-        pytest.skip("distinct kdim/vdim give other parameters than the skeleton's in_proj_weight")
     lazy = case.lazy()
     held = list(lazy.parameters())
     _call(lazy, case.inputs())
