@@ -2,9 +2,9 @@
 
     python benchmarks/bench_fsdp.py [--runs N]
 
-Medians over N runs (each run spawns its own 2 ranks). Exact mode replays every full tensor once per rank,
-one at a time, and keeps
-the local slice: per-rank time ~ the full init, per-rank memory ~ shard + one tensor.
+Medians over N runs (each run spawns its own 2 ranks). Exact mode replays every full tensor once per
+rank, one at a time, and keeps the local slice: per-rank time ~ the full init, per-rank memory ~ shard +
+one tensor.
 """
 
 from __future__ import annotations
