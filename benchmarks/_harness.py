@@ -59,16 +59,27 @@ def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _once(script: str, name: str) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, script, "--variant", name], capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{name} failed:\n{out.stdout}\n{out.stderr}")
+    return dict(json.loads(lines[-1][len("RESULT ") :]))
+
+
 def run(script: str, name: str, repeat: int | None = None) -> dict[str, Any]:
     """Median of `repeat` (default: `runs()`) fresh-process runs of one variant."""
-    results = []
-    for _ in range(repeat or runs()):
-        out = subprocess.run([sys.executable, script, "--variant", name], capture_output=True, text=True, check=False)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-        if out.returncode != 0 or not lines:
-            raise RuntimeError(f"{name} failed:\n{out.stdout}\n{out.stderr}")
-        results.append(json.loads(lines[-1][len("RESULT ") :]))
-    return median_of(results)
+    return median_of([_once(script, name) for _ in range(repeat or runs())])
+
+
+def run_all(script: str, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Medians of `runs()` fresh-process runs of every variant, interleaved (round after round of all variants),
+    so that a slow spell of a shared machine hits every variant alike instead of one."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for _ in range(runs()):
+        for name in names:
+            results[name].append(_once(script, name))
+    return [(name, median_of(results[name])) for name in names]
 
 
 def machine() -> str:
@@ -88,7 +99,11 @@ def ratio(seconds: float, base: float) -> str:
 def table(title: str, rows: list[tuple[str, dict[str, Any]]], baseline: str, reference_bytes: int | None = None) -> str:
     base = dict(rows)[baseline]["seconds"]
     n = rows[0][1].get("n", 1)
-    lines = [f"{title}  ({machine()})", f"median of {n} fresh-process runs each (min-max in brackets)", ""]
+    lines = [
+        f"{title}  ({machine()})",
+        f"median of {n} fresh-process runs each, variants interleaved (min-max in brackets)",
+        "",
+    ]
     head = f"{'variant':<52} {'median (s)':>10} {'(min-max)':>15} {'vs ' + baseline[:20]:>24} {'peak RSS growth':>16}"
     if reference_bytes:
         head += f" {'/ params bytes':>15}"

@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
-from _harness import child, machine, run, runs, table
+from _harness import child, machine, run_all, runs, table
 from torch import nn
 
 import torchlazy as tl
@@ -150,7 +150,7 @@ if __name__ == "__main__":
     if "--variant" in sys.argv:
         child(VARIANTS)
         raise SystemExit
-    rows = [(name, run(__file__, name)) for name in VARIANTS]
+    rows = run_all(__file__, list(VARIANTS))
     results = dict(rows)
     counts = {results[name]["params"] for name in SIZES}
     assert len(counts) == 1, f"the ways of getting sizes disagree: {counts}"

@@ -24,7 +24,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
-from _harness import child, run, table
+from _harness import child, run_all, table
 from bench_materialize import make, warm_up
 from safetensors.torch import load_file
 from torch._subclasses.fake_tensor import FakeTensor
@@ -129,7 +129,7 @@ if __name__ == "__main__":
         tl.save(source, PATH)
         source.save_pretrained(FOLDER)
         del source
-    rows = [(name, run(__file__, name)) for name in VARIANTS]
+    rows = run_all(__file__, list(VARIANTS))
     with tl.deferred():
         params = sum(p.numel() * p.element_size() for p in make().parameters())  # nothing allocated
     print(table(f"Llama {params / 4 / 1e6:.0f}M from safetensors, float32, CPU", rows, BASELINE, params))

@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
-from _harness import child, run, table
+from _harness import child, run_all, table
 
 import torchlazy as tl
 
@@ -129,6 +129,6 @@ if __name__ == "__main__":
     if "--variant" in sys.argv:
         child(VARIANTS)
     else:
-        rows = [(name, run(__file__, name)) for name in VARIANTS]
+        rows = run_all(__file__, list(VARIANTS))
         params = dict(rows)["eager construction"]["params"]
         print(table(f"Llama {params / 4 / 1e6:.0f}M parameters, float32, CPU", rows, "eager construction", params))
