@@ -1,4 +1,8 @@
-"""Run each variant in a fresh process; report wall time and peak RSS growth; print ratio tables."""
+"""Run each variant in fresh processes; report the median wall time and peak RSS growth; print ratio tables.
+
+Every script takes `--runs N` (default 5, or the `BENCH_RUNS` environment variable): each variant runs
+in N fresh processes and the tables show the median, with the fastest and slowest run beside it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -23,6 +28,13 @@ def _peak() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def runs() -> int:
+    """N, from `--runs N` on the command line or `BENCH_RUNS` (default 5)."""
+    if "--runs" in sys.argv:
+        return int(sys.argv[sys.argv.index("--runs") + 1])
+    return int(os.environ.get("BENCH_RUNS", "5"))
+
+
 def child(variants: dict[str, Callable[[], Any]]) -> None:
     """In the child: run `--variant NAME` once (after a warm-up of imports), print JSON."""
     name = sys.argv[sys.argv.index("--variant") + 1]
@@ -36,36 +48,69 @@ def child(variants: dict[str, Callable[[], Any]]) -> None:
     print("RESULT " + json.dumps({"seconds": seconds, "peak_growth": max(_peak() - before, 0), **extra}))
 
 
-def run(script: str, name: str, repeat: int = 1) -> dict[str, Any]:
-    """Best of `repeat` fresh-process runs of one variant."""
-    best: dict[str, Any] | None = None
-    for _ in range(repeat):
-        out = subprocess.run([sys.executable, script, "--variant", name], capture_output=True, text=True, check=False)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-        if out.returncode != 0 or not lines:
-            raise RuntimeError(f"{name} failed:\n{out.stdout}\n{out.stderr}")
-        result = json.loads(lines[-1][len("RESULT ") :])
-        if best is None or result["seconds"] < best["seconds"]:
-            best = result
-    assert best is not None
-    return best
+def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every numeric field over runs, plus `min`/`max` of the times and `n`."""
+    out: dict[str, Any] = dict(results[0])
+    for key, value in results[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in results)
+    times = [r["seconds"] for r in results]
+    out.update(min=min(times), max=max(times), n=len(results))
+    return out
+
+
+def _once(script: str, name: str) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, script, "--variant", name], capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{name} failed:\n{out.stdout}\n{out.stderr}")
+    return dict(json.loads(lines[-1][len("RESULT ") :]))
+
+
+def run(script: str, name: str, repeat: int | None = None) -> dict[str, Any]:
+    """Median of `repeat` (default: `runs()`) fresh-process runs of one variant."""
+    return median_of([_once(script, name) for _ in range(repeat or runs())])
+
+
+def run_all(script: str, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Medians of `runs()` fresh-process runs of every variant, interleaved (round after round of all variants),
+    so that a slow spell of a shared machine hits every variant alike instead of one."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for _ in range(runs()):
+        for name in names:
+            results[name].append(_once(script, name))
+    return [(name, median_of(results[name])) for name in names]
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    import torch
+
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
+
+
+def ratio(seconds: float, base: float) -> str:
+    r = seconds / base
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x (1/{1 / r:.0f})"
 
 
 def table(title: str, rows: list[tuple[str, dict[str, Any]]], baseline: str, reference_bytes: int | None = None) -> str:
     base = dict(rows)[baseline]["seconds"]
-    lines = [f"{title}  ({machine()})", ""]
-    head = f"{'variant':<44} {'time (s)':>9} {'vs ' + baseline:>22} {'peak RSS growth':>16}"
+    n = rows[0][1].get("n", 1)
+    lines = [
+        f"{title}  ({machine()})",
+        f"median of {n} fresh-process runs each, variants interleaved (min-max in brackets)",
+        "",
+    ]
+    head = f"{'variant':<52} {'median (s)':>10} {'(min-max)':>15} {'vs ' + baseline[:20]:>24} {'peak RSS growth':>16}"
     if reference_bytes:
         head += f" {'/ params bytes':>15}"
     lines += [head, "-" * len(head)]
     for name, r in rows:
-        ratio = r["seconds"] / base
-        shown = f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.3f}x (1/{1 / ratio:.0f})"
-        line = f"{name:<44} {r['seconds']:>9.3f} {shown:>22} {r['peak_growth'] / 2**20:>12.0f} MiB"
+        spread = f"({r.get('min', r['seconds']):.3f}-{r.get('max', r['seconds']):.3f})"
+        line = f"{name:<52} {r['seconds']:>10.3f} {spread:>15} {ratio(r['seconds'], base):>24} {r['peak_growth'] / 2**20:>12.0f} MiB"
         if reference_bytes:
             line += f" {r['peak_growth'] / reference_bytes:>14.2f}x"
         lines.append(line)

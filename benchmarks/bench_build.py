@@ -1,25 +1,28 @@
-"""Shape inference from a Spec vs a real dry run, build vs initialization alone, and cold start.
+"""Shape inference from a Spec and build, against the strongest plain-PyTorch way to do each, and cold start.
 
-    python benchmarks/bench_build.py
+    python benchmarks/bench_build.py [--runs N]
 
-The model is a 107M-parameter VGG-style CNN whose sizes are all lazy.
-- summary from tl.Spec vs a dry run of torch's own Lazy* layers at batch 8, 224x224 (target >= 100x faster)
-- tl.build from a Spec of batch 64 vs initializing the same parameters alone (eager, explicit sizes;
-  target <= 1.2x, peak RSS growth ~ the parameters)
+The model is a 107M-parameter VGG-style CNN whose sizes are all lazy. Each variant runs in N fresh
+processes; the tables show medians.
+- sizes: tl.summary from tl.Spec against torch's own Lazy* layers run on the meta device (the strongest
+  baseline: the same sizes, nothing allocated) and against a real dry run at batch 8, 224x224
+- build: tl.build from a Spec of batch 64 against initializing the same parameters eagerly with explicit
+  sizes (what exact means), torch Lazy* initialized by a dry run at batch 1, and torch Lazy* shaped on the
+  meta device then `to_empty` + `reset_parameters` (other bits than eager construction)
 - cold start: the first tl.build in a fresh process, vs a first forward under PyTorch's FakeTensorMode
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
-from _harness import child, machine, run, table
+from _harness import child, machine, run_all, runs, table
 from torch import nn
 
 import torchlazy as tl
@@ -62,10 +65,34 @@ def dry_run():
     model = torch_lazy_cnn()
     with torch.no_grad():
         model(torch.randn(8, 3, 224, 224))
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def meta_dry_run():
+    with torch.device("meta"):
+        model = torch_lazy_cnn()
+        model(torch.empty(8, 3, 224, 224))
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def torch_lazy_init_batch1():
+    model = torch_lazy_cnn()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+
+
+def torch_lazy_meta_to_empty():
+    with torch.device("meta"):
+        model = torch_lazy_cnn()
+        model(torch.empty(1, 3, 224, 224))
+    model.to_empty(device="cpu")
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
 
 
 def summary_spec():
-    tl.summary(lazy_cnn(), tl.Spec(8, 3, 224, 224))
+    return {"params": tl.summary(lazy_cnn(), tl.Spec(8, 3, 224, 224)).total_params}
 
 
 def eager_init():
@@ -83,13 +110,21 @@ def build_deferred():
     tl.build(model, tl.Spec(64, 3, 224, 224))
 
 
-VARIANTS = {
-    "torch Lazy* dry run, batch 8": dry_run,
+SIZES_BASELINE = "torch Lazy* on the meta device, batch 8"
+BUILD_BASELINE = "eager init, explicit sizes"
+SIZES = {
+    SIZES_BASELINE: meta_dry_run,
+    "torch Lazy* real dry run, batch 8": dry_run,
     "tl.summary from tl.Spec(8, 3, 224, 224)": summary_spec,
-    "eager init, explicit sizes": eager_init,
+}
+BUILD = {
+    BUILD_BASELINE: eager_init,
+    "torch Lazy*, dry run at batch 1 (initializes)": torch_lazy_init_batch1,
+    "torch Lazy* on meta, to_empty + reset_parameters": torch_lazy_meta_to_empty,
     "tl.build(lazy, tl.Spec(64, ...))": build_spec,
     "tl.deferred + tl.build(tl.Spec(64, ...))": build_deferred,
 }
+VARIANTS = {**SIZES, **BUILD}
 for v in VARIANTS.values():
     v.setup = warm  # type: ignore[attr-defined]
 
@@ -105,24 +140,25 @@ COLD_FAKE = "from torch._subclasses.fake_tensor import FakeTensorMode\nfrom torc
 
 def cold(body: str) -> float:
     times = []
-    for _ in range(3):
+    for _ in range(runs()):
         out = subprocess.run([sys.executable, "-c", COLD.format(body=body)], capture_output=True, text=True, check=True)
         times.append(float(out.stdout.strip().splitlines()[-1]))
-    return min(times)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":
     if "--variant" in sys.argv:
         child(VARIANTS)
         raise SystemExit
-    rows = [(name, run(__file__, name, repeat=2)) for name in VARIANTS]
+    rows = run_all(__file__, list(VARIANTS))
     results = dict(rows)
-    params = results["eager init, explicit sizes"]["params"]
-    print(table("Shape inference: 107M-parameter CNN", rows[:2], "torch Lazy* dry run, batch 8"))
+    counts = {results[name]["params"] for name in SIZES}
+    assert len(counts) == 1, f"the ways of getting sizes disagree: {counts}"
+    params = results[BUILD_BASELINE]["params"]
+    print(table("Sizes of a 107M-parameter CNN whose sizes are all lazy", rows[: len(SIZES)], SIZES_BASELINE))
     print()
-    print(table("Build from a Spec of batch 64", rows[2:], "eager init, explicit sizes", params))
-    start = time.perf_counter()
+    print(table("Build from a Spec of batch 64", rows[len(SIZES) :], BUILD_BASELINE, params))
     ours, plain = cold(COLD_TL), cold(COLD_FAKE)
-    print(f"\nCold start in a fresh process ({machine()}), after `import torch`:")
+    print(f"\nCold start in a fresh process ({machine()}), after `import torch`, median of {runs()} runs:")
     print(f"  first tl.build (import torchlazy + shape inference + materialize): {ours:.3f} s")
     print(f"  first forward under PyTorch's FakeTensorMode, for comparison:  {plain:.3f} s  ({plain / ours:.1f}x ours)")

@@ -1,9 +1,10 @@
 """Sharded materialization on FSDP2, 2 CPU ranks (gloo): per-rank time and peak memory vs the full model.
 
-    python benchmarks/bench_fsdp.py
+    python benchmarks/bench_fsdp.py [--runs N]
 
-Exact mode replays every full tensor once per rank, one at a time, and keeps
-the local slice: per-rank time ~ the full init, per-rank memory ~ shard + one tensor.
+Medians over N runs (each run spawns its own 2 ranks). Exact mode replays every full tensor once per
+rank, one at a time, and keeps the local slice: per-rank time ~ the full init, per-rank memory ~ shard +
+one tensor.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _harness import machine, run
+from _harness import machine, median_of, run, runs
 from bench_materialize import make, warm_up
 
 import torchlazy as tl
@@ -74,7 +75,9 @@ if __name__ == "__main__":
         f"{'single process, full model (tl.materialize)':<46} {full['seconds']:>9.3f} {1:>7.2f}x {full['peak_growth'] / 2**20:>12.0f} MiB {full['peak_growth'] / params:>13.2f}x"
     )
     for exact in (True, False):
-        for r, res in enumerate(ranks(exact)):
+        tries = [ranks(exact) for _ in range(runs())]
+        per_rank = [median_of([t[r] for t in tries]) for r in range(2)]
+        for r, res in enumerate(per_rank):
             name = f"rank {r}, exact={exact} (shard {res['local'] / 2**20:.0f} MiB)"
             print(
                 f"{name:<46} {res['seconds']:>9.3f} {res['seconds'] / full['seconds']:>7.2f}x {res['peak'] / 2**20:>12.0f} MiB {res['peak'] / params:>13.2f}x"

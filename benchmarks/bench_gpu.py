@@ -1,17 +1,19 @@
 """On a CUDA device: materialize a ~160M-parameter Llama straight to the GPU, vs eager construction.
 
-python benchmarks/bench_gpu.py     (needs CUDA; run on the lent GPU machine, not in CI)
+python benchmarks/bench_gpu.py [--runs N]     (needs CUDA; run on the lent GPU machine, not in CI)
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
+from _harness import runs
 from bench_materialize import _quiet, make, warm_up
 
 import torchlazy as tl
@@ -62,9 +64,12 @@ if __name__ == "__main__":
         ("tl.materialize(device='cuda', exact=False)", ours(False)),
         ("tl.materialize(device='cuda', exact=False, bf16)", ours(False, torch.bfloat16)),
     ]
-    results = [(name, *min(timed(fn) for _ in range(3))) for name, fn in rows]
+    results = []
+    for name, fn in rows:  # in one process: medians of N runs of each (the first CUDA use is warmed up above)
+        times, peaks = zip(*(timed(fn) for _ in range(runs())))
+        results.append((name, statistics.median(times), max(peaks)))
     base = results[1][1]
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, median of {runs()} runs\n")
     print(f"{'variant':<50} {'time (s)':>9} {'vs baseline':>12} {'peak GPU MiB':>13}")
     for name, seconds, peak in results:
         print(f"{name:<50} {seconds:>9.3f} {seconds / base:>11.2f}x {peak:>13.0f}")

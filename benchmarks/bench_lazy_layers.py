@@ -1,23 +1,24 @@
 """torchlazy layers vs PyTorch's own Lazy* layers vs plain torch.nn: first call and steady state.
 
-    python benchmarks/bench_lazy_layers.py
+    python benchmarks/bench_lazy_layers.py [--runs N]
 
 After its first call a torchlazy layer *is* the plain torch.nn class, so the
 steady-state ratio against plain torch.nn should be 1.00x; PyTorch's Lazy*
-layers also become plain classes (cls_to_become). Timed in one process, best of
-several repeats, same inputs.
+layers also become plain classes (cls_to_become). Timed in one process, median of
+N repeats (--runs, default 5; x3 for first calls), same inputs.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
-from _harness import machine
+from _harness import machine, runs
 from torch import nn
 
 import torchlazy as tl
@@ -49,13 +50,13 @@ def plain() -> nn.Module:
     )  # fmt: skip
 
 
-def best(fn, repeat: int) -> float:
+def median(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return statistics.median(times)
 
 
 def first_call(make, x: torch.Tensor) -> float:
@@ -64,14 +65,14 @@ def first_call(make, x: torch.Tensor) -> float:
         with torch.no_grad():
             model(x)
 
-    return best(once, 15)
+    return median(once, 3 * runs())
 
 
 def steady(make, x: torch.Tensor) -> float:
     model = make().eval()
     with torch.no_grad():
         model(x)
-        return best(lambda: [model(x) for _ in range(20)], 7) / 20
+        return median(lambda: [model(x) for _ in range(20)], runs()) / 20
 
 
 def main() -> None:
@@ -84,7 +85,7 @@ def main() -> None:
         ("torchlazy tl.nn layers", first_call(ours, x), steady(ours, x)),
     ]
     base_first, base_steady = rows[0][1], rows[0][2]
-    print(f"Lazy CNN, batch 4x3x32x32, CPU 1 thread  ({machine()})\n")
+    print(f"Lazy CNN, batch 4x3x32x32, CPU 1 thread, medians  ({machine()})\n")
     head = f"{'layers':<34} {'construct+1st call (ms)':>24} {'vs plain':>9} {'per call after (ms)':>20} {'vs plain':>9}"
     print(head + "\n" + "-" * len(head))
     for name, first, per_call in rows:

@@ -1,9 +1,12 @@
 """Materialization vs eager construction of a ~160M-parameter transformer (Llama architecture).
 
-    python benchmarks/bench_materialize.py
+    python benchmarks/bench_materialize.py [--runs N]
 
-Each variant runs in a fresh process; peak RSS growth is measured from just
+Each variant runs in N fresh processes (the table shows medians); peak RSS growth is measured from just
 before construction. Targets: exact time <= 1.1x eager, peak RSS <= 1.05x parameter bytes.
+Baselines a user could pick instead: eager construction (what exact means), the meta device +
+`to_empty` + transformers' `init_weights()` (no exactness, like `exact=False`), and eager construction
+under `torch.set_default_dtype(torch.bfloat16)` (bf16 draws: other bits than casting fp32 eager).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
-from _harness import child, run, table
+from _harness import child, run_all, table
 
 import torchlazy as tl
 
@@ -60,9 +63,26 @@ def deferred_fast():
     tl.materialize(model, exact=False)
 
 
+def meta_init_weights():
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = make()
+    model.to_empty(device="cpu")
+    model.init_weights()
+
+
 def eager_bf16():
     torch.manual_seed(0)
     make().to(torch.bfloat16)
+
+
+def eager_default_bf16():
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        make()
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
 def deferred_bf16():
@@ -80,8 +100,10 @@ def deferred_only():
 VARIANTS = {
     "eager construction": eager,
     "tl.deferred + tl.materialize (exact)": deferred_exact,
+    "meta + to_empty + init_weights() (not exact)": meta_init_weights,
     "tl.deferred + tl.materialize(exact=False)": deferred_fast,
     "eager construction, then .to(bfloat16)": eager_bf16,
+    "eager under set_default_dtype(bfloat16) (not exact)": eager_default_bf16,
     "tl.materialize(dtype=torch.bfloat16) (exact)": deferred_bf16,
     "tl.deferred alone (nothing allocated)": deferred_only,
 }
@@ -107,6 +129,6 @@ if __name__ == "__main__":
     if "--variant" in sys.argv:
         child(VARIANTS)
     else:
-        rows = [(name, run(__file__, name, repeat=2)) for name in VARIANTS]
+        rows = run_all(__file__, list(VARIANTS))
         params = dict(rows)["eager construction"]["params"]
         print(table(f"Llama {params / 4 / 1e6:.0f}M parameters, float32, CPU", rows, "eager construction", params))

@@ -13,11 +13,3 @@ def _keep_rng():
     torch.manual_seed(1234)
     yield
     torch.random.set_rng_state(state)
-
-
-def same_state(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
-    """Names of tensors that differ (keys, shape, dtype or bits) between two modules."""
-    sa, sb = a.state_dict(keep_vars=True), b.state_dict(keep_vars=True)
-    if sa.keys() != sb.keys():
-        return sorted(sa.keys() ^ sb.keys())
-    return [k for k in sa if sa[k].shape != sb[k].shape or sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k])]

@@ -1,7 +1,22 @@
-"""Runs in each spawned rank of the FSDP2 tests (gloo, CPU)."""
+"""Runs in each spawned rank of the FSDP2 tests (gloo, CPU).
+
+Exit path. A rank once died with SIGABRT ("terminate called without an active exception") after its
+results were written. The gloo process group's C++ threads (two `pt_gloo_runloop` workers, the
+`gloo_tcp_loop` and, on rank 0, the TCPStore server `pt_tcpstore_uv`) are still running after
+`dist.destroy_process_group()`: FSDP2's mesh info, the model's DTensors and c10d's own registry keep the
+group alive (measured: the thread count is the same before and after destroy). They are torn down during
+interpreter finalization and C++ static destruction at exit, where a gloo thread that releases a tensor
+with a Python object must take the GIL from a finalizing interpreter and is force-unwound, which ends in
+std::terminate (see pytorch/pytorch#179291). And rank 0, which owns the store, could exit while rank 1
+was still tearing down. So each rank: does its work in a function (every model, mesh and DTensor
+reference dies with it), waits at a barrier until both ranks are done with every collective, collects
+garbage, destroys the group, and then leaves with `os._exit(0)`, skipping interpreter finalization
+altogether. Failures still raise normally, so `mp.spawn` reports the traceback.
+"""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -9,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 
-def run(rank: int, world: int, port: int, job: str, out: str, checkpoint: str | None) -> None:
+def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     from models import MODELS
     from torch.distributed.device_mesh import init_device_mesh
@@ -17,39 +32,48 @@ def run(rank: int, world: int, port: int, job: str, out: str, checkpoint: str | 
 
     import torchlazy as tl
 
+    mesh = init_device_mesh("cpu", (world,))
+    exact = not job.endswith("-fast")
+    job = job.removesuffix("-fast")
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = MODELS[job]()
+    for block in model.model.layers if job == "llama" else model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    torch.randn(7)  # RNG used in between
+    tl.materialize(model, checkpoint=checkpoint, exact=exact)
+    local = {}
+    for name, p in model.named_parameters():
+        local[name] = (p._local_tensor if hasattr(p, "_local_tensor") else p).detach().clone()
+    full = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # non-persistent ones too
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    ids = torch.randint(0, 128, (2, 8))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.save(
+        {
+            "local": local,
+            "full": full,
+            "buffers": buffers,
+            "tied": tied,
+            "loss": loss.detach().clone(),
+            "deferred": tl.deferred_tensors(model),
+        },
+        os.path.join(out, f"rank{rank}.pt"),
+    )
+
+
+def run(rank: int, world: int, port: int, job: str, out: str, checkpoint: str | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        mesh = init_device_mesh("cpu", (world,))
-        exact = not job.endswith("-fast")
-        job = job.removesuffix("-fast")
-        torch.manual_seed(0)
-        with tl.deferred():
-            model = MODELS[job]()
-        for block in model.model.layers if job == "llama" else model.transformer.h:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        torch.randn(7)  # RNG used in between
-        tl.materialize(model, checkpoint=checkpoint, exact=exact)
-        local = {}
-        for name, p in model.named_parameters():
-            local[name] = p._local_tensor.clone() if hasattr(p, "_local_tensor") else p.detach().clone()
-        full = {name: p.full_tensor() for name, p in model.named_parameters()}
-        buffers = {name: b.clone() for name, b in model.named_buffers()}
-        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-        ids = torch.randint(0, 128, (2, 8))
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.save(
-            {
-                "local": local,
-                "full": full,
-                "buffers": buffers,
-                "tied": tied,
-                "loss": loss.item(),
-                "deferred": tl.deferred_tensors(model),
-            },
-            os.path.join(out, f"rank{rank}.pt"),
-        )
+        work(rank, world, job, out, checkpoint)
+        dist.barrier()  # both ranks are past every collective before either tears down
     finally:
+        gc.collect()
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # results are on disk; skip interpreter finalization with gloo's threads still alive

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import zoo
-from conftest import same_state
+from alloc import CountAllocations, state_bytes
+from exact import assert_models_identical, assert_same_tensors
 from models import MODELS
 from torch import nn
 
@@ -21,24 +23,31 @@ REGEN = os.environ.get("TORCHLAZY_REGEN") == "1"
 
 
 def check_golden(name: str, text: str) -> None:
+    """Compare with a saved output; only `TORCHLAZY_REGEN=1` writes one (a missing file is a failure)."""
     path = GOLDEN / name
-    if REGEN or not path.exists():
+    if REGEN:
         path.write_text(text)
+    if not path.exists():
+        pytest.fail(f"golden file {path} is missing: run the tests with TORCHLAZY_REGEN=1 to write it, then review it")
     assert text == path.read_text(), f"{name} changed; rerun with TORCHLAZY_REGEN=1 if intended"
 
 
-def build_deferred_cnn_and_check_exact() -> nn.Module:
+def build_deferred_cnn_and_check_exact() -> tuple[nn.Module, CountAllocations]:
     torch.manual_seed(0)
     with tl.deferred():
         model = zoo.cnn()
-    tl.build(model, tl.Spec(2, 3, 32, 32))
+    with CountAllocations() as allocations:
+        tl.build(model, tl.Spec(2, 3, 32, 32))
     torch.manual_seed(0)
-    assert same_state(model, zoo.cnn_eager()) == []
-    return model
+    assert_models_identical(model, zoo.cnn_eager())
+    return model, allocations
 
 
 def test_build_from_spec_is_exact_and_allocates_once() -> None:
-    model = build_deferred_cnn_and_check_exact()
+    model, allocations = build_deferred_cnn_and_check_exact()
+    # every real byte allocated during the build is a byte the model holds: one allocation per tensor
+    assert allocations.nbytes == state_bytes(model) > 0, allocations.storages
+    assert len(allocations.storages) == len(model.state_dict())
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
@@ -52,11 +61,11 @@ def test_build_without_deferred_inits_in_construction_order() -> None:
     two = nn.Sequential(tl.nn.Linear(4), tl.nn.Linear(3))
     torch.manual_seed(5)
     tl.build(two, {"x": tl.Spec(2, 6)}["x"])
-    assert same_state(one, two) == []
+    assert_models_identical(one, two)
     torch.manual_seed(5)
     eager = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
-    assert same_state(one, eager) == []  # drew from the live generator, in construction order
-    assert torch.equal(after_one, torch.random.get_rng_state())
+    assert_models_identical(one, eager)  # drew from the live generator, in construction order
+    assert_same_tensors(after_one, torch.random.get_rng_state(), "generator state")
 
 
 def test_build_accepts_tensors_nested_examples_and_kwargs() -> None:
@@ -115,7 +124,12 @@ def test_summary_allocates_nothing_and_leaves_model_unchanged() -> None:
     with tl.deferred():
         model = zoo.cnn()
     before = repr(model)
-    s = tl.summary(model, tl.Spec(8, 3, 32, 32))
+    with CountAllocations() as allocations:
+        s = tl.summary(model, tl.Spec(8, 3, 32, 32))
+    assert allocations.storages == []
+    with CountAllocations() as control:  # the same counter does see what eager construction allocates
+        zoo.cnn_eager()
+    assert control.nbytes > 20_000
     assert repr(model) == before and not tl.is_built(model)
     assert s.total_params == sum(p.numel() for p in zoo.cnn_eager().parameters())
     check_golden("summary_cnn.txt", str(s) + "\n")
@@ -140,11 +154,29 @@ def test_summary_of_unbuilt_model_shows_unknowns() -> None:
     check_golden("summary_unbuilt.txt", str(s) + "\n")
 
 
+def cli_pythonpath() -> str:
+    """The tree under test first (the directory holding the imported `torchlazy`), then the zoo, then the rest."""
+    package_root = str(Path(tl.__file__).resolve().parents[1])
+    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join([package_root, str(Path(__file__).parent), *kept])
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": cli_pythonpath()}
     return subprocess.run(
         [sys.executable, "-m", "torchlazy", *args], capture_output=True, text=True, env=env, timeout=120
     )
+
+
+def test_cli_runs_the_torchlazy_under_test() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", "import torchlazy; print(torchlazy.__file__)"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": cli_pythonpath()},
+        check=True,
+    )
+    assert Path(out.stdout.strip()).resolve() == Path(tl.__file__).resolve()
 
 
 def test_cli_summary() -> None:
@@ -170,9 +202,11 @@ def test_cli_materialize_writes_exact_seed_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(7)
     reference = zoo.cnn_eager().to(torch.bfloat16)
     loaded = tl.materialize(nn.Sequential(*zoo.cnn()), checkpoint=tmp_path / "c.safetensors")
-    assert same_state(loaded.to(torch.bfloat16), reference) == []
+    assert_models_identical(loaded.to(torch.bfloat16), reference)
     tied = run_cli("materialize", "zoo:tied", "--out", str(tmp_path / "t"), "--max-shard-size", "1KB")
-    assert tied.returncode == 0, tied.stderr and (tmp_path / "t" / "model.safetensors.index.json").exists()
+    assert tied.returncode == 0, tied.stderr
+    index = json.loads((tmp_path / "t" / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == ["emb.weight"]  # the tied head is stored once
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import same_state
+from exact import assert_models_identical
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -34,7 +34,7 @@ def _both(make: Callable[[], nn.Module], after: Callable[[nn.Module], object] = 
         model = make()
     after(model)
     tl.materialize(model)
-    assert same_state(model, eager) == []
+    assert_models_identical(model, eager)
 
 
 # -- 1. work after the block is recorded, not dropped ------------------------------------
@@ -147,8 +147,8 @@ def test_seeding_inside_the_block_gives_eager_weights_whatever_came_before() -> 
         tl.materialize(model)
         results.append(model)
     eager = _seeding_program()
-    assert same_state(results[0], eager) == []
-    assert same_state(results[1], eager) == []
+    assert_models_identical(results[0], eager)
+    assert_models_identical(results[1], eager)
     assert torch.equal(eager.w, eager.v)
 
 
@@ -183,10 +183,10 @@ def test_materialize_loads_a_checkpoint_into_tensors_already_real(tmp_path: Path
         model = _net()
     tl.materialize(model[0])  # partly real
     tl.materialize(model, checkpoint=str(path))
-    assert same_state(model, source) == []
+    assert_models_identical(model, source)
     real = _net()
     tl.materialize(real, checkpoint=source.state_dict())  # a state dict in memory too
-    assert same_state(real, source) == []
+    assert_models_identical(real, source)
 
 
 def test_materialize_casts_real_tensors_and_refuses_a_checkpoint_of_wrong_shapes(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import same_state
+from exact import assert_models_identical, assert_same_tensors
 from torch import nn
 
 import torchlazy as tl
@@ -25,7 +25,7 @@ def test_exact_on_cuda_equals_cpu_eager_moved() -> None:
     tl.materialize(model, device="cuda")
     assert all(p.device.type == "cuda" for p in model.parameters())
     torch.manual_seed(0)
-    assert same_state(model.cpu(), make()) == []
+    assert_models_identical(model.cpu(), make())
 
 
 def test_fast_on_cuda_is_reproducible() -> None:
@@ -37,7 +37,7 @@ def test_fast_on_cuda_is_reproducible() -> None:
         tl.materialize(model, device="cuda", exact=False, dtype=torch.bfloat16)
         assert model[0].weight.device.type == "cuda" and model[0].weight.dtype == torch.bfloat16
         out.append(model[0].weight.float().cpu())
-    assert torch.equal(out[0], out[1])
+    assert_same_tensors(out[0], out[1], "0.weight")
 
 
 def test_lazy_layer_on_cuda_input_keeps_placeholder_identity() -> None:
@@ -56,7 +56,7 @@ def test_build_deferred_lazy_model_onto_cuda_is_exact() -> None:
     torch.manual_seed(0)
     eager = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
     assert lazy[0].weight.device.type == "cuda"
-    assert same_state(lazy.cpu(), eager) == []
+    assert_models_identical(lazy.cpu(), eager)
 
 
 def test_checkpoint_straight_to_cuda(tmp_path: Path) -> None:
@@ -66,4 +66,4 @@ def test_checkpoint_straight_to_cuda(tmp_path: Path) -> None:
         model = make()
     tl.materialize(model, checkpoint=tmp_path / "m.safetensors", device="cuda")
     assert model[0].weight.device.type == "cuda"
-    assert same_state(model.cpu(), reference) == []
+    assert_models_identical(model.cpu(), reference)

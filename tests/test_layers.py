@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import same_state
+from exact import assert_models_identical, assert_same_tensors
 from layer_cases import CASES, Case, call
 from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
@@ -29,13 +29,27 @@ def test_becomes_the_eager_class(case: Case) -> None:
     assert not any(k.startswith("_tl") for k in vars(lazy))
     assert repr(lazy) == repr(eager)
     lazy.load_state_dict(eager.state_dict())
-    torch.testing.assert_close(call(lazy, inputs), call(eager, inputs), rtol=0, atol=0)
+    assert_models_identical(lazy, eager)
+    assert_same_tensors(call(lazy, inputs), call(eager, inputs), "output")
 
 
-@pytest.mark.parametrize("case", CASES, ids=repr)
+def known_failures(cases: list[Case], reasons: dict[str, str]) -> list[object]:
+    """The cases, those named in `reasons` marked as strict expected failures (they flip to an error when fixed)."""
+    assert set(reasons) <= {c.name for c in cases}, f"unknown cases: {set(reasons) - {c.name for c in cases}}"
+    return [
+        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=reasons[c.name])) if c.name in reasons else c
+        for c in cases
+    ]
+
+
+@pytest.mark.parametrize(
+    "case",
+    known_failures(
+        CASES, {"LSTM-packed": "PyTorch has no fake-tensor kernel for packed LSTM: build from a real batch (README)"}
+    ),
+    ids=repr,
+)
 def test_exact_under_deferred(case: Case) -> None:
-    if case.name == "LSTM-packed":
-        pytest.skip("PyTorch has no fake-tensor kernel for packed LSTM: build from a real batch")
     inputs = case.inputs()
     torch.manual_seed(0)
     with tl.deferred():
@@ -45,7 +59,7 @@ def test_exact_under_deferred(case: Case) -> None:
     torch.manual_seed(0)
     eager = case.eager()
     assert type(lazy) is type(eager)
-    assert same_state(lazy, eager) == []
+    assert_models_identical(lazy, eager)
     assert not tl.is_deferred(lazy)
 
 
@@ -91,7 +105,7 @@ def test_load_state_dict_infers_sizes(case: Case) -> None:
         assert type(lazy) is type(eager)
     else:  # nothing to take sizes from: still unbuilt, and the first call builds it
         assert not tl.is_built(lazy)
-    torch.testing.assert_close(call(lazy, inputs), call(eager, inputs), rtol=0, atol=0)
+    assert_same_tensors(call(lazy, inputs), call(eager, inputs), "output")
     assert type(lazy) is type(eager)
 
 
@@ -106,7 +120,7 @@ def test_copy_and_pickle_before_and_after_build(case: Case) -> None:
     torch.save(lazy, buffer)
     buffer.seek(0)
     for clone in (copy.deepcopy(lazy), torch.load(buffer, weights_only=False)):
-        torch.testing.assert_close(call(clone, inputs), out, rtol=0, atol=0)
+        assert_same_tensors(call(clone, inputs), out, "output")
 
 
 _OTHER_PARAMETERS = pytest.mark.xfail(
@@ -139,7 +153,7 @@ def test_optimizer_created_before_build_trains_real_parameters() -> None:
     loss = net(x).pow(2).mean()
     loss.backward()
     opt.step()
-    assert all(a is b for a, b in zip(held, net.parameters()))
+    assert [id(p) for p in held] == [id(p) for p in net.parameters()]
     assert held[0].shape == (8, 4) and type(held[0]) is nn.Parameter
     assert held[0].grad is not None
 
@@ -184,7 +198,7 @@ def test_torch_compile_after_build() -> None:
     x = torch.randn(3, 5)
     expected = net(x)
     compiled = torch.compile(net, backend="eager")
-    torch.testing.assert_close(compiled(x), expected)
+    assert_same_tensors(compiled(x), expected, "output")
 
 
 def test_repr_and_signature() -> None:

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import same_state
+from exact import assert_models_identical
 from torch import nn
 
 import torchlazy as tl
@@ -50,7 +50,7 @@ def test_lazy_module_is_exact_under_deferred() -> None:
     tl.build(model, tl.Spec(4, 5))
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Linear(5, 7), EagerBlock(7, 16), nn.Linear(16, 2))
-    assert same_state(model, reference) == []
+    assert_models_identical(model, reference)
 
 
 def test_lazy_module_failed_build_is_undone() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import same_state
+from exact import assert_models_identical, assert_same_tensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -51,8 +51,8 @@ def test_random_stacks_equal_eager(features: int, spec: list[tuple[str, int]], d
     eager = _eager(features, spec)
     assert [type(m) for m in lazy] == [type(m) for m in eager]
     if deferred:
-        assert same_state(lazy, eager) == []
+        assert_models_identical(lazy, eager)
     lazy.load_state_dict(eager.state_dict())
     x = torch.randn(5, features)
     lazy.eval(), eager.eval()
-    torch.testing.assert_close(lazy(x), eager(x), rtol=0, atol=0)
+    assert_same_tensors(lazy(x), eager(x), "output")

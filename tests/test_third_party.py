@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import same_state
+from exact import assert_models_identical
 from models import MODELS
 
 import torchlazy as tl
-
-
-def _buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: b for name, b in model.named_buffers()}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -24,9 +20,7 @@ def test_transformers_models_are_exact(name: str) -> None:
     tl.materialize(model)
     torch.manual_seed(0)
     reference = make()
-    assert same_state(model, reference) == []
-    ours, theirs = _buffers(model), _buffers(reference)  # non-persistent buffers too
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert_models_identical(model, reference)
     assert tl.deferred_tensors(model) == []
     if name in ("gpt2", "bart", "t5", "llama", "bert"):
         emb = model.get_input_embeddings().weight
@@ -54,4 +48,4 @@ def test_sub_module_streaming_of_a_real_model_is_exact() -> None:
         tl.materialize(layer)
     tl.materialize(model)
     torch.manual_seed(0)
-    assert same_state(model, MODELS["llama"]()) == []
+    assert_models_identical(model, MODELS["llama"]())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import same_state
+from exact import assert_models_identical
 from torch import nn
 
 import torchlazy as tl
@@ -41,7 +41,7 @@ def test_compile_of_an_unbuilt_model_builds_at_the_first_call_and_matches_eager(
     torch.manual_seed(0)
     first = compiled(x)  # builds in call order, which is construction order here: eager's draws
     assert tl.is_built(model) and type(model[0]) is nn.Linear
-    assert same_state(model, eager) == []
+    assert_models_identical(model, eager)
     assert torch.equal(first, eager(x))
     assert torch.equal(compiled(x), eager(x))  # later calls: the compiled plain model
 
@@ -188,7 +188,7 @@ def test_load_state_dict_into_an_unbuilt_lazy_module_is_a_not_built_error() -> N
         check()
     model(torch.ones(1, 3))
     model.load_state_dict(state)  # once built, it loads
-    assert same_state(model, built) == []
+    assert_models_identical(model, built)
 
 
 def test_load_state_dict_into_an_unbuilt_lazy_module_with_only_its_own_keys_works() -> None:

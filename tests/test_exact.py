@@ -1,0 +1,103 @@
+"""The comparison helper fails loudly on every kind of difference `torch.equal` or a state dict would miss."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from exact import assert_models_identical, assert_same_tensors
+from torch import nn
+
+
+def test_identical_tensors_and_nans_with_the_same_bits_pass() -> None:
+    a = torch.tensor([1.0, float("nan"), -0.0])
+    assert_same_tensors(a, a.clone())  # torch.equal says False here (NaN != NaN)
+    assert not torch.equal(a, a.clone())
+    assert_same_tensors(torch.zeros(0, 3), torch.zeros(0, 3))
+    assert_same_tensors(torch.tensor(3), torch.tensor(3))
+
+
+TENSOR_DIFFERENCES: dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor], str]] = {
+    # name: (first, second, what the message must say); torch.equal is True for the first two
+    "float32-vs-bfloat16": (lambda: torch.ones(3), lambda: torch.ones(3, dtype=torch.bfloat16), "dtype"),
+    "minus-zero": (lambda: torch.tensor([0.0, 1.0]), lambda: torch.tensor([-0.0, 1.0]), "flat index 0"),
+    "nan-payload": (
+        lambda: torch.tensor([0x7FC00000], dtype=torch.int32).view(torch.float32),
+        lambda: torch.tensor([0x7FC00001], dtype=torch.int32).view(torch.float32),
+        "values differ",
+    ),
+    "one-ulp": (lambda: torch.tensor([1.0]), lambda: torch.tensor([1.0]).nextafter(torch.tensor(2.0)), "values"),
+    "shape": (lambda: torch.zeros(2, 3), lambda: torch.zeros(3, 2), "shape"),
+    "device": (lambda: torch.zeros(2), lambda: torch.zeros(2, device="meta"), "device"),
+    "strides": (lambda: torch.zeros(2, 3), lambda: torch.zeros(3, 2).t(), "strides"),
+    "requires-grad": (lambda: torch.zeros(2), lambda: torch.zeros(2).requires_grad_(), "requires_grad"),
+    "parameter-vs-tensor": (lambda: nn.Parameter(torch.zeros(2)), lambda: torch.zeros(2).requires_grad_(), "type"),
+    "int64-vs-int32": (lambda: torch.arange(3), lambda: torch.arange(3, dtype=torch.int32), "dtype"),
+}
+
+
+@pytest.mark.parametrize("kind", TENSOR_DIFFERENCES)
+def test_each_kind_of_tensor_difference_is_caught(kind: str) -> None:
+    first, second, says = TENSOR_DIFFERENCES[kind]
+    with pytest.raises(AssertionError, match=says):
+        assert_same_tensors(first(), second(), "w")
+    with pytest.raises(AssertionError, match="`w`"):
+        assert_same_tensors({"w": first()}, {"w": second()})
+
+
+def test_torch_equal_is_too_loose_for_the_first_two() -> None:
+    assert torch.equal(torch.ones(3), torch.ones(3, dtype=torch.bfloat16))
+    assert torch.equal(torch.tensor([0.0]), torch.tensor([-0.0]))
+
+
+def test_mappings_with_other_keys_are_caught() -> None:
+    with pytest.raises(AssertionError, match=r"only in the first \['b'\]"):
+        assert_same_tensors({"a": torch.zeros(1), "b": torch.zeros(1)}, {"a": torch.zeros(1)})
+    with pytest.raises(AssertionError, match="another order"):
+        assert_same_tensors({"a": torch.zeros(1), "b": torch.zeros(1)}, {"b": torch.zeros(1), "a": torch.zeros(1)})
+
+
+class Holder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(4, 3)
+        self.head = nn.Linear(3, 4, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("stats", torch.zeros(3))
+        self.register_buffer("inv_freq", torch.arange(3.0), persistent=False)
+        self.mask = torch.ones(2, 2).bool()
+
+
+MODEL_CHANGES: dict[str, tuple[Callable[[Holder], None], str]] = {
+    "parameter-bit": (
+        lambda m: m.emb.weight.data.view(-1)[5].copy_(m.emb.weight.data.view(-1)[5].nextafter(torch.tensor(9.0))),
+        "`emb.weight`",
+    ),
+    "persistent-buffer": (lambda m: m.stats.fill_(-0.0), "`stats`"),
+    "non-persistent-buffer": (lambda m: m.inv_freq.add_(1), "`inv_freq`"),
+    "non-persistent-buffer-dtype": (lambda m: setattr(m, "inv_freq", m.inv_freq.double()), "`inv_freq`: dtype"),
+    "plain-attribute": (lambda m: m.mask.fill_(False), "`mask`"),
+    "extra-buffer": (lambda m: m.register_buffer("extra", torch.zeros(1), persistent=False), "extra"),
+    "missing-buffer": (lambda m: delattr(m, "inv_freq"), "inv_freq"),
+    "tie-broken": (lambda m: setattr(m.head, "weight", nn.Parameter(m.emb.weight.detach().clone())), "ties differ"),
+    "requires-grad": (lambda m: m.emb.weight.requires_grad_(False), "requires_grad"),
+    "parameter-made-buffer": (
+        lambda m: (delattr(m.head, "weight"), m.head.register_buffer("weight", m.emb.weight.detach())),
+        "head.weight",
+    ),
+}
+
+
+@pytest.mark.parametrize("change", MODEL_CHANGES)
+def test_each_kind_of_model_difference_is_caught(change: str) -> None:
+    torch.manual_seed(0)
+    model = Holder()
+    twin = copy.deepcopy(model)
+    assert_models_identical(model, twin)
+    alter, says = MODEL_CHANGES[change]
+    with torch.no_grad():
+        alter(twin)
+    with pytest.raises(AssertionError, match=says):
+        assert_models_identical(model, twin)
