@@ -1,10 +1,11 @@
-"""Sharded materialization on FSDP2, 2 CPU ranks (gloo): per-rank time and peak memory vs the full model.
+"""Sharded materialization on FSDP2, 1 and 2 CPU ranks (gloo): per-rank time and peak memory vs the full model.
 
     python benchmarks/bench_fsdp.py [--runs N]
 
-Medians over N runs (each run spawns its own 2 ranks). Exact mode replays every full tensor once per
-rank, one at a time, and keeps the local slice: per-rank time ~ the full init, per-rank memory ~ shard +
-one tensor.
+Medians over N runs (each run spawns its own ranks, 1 thread each). A rank generates only the rows of its
+shard (exact: each draw jumped to the slice's first word; exact=False: the counter-based stream at the
+slice's offset), so per-rank time and memory fall as ranks are added; tensors whose init is not
+elementwise fall back to one full tensor at a time. The time includes deferred construction.
 """
 
 from __future__ import annotations
@@ -55,30 +56,31 @@ def rank_main(rank: int, world: int, port: int, out: str, exact: bool) -> None:
     dist.destroy_process_group()
 
 
-def ranks(exact: bool) -> list[dict]:
+def ranks(exact: bool, world: int = 2) -> list[dict]:
     with tempfile.TemporaryDirectory() as out, socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.close()
-        mp.spawn(rank_main, args=(2, port, out, exact), nprocs=2, join=True)
-        return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
+        mp.spawn(rank_main, args=(world, port, out, exact), nprocs=world, join=True)
+        return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
 
 
 if __name__ == "__main__":
     full = run(os.path.join(os.path.dirname(__file__), "bench_materialize.py"), "tl.deferred + tl.materialize (exact)")
     eager = run(os.path.join(os.path.dirname(__file__), "bench_materialize.py"), "eager construction")
     params = eager["params"]
-    print(f"FSDP2, 2 ranks x 1 thread, Llama {params / 4 / 1e6:.0f}M float32  ({machine()})\n")
-    head = f"{'variant':<46} {'time (s)':>9} {'vs full':>8} {'peak RSS growth':>16} {'/ full params':>14}"
+    print(f"FSDP2, ranks x 1 thread, Llama {params / 4 / 1e6:.0f}M float32  ({machine()})\n")
+    head = f"{'variant':<58} {'time (s)':>9} {'vs full':>8} {'peak RSS growth':>16} {'/ full params':>14}"
     print(head + "\n" + "-" * len(head))
     print(
-        f"{'single process, full model (tl.materialize)':<46} {full['seconds']:>9.3f} {1:>7.2f}x {full['peak_growth'] / 2**20:>12.0f} MiB {full['peak_growth'] / params:>13.2f}x"
+        f"{'single process, full model (tl.materialize)':<58} {full['seconds']:>9.3f} {1:>7.2f}x {full['peak_growth'] / 2**20:>12.0f} MiB {full['peak_growth'] / params:>13.2f}x"
     )
     for exact in (True, False):
-        tries = [ranks(exact) for _ in range(runs())]
-        per_rank = [median_of([t[r] for t in tries]) for r in range(2)]
-        for r, res in enumerate(per_rank):
-            name = f"rank {r}, exact={exact} (shard {res['local'] / 2**20:.0f} MiB)"
-            print(
-                f"{name:<46} {res['seconds']:>9.3f} {res['seconds'] / full['seconds']:>7.2f}x {res['peak'] / 2**20:>12.0f} MiB {res['peak'] / params:>13.2f}x"
-            )
+        for world in (1, 2):
+            tries = [ranks(exact, world) for _ in range(runs())]
+            per_rank = [median_of([t[r] for t in tries]) for r in range(world)]
+            for r, res in enumerate(per_rank):
+                name = f"{world} rank(s): rank {r}, exact={exact} (shard {res['local'] / 2**20:.0f} MiB)"
+                print(
+                    f"{name:<58} {res['seconds']:>9.3f} {res['seconds'] / full['seconds']:>7.2f}x {res['peak'] / 2**20:>12.0f} MiB {res['peak'] / params:>13.2f}x"
+                )

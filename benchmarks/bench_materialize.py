@@ -1,6 +1,11 @@
-"""Materialization vs eager construction of a ~160M-parameter transformer (Llama architecture).
+"""Materialization vs eager construction: a ~160M and a ~0.5B transformer (Llama), and a plain Linear stack.
 
-    python benchmarks/bench_materialize.py [--runs N]
+    python benchmarks/bench_materialize.py [--runs N] [--only 160m|500m|linear]
+
+The ~0.5B table and the Linear stack measure exact-at-scale: dead draws jumped over (Llama's
+`reset_parameters` draws that `_init_weights` redraws) and draws split over `torch.get_num_threads()`
+workers; the Linear stack has no dead draws, so it shows the parallel gain alone (and the same with one
+thread). The 160M table has `exact=False` next to the first-touch floor of the same bytes (elements/s).
 
 Each variant runs in N fresh processes (the table shows medians); peak RSS growth is measured from just
 before construction. Targets: exact time <= 1.1x eager, peak RSS <= 1.05x parameter bytes.
@@ -37,6 +42,56 @@ def make():
     return LlamaForCausalLM(config())
 
 
+def config_500m():  # ~0.47B parameters
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def make_500m():
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(config_500m())
+
+
+def make_linear():  # ~0.27B parameters, plain nn.Linear: kaiming_uniform_ weights, uniform_ biases, nothing redrawn
+    return torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(16)])
+
+
+def _params(model: torch.nn.Module) -> dict:
+    return {"params": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def _eager_of(factory):
+    def variant():
+        torch.manual_seed(0)
+        return _params(factory())
+
+    return variant
+
+
+def _exact_of(factory, threads: int | None = None):
+    def variant():
+        if threads is not None:
+            torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        with tl.deferred():
+            model = factory()
+        tl.materialize(model)
+
+    return variant
+
+
+def first_touch():
+    """The floor: fresh memory of the 160M model's float32 bytes, written once."""
+    n = 162_000_000
+    torch.empty(n).fill_(0.0)
+    return {"elements": n}
+
+
 def _quiet():
     import transformers
 
@@ -61,6 +116,18 @@ def deferred_fast():
     with tl.deferred():
         model = make()
     tl.materialize(model, exact=False)
+
+
+def deferred_fast_only():
+    """exact=False, the materialize step alone (construction outside the timing)."""
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make()
+    import time
+
+    start = time.perf_counter()
+    tl.materialize(model, exact=False)
+    return {"materialize_seconds": time.perf_counter() - start, **_params(model)}
 
 
 def meta_init_weights():
@@ -97,11 +164,23 @@ def deferred_only():
         make()
 
 
+VARIANTS_500M = {
+    "eager construction (0.5B)": _eager_of(make_500m),
+    "tl.deferred + tl.materialize (exact) (0.5B)": _exact_of(make_500m),
+    "tl.deferred + tl.materialize (exact, 1 thread) (0.5B)": _exact_of(make_500m, threads=1),
+}
+VARIANTS_LINEAR = {
+    "eager construction (Linear stack)": _eager_of(make_linear),
+    "tl.deferred + tl.materialize (exact) (Linear stack)": _exact_of(make_linear),
+    "tl.deferred + tl.materialize (exact, 1 thread) (Linear stack)": _exact_of(make_linear, threads=1),
+}
 VARIANTS = {
     "eager construction": eager,
     "tl.deferred + tl.materialize (exact)": deferred_exact,
     "meta + to_empty + init_weights() (not exact)": meta_init_weights,
     "tl.deferred + tl.materialize(exact=False)": deferred_fast,
+    "  ... its materialize step alone": deferred_fast_only,
+    "first touch of 162M float32 (the memory floor)": first_touch,
     "eager construction, then .to(bfloat16)": eager_bf16,
     "eager under set_default_dtype(bfloat16) (not exact)": eager_default_bf16,
     "tl.materialize(dtype=torch.bfloat16) (exact)": deferred_bf16,
@@ -121,14 +200,37 @@ def warm_up() -> None:
     tl.materialize(small)
 
 
-for v in VARIANTS.values():
+ALL = {**VARIANTS, **VARIANTS_500M, **VARIANTS_LINEAR}
+for v in ALL.values():
     v.setup = warm_up  # type: ignore[attr-defined]
+
+
+def _only(name: str) -> bool:
+    return "--only" not in sys.argv or sys.argv[sys.argv.index("--only") + 1] == name
 
 
 if __name__ == "__main__":
     if "--variant" in sys.argv:
-        child(VARIANTS)
+        child(ALL)
     else:
-        rows = run_all(__file__, list(VARIANTS))
-        params = dict(rows)["eager construction"]["params"]
-        print(table(f"Llama {params / 4 / 1e6:.0f}M parameters, float32, CPU", rows, "eager construction", params))
+        if _only("160m"):
+            rows = run_all(__file__, list(VARIANTS))
+            params = dict(rows)["eager construction"]["params"]
+            print(table(f"Llama {params / 4 / 1e6:.0f}M parameters, float32, CPU", rows, "eager construction", params))
+            fast = dict(rows)["  ... its materialize step alone"]
+            floor = dict(rows)["first touch of 162M float32 (the memory floor)"]
+            eager_s = dict(rows)["eager construction"]["seconds"]
+            n = params / 4
+            print(
+                f"exact=False materialize: {n / fast['materialize_seconds'] / 1e6:.0f} M elements/s "
+                f"({eager_s / fast['materialize_seconds']:.1f}x faster than eager construction); first-touch floor "
+                f"{floor['elements'] / floor['seconds'] / 1e6:.0f} M elements/s\n"
+            )
+        for key, variants in (("500m", VARIANTS_500M), ("linear", VARIANTS_LINEAR)):
+            if _only(key):
+                rows = run_all(__file__, list(variants))
+                base = next(iter(variants))
+                params = dict(rows)[base]["params"]
+                print(
+                    table(f"{base.split('(')[-1][:-1]}: {params / 4 / 1e6:.0f}M parameters", rows, base, params) + "\n"
+                )
