@@ -40,7 +40,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import _deferred, _lazy, _paths
 from . import _torch_compat as tc
 from ._errors import LazyError, ShapeError
-from ._infer import FoldConstants, fake_forward, mode_of
+from ._infer import FoldConstants, fake_forward, mode_of, tracking_modules
 from ._spec import to_fake
 
 __all__ = ["CostError", "FlopCounts", "MemoryEstimate", "count_flops", "estimate_memory"]
@@ -127,30 +127,18 @@ def _session(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
 @contextlib.contextmanager
 def _naming_failures(module: nn.Module) -> Iterator[None]:
     """Errors of the model's own code on the examples become a `ShapeError` naming the module."""
-    stack: list[nn.Module] = []
-
-    def push(m: nn.Module, args: Any) -> None:
-        stack.append(m)
-
-    def pop(m: nn.Module, args: Any, out: Any) -> None:
-        if stack and stack[-1] is m:
-            stack.pop()
-
-    handles = [_module.register_module_forward_pre_hook(push), _module.register_module_forward_hook(pop)]
-    try:
-        yield
-    except LazyError:
-        raise
-    except Exception as e:
-        culprit = stack[-1] if stack else module
-        path = _paths.known_path(culprit) or "the model's root"
-        raise ShapeError(
-            f"`{path}` ({type(culprit).__name__}) fails on the example inputs: {e}. Check the examples' shapes and "
-            "dtypes against what the forward expects (`tl.summary(model, ...)` shows each module's shapes)."
-        ) from e
-    finally:
-        for h in handles:
-            h.remove()
+    with tracking_modules() as stack:
+        try:
+            yield
+        except LazyError:
+            raise
+        except Exception as e:
+            culprit = stack[-1] if stack else module
+            path = _paths.known_path(culprit) or "the model's root"
+            raise ShapeError(
+                f"`{path}` ({type(culprit).__name__}) fails on the example inputs: {e}. Check the examples' shapes "
+                "and dtypes against what the forward expects (`tl.summary(model, ...)` shows each module's shapes)."
+            ) from e
 
 
 def _default_loss(out: Any) -> torch.Tensor:

@@ -23,11 +23,11 @@ from ._materialize import materialize
 from ._spec import CONSTANT_LIMIT, to_fake
 from ._twin import check_kernel_dtypes, run_twin
 
-__all__ = ["build", "fake_forward"]
+__all__ = ["build", "fake_forward", "tracking_modules"]
 
 
 @contextlib.contextmanager
-def _tracking_modules() -> Iterator[list[nn.Module]]:
+def tracking_modules() -> Iterator[list[nn.Module]]:
     """The stack of modules whose forward is running, to name the one that fails."""
     stack: list[nn.Module] = []
 
@@ -92,7 +92,7 @@ def fake_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     mode = mode_of(module)
     paths = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
     fargs, fkwargs = to_fake((args, kwargs), mode)
-    with _tracking_modules() as stack, _deferred.quiet(), mode, FoldConstants(mode):
+    with tracking_modules() as stack, _deferred.quiet(), mode, FoldConstants(mode):
         try:
             return module(*fargs, **fkwargs)
         except LazyError:

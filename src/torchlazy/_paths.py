@@ -70,13 +70,7 @@ def constructing_module() -> str:
 
 def frames_include(codes: Iterable[object]) -> bool:
     """Whether any of the given code objects is running on this thread."""
-    wanted = set(map(id, codes))
-    frame = sys._getframe(1)
-    while frame is not None:
-        if id(frame.f_code) in wanted:
-            return True
-        frame = frame.f_back  # type: ignore[assignment]
-    return False
+    return innermost_frame(codes) is not None
 
 
 def innermost_frame(codes: Iterable[object]) -> Any:
