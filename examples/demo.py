@@ -87,7 +87,46 @@ def big() -> None:
     print("materialized block 0 only:", one.linear1.weight.dtype, tuple(one.linear1.weight.shape))
 
 
+def encoder(layers: int) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(1024, 16, 4096, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+
+
+def fit_and_scale() -> None:
+    section("5. Will it fit? Compute and training memory of a deferred model, nothing allocated")
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = encoder(8)
+    example = tl.Spec(4, 512, 1024)
+    flops = tl.summary(model, example, flops=True)
+    print(f"forward {flops.total_flops / 1e9:.1f} GFLOP, forward+backward {flops.total_flops_train / 1e9:.1f} GFLOP")
+    memory = tl.estimate_memory(model, example, optimizer=torch.optim.AdamW)
+    print(f"one AdamW training step peaks at {memory.peak / 2**30:.2f} GiB "
+          f"(params {memory.params / 2**20:.0f} MiB, optimizer {memory.optimizer / 2**20:.0f} MiB)")  # fmt: skip
+
+    section("6. Exact and fast: dead draws jumped over, the RNG left where eager construction leaves it")
+    _ = torch.randn(1000)  # whatever the program draws in between does not matter
+    start = time.perf_counter()
+    tl.materialize(model)
+    ours = time.perf_counter() - start
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    eager = encoder(8)
+    theirs = time.perf_counter() - start
+    after_eager = torch.randn(3)
+    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), eager.state_dict().values()))
+    print(f"exact materialize {ours:.2f} s vs eager construction {theirs:.2f} s; bit-for-bit equal: {same}")
+    torch.manual_seed(0)
+    with tl.deferred():  # leaving the block puts the generator where eager construction leaves it
+        fast = encoder(8)
+    print(f"the generator after a deferred block is eager's: {torch.equal(torch.randn(3), after_eager)}")
+    tl.materialize(fast, exact=False)  # counter-based: the same values whole or sharded, on any thread count
+    w = fast.layers[0].linear1.weight
+    print(f"exact=False: eager's law (uniform within +-{1 / 1024**0.5:.4f}: {w.abs().max().item():.4f}), not its bits")
+
+
 if __name__ == "__main__":
     classic()
     train(cnn())
     big()
+    fit_and_scale()
