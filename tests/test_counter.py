@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from torchlazy import _counter
-from torchlazy._counter import LAWS, _fill_c, _fill_pure, _philox, _Plan, fill
+from torchlazy._counter import LAWS, _fill_c, _fill_pure, _log_word, _philox, _Plan, _pure_range, fill
 
 needs_core = pytest.mark.skipif(_counter._core is None, reason="torchlazy._countercore is not built")
 
@@ -259,6 +259,28 @@ def test_normal() -> None:
 def test_normal_float32_ks() -> None:
     x = fill(torch.empty(N), "normal", {}, KEY).double()
     assert _ks(x, lambda t: 0.5 * (1 + torch.erf(t / math.sqrt(2)))) < 1.95 / math.sqrt(N)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_narrow_normals_run_in_float32_close_to_float64(dtype: torch.dtype) -> None:
+    """Normals into <= 24-bit dtypes use float32 arithmetic: within 5e-7 relative of the float64 formulas."""
+    n = 200_000
+    out = fill(torch.empty(n), "normal", {}, KEY)
+    plan = _Plan(torch.empty(0, dtype=dtype), "normal", {})
+    assert plan.f32 and not _Plan(torch.empty(0, dtype=torch.float64), "normal", {}).f32
+    plan.f32 = False  # the float64 formulas on the same 32-bit words
+    ref = _pure_range(plan, KEY, 0, n)
+    assert float(((out.double() - ref).abs() / ref.abs()).max()) < 5e-7
+    assert torch.equal(fill(torch.empty(n, dtype=dtype), "normal", {}, KEY), out.to(dtype))
+
+
+def test_float32_log_keeps_small_radii() -> None:
+    """-log u near u = 1 (the small Box-Muller radii) keeps float32's relative precision, as near u = 0."""
+    words = [0, 1, 2**20, 2**31 - 1, 2**31, 3_037_000_499, 2**32 - 2**20, 2**32 - 3, 2**32 - 2]
+    got = _log_word(torch.tensor(words, dtype=torch.int64)).double()
+    want = torch.tensor([math.log1p(-(2**32 - 1 - w) / 2**32) for w in words], dtype=torch.float64)
+    assert float(((got - want).abs() / want.abs()).max()) < 3e-7
+    assert float(_log_word(torch.tensor([2**32 - 1]))) == 0.0  # u = 1 exactly
 
 
 def test_truncated_normal() -> None:

@@ -9,7 +9,8 @@
  * the same order; this file must be compiled with -ffp-contract=off and without
  * -ffast-math, and uses no libm function whose last bit may differ from torch's
  * (log, sin, cos, exp and even sqrt are written below from +, -, *, /, floor and
- * exponent bit handling).
+ * exponent bit handling).  Normals into dtypes of at most 24 bits run in float32
+ * (the *_f32 / *f functions), the rest in double.
  *
  * Keep every constant and every operation order in step with _counter.py.
  */
@@ -72,15 +73,19 @@ TL_INLINE double bitsd(uint64_t b) {
     p.u = b;
     return p.d;
 }
+typedef union {
+    float f;
+    uint32_t u;
+} tl_fpun;
 TL_INLINE uint32_t fbits(float f) {
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    return b;
+    tl_fpun p;
+    p.f = f;
+    return p.u;
 }
 TL_INLINE float bitsf(uint32_t b) {
-    float f;
-    memcpy(&f, &b, 4);
-    return f;
+    tl_fpun p;
+    p.u = b;
+    return p.f;
 }
 
 /* uint32 -> double, exactly, in a form that vectorizes without unsigned converts */
@@ -291,10 +296,95 @@ TL_INLINE void tl_sincos2pi(double v, int wide, double *sn, double *cs) {
     *sn = bitsd(s2 ^ ((qb & 2u) << 62));
 }
 
+/* ---- the float32 laws: normals for dtypes of at most 24 bits, in IEEE float32 arithmetic ----
+   Same structure as the double functions above, with float32 constants (each the double constant
+   rounded to float32; _counter.py rounds the same doubles) and shorter series (truncation < 3e-8). */
+
+#define F32_LOG_DEG 5   /* s^9/9 last: next term < 2e-9 relative */
+#define F32_SIN_DEG 4   /* a^9/9! last */
+#define F32_COS_DEG 4   /* a^8/8! last */
+#define F32_NEWTON_STEPS 3
+static const float F_SQRT2 = (float)1.4142135623730951;
+static const float F_LN2_HI = 0.693138122558593750f; /* 0x3f317180: e * F_LN2_HI is exact for |e| < 128 */
+static const float F_LN2_LO = (float)9.058001523953862e-06;
+static const float F_HALF_PI = (float)1.5707963267948966;
+
+TL_INLINE float hornerf(const double *c, int total, int n, float z) {
+    float p = (float)c[total - n];
+    for (int i = total - n + 1; i < total; i++) p = p * z + (float)c[i];
+    return p;
+}
+
+/* uint32 -> float32 correctly rounded: both halves exact, one rounding in the sum */
+TL_INLINE float u32f(uint32_t x) { return (float)(int32_t)(x >> 16) * 65536.0f + (float)(int32_t)(x & 0xffffu); }
+
+/* log of u = (a + 1) 2**-32 for a 32-bit word a (as tl_log).  u is a as a float32 (one rounding) plus one,
+   scaled; near u = 1 that rounding would leave 1 - u only 2**-25 absolute precision, so when the reduced
+   exponent is 0 (u > sqrt(1/2)), m - 1 = -(1 - u) is taken from the exact integer 2**32 - 1 - a instead
+   (relative precision 2**-24, hence also the small Box-Muller radii) */
+TL_INLINE float tl_log_word(uint32_t a) {
+    float u = (u32f(a) + 1.0f) * 2.3283064365386963e-10f; /* 2**-32 */
+    uint32_t b = fbits(u);
+    float e = (float)(int32_t)(b >> 23) - 127.0f;
+    float m = bitsf((b & 0x007fffffu) | 0x3f800000u);
+    e = m > F_SQRT2 ? e + 1.0f : e;
+    m = m > F_SQRT2 ? m * 0.5f : m;
+    float dm = e == 0.0f ? -(u32f(~a) * 2.3283064365386963e-10f) : m - 1.0f;
+    float s = dm / (m + 1.0f);
+    float t = s * hornerf(LOG_C, 10, F32_LOG_DEG, s * s);
+    return e * F_LN2_HI + ((t + t) + e * F_LN2_LO);
+}
+
+/* sqrt for t >= 0 (as tl_sqrt): Lomont's float constant, 3 Newton steps (error < 1e-10 before rounding) */
+TL_INLINE float tl_sqrtf(float t) {
+    float h = 0.5f * t;
+    float y = bitsf(0x5f375a86u - (fbits(t) >> 1));
+    for (int i = 0; i < F32_NEWTON_STEPS; i++) y = y * (1.5f - (h * y) * y);
+    return t > 0.0f ? t * y : 0.0f;
+}
+
+/* sin and cos of the angle of a 32-bit word w (w / 2**32 turns), reduced in integers: quarter turn
+   q = round(w / 2**30) mod 4, remainder w - q 2**30 as a signed int32 in [-2**29, 2**29), so the
+   angle keeps 24 significant bits of its offset from the nearest quarter turn */
+TL_INLINE void tl_sincos_word(uint32_t w, float *sn, float *cs) {
+    uint32_t q = (w + 0x20000000u) >> 30;
+    float r = (float)(int32_t)(w - (q << 30)) * 9.313225746154785e-10f; /* 2**-30 */
+    float a = r * F_HALF_PI;
+    float z = a * a;
+    float s = a + (a * z) * hornerf(SIN_C, 7, F32_SIN_DEG, z);
+    float c = 1.0f + z * hornerf(COS_C, 8, F32_COS_DEG, z);
+    uint32_t odd = 0u - (q & 1u);
+    uint32_t cb = fbits(c), sb = fbits(s);
+    uint32_t c2 = (sb & odd) | (cb & ~odd), s2 = (cb & odd) | (sb & ~odd);
+    *cs = bitsf(c2 ^ (((q + 1u) & 2u) << 30));
+    *sn = bitsf(s2 ^ ((q & 2u) << 30));
+}
+
+/* the float32 normal pair of words a, b: u = (a + 1) 2**-32 in (0, 1], angle b / 2**32 turns */
+TL_INLINE void normal_pair_f32(uint32_t a, uint32_t b, float *z0, float *z1) {
+    float r = tl_sqrtf(-2.0f * tl_log_word(a));
+    float sn, cs;
+    tl_sincos_word(b, &sn, &cs);
+    *z0 = r * cs;
+    *z1 = r * sn;
+}
+
+/* NORMAL and TRUNC_NORMAL in float32 (p0 = mean, p1 = std, both float32-representable) */
+TL_CLONES
+static void lane_values_f32(float mean, float std, size_t nb, const uint32_t *restrict a, const uint32_t *restrict b,
+                            float *restrict va, float *restrict vb) {
+    for (size_t j = 0; j < nb; j++) {
+        float z0, z1;
+        normal_pair_f32(a[j], b[j], &z0, &z1);
+        va[j] = z0 * std + mean;
+        vb[j] = z1 * std + mean;
+    }
+}
+
 /* ---- laws ---- */
 
 typedef struct {
-    int law, wide;
+    int law, wide, f32;
     double p0, p1, p2, p3;
     int64_t ifrom;
     uint64_t irange;
@@ -410,6 +500,24 @@ static void block_values(const tl_law *lw, tl_key key, uint64_t blk, uint32_t at
     uint32_t x[4];
     philox_blocks(blk, 1, attempt << 16, key, x, x + 1, x + 2, x + 3);
     block_lanes(lw, 1, x, x + 1, x + 2, x + 3, v);
+}
+
+static void block_values_f32(const tl_law *lw, tl_key key, uint64_t blk, uint32_t attempt, float v[4]) {
+    uint32_t x[4];
+    philox_blocks(blk, 1, attempt << 16, key, x, x + 1, x + 2, x + 3);
+    lane_values_f32((float)lw->p0, (float)lw->p1, 1, x, x + 1, v, v + 1);
+    lane_values_f32((float)lw->p0, (float)lw->p1, 1, x + 2, x + 3, v + 2, v + 3);
+}
+
+static float trunc_retry_f32(const tl_law *lw, tl_key key, uint64_t e) {
+    const uint64_t r = e % (4 * GROUP), blk = e / (4 * GROUP) * GROUP + r % GROUP;
+    float v[4];
+    for (uint32_t att = 1; att < MAX_ATTEMPTS; att++) {
+        block_values_f32(lw, key, blk, att, v);
+        float x = v[r / GROUP];
+        if (x >= lw->p2 && x <= lw->p3) return x;
+    }
+    return (float)lw->p2; /* unreachable for the acceptance rates _counter.py admits */
 }
 
 static double trunc_retry(const tl_law *lw, tl_key key, uint64_t e) {
@@ -541,6 +649,27 @@ static void store_doubles(int dtype, const double *restrict v, size_t n, char *r
     }
 }
 
+TL_CLONES
+static void store_floats(int dtype, const float *restrict v, size_t n, char *restrict out) {
+    switch (dtype) {
+        case F32:
+            memcpy(out, v, n * 4);
+            break;
+        case BF16: {
+            uint16_t *o = (uint16_t *)out;
+            for (size_t i = 0; i < n; i++) o[i] = f32_to_bf16(v[i]);
+            break;
+        }
+        case F16: {
+            uint16_t *o = (uint16_t *)out;
+            for (size_t i = 0; i < n; i++) o[i] = f32_to_f16(v[i]);
+            break;
+        }
+        default:
+            break;
+    }
+}
+
 static void store_ints(int dtype, const int64_t *v, size_t n, char *out) {
     switch (dtype) {
         case I64:
@@ -576,6 +705,7 @@ static void fill_range(const tl_law *lw, tl_key key, int dtype, uint64_t start, 
                        int clamp, double clamp_to, double clamp_hi) {
     uint32_t x[4][GROUP];
     double buf[CHUNK];
+    float fbuf[CHUNK];
     int64_t ibuf[CHUNK];
     const uint64_t per_group = (lw->wide ? 2 : 4) * GROUP;
     const uint64_t end = start + count;
@@ -590,6 +720,28 @@ static void fill_range(const tl_law *lw, tl_key key, int dtype, uint64_t start, 
                 for (size_t j = 0; j < GROUP; j++)
                     ibuf[l * GROUP + j] = lw->ifrom + (int64_t)(((uint64_t)x[l][j] * lw->irange) >> 32);
             store_ints(dtype, ibuf + off, n, out + (e - start) * isz);
+            e = ce;
+            continue;
+        }
+        if (lw->f32) { /* NORMAL or TRUNC_NORMAL, narrow lanes, a dtype of at most 24 bits */
+            /* a whole float32 group is written in place (no scratch copy: the copy cost a third as much as
+               the arithmetic) */
+            float *v = dtype == F32 && n == CHUNK ? (float *)(void *)(out + (e - start) * isz) : fbuf;
+            lane_values_f32((float)lw->p0, (float)lw->p1, GROUP, x[0], x[1], v, v + GROUP);
+            lane_values_f32((float)lw->p0, (float)lw->p1, GROUP, x[2], x[3], v + 2 * GROUP, v + 3 * GROUP);
+            if (v != fbuf) {
+                if (lw->law == TRUNC_NORMAL) {
+                    for (size_t i = 0; i < CHUNK; i++)
+                        if (!(v[i] >= lw->p2 && v[i] <= lw->p3)) v[i] = trunc_retry_f32(lw, key, g0 + i);
+                }
+                e = ce;
+                continue;
+            }
+            if (lw->law == TRUNC_NORMAL) {
+                for (size_t i = off; i < off + n; i++)
+                    if (!(fbuf[i] >= lw->p2 && fbuf[i] <= lw->p3)) fbuf[i] = trunc_retry_f32(lw, key, g0 + i);
+            }
+            store_floats(dtype, fbuf + off, n, out + (e - start) * isz);
             e = ce;
             continue;
         }
@@ -611,10 +763,12 @@ static PyObject *py_fill(PyObject *self, PyObject *args) {
     double clamp_to, clamp_hi;
     tl_law lw;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKKiiiKKddddLKidd", &addr, &start, &count, &dtype, &lw.law, &lw.wide, &key0, &key1,
-                          &lw.p0, &lw.p1, &lw.p2, &lw.p3, &ifrom, &irange, &clamp, &clamp_to, &clamp_hi))
+    if (!PyArg_ParseTuple(args, "KKKiiiiKKddddLKidd", &addr, &start, &count, &dtype, &lw.law, &lw.wide, &lw.f32, &key0,
+                          &key1, &lw.p0, &lw.p1, &lw.p2, &lw.p3, &ifrom, &irange, &clamp, &clamp_to, &clamp_hi))
         return NULL;
-    if (dtype < 0 || dtype > BOOL || lw.law < 0 || lw.law > TRUNC_NORMAL) {
+    if (dtype < 0 || dtype > BOOL || lw.law < 0 || lw.law > TRUNC_NORMAL ||
+        (lw.f32 && (lw.wide || (lw.law != NORMAL && lw.law != TRUNC_NORMAL) || (dtype != F32 && dtype != F16 &&
+                                                                                 dtype != BF16)))) {
         PyErr_SetString(PyExc_ValueError, "torchlazy._countercore.fill: unknown dtype or law code");
         return NULL;
     }
@@ -665,7 +819,7 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"fill", py_fill, METH_VARARGS,
-     "fill(addr, start, count, dtype, law, wide, key0, key1, p0, p1, p2, p3, ifrom, irange, clamp, clamp_to, "
+     "fill(addr, start, count, dtype, law, wide, f32, key0, key1, p0, p1, p2, p3, ifrom, irange, clamp, clamp_to, "
      "clamp_hi): write elements [start, start + count) of the stream into the buffer at addr."},
     {"philox", py_philox, METH_VARARGS, "philox(c0, c1, c2, c3, k0, k1) -> the four words of Philox-4x32-10."},
     {"set_isa", py_set_isa, METH_VARARGS,
