@@ -285,18 +285,17 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         stream = None
         top = self.prefix == () and not self.record.live  # in program order, not a lazy layer's slot
         if random:
-            with tc.disable_current_modes():  # generator states are real tensors
-                stream = self.record.stream_for(_generator_arg(func, args, kwargs))
-                if top:
-                    self._sync(stream)
+            # generator states come from C++, never through dispatch: no mode needs disabling here
+            stream = self.record.stream_for(_generator_arg(func, args, kwargs))
+            if top:
+                self._sync(stream)
         overwrites = self._full_overwrite(func, leaves, writes)
         if overwrites is not None:
             reads = [r for r in reads if r != overwrites]
         node = Node(self.reserve(), func, spec, leaves, outputs, tuple(reads), tuple(writes), stream, overwrites)
         self.record.add(node)
         if stream is not None and top:
-            with tc.disable_current_modes():
-                self._park(stream, node.key)
+            self._park(stream, node.key)
 
     # -- initializers whose law a rejection loop hides -------------------------------
     # `trunc_normal_` redraws values until all fall in [a, b]; how many times depends on
@@ -332,24 +331,41 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     # (`manual_seed`, `set_rng_state`, `fork_rng` restoring a saved state): a reseed
     # event goes into the stream, and replay draws from there as eager code did.
 
+    # A token is the state `manual_seed` gives for a seed derived from the previous token and
+    # the draw's key; `initial_seed()` names it without reading the 5 KB state. The program
+    # sets the generator only through `manual_seed`/`set_state` (nothing is drawn for real
+    # while recording), and both replace `initial_seed`: the same seed is still the token.
+
     def _sync(self, stream: _Stream) -> None:
-        now = stream.generator.get_state()
-        digest = _digest(now)
-        if stream.parked is not None and digest == _digest(stream.parked):
-            return
-        after = stream.tokens.get(digest)
+        gen = stream.generator
+        if stream.parked_seed is not None and gen.initial_seed() == stream.parked_seed:
+            return  # still the token parked after the last draw: nobody set the generator
+        with tc.disable_current_modes():  # reading a state's bytes dispatches
+            now = gen.get_state()
+            digest = _digest(now)
+            if stream.parked_seed is None and stream.parked is not None and digest == _digest(stream.parked):
+                return
+            after = stream.tokens.get(digest)
+            if after is None:
+                after = _seed_token(stream, now, digest)
         stream.reseed(Reseed(self.reserve(), None if after is not None else now, after))
-        stream.parked = now
+        stream.parked, stream.parked_seed = now, None
 
     def _park(self, stream: _Stream, key: Key) -> None:
         if self.closed:  # after the block, the program sees eager's generator (a jump; few ops get here)
-            park_exactly(stream)
+            with tc.disable_current_modes():  # the jump may run unmodelled draws for real
+                park_exactly(stream)
             return
-        before = stream.parked if stream.parked is not None else stream.generator.get_state()
-        seed = hashlib.blake2b(_digest(before) + repr(key).encode(), digest_size=8).digest()
-        stream.generator.manual_seed(int.from_bytes(seed, "little") & ((1 << 63) - 1))
-        token = stream.parked = stream.generator.get_state()
-        stream.tokens[_digest(token)] = key
+        if stream.parked_seed is not None:
+            before = stream.parked_seed.to_bytes(8, "little")
+        else:
+            with tc.disable_current_modes():
+                before = _digest(stream.parked if stream.parked is not None else stream.generator.get_state())
+        seed = hashlib.blake2b(before + repr(key).encode(), digest_size=8).digest()
+        stream.parked_seed = int.from_bytes(seed, "little") & ((1 << 63) - 1)
+        stream.parked = None
+        stream.generator.manual_seed(stream.parked_seed)
+        stream.seeds[stream.parked_seed] = key
 
     def _full_overwrite(self, func: Any, leaves: list[Any], writes: list[int]) -> int | None:
         """The storage `func` rewrites entirely without reading it (a fill, a draw, a copy into it)."""
@@ -479,6 +495,17 @@ def _contiguous_strides(size: tuple[int, ...]) -> list[int]:
 
 def _digest(state: torch.Tensor) -> bytes:
     return hashlib.blake2b(state.numpy().tobytes(), digest_size=16).digest()
+
+
+def _seed_token(stream: _Stream, state: torch.Tensor, digest: bytes) -> Key | None:
+    """The draw after which the recorder parked the generator in `state`, if it is such a token."""
+    seed = stream.generator.initial_seed()
+    key = stream.seeds.get(seed)
+    if key is None:
+        return None
+    fresh = torch.Generator(device=stream.generator.device)
+    fresh.manual_seed(seed)
+    return key if _digest(fresh.get_state()) == digest else None
 
 
 def _generator_arg(func: Any, args: Any, kwargs: Any) -> torch.Generator | None:
@@ -770,7 +797,7 @@ def park_exactly(stream: _Stream) -> None:
     """Put the real generator where eager code would have it after the stream's last draw."""
     state = stream.finish()
     stream.generator.set_state(state)
-    stream.parked = state
+    stream.parked, stream.parked_seed = state, None
     if stream.keys:
         stream.tokens[_digest(state)] = stream.keys[-1]
 

@@ -144,6 +144,10 @@ class _Stream:
         self.reseeds: dict[Key, Reseed] = {}
         self.tokens: dict[bytes, Key] = {}
         self.parked: torch.Tensor | None = entry
+        # the seed of the token the real generator was parked in last (None: parked in `parked`),
+        # and the draw after which each seed's token was parked
+        self.parked_seed: int | None = None
+        self.seeds: dict[int, Key] = {}
 
     def add(self, node: Node) -> None:
         at = bisect.bisect_left(self.keys, node.key)
