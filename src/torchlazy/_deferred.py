@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 from torch.nn.utils import parametrize
-from torch.overrides import TorchFunctionMode
 
 from . import _markers, _paths
 from . import _torch_compat as tc
@@ -172,9 +171,9 @@ _CHEAP_BYTES = 1 << 20
 # `right_inverse`): computed for real there too, exactly, from the record.
 _REGISTERS = (parametrize.register_parametrization.__code__,)
 _READS_VALUES = {
-    torch.Tensor.numpy: "`.numpy()`",
-    torch.Tensor.__repr__: "printing a tensor",
-    torch.Tensor.__format__: "formatting a tensor",
+    "numpy": "`.numpy()`",
+    "__repr__": "printing a tensor",
+    "__format__": "formatting a tensor",
 }
 
 
@@ -660,24 +659,39 @@ def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
     return self
 
 
-class _ValueGuard(TorchFunctionMode):
-    """Turns value reads that never reach dispatch into clear errors."""
+@functools.cache
+def _install_value_guard() -> None:
+    """Turn value reads that never reach dispatch into clear errors, and deep copies into recorded clones.
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.Tensor.__deepcopy__ and storage_of(args[0]) is not None:
-            return _deepcopy(*args)
-        what = _READS_VALUES.get(func)
-        if (
-            what is not None
-            and _local.quiet == 0
-            and any(storage_of(t) is not None for t in tc.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
-        ):
-            raise DeferredError(
-                f"{what} during deferred construction of {_paths.constructing_module()}: under "
-                "`tl.deferred()` tensors have shapes but no values. Print `t.shape` instead, or "
-                "look at the values after `tl.materialize(model)`."
-            )
-        return func(*args, **(kwargs or {}))
+    They are methods of the fake tensor class, wrapped once (a torch function mode would
+    cost a Python call on every torch call of construction): they act only on this
+    thread's recorded tensors while a block records, and run torch's own otherwise.
+    """
+    fake_type = tc.fake_tensor_type()
+
+    def reader(name: str, what: str) -> Any:
+        original = getattr(fake_type, name)
+
+        def method(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if _local.recorders and _local.quiet == 0 and storage_of(self) is not None:
+                raise DeferredError(
+                    f"{what} during deferred construction of {_paths.constructing_module()}: under "
+                    "`tl.deferred()` tensors have shapes but no values. Print `t.shape` instead, or "
+                    "look at the values after `tl.materialize(model)`."
+                )
+            return original(self, *args, **kwargs)
+
+        return method
+
+    original_deepcopy = fake_type.__deepcopy__  # type: ignore[attr-defined]
+
+    def deepcopy(self: torch.Tensor, memo: dict[int, Any]) -> Any:
+        if _local.recorders and storage_of(self) is not None:
+            return _deepcopy(self, memo)
+        return original_deepcopy(self, memo)
+
+    methods = {name: reader(name, what) for name, what in _READS_VALUES.items()}
+    tc.override_fake_methods({**methods, "__deepcopy__": deepcopy})
 
 
 def _deepcopy(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
@@ -705,11 +719,12 @@ def current_recorder() -> _Recorder | None:
 @contextlib.contextmanager
 def recording(record: Record, prefix: Key = (), concretize: bool = False) -> Iterator[_Recorder]:
     """Record into `record` under `prefix` (the top level, or a lazy layer's reserved place)."""
+    _install_value_guard()
     recorder = _Recorder(record, prefix, concretize)
     _local.recorders.append(recorder)
     hooks = _track_modules(record)
     try:
-        with fake_mode(), recorder, _ValueGuard():
+        with fake_mode(), recorder:
             yield recorder
     finally:
         for h in hooks:

@@ -40,6 +40,7 @@ __all__ = [
     "fake_tensor_type",
     "forget_fake_conversions",
     "fsdp_params",
+    "override_fake_methods",
     "wrap_fake",
     "is_fake",
     "local_scalar_op",
@@ -174,6 +175,12 @@ def fake_device(t: Any) -> torch.device:
 def fake_kernel(mode: Any) -> Any:
     """A context in which fake tensors of `mode` are plain meta tensors (to run meta kernels on them)."""
     return _lookup("torch._subclasses.fake_tensor", "in_kernel_invocation_manager")(mode)
+
+
+def override_fake_methods(methods: dict[str, Any]) -> None:
+    """Put `methods` on the fake tensor class (each wraps the one it replaces)."""
+    for name, method in methods.items():
+        setattr(fake_tensor_type(), name, method)
 
 
 def wrap_fake(mode: Any, meta: torch.Tensor, device: torch.device) -> Any:
