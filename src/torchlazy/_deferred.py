@@ -29,7 +29,18 @@ from . import _markers, _paths
 from . import _torch_compat as tc
 from ._errors import ArgumentError, DeferredError
 from ._modtree import module_tensors
-from ._record import GENERATOR_LOCK, Const, Key, Node, Record, Reseed, TRef, _Stream, law_marker
+from ._record import (
+    GENERATOR_LOCK,
+    Const,
+    Key,
+    Node,
+    Record,
+    Reseed,
+    TRef,
+    _Stream,
+    law_marker,
+    register_layout,
+)
 
 __all__ = ["deferred", "deferred_tensors", "fake_attrs", "is_deferred"]
 
@@ -573,6 +584,7 @@ def _flatten(args: Any, kwargs: Any) -> tuple[list[Any], Any]:
     spec = _SPECS.get(key)
     if spec is None:
         spec = _SPECS[key] = tc.tree_flatten((args, kwargs))[1]
+        register_layout(spec, len(args), tuple(kwargs), tuple(shape))
     return leaves, spec
 
 
