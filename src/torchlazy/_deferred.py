@@ -639,14 +639,14 @@ def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
             or any(isinstance(a, torch.Tensor) for a in args)
         ):
             return _SLOW
-        with tc.fake_kernel(mode):
+        with tc.no_dispatch():  # no tensor argument: no fake tensor to unwrap
             meta = func(*args, **{**kwargs, "device": _META})
         return tc.wrap_fake(mode, meta, _CPU)
     if func in _LIFTS:  # `torch.tensor(...)`: a real tensor becomes a recorded constant
         real = args[0]
         if tc.is_fake(real) or real.device != _CPU or real.layout != torch.strided:
             return _SLOW
-        with tc.fake_kernel(mode):
+        with tc.no_dispatch():
             meta = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_META)
         return tc.wrap_fake(mode, meta, _CPU)
     viewing = func in _VIEWS

@@ -40,6 +40,7 @@ __all__ = [
     "fake_tensor_type",
     "forget_fake_conversions",
     "fsdp_params",
+    "no_dispatch",
     "override_fake_methods",
     "wrap_fake",
     "is_fake",
@@ -175,6 +176,12 @@ def fake_device(t: Any) -> torch.device:
 def fake_kernel(mode: Any) -> Any:
     """A context in which fake tensors of `mode` are plain meta tensors (to run meta kernels on them)."""
     return _lookup("torch._subclasses.fake_tensor", "in_kernel_invocation_manager")(mode)
+
+
+def no_dispatch() -> Any:
+    """A context in which no dispatch mode runs: a factory asked for `device="meta"` makes a plain
+    meta tensor (what `fake_kernel` gives, without its Python context manager)."""
+    return torch._C._DisableTorchDispatch()
 
 
 def override_fake_methods(methods: dict[str, Any]) -> None:
