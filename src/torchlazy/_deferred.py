@@ -24,13 +24,23 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 from torch.nn.utils import parametrize
-from torch.overrides import TorchFunctionMode
 
 from . import _markers, _paths
 from . import _torch_compat as tc
 from ._errors import ArgumentError, DeferredError
 from ._modtree import module_tensors
-from ._record import GENERATOR_LOCK, Const, Key, Node, Record, Reseed, TRef, _Stream, law_marker
+from ._record import (
+    GENERATOR_LOCK,
+    Const,
+    Key,
+    Node,
+    Record,
+    Reseed,
+    TRef,
+    _Stream,
+    law_marker,
+    register_layout,
+)
 
 __all__ = ["deferred", "deferred_tensors", "fake_attrs", "is_deferred"]
 
@@ -172,9 +182,9 @@ _CHEAP_BYTES = 1 << 20
 # `right_inverse`): computed for real there too, exactly, from the record.
 _REGISTERS = (parametrize.register_parametrization.__code__,)
 _READS_VALUES = {
-    torch.Tensor.numpy: "`.numpy()`",
-    torch.Tensor.__repr__: "printing a tensor",
-    torch.Tensor.__format__: "formatting a tensor",
+    "numpy": "`.numpy()`",
+    "__repr__": "printing a tensor",
+    "__format__": "formatting a tensor",
 }
 
 
@@ -285,18 +295,17 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         stream = None
         top = self.prefix == () and not self.record.live  # in program order, not a lazy layer's slot
         if random:
-            with tc.disable_current_modes():  # generator states are real tensors
-                stream = self.record.stream_for(_generator_arg(func, args, kwargs))
-                if top:
-                    self._sync(stream)
+            # generator states come from C++, never through dispatch: no mode needs disabling here
+            stream = self.record.stream_for(_generator_arg(func, args, kwargs))
+            if top:
+                self._sync(stream)
         overwrites = self._full_overwrite(func, leaves, writes)
         if overwrites is not None:
             reads = [r for r in reads if r != overwrites]
         node = Node(self.reserve(), func, spec, leaves, outputs, tuple(reads), tuple(writes), stream, overwrites)
         self.record.add(node)
         if stream is not None and top:
-            with tc.disable_current_modes():
-                self._park(stream, node.key)
+            self._park(stream, node.key)
 
     # -- initializers whose law a rejection loop hides -------------------------------
     # `trunc_normal_` redraws values until all fall in [a, b]; how many times depends on
@@ -332,24 +341,41 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     # (`manual_seed`, `set_rng_state`, `fork_rng` restoring a saved state): a reseed
     # event goes into the stream, and replay draws from there as eager code did.
 
+    # A token is the state `manual_seed` gives for a seed derived from the previous token and
+    # the draw's key; `initial_seed()` names it without reading the 5 KB state. The program
+    # sets the generator only through `manual_seed`/`set_state` (nothing is drawn for real
+    # while recording), and both replace `initial_seed`: the same seed is still the token.
+
     def _sync(self, stream: _Stream) -> None:
-        now = stream.generator.get_state()
-        digest = _digest(now)
-        if stream.parked is not None and digest == _digest(stream.parked):
-            return
-        after = stream.tokens.get(digest)
+        gen = stream.generator
+        if stream.parked_seed is not None and gen.initial_seed() == stream.parked_seed:
+            return  # still the token parked after the last draw: nobody set the generator
+        with tc.disable_current_modes():  # reading a state's bytes dispatches
+            now = gen.get_state()
+            digest = _digest(now)
+            if stream.parked_seed is None and stream.parked is not None and digest == _digest(stream.parked):
+                return
+            after = stream.tokens.get(digest)
+            if after is None:
+                after = _seed_token(stream, now, digest)
         stream.reseed(Reseed(self.reserve(), None if after is not None else now, after))
-        stream.parked = now
+        stream.parked, stream.parked_seed = now, None
 
     def _park(self, stream: _Stream, key: Key) -> None:
         if self.closed:  # after the block, the program sees eager's generator (a jump; few ops get here)
-            park_exactly(stream)
+            with tc.disable_current_modes():  # the jump may run unmodelled draws for real
+                park_exactly(stream)
             return
-        before = stream.parked if stream.parked is not None else stream.generator.get_state()
-        seed = hashlib.blake2b(_digest(before) + repr(key).encode(), digest_size=8).digest()
-        stream.generator.manual_seed(int.from_bytes(seed, "little") & ((1 << 63) - 1))
-        token = stream.parked = stream.generator.get_state()
-        stream.tokens[_digest(token)] = key
+        if stream.parked_seed is not None:
+            before = stream.parked_seed.to_bytes(8, "little")
+        else:
+            with tc.disable_current_modes():
+                before = _digest(stream.parked if stream.parked is not None else stream.generator.get_state())
+        seed = hashlib.blake2b(before + repr(key).encode(), digest_size=8).digest()
+        stream.parked_seed = int.from_bytes(seed, "little") & ((1 << 63) - 1)
+        stream.parked = None
+        stream.generator.manual_seed(stream.parked_seed)
+        stream.seeds[stream.parked_seed] = key
 
     def _full_overwrite(self, func: Any, leaves: list[Any], writes: list[int]) -> int | None:
         """The storage `func` rewrites entirely without reading it (a fill, a draw, a copy into it)."""
@@ -481,6 +507,17 @@ def _digest(state: torch.Tensor) -> bytes:
     return hashlib.blake2b(state.numpy().tobytes(), digest_size=16).digest()
 
 
+def _seed_token(stream: _Stream, state: torch.Tensor, digest: bytes) -> Key | None:
+    """The draw after which the recorder parked the generator in `state`, if it is such a token."""
+    seed = stream.generator.initial_seed()
+    key = stream.seeds.get(seed)
+    if key is None:
+        return None
+    fresh = torch.Generator(device=stream.generator.device)
+    fresh.manual_seed(seed)
+    return key if _digest(fresh.get_state()) == digest else None
+
+
 def _generator_arg(func: Any, args: Any, kwargs: Any) -> torch.Generator | None:
     i = _op_info(func).generator
     if i is None:
@@ -547,6 +584,7 @@ def _flatten(args: Any, kwargs: Any) -> tuple[list[Any], Any]:
     spec = _SPECS.get(key)
     if spec is None:
         spec = _SPECS[key] = tc.tree_flatten((args, kwargs))[1]
+        register_layout(spec, len(args), tuple(kwargs), tuple(shape))
     return leaves, spec
 
 
@@ -601,14 +639,14 @@ def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
             or any(isinstance(a, torch.Tensor) for a in args)
         ):
             return _SLOW
-        with tc.fake_kernel(mode):
+        with tc.no_dispatch():  # no tensor argument: no fake tensor to unwrap
             meta = func(*args, **{**kwargs, "device": _META})
         return tc.wrap_fake(mode, meta, _CPU)
     if func in _LIFTS:  # `torch.tensor(...)`: a real tensor becomes a recorded constant
         real = args[0]
         if tc.is_fake(real) or real.device != _CPU or real.layout != torch.strided:
             return _SLOW
-        with tc.fake_kernel(mode):
+        with tc.no_dispatch():
             meta = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_META)
         return tc.wrap_fake(mode, meta, _CPU)
     viewing = func in _VIEWS
@@ -633,24 +671,39 @@ def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
     return self
 
 
-class _ValueGuard(TorchFunctionMode):
-    """Turns value reads that never reach dispatch into clear errors."""
+@functools.cache
+def _install_value_guard() -> None:
+    """Turn value reads that never reach dispatch into clear errors, and deep copies into recorded clones.
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.Tensor.__deepcopy__ and storage_of(args[0]) is not None:
-            return _deepcopy(*args)
-        what = _READS_VALUES.get(func)
-        if (
-            what is not None
-            and _local.quiet == 0
-            and any(storage_of(t) is not None for t in tc.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
-        ):
-            raise DeferredError(
-                f"{what} during deferred construction of {_paths.constructing_module()}: under "
-                "`tl.deferred()` tensors have shapes but no values. Print `t.shape` instead, or "
-                "look at the values after `tl.materialize(model)`."
-            )
-        return func(*args, **(kwargs or {}))
+    They are methods of the fake tensor class, wrapped once (a torch function mode would
+    cost a Python call on every torch call of construction): they act only on this
+    thread's recorded tensors while a block records, and run torch's own otherwise.
+    """
+    fake_type = tc.fake_tensor_type()
+
+    def reader(name: str, what: str) -> Any:
+        original = getattr(fake_type, name)
+
+        def method(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if _local.recorders and _local.quiet == 0 and storage_of(self) is not None:
+                raise DeferredError(
+                    f"{what} during deferred construction of {_paths.constructing_module()}: under "
+                    "`tl.deferred()` tensors have shapes but no values. Print `t.shape` instead, or "
+                    "look at the values after `tl.materialize(model)`."
+                )
+            return original(self, *args, **kwargs)
+
+        return method
+
+    original_deepcopy = fake_type.__deepcopy__  # type: ignore[attr-defined]
+
+    def deepcopy(self: torch.Tensor, memo: dict[int, Any]) -> Any:
+        if _local.recorders and storage_of(self) is not None:
+            return _deepcopy(self, memo)
+        return original_deepcopy(self, memo)
+
+    methods = {name: reader(name, what) for name, what in _READS_VALUES.items()}
+    tc.override_fake_methods({**methods, "__deepcopy__": deepcopy})
 
 
 def _deepcopy(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
@@ -678,11 +731,12 @@ def current_recorder() -> _Recorder | None:
 @contextlib.contextmanager
 def recording(record: Record, prefix: Key = (), concretize: bool = False) -> Iterator[_Recorder]:
     """Record into `record` under `prefix` (the top level, or a lazy layer's reserved place)."""
+    _install_value_guard()
     recorder = _Recorder(record, prefix, concretize)
     _local.recorders.append(recorder)
     hooks = _track_modules(record)
     try:
-        with fake_mode(), recorder, _ValueGuard():
+        with fake_mode(), recorder:
             yield recorder
     finally:
         for h in hooks:
@@ -770,7 +824,7 @@ def park_exactly(stream: _Stream) -> None:
     """Put the real generator where eager code would have it after the stream's last draw."""
     state = stream.finish()
     stream.generator.set_state(state)
-    stream.parked = state
+    stream.parked, stream.parked_seed = state, None
     if stream.keys:
         stream.tokens[_digest(state)] = stream.keys[-1]
 

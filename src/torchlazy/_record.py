@@ -144,6 +144,10 @@ class _Stream:
         self.reseeds: dict[Key, Reseed] = {}
         self.tokens: dict[bytes, Key] = {}
         self.parked: torch.Tensor | None = entry
+        # the seed of the token the real generator was parked in last (None: parked in `parked`),
+        # and the draw after which each seed's token was parked
+        self.parked_seed: int | None = None
+        self.seeds: dict[int, Key] = {}
 
     def add(self, node: Node) -> None:
         at = bisect.bisect_left(self.keys, node.key)
@@ -276,6 +280,36 @@ class _Stream:
         return _rng.jump(state, pending) if pending else state
 
 
+# -- op arguments without a pytree walk ----------------------------------------------------
+
+# The specs of the usual shapes of op arguments (leaves, flat lists or tuples of leaves; see
+# `_deferred._flatten`): id(spec) -> (number of positional arguments, keyword names, per
+# value None for a leaf or (list or tuple, length), the spec itself, kept alive).
+_LAYOUTS: dict[int, tuple[int, tuple[str, ...], tuple[Any, ...], Any]] = {}
+
+
+def register_layout(spec: Any, nargs: int, names: tuple[str, ...], shape: tuple[Any, ...]) -> None:
+    _LAYOUTS[id(spec)] = (nargs, names, shape, spec)
+
+
+def unflatten(leaves: list[Any], spec: Any) -> Any:
+    """`tree_unflatten(leaves, spec)`: for a registered layout, rebuilt directly (per node, at replay)."""
+    layout = _LAYOUTS.get(id(spec))
+    if layout is None or layout[3] is not spec:
+        return tc.tree_unflatten(leaves, spec)
+    nargs, names, shape, _ = layout
+    values: list[Any] = []
+    i = 0
+    for kind in shape:
+        if kind is None:
+            values.append(leaves[i])
+            i += 1
+        else:
+            values.append(kind[0](leaves[i : i + kind[1]]))
+            i += kind[1]
+    return tuple(values[:nargs]), dict(zip(names, values[nargs:]))
+
+
 # -- what the generator model knows of a recorded random node ---------------------------
 
 _UNKNOWN: Any = object()
@@ -300,7 +334,7 @@ def draw_of(node: Node) -> Draw | None:
         return cached  # type: ignore[no-any-return]
     draw = None
     if node.func is not None and node.stream is not None and node.spec is not None:
-        args, kwargs = tc.tree_unflatten(node.leaves, node.spec)
+        args, kwargs = unflatten(node.leaves, node.spec)
         target = args[0] if args else None
         if isinstance(target, TRef) and list(target.stride) == contiguous_strides(target.size):
             op = node.func.overloadpacket.__name__  # type: ignore[attr-defined]
@@ -611,7 +645,7 @@ class Record:
         cpu = torch.device("cpu")
         self._ensure_target(node, env, cpu)
         assert node.spec is not None and node.func is not None
-        args, kwargs = tc.tree_unflatten([_real(leaf, env, cpu) for leaf in node.leaves], node.spec)
+        args, kwargs = unflatten([_real(leaf, env, cpu) for leaf in node.leaves], node.spec)
         flat = args[0].view(-1)
         parts = workers if draw.numel >= SPLIT_MIN else 1  # smaller draws: parallel across nodes, no extra jump
         futures = [
@@ -637,7 +671,7 @@ class Record:
         seed, the node's place and i alone (a counter-based stream), whatever the layout."""
         self._ensure_target(node, env, device)
         assert node.spec is not None
-        args, _ = tc.tree_unflatten([_real(leaf, env, device) for leaf in node.leaves], node.spec)
+        args, _ = unflatten([_real(leaf, env, device) for leaf in node.leaves], node.spec)
         target: torch.Tensor = args[0]
         values = (
             torch.empty(target.shape, dtype=target.dtype)
@@ -668,7 +702,7 @@ class Record:
             out: Any = leaves[0]
         else:
             assert node.spec is not None
-            args, kwargs = tc.tree_unflatten(leaves, node.spec)
+            args, kwargs = unflatten(leaves, node.spec)
             try:
                 out = node.func(*args, **kwargs)
             except Exception as e:
@@ -711,7 +745,7 @@ def counter_law(node: Node) -> tuple[str, dict[str, Any]] | None:
     found = _LAWS.get(node.func.overloadpacket.__name__)  # type: ignore[attr-defined]
     if found is None:
         return None
-    args, kwargs = tc.tree_unflatten(node.leaves, node.spec)
+    args, kwargs = unflatten(node.leaves, node.spec)
     if not args or not isinstance(args[0], TRef) or not args[0].dtype.is_floating_point:
         return None
     named = {a.name: v for a, v in zip(tc.op_schema(node.func).arguments, args)} | kwargs

@@ -40,6 +40,8 @@ __all__ = [
     "fake_tensor_type",
     "forget_fake_conversions",
     "fsdp_params",
+    "no_dispatch",
+    "override_fake_methods",
     "wrap_fake",
     "is_fake",
     "local_scalar_op",
@@ -176,9 +178,63 @@ def fake_kernel(mode: Any) -> Any:
     return _lookup("torch._subclasses.fake_tensor", "in_kernel_invocation_manager")(mode)
 
 
+def no_dispatch() -> Any:
+    """A context in which no dispatch mode runs: a factory asked for `device="meta"` makes a plain
+    meta tensor (what `fake_kernel` gives, without its Python context manager)."""
+    return torch._C._DisableTorchDispatch()
+
+
+def override_fake_methods(methods: dict[str, Any]) -> None:
+    """Put `methods` on the fake tensor class (each wraps the one it replaces)."""
+    for name, method in methods.items():
+        setattr(fake_tensor_type(), name, method)
+
+
 def wrap_fake(mode: Any, meta: torch.Tensor, device: torch.device) -> Any:
-    """A fake tensor of `mode` over the meta tensor `meta`, reporting `device`."""
-    return fake_tensor_type()(mode, meta, device)
+    """A fake tensor of `mode` over the meta tensor `meta`, reporting `device`.
+
+    On the CPU, `FakeTensor.__new__` (argument checks, device normalization, five memo
+    descriptors of three attributes each) is replaced by its result: the subclass made
+    over `meta` with the attributes a constructed probe of this mode carries.
+    """
+    cls = fake_tensor_type()
+    if device.type != "cpu" or device.index is not None:
+        return cls(mode, meta, device)
+    known = _FAKE_TEMPLATES.get(id(mode))
+    if known is None or known[0] is not mode:
+        known = _FAKE_TEMPLATES[id(mode)] = (mode, _fake_template(cls, mode))
+    template = known[1]
+    if template is None:
+        return cls(mode, meta, device)
+    out = torch.Tensor._make_subclass(
+        cls, meta, meta.requires_grad, dispatch_device=True, device_for_backend_keys=device
+    )
+    if mode._allow_unsafe_data_ptr_access:
+        torch._C._set_warn_deprecated_on_mutable_data_ptr(out)
+    else:
+        torch._C._set_throw_on_mutable_data_ptr(out)
+    out.__dict__.update(template)
+    return out
+
+
+# id(fake mode) -> (the mode, the attributes of a fake CPU tensor of it, or None: construct each)
+_FAKE_TEMPLATES: dict[int, tuple[Any, dict[str, Any] | None]] = {}
+_FAKE_PROBE_ATTRS = {"_fake_device", "fake_mode", "constant", "pytype", "dispatch_keys", "real_tensor"}
+
+
+def _fake_template(cls: type, mode: Any) -> dict[str, Any] | None:
+    with disable_current_modes():
+        probe = cls(mode, torch.empty(0, device="meta"), torch.device("cpu"))
+    attrs = dict(probe.__dict__)
+    plain = {k: v for k, v in attrs.items() if k not in ("_fake_device", "fake_mode")}
+    if (
+        not _FAKE_PROBE_ATTRS <= attrs.keys()
+        or attrs["_fake_device"] != torch.device("cpu")
+        or attrs["fake_mode"] is not mode
+        or any(v is not None for v in plain.values())  # a debug trace, a constant: construct each
+    ):
+        return None
+    return attrs
 
 
 def data_dependent_errors() -> tuple[type[BaseException], ...]:
