@@ -36,8 +36,9 @@ from ._record import (
     Node,
     Record,
     Reseed,
+    Stream,
     TRef,
-    _Stream,
+    contiguous_strides,
     law_marker,
     register_layout,
 )
@@ -346,7 +347,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     # sets the generator only through `manual_seed`/`set_state` (nothing is drawn for real
     # while recording), and both replace `initial_seed`: the same seed is still the token.
 
-    def _sync(self, stream: _Stream) -> None:
+    def _sync(self, stream: Stream) -> None:
         gen = stream.generator
         if stream.parked_seed is not None and gen.initial_seed() == stream.parked_seed:
             return  # still the token parked after the last draw: nobody set the generator
@@ -361,7 +362,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         stream.reseed(Reseed(self.reserve(), None if after is not None else now, after))
         stream.parked, stream.parked_seed = now, None
 
-    def _park(self, stream: _Stream, key: Key) -> None:
+    def _park(self, stream: Stream, key: Key) -> None:
         if self.closed:  # after the block, the program sees eager's generator (a jump; few ops get here)
             with tc.disable_current_modes():  # the jump may run unmodelled draws for real
                 park_exactly(stream)
@@ -390,7 +391,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         numel = 1
         for n in target.size:
             numel *= n
-        contiguous = list(target.stride) == _contiguous_strides(target.size)
+        contiguous = list(target.stride) == contiguous_strides(target.size)
         itemsize = target.dtype.itemsize
         if target.offset == 0 and contiguous and numel * itemsize == info.nbytes:
             return sid
@@ -495,19 +496,11 @@ _OVERWRITES = {
 }  # fmt: skip
 
 
-def _contiguous_strides(size: tuple[int, ...]) -> list[int]:
-    strides, step = [], 1
-    for n in reversed(size):
-        strides.append(step)
-        step *= max(n, 1)
-    return list(reversed(strides))
-
-
 def _digest(state: torch.Tensor) -> bytes:
     return hashlib.blake2b(state.numpy().tobytes(), digest_size=16).digest()
 
 
-def _seed_token(stream: _Stream, state: torch.Tensor, digest: bytes) -> Key | None:
+def _seed_token(stream: Stream, state: torch.Tensor, digest: bytes) -> Key | None:
     """The draw after which the recorder parked the generator in `state`, if it is such a token."""
     seed = stream.generator.initial_seed()
     key = stream.seeds.get(seed)
@@ -820,7 +813,7 @@ def _leave_generators_as_eager(record: Record) -> None:
             record.exit_states[default] = torch.default_generator.get_state()
 
 
-def park_exactly(stream: _Stream) -> None:
+def park_exactly(stream: Stream) -> None:
     """Put the real generator where eager code would have it after the stream's last draw."""
     state = stream.finish()
     stream.generator.set_state(state)

@@ -10,7 +10,7 @@ Replaying a set of storages runs only the operations they depend on (their
 writers, and recursively the writers of what those read before they ran), in
 record order, on real tensors, freeing each temporary at its last use.
 
-Random operations draw from a `_Stream`: the generator state before each one is
+Random operations draw from a `Stream`: the generator state before each one is
 known (from the state captured when the record began, advanced by running
 the random operations in order, on scratch memory when their result is not
 wanted), so any subset of the model replays bit for bit as the whole would.
@@ -82,7 +82,7 @@ class Node:
     outputs: list[tuple[int, int]]  # (index among the output's leaves, new storage id)
     reads: tuple[int, ...]
     writes: tuple[int, ...]
-    stream: _Stream | None = None
+    stream: Stream | None = None
     overwrites: int | None = None  # a storage this node rewrites entirely without reading it
     law: tuple[str, dict[str, Any]] | None = None  # for exact=False: the law a whole initializer samples
 
@@ -118,7 +118,7 @@ def _generator_state(gen: torch.Generator) -> torch.Tensor:
     return gen.get_state()
 
 
-class _Stream:
+class Stream:
     """The draws of one generator, in record order, with the state before each.
 
     `cursor` counts the random nodes already accounted for; the generator
@@ -387,7 +387,7 @@ class Record:
         self.order = 0  # where live records (lazy layers built outside deferred) come in the RNG stream
         self.storages: dict[int, StorageInfo] = {}
         self.names: dict[int, str] = {}  # storage id -> `Class.attribute` that registered it, for messages
-        self.streams: dict[int, _Stream] = {}
+        self.streams: dict[int, Stream] = {}
         self.nodes: list[Node] = []
         self._sorted = True
         self._next_sid = 0
@@ -412,14 +412,14 @@ class Record:
         self.storages[sid] = StorageInfo(sid, nbytes, device, meta)
         return sid
 
-    def stream_for(self, generator: torch.Generator | None) -> _Stream:
+    def stream_for(self, generator: torch.Generator | None) -> Stream:
         gen = torch.default_generator if generator is None else generator
         stream = self.streams.get(id(gen))
         if stream is None:
             entry = self._default_entry if gen is torch.default_generator else None
             if gen is not torch.default_generator and not self.live:
                 entry = _generator_state(gen)
-            stream = self.streams[id(gen)] = _Stream(self, gen, entry)
+            stream = self.streams[id(gen)] = Stream(self, gen, entry)
         return stream
 
     def add(self, node: Node) -> None:
