@@ -42,7 +42,7 @@ from . import _torch_compat as tc
 from ._errors import ArgumentError, DeferredError, DtypeError, LazyError, NotBuiltError, ShapeError
 from ._modtree import TensorState, drop_parameter_caches, refresh_parameter_caches
 from ._record import Record
-from ._rules import Inputs, Rule, Trailing, _Mismatch, as_rule
+from ._rules import Inputs, Mismatch, Rule, Trailing, as_rule
 
 __all__ = [
     "LazyModule",
@@ -692,7 +692,7 @@ class _LazyLayer:
         for name, rule in self._tl_rules.items():
             try:
                 values[name] = rule(inputs, self._tl_options)
-            except _Mismatch as m:
+            except Mismatch as m:
                 raise ShapeError(
                     f"`{_paths.module_path(self)}` ({type(self).__qualname__}) takes `{name}` from "  # type: ignore[arg-type]
                     f"{rule.describe()}: expected {m.expected}, got {m.seen}. Pass an input of that "

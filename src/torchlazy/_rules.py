@@ -2,7 +2,7 @@
 
 A rule looks at the forward's bound arguments (`inputs`, by parameter name)
 and the lazy layer's own options, and returns the argument's value or raises
-`_Mismatch` (turned into a `tl.ShapeError` that names the module). Rules are
+`Mismatch` (turned into a `tl.ShapeError` that names the module). Rules are
 small frozen dataclasses, so they pickle and compare, and each one knows the
 values it may take for the skeleton built at construction (`probes`).
 """
@@ -30,7 +30,7 @@ class Inputs:
     named: Mapping[str, Any]
 
 
-class _Mismatch(Exception):
+class Mismatch(Exception):
     """An input that cannot satisfy a rule: (expected, seen)."""
 
     def __init__(self, expected: str, seen: str) -> None:
@@ -52,7 +52,7 @@ def _tensor(inputs: Inputs, arg: int | str) -> tuple[str, torch.Tensor]:
     if isinstance(value, PackedSequence):
         value = value.data
     if not isinstance(value, torch.Tensor):
-        raise _Mismatch(f"a tensor as `{name}`", f"{type(value).__name__}")
+        raise Mismatch(f"a tensor as `{name}`", f"{type(value).__name__}")
     return name, value
 
 
@@ -80,7 +80,7 @@ class Dim:
         name, x = _tensor(inputs, self.arg)
         minimum = self.dim + 1 if self.dim >= 0 else -self.dim
         if (self.ranks is not None and x.dim() not in self.ranks) or x.dim() < minimum:
-            raise _Mismatch(
+            raise Mismatch(
                 f"`{name}` with {_ranks(self.ranks, minimum)}",
                 f"shape {tuple(x.shape)}",
             )
@@ -122,7 +122,7 @@ class Channels(_SizeRule):
         name, x = _tensor(inputs, 0)
         ranks = (self.spatial + 2,) if self.batched_only else (self.spatial + 1, self.spatial + 2)
         if x.dim() not in ranks:
-            raise _Mismatch(f"`{name}` with {_ranks(ranks, 0)}", f"shape {tuple(x.shape)}")
+            raise Mismatch(f"`{name}` with {_ranks(ranks, 0)}", f"shape {tuple(x.shape)}")
         return int(x.shape[-(self.spatial + 1)])
 
 
@@ -147,7 +147,7 @@ class Trailing:
         name, x = _tensor(inputs, 0)
         k = int(options.get(self.option, 1))
         if k < 1 or x.dim() < k:
-            raise _Mismatch(
+            raise Mismatch(
                 f"`{name}` with at least {k} dimensions ({self.option}={k})",
                 f"shape {tuple(x.shape)}",
             )
