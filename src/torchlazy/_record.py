@@ -11,9 +11,10 @@ writers, and recursively the writers of what those read before they ran), in
 record order, on real tensors, freeing each temporary at its last use.
 
 Random operations draw from a `Stream`: the generator state before each one is
-known (from the state captured when the record began, advanced by running
-the random operations in order, on scratch memory when their result is not
-wanted), so any subset of the model replays bit for bit as the whole would.
+known (from the state captured when the record began, jumped over the draws
+before it by the generator model `_rng`, or advanced by running the few kernels
+it does not model on scratch memory), so any subset of the model replays bit for
+bit as the whole would, and draws can run in parallel, each on its own generator.
 """
 
 from __future__ import annotations
@@ -327,6 +328,13 @@ class Draw:
     align: int | None  # split generation is exact at multiples of this (None: not splittable)
 
 
+def named_arguments(node: Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A recorded op's positional arguments, and every argument by its schema name."""
+    assert node.spec is not None and node.func is not None
+    args, kwargs = unflatten(node.leaves, node.spec)
+    return args, {a.name: v for a, v in zip(tc.op_schema(node.func).arguments, args)} | kwargs
+
+
 def draw_of(node: Node) -> Draw | None:
     """The modelled draw of `node`, or None (not random, not contiguous, or a kernel `_rng` does not model)."""
     cached = node.__dict__.get("_draw", _UNKNOWN)
@@ -334,11 +342,10 @@ def draw_of(node: Node) -> Draw | None:
         return cached  # type: ignore[no-any-return]
     draw = None
     if node.func is not None and node.stream is not None and node.spec is not None:
-        args, kwargs = unflatten(node.leaves, node.spec)
+        args, named = named_arguments(node)
         target = args[0] if args else None
         if isinstance(target, TRef) and list(target.stride) == contiguous_strides(target.size):
             op = node.func.overloadpacket.__name__  # type: ignore[attr-defined]
-            named = {a.name: v for a, v in zip(tc.op_schema(node.func).arguments, args)} | kwargs
             params: dict[str, Any] = {}
             if op == "random_" and ("from" in named or "to" in named):
                 params = {"low": named.get("from", 0), "high": named.get("to")}
@@ -393,12 +400,10 @@ class Record:
         self._next_sid = 0
         with tc.disable_current_modes():  # a record may begin inside a fake forward: states are real
             self._default_entry = None if live else _generator_state(torch.default_generator)
-            # exact=False streams are keyed by this (the generator when the record began)
             seed_state = _generator_state(torch.default_generator).numpy().tobytes()
-        self.exit_states: dict[int, torch.Tensor] = {}
-        self.seed = int.from_bytes(
-            hashlib.blake2b(seed_state, digest_size=8).digest(), "little"
-        )  # id(generator) -> its state set when the block ended
+        # exact=False streams are keyed by this (the generator when the record began)
+        self.seed = int.from_bytes(hashlib.blake2b(seed_state, digest_size=8).digest(), "little")
+        self.exit_states: dict[int, torch.Tensor] = {}  # id(generator) -> its state set when the block ended
         self._scratch: torch.UntypedStorage | None = None
         self._adopt: tuple[dict[int, torch.UntypedStorage], set[int]] | None = None
 
@@ -745,10 +750,9 @@ def counter_law(node: Node) -> tuple[str, dict[str, Any]] | None:
     found = _LAWS.get(node.func.overloadpacket.__name__)  # type: ignore[attr-defined]
     if found is None:
         return None
-    args, kwargs = unflatten(node.leaves, node.spec)
+    args, named = named_arguments(node)
     if not args or not isinstance(args[0], TRef) or not args[0].dtype.is_floating_point:
         return None
-    named = {a.name: v for a, v in zip(tc.op_schema(node.func).arguments, args)} | kwargs
     params = {law_name: named[arg] for law_name, arg in found[1].items() if arg in named}
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in params.values()):
         return None  # a tensor of probabilities, say
