@@ -13,6 +13,7 @@ handed to FSDP the way `Module.to_empty` would (`reset_sharded_param`).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,18 @@ from . import _torch_compat as tc
 from ._deferred import origin_of, storage_of
 from ._errors import DeferredError
 from ._modtree import Placement
-from ._record import GENERATOR_LOCK, Const, Node, Record, TRef, contiguous_strides, counter_key, counter_law, draw_of
+from ._record import (
+    GENERATOR_LOCK,
+    Const,
+    Node,
+    Record,
+    TRef,
+    contiguous_strides,
+    counter_key,
+    counter_law,
+    draw_of,
+    unflatten,
+)
 
 __all__ = ["sharded_targets", "materialize_shards"]
 
@@ -155,10 +167,23 @@ def _flat_range(shard: Shard) -> tuple[int, int] | None:
     rest = shard.slices[1:]
     if any(s.start != 0 or s.stop != n for s, n in zip(rest, ref.size[1:])):
         return None
-    row = 1
-    for n in ref.size[1:]:
-        row *= n
+    row = math.prod(ref.size[1:])
     return shard.slices[0].start * row, shard.slices[0].stop * row
+
+
+def _run_on_rows(
+    nodes: list[Node], values: torch.Tensor, draw: Callable[[Node, tuple[Any, ...], dict[str, Any]], None]
+) -> None:
+    """Run an elementwise closure on `values` (a flat range of the tensor's elements) in place of the
+    whole tensor; its random nodes are made by `draw(node, args, kwargs)`."""
+    with torch.no_grad():
+        for node in nodes:
+            assert node.spec is not None and node.func is not None
+            args, kwargs = unflatten([values if isinstance(x, TRef) else x for x in node.leaves], node.spec)
+            if node.stream is not None:
+                draw(node, args, kwargs)
+            else:
+                node.func(*args, **kwargs)
 
 
 def _local_exact(record: Record, shard: Shard) -> torch.Tensor | None:
@@ -169,28 +194,25 @@ def _local_exact(record: Record, shard: Shard) -> torch.Tensor | None:
     span = _flat_range(shard)
     if nodes is None or span is None:
         return None
-    draws = [draw_of(n) for n in nodes if n.stream is not None]
-    if any(d is None or d.target != ref or d.align is None for d in draws):
+    draws = {id(n): draw_of(n) for n in nodes if n.stream is not None}
+    if any(d is None or d.target != ref or d.align is None for d in draws.values()):
         return None
-    numel = 1
-    for n in ref.size:
-        numel *= n
-    align = max([1, *(d.align for d in draws if d is not None and d.align is not None)])
+    numel = math.prod(ref.size)
+    align = max([1, *(d.align for d in draws.values() if d is not None and d.align is not None)])
     a, b = span
     start, stop = a // align * align, min(numel, -(-b // align) * align)
     if stop == numel and numel - start < align:  # the ragged last piece holds at least `align` elements
         start = max(0, (numel - align) // align * align)
     values = torch.empty(stop - start, dtype=ref.dtype)
-    with torch.no_grad():
-        for node in nodes:
-            assert node.spec is not None and node.func is not None
-            args, kwargs = tc.tree_unflatten([values if isinstance(x, TRef) else x for x in node.leaves], node.spec)
-            draw = draw_of(node) if node.stream is not None else None
-            if draw is not None and node.stream is not None:
-                offset = _rng.word_offset(draw.op, ref.dtype, numel, start, **draw.params) or 0
-                state = node.stream.state_before(node)
-                kwargs = {**kwargs, "generator": _rng.generator_at(_rng.jump(state, offset) if offset else state)}
-            node.func(*args, **kwargs)  # type: ignore[misc]
+
+    def draw(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        d = draws[id(node)]
+        assert d is not None and node.stream is not None and node.func is not None
+        offset = _rng.word_offset(d.op, ref.dtype, numel, start, **d.params) or 0
+        state = node.stream.state_before(node)
+        node.func(*args, **{**kwargs, "generator": _rng.generator_at(_rng.jump(state, offset) if offset else state)})
+
+    _run_on_rows(nodes, values, draw)
     local_shape = tuple(s.stop - s.start for s in shard.slices)
     piece = values[a - start : b - start]
     return (piece.clone() if piece.numel() != values.numel() else piece).view(local_shape)
@@ -203,19 +225,20 @@ def _local_only(record: Record, shard: Shard, device: Any) -> torch.Tensor | Non
     ref = shard.ref
     nodes = _elementwise_closure(record, ref)
     span = _flat_range(shard)
-    if nodes is None or span is None or any(n.stream is not None and counter_law(n) is None for n in nodes):
+    if nodes is None or span is None:
+        return None
+    laws = {id(n): counter_law(n) for n in nodes if n.stream is not None}
+    if any(law is None for law in laws.values()):
         return None
     a, b = span
     values = torch.empty(b - a, dtype=ref.dtype)
-    with torch.no_grad():
-        for node in nodes:
-            assert node.spec is not None and node.func is not None
-            law = counter_law(node) if node.stream is not None else None
-            if law is not None:
-                _counter.fill(values, law[0], law[1], counter_key(record, node), start=a)
-                continue
-            args, kwargs = tc.tree_unflatten([values if isinstance(x, TRef) else x for x in node.leaves], node.spec)
-            node.func(*args, **kwargs)
+
+    def draw(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        law = laws[id(node)]
+        assert law is not None
+        _counter.fill(values, law[0], law[1], counter_key(record, node), start=a)
+
+    _run_on_rows(nodes, values, draw)
     return values.view(tuple(s.stop - s.start for s in shard.slices)).to(device)
 
 
