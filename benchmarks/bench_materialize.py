@@ -27,12 +27,12 @@ from _harness import child, run_all, table
 import torchlazy as tl
 
 
-def config():  # ~162M parameters
+def config(hidden: int = 768, layers: int = 12, heads: int = 12):  # defaults: ~162M parameters
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        num_key_value_heads=12, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+        hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
     )  # fmt: skip
 
 
@@ -42,19 +42,10 @@ def make():
     return LlamaForCausalLM(config())
 
 
-def config_500m():  # ~0.47B parameters
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
-    )  # fmt: skip
-
-
-def make_500m():
+def make_500m():  # ~0.47B parameters
     from transformers import LlamaForCausalLM
 
-    return LlamaForCausalLM(config_500m())
+    return LlamaForCausalLM(config(hidden=1024, layers=24, heads=16))
 
 
 def make_linear():  # ~0.27B parameters, plain nn.Linear: kaiming_uniform_ weights, uniform_ biases, nothing redrawn
