@@ -22,7 +22,7 @@ def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _model() -> nn.Module:
-    m = nn.Sequential(nn.Linear(300, 500), nn.LayerNorm(500), nn.Embedding(1000, 64, padding_idx=0), nn.Linear(64, 33))
+    m = nn.Sequential(nn.Linear(300, 500), nn.LayerNorm(500), nn.Embedding(1100, 64, padding_idx=0), nn.Linear(64, 33))
     nn.init.normal_(m[0].weight, std=0.02)
     nn.init.trunc_normal_(m[3].weight, std=0.5, a=-0.6, b=0.6)  # a rejection sampler in eager
     return m

@@ -37,15 +37,17 @@ True
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-__all__ = ["LAWS", "fill", "has_extension"]
+__all__ = ["LAWS", "fill", "fill_jobs", "has_extension"]
 
 try:
     from torchlazy import _countercore as _core  # type: ignore[attr-defined]
@@ -591,16 +593,7 @@ def fill(
     >>> bool(x.min() >= -1.0) and bool(x.max() < 1.0)
     True
     """
-    if out.device.type != "cpu" or not out.is_contiguous():
-        raise ValueError(
-            f"`fill` writes a contiguous CPU tensor, got device={out.device}, contiguous={out.is_contiguous()}"
-        )
-    if out.dtype not in _DTYPE:
-        raise TypeError(f"`fill` does not support dtype {out.dtype}")
-    if start < 0 or start + out.numel() > _MAX_ELEMENTS:
-        raise ValueError(f"`fill` covers elements [0, 2**48) of a stream, got [{start}, {start + out.numel()})")
-    plan = _Plan(out, law, params)
-    k = (int(key[0]) & _M64, int(key[1]) & _M64)
+    plan, k = _check(out, law, params, key, start)
     if out.numel() == 0:
         return out
     with torch.no_grad():  # `out` may be a Parameter: the fill is initialization, not autograd history
@@ -609,3 +602,48 @@ def fill(
         else:
             _fill_pure(out, plan, k, start)
     return out
+
+
+def fill_jobs(
+    out: torch.Tensor, law: str, params: dict[str, Any], key: tuple[int, int], parts: int
+) -> list[Callable[[], None]]:
+    """The fill ``fill(out, law, params, key)`` as at most ``parts`` independent jobs over contiguous
+    slices of ``out``, for a caller's own worker threads (the compiled core releases the GIL). The
+    arguments are checked here, before any job runs; the values are ``fill``'s, however many jobs.
+
+    >>> import torch
+    >>> out = torch.empty(200_000)
+    >>> jobs = fill_jobs(out, "normal", {}, key=(5, 6), parts=3)
+    >>> for job in reversed(jobs):  # in any order, on any thread
+    ...     job()
+    >>> len(jobs), torch.equal(out, fill(torch.empty(200_000), "normal", {}, key=(5, 6)))
+    (3, True)
+    """
+    plan, k = _check(out, law, params, key, 0)
+    flat = out.view(-1) if out.dim() else out.view(1)
+    n = flat.numel()
+    parts = max(1, min(parts, n // _MIN_PER_THREAD))
+    cuts = [n * t // parts for t in range(parts + 1)]
+
+    def job(lo: int, hi: int) -> None:
+        with torch.no_grad():
+            if has_extension():
+                _fill_c(flat[lo:hi], plan, k, lo, 1)
+            else:
+                _fill_pure(flat[lo:hi], plan, k, lo)
+
+    return [functools.partial(job, cuts[t], cuts[t + 1]) for t in range(parts) if cuts[t] < cuts[t + 1]]
+
+
+def _check(
+    out: torch.Tensor, law: str, params: dict[str, Any], key: tuple[int, int], start: int
+) -> tuple[_Plan, tuple[int, int]]:
+    if out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(
+            f"`fill` writes a contiguous CPU tensor, got device={out.device}, contiguous={out.is_contiguous()}"
+        )
+    if out.dtype not in _DTYPE:
+        raise TypeError(f"`fill` does not support dtype {out.dtype}")
+    if start < 0 or start + out.numel() > _MAX_ELEMENTS:
+        raise ValueError(f"`fill` covers elements [0, 2**48) of a stream, got [{start}, {start + out.numel()})")
+    return _Plan(out, law, params), (int(key[0]) & _M64, int(key[1]) & _M64)

@@ -606,9 +606,8 @@ class Record:
         stream = node.stream
         if node.law is not None and node.func is law_marker:  # a law noted after an initializer's ops
             if not exact:
-                _wait(pending or {}, (*node.reads, *node.writes))
                 try:
-                    self._fill_by_counter(node, node.law, env, device)
+                    self._fill_by_counter(node, node.law, env, device, pending)
                 except ValueError:  # a law too narrow to sample by counter: the recorded program stands
                     pass
             return
@@ -628,8 +627,7 @@ class Record:
         else:
             law = counter_law(node)
             if law is not None:
-                _wait(pending or {}, (*node.reads, *node.writes))
-                self._fill_by_counter(node, law, env, device)
+                self._fill_by_counter(node, law, env, device, pending)
                 return
             gen = default_generator(device) if stream.generator is torch.default_generator else stream.generator
             gen.manual_seed(self.seed_for(node))
@@ -658,11 +656,7 @@ class Record:
             for a, b in pieces(draw, parts)
             for offset in [_rng.word_offset(draw.op, draw.target.dtype, draw.numel, a, **draw.params) or 0]
         ]
-        for sid in dict.fromkeys(node.writes):
-            pending.setdefault(sid, []).extend(futures)
-        in_flight = [f for fs in pending.values() for f in fs if not f.done()]
-        if len(in_flight) > 2 * workers:  # keep memory bounded: finished storages are handed over first
-            wait(in_flight, return_when=FIRST_COMPLETED)
+        _in_flight(node, futures, pending, workers)
 
     def seed_for(self, node: Node) -> int:
         """A seed for `node` in non-exact replay (kernels with no counter-based law): from the
@@ -670,20 +664,34 @@ class Record:
         return counter_key(self, node)[1] & ((1 << 63) - 1)
 
     def _fill_by_counter(
-        self, node: Node, law: tuple[str, dict[str, Any]], env: dict[int, torch.UntypedStorage], device: torch.device
+        self,
+        node: Node,
+        law: tuple[str, dict[str, Any]],
+        env: dict[int, torch.UntypedStorage],
+        device: torch.device,
+        pending: dict[int, list[Future[None]]] | None = None,
     ) -> None:
         """Non-exact values of a random node: element i of its result is a function of the record's
-        seed, the node's place and i alone (a counter-based stream), whatever the layout."""
+        seed, the node's place and i alone (a counter-based stream), whatever the layout. Large CPU
+        fills run on the worker threads (`pending` holds them until a later node needs the storage)."""
+        _wait(pending or {}, (*node.reads, *node.writes))
         self._ensure_target(node, env, device)
         assert node.spec is not None
         args, _ = unflatten([_real(leaf, env, device) for leaf in node.leaves], node.spec)
         target: torch.Tensor = args[0]
+        key = counter_key(self, node)
+        if device.type == "cpu" and target.is_contiguous() and pending is not None and target.numel() >= PARALLEL_MIN:
+            workers = _workers()
+            parts = workers if target.numel() >= SPLIT_MIN else 1  # smaller fills: parallel across nodes
+            jobs = _counter.fill_jobs(target, law[0], law[1], key, parts)  # checks the law here, not in a worker
+            _in_flight(node, [_pool().submit(job) for job in jobs], pending, workers)
+            return
         values = (
             torch.empty(target.shape, dtype=target.dtype)
             if device.type != "cpu" or not target.is_contiguous()
             else target
         )
-        _counter.fill(values.view(-1) if values.dim() else values.view(1), law[0], law[1], counter_key(self, node))
+        _counter.fill(values.view(-1) if values.dim() else values.view(1), law[0], law[1], key)
         if values is not target:
             target.copy_(values)
 
@@ -787,6 +795,16 @@ def _draw_piece(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], state:
     generator = _rng.generator_at(_rng.jump(state, offset) if offset else state)
     with torch.no_grad():
         func(*args, **{**kwargs, "generator": generator})
+
+
+def _in_flight(node: Node, futures: list[Future[None]], pending: dict[int, list[Future[None]]], workers: int) -> None:
+    """`node`'s storages are being written by `futures`; keep memory bounded by letting finished
+    storages be handed over before more work is queued."""
+    for sid in dict.fromkeys(node.writes):
+        pending.setdefault(sid, []).extend(futures)
+    in_flight = [f for fs in pending.values() for f in fs if not f.done()]
+    if len(in_flight) > 2 * workers:
+        wait(in_flight, return_when=FIRST_COMPLETED)
 
 
 def _wait(pending: dict[int, list[Future[None]]], sids: Iterable[int]) -> None:
