@@ -60,3 +60,25 @@ def test_light_fake_mode_sets_what_torch_sets() -> None:
     with light:
         t = torch.zeros(2, 3)
     assert tuple(t.shape) == (2, 3)
+
+
+def test_first_build_and_summary_import_no_dynamo() -> None:
+    """Shape inference of the usual layers runs on `_meta_rules`, not on torch's Python meta kernels."""
+    got = fresh(
+        "import json, sys, torch, torchlazy as tl\n"
+        "nn = torch.nn\n"
+        "cnn = nn.Sequential(tl.nn.Conv2d(8, 3, padding=1), tl.nn.BatchNorm2d(), nn.ReLU(), nn.MaxPool2d(2),\n"
+        "                    nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), tl.nn.Linear(4))\n"
+        "tl.build(cnn, torch.randn(2, 3, 16, 16))\n"
+        "mlp = nn.Sequential(tl.nn.Linear(64), nn.LayerNorm(64), nn.GELU(), nn.Dropout(0.1), tl.nn.Linear(10),\n"
+        "                    nn.Softmax(-1))\n"
+        "rows = [tl.summary(mlp, torch.randn(2, 7, 16)).rows[0].outputs]\n"
+        "enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)\n"
+        "rows.append(tl.summary(enc, torch.randn(2, 5, 32)).rows[0].outputs)\n"
+        "rows.append(tl.summary(nn.LSTM(8, 16), torch.randn(3, 2, 8)).rows[0].outputs)\n"
+        "print(json.dumps({'dynamo': 'torch._dynamo' in sys.modules, 'sympy': 'sympy' in sys.modules,\n"
+        "                  'cnn': list(cnn[-1].weight.shape), 'rows': rows}))\n"
+    )
+    assert got["dynamo"] is False and got["sympy"] is False
+    assert got["cnn"] == [4, 8]
+    assert got["rows"] == [[[2, 7, 10]], [[2, 5, 32]], [[3, 2, 16], [1, 2, 16], [1, 2, 16]]]

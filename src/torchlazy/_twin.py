@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _deferred, _lazy
+from . import _deferred, _lazy, _meta_rules
 from . import _torch_compat as tc
 from ._modtree import module_tensors
 from ._spec import to_meta
@@ -41,7 +41,9 @@ def check_kernel_dtypes(func: Any, args: Any, kwargs: Any) -> None:
 
 
 class KernelDtypes(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
-    """Check operand dtypes as the real kernels do (meta kernels skip that)."""
+    """Check operand dtypes as the real kernels do (meta kernels skip that); the common ops get
+    their outputs from `_meta_rules` (torch's meta kernels for them are Python, slow, and their
+    first call imports torch's dynamo compiler and sympy)."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -50,7 +52,8 @@ class KernelDtypes(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         check_kernel_dtypes(func, args, kwargs)
-        return func(*args, **kwargs)
+        out = _meta_rules.outputs(func, args, kwargs)
+        return func(*args, **kwargs) if out is _meta_rules.NOT_HANDLED else out
 
 
 def _meta_twin(module: nn.Module) -> nn.Module:
