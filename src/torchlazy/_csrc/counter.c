@@ -126,69 +126,117 @@ static void philox_scalar(uint64_t blk0, size_t nb, uint32_t attempt_bits, tl_ke
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define TL_X86 1
-/* One 32-bit word per 64-bit lane: the unsigned 32x32->64 multiply (vpmuludq) reads only the low
-   halves, so the high halves may hold garbage between rounds and are dropped at the store.
-   gcc's auto-vectorization of the scalar loop emulates a full 64-bit multiply instead (3x slower). */
+/* Vector kernels hold one 32-bit word per 32-bit lane (block j + i in lane i).  The 32x32->64 multiply
+   (vpmuludq) reads the even lanes, so each Philox multiply is two of them, on the words and on the
+   words shifted down by 32; the high halves of the products are then merged back into one vector,
+   and the low halves either merged the same way or recomputed by a 32-bit multiply (vpmulld).  Two
+   (AVX-512) or four (AVX2) independent vectors per iteration keep the multiplier busy while one
+   round's result waits on the previous.  gcc's auto-vectorization of the scalar loop emulates a full
+   64-bit multiply instead (3x slower); one word per 64-bit lane (as before) spent half of each xor
+   and shift on empty halves (the dense form is 1.3x faster on Zen 4). */
+#define PHILOX_AVX512_VECS 2
+#define PHILOX_AVX2_VECS 4
+
+/* high and low words of the 16 products c * m */
+__attribute__((target("avx512f"))) static inline void mulhilo_avx512(__m512i c, __m512i m, __m512i *hi, __m512i *lo) {
+    __m512i even = _mm512_mul_epu32(c, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), m);
+    *hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_DDBB);
+    /* a merge, not vpmulld: vpmulld is as fast on Zen 4 but two slow uops on Intel's AVX-512 cores */
+    *lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CCAA);
+}
+
 __attribute__((target("avx512f"))) static void philox_avx512(uint64_t blk0, size_t nb, uint32_t attempt_bits,
                                                               tl_key key, uint32_t *restrict x0,
                                                               uint32_t *restrict x1, uint32_t *restrict x2,
                                                               uint32_t *restrict x3) {
-    const __m512i m0 = _mm512_set1_epi64(PHILOX_M0), m1 = _mm512_set1_epi64(PHILOX_M1);
-    const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i m0 = _mm512_set1_epi32((int)PHILOX_M0), m1 = _mm512_set1_epi32((int)PHILOX_M1);
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const size_t step = 16 * PHILOX_AVX512_VECS;
     size_t j = 0;
-    for (; j + 8 <= nb; j += 8) {
-        __m512i blk = _mm512_add_epi64(_mm512_set1_epi64((long long)(blk0 + j)), lane);
-        __m512i c0 = blk;
-        __m512i c1 = _mm512_or_si512(_mm512_srli_epi64(blk, 32), _mm512_set1_epi64(attempt_bits));
-        __m512i c2 = _mm512_set1_epi64(key.c2), c3 = _mm512_set1_epi64(key.c3);
+    for (; j + step <= nb; j += step) {
+        __m512i c0[PHILOX_AVX512_VECS], c1[PHILOX_AVX512_VECS], c2[PHILOX_AVX512_VECS], c3[PHILOX_AVX512_VECS];
+        for (int v = 0; v < PHILOX_AVX512_VECS; v++) {
+            uint64_t blk = blk0 + j + 16 * (size_t)v;
+            c0[v] = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)blk), lane);
+            /* lanes whose low word wrapped carry into the high word */
+            __mmask16 carry = _mm512_cmplt_epu32_mask(c0[v], lane);
+            c1[v] = _mm512_mask_blend_epi32(carry, _mm512_set1_epi32((int)((uint32_t)(blk >> 32) | attempt_bits)),
+                                            _mm512_set1_epi32((int)((uint32_t)((blk >> 32) + 1) | attempt_bits)));
+            c2[v] = _mm512_set1_epi32((int)key.c2);
+            c3[v] = _mm512_set1_epi32((int)key.c3);
+        }
         uint32_t k0 = key.k0, k1 = key.k1;
         for (int r = 0; r < 10; r++) {
-            __m512i p0 = _mm512_mul_epu32(c0, m0), p1 = _mm512_mul_epu32(c2, m1);
-            __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(p1, 32), c1), _mm512_set1_epi64(k0));
-            __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(p0, 32), c3), _mm512_set1_epi64(k1));
-            c1 = p1;
-            c3 = p0;
-            c0 = n0;
-            c2 = n2;
+            for (int v = 0; v < PHILOX_AVX512_VECS; v++) {
+                __m512i hi0, lo0, hi1, lo1;
+                mulhilo_avx512(c0[v], m0, &hi0, &lo0);
+                mulhilo_avx512(c2[v], m1, &hi1, &lo1);
+                c0[v] = _mm512_ternarylogic_epi32(hi1, c1[v], _mm512_set1_epi32((int)k0), 0x96); /* a ^ b ^ c */
+                c2[v] = _mm512_ternarylogic_epi32(hi0, c3[v], _mm512_set1_epi32((int)k1), 0x96);
+                c1[v] = lo1;
+                c3[v] = lo0;
+            }
             k0 += PHILOX_W0;
             k1 += PHILOX_W1;
         }
-        _mm256_storeu_si256((__m256i *)(x0 + j), _mm512_cvtepi64_epi32(c0));
-        _mm256_storeu_si256((__m256i *)(x1 + j), _mm512_cvtepi64_epi32(c1));
-        _mm256_storeu_si256((__m256i *)(x2 + j), _mm512_cvtepi64_epi32(c2));
-        _mm256_storeu_si256((__m256i *)(x3 + j), _mm512_cvtepi64_epi32(c3));
+        for (int v = 0; v < PHILOX_AVX512_VECS; v++) {
+            _mm512_storeu_si512(x0 + j + 16 * v, c0[v]);
+            _mm512_storeu_si512(x1 + j + 16 * v, c1[v]);
+            _mm512_storeu_si512(x2 + j + 16 * v, c2[v]);
+            _mm512_storeu_si512(x3 + j + 16 * v, c3[v]);
+        }
     }
     philox_scalar(blk0 + j, nb - j, attempt_bits, key, x0 + j, x1 + j, x2 + j, x3 + j);
+}
+
+/* high and low words of the 8 products c * m (vpmulld: one uop on AMD, as fast as a shift and a blend
+   on Intel's AVX2 cores) */
+__attribute__((target("avx2"))) static inline void mulhilo_avx2(__m256i c, __m256i m, __m256i *hi, __m256i *lo) {
+    __m256i even = _mm256_mul_epu32(c, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);
+    *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+    *lo = _mm256_mullo_epi32(c, m);
 }
 
 __attribute__((target("avx2"))) static void philox_avx2(uint64_t blk0, size_t nb, uint32_t attempt_bits, tl_key key,
                                                         uint32_t *restrict x0, uint32_t *restrict x1,
                                                         uint32_t *restrict x2, uint32_t *restrict x3) {
-    const __m256i m0 = _mm256_set1_epi64x(PHILOX_M0), m1 = _mm256_set1_epi64x(PHILOX_M1);
-    const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
-    const __m256i low = _mm256_set_epi32(7, 7, 7, 7, 6, 4, 2, 0); /* low halves of the 4 lanes to the bottom */
+    const __m256i m0 = _mm256_set1_epi32((int)PHILOX_M0), m1 = _mm256_set1_epi32((int)PHILOX_M1);
+    const __m256i lane = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+    const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
+    const size_t step = 8 * PHILOX_AVX2_VECS;
     size_t j = 0;
-    for (; j + 4 <= nb; j += 4) {
-        __m256i blk = _mm256_add_epi64(_mm256_set1_epi64x((long long)(blk0 + j)), lane);
-        __m256i c0 = blk;
-        __m256i c1 = _mm256_or_si256(_mm256_srli_epi64(blk, 32), _mm256_set1_epi64x(attempt_bits));
-        __m256i c2 = _mm256_set1_epi64x(key.c2), c3 = _mm256_set1_epi64x(key.c3);
+    for (; j + step <= nb; j += step) {
+        __m256i c0[PHILOX_AVX2_VECS], c1[PHILOX_AVX2_VECS], c2[PHILOX_AVX2_VECS], c3[PHILOX_AVX2_VECS];
+        for (int v = 0; v < PHILOX_AVX2_VECS; v++) {
+            uint64_t blk = blk0 + j + 8 * (size_t)v;
+            c0[v] = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)blk), lane);
+            /* lanes whose low word wrapped (c0 < lane, unsigned) carry into the high word: minus -1 */
+            __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(lane, sign), _mm256_xor_si256(c0[v], sign));
+            c1[v] = _mm256_or_si256(_mm256_sub_epi32(_mm256_set1_epi32((int)(uint32_t)(blk >> 32)), carry),
+                                    _mm256_set1_epi32((int)attempt_bits));
+            c2[v] = _mm256_set1_epi32((int)key.c2);
+            c3[v] = _mm256_set1_epi32((int)key.c3);
+        }
         uint32_t k0 = key.k0, k1 = key.k1;
         for (int r = 0; r < 10; r++) {
-            __m256i p0 = _mm256_mul_epu32(c0, m0), p1 = _mm256_mul_epu32(c2, m1);
-            __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1), _mm256_set1_epi64x(k0));
-            __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3), _mm256_set1_epi64x(k1));
-            c1 = p1;
-            c3 = p0;
-            c0 = n0;
-            c2 = n2;
+            for (int v = 0; v < PHILOX_AVX2_VECS; v++) {
+                __m256i hi0, lo0, hi1, lo1;
+                mulhilo_avx2(c0[v], m0, &hi0, &lo0);
+                mulhilo_avx2(c2[v], m1, &hi1, &lo1);
+                c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[v]), _mm256_set1_epi32((int)k0));
+                c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[v]), _mm256_set1_epi32((int)k1));
+                c1[v] = lo1;
+                c3[v] = lo0;
+            }
             k0 += PHILOX_W0;
             k1 += PHILOX_W1;
         }
-        _mm_storeu_si128((__m128i *)(x0 + j), _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c0, low)));
-        _mm_storeu_si128((__m128i *)(x1 + j), _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c1, low)));
-        _mm_storeu_si128((__m128i *)(x2 + j), _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c2, low)));
-        _mm_storeu_si128((__m128i *)(x3 + j), _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c3, low)));
+        for (int v = 0; v < PHILOX_AVX2_VECS; v++) {
+            _mm256_storeu_si256((__m256i *)(x0 + j + 8 * v), c0[v]);
+            _mm256_storeu_si256((__m256i *)(x1 + j + 8 * v), c1[v]);
+            _mm256_storeu_si256((__m256i *)(x2 + j + 8 * v), c2[v]);
+            _mm256_storeu_si256((__m256i *)(x3 + j + 8 * v), c3[v]);
+        }
     }
     philox_scalar(blk0 + j, nb - j, attempt_bits, key, x0 + j, x1 + j, x2 + j, x3 + j);
 }
