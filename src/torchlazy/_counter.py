@@ -373,7 +373,7 @@ def _normal_pair(a: torch.Tensor, b: torch.Tensor, wide: bool) -> tuple[torch.Te
 
 def _log_word(w: torch.Tensor) -> torch.Tensor:
     """log of u = (w + 1) 2**-32 in float32 for int64 words w < 2**32 (as the C core's tl_log_word)."""
-    u = (w.double().float() + 1.0) * 2.0**-32  # one correct rounding to float32, as C's u32f
+    u = (w.double().float() + 1.0) * 2.0**-32  # one correct rounding to float32, as C's (float)a
     b = u.view(torch.int32).long()
     e = ((b >> 23) - 127).double().float()
     m = ((b & 0x007FFFFF) | 0x3F800000).int().view(torch.float32)
