@@ -740,6 +740,68 @@ static void store_floats(int dtype, const float *restrict v, size_t n, char *res
     }
 }
 
+/* UNIFORM from narrow lanes into float32, bfloat16 or float16 in one pass over n words of one lane: the
+   double value (as lane_values_impl), then, when `clamp`, the dtype's rounding kept below `to` (as
+   clamp_below), then the store (as store_doubles); no double scratch */
+TL_INLINE double uniform_value(uint32_t x, double p0, double p1) { return (u32d(x) * TWO_M32) * p1 + p0; }
+
+/* the least float32 >= to (to finite): for a float32 f, (double)f >= to exactly when f >= it */
+static float least_float_at_or_above(double to) {
+    float t = (float)to; /* the nearest: the least one above when it is not below */
+    if ((double)t >= to) return t;
+    uint32_t b = fbits(t);
+    return (b & 0x7fffffffu) == 0 ? bitsf(1u) : bitsf(b >> 31 ? b - 1 : b + 1); /* the next float up */
+}
+
+TL_CLONES
+static void uniform_narrow(int dtype, double p0, double p1, size_t n, const uint32_t *restrict x, char *restrict out,
+                           int clamp, double to, double hi) {
+    const float tof = least_float_at_or_above(to); /* a float compare (2 fewer conversions per 8 values) */
+    switch (dtype) {
+        case F32: {
+            float *o = (float *)out;
+            const float fhi = (float)hi;
+            if (clamp) {
+                for (size_t j = 0; j < n; j++) {
+                    float f = (float)uniform_value(x[j], p0, p1);
+                    o[j] = f >= tof ? fhi : f;
+                }
+            } else {
+                for (size_t j = 0; j < n; j++) o[j] = (float)uniform_value(x[j], p0, p1);
+            }
+            break;
+        }
+        case BF16: {
+            uint16_t *o = (uint16_t *)out;
+            const uint16_t bhi = f32_to_bf16((float)hi);
+            if (clamp) {
+                for (size_t j = 0; j < n; j++) {
+                    uint16_t h = f32_to_bf16((float)uniform_value(x[j], p0, p1));
+                    o[j] = bitsf((uint32_t)h << 16) >= tof ? bhi : h;
+                }
+            } else {
+                for (size_t j = 0; j < n; j++) o[j] = f32_to_bf16((float)uniform_value(x[j], p0, p1));
+            }
+            break;
+        }
+        case F16: {
+            uint16_t *o = (uint16_t *)out;
+            const uint16_t hhi = f32_to_f16((float)hi);
+            if (clamp) {
+                for (size_t j = 0; j < n; j++) {
+                    float r = f16_to_f32(f32_to_f16((float)uniform_value(x[j], p0, p1)));
+                    o[j] = r >= tof ? hhi : f32_to_f16(r); /* f16_to_f32 maps NaN to inf, as clamp_below */
+                }
+            } else {
+                for (size_t j = 0; j < n; j++) o[j] = f32_to_f16((float)uniform_value(x[j], p0, p1));
+            }
+            break;
+        }
+        default:
+            break;
+    }
+}
+
 static void store_ints(int dtype, const int64_t *v, size_t n, char *out) {
     switch (dtype) {
         case I64:
@@ -790,6 +852,18 @@ static void fill_range(const tl_law *lw, tl_key key, int dtype, uint64_t start, 
                 for (size_t j = 0; j < GROUP; j++)
                     ibuf[l * GROUP + j] = lw->ifrom + (int64_t)(((uint64_t)x[l][j] * lw->irange) >> 32);
             store_ints(dtype, ibuf + off, n, out + (e - start) * isz);
+            e = ce;
+            continue;
+        }
+        if (lw->law == UNIFORM && !lw->wide && (dtype == F32 || dtype == BF16 || dtype == F16)) {
+            /* each lane's share of elements [off, off + n) of the group, straight into out */
+            for (size_t l = 0; l < 4; l++) {
+                size_t lo = off > l * GROUP ? off : l * GROUP;
+                size_t hi = off + n < (l + 1) * GROUP ? off + n : (l + 1) * GROUP;
+                if (lo < hi)
+                    uniform_narrow(dtype, lw->p0, lw->p1, hi - lo, x[l] + (lo - l * GROUP),
+                                   out + (g0 + lo - start) * isz, clamp, clamp_to, clamp_hi);
+            }
             e = ce;
             continue;
         }
