@@ -353,7 +353,6 @@ TL_INLINE void tl_sincos2pi(double v, int wide, double *sn, double *cs) {
 #define F32_SIN_DEG 4   /* a^9/9! last */
 #define F32_COS_DEG 4   /* a^8/8! last */
 #define F32_NEWTON_STEPS 3
-static const float F_SQRT2 = (float)1.4142135623730951;
 static const float F_LN2_HI = 0.693138122558593750f; /* 0x3f317180: e * F_LN2_HI is exact for |e| < 128 */
 static const float F_LN2_LO = (float)9.058001523953862e-06;
 static const float F_HALF_PI = (float)1.5707963267948966;
@@ -378,11 +377,11 @@ TL_INLINE float log_word_ratio(uint32_t a, float *e) {
     /* same bits: (float)a is correctly rounded (vcvtudq2ps, or gcc's exact split), and the scaling of
        u = (a + 1) 2**-32 only moves the exponent, so the bits of v = u 2**32 give e and m directly */
     float v = (float)a + 1.0f;
-    uint32_t b = fbits(v);
-    uint32_t mant = b & 0x007fffffu;
-    int32_t big = mant > (fbits(F_SQRT2) & 0x007fffffu); /* m > sqrt 2 */
-    int32_t ei = (int32_t)(b >> 23) - (127 + 32) + big;  /* small integers: exact as float */
-    float m = bitsf(mant | (big ? 0x3f000000u : 0x3f800000u)); /* m * 0.5 when m > sqrt 2: same bits */
+    /* e + 1 and m * 0.5 when m > sqrt 2 (same bits): adding 0x800000 - 1 - 0x3504f3 (the mantissa bits of
+       sqrt 2 rounded to float32, 0x3fb504f3) to the bits of v carries into the exponent exactly then */
+    uint32_t b = fbits(v) + 0x004afb0cu;
+    int32_t ei = (int32_t)(b >> 23) - (127 + 32);     /* small integers: exact as float */
+    float m = bitsf((b & 0x007fffffu) + 0x3f3504f4u); /* 0x3f3504f4 + 0x004afb0c = 0x3f800000 */
     float dm = ei == 0 ? (float)~a * -2.3283064365386963e-10f : m - 1.0f; /* -(x 2**-32): same bits */
     *e = (float)ei;
     return dm / (m + 1.0f);
@@ -394,11 +393,11 @@ TL_INLINE float log_from_ratio(float s, float e) {
 }
 
 /* sqrt(-2 l) for a log l <= 0 (as tl_sqrt): Lomont's float constant, 3 Newton steps (error < 1e-10 before
-   rounding).  same bits: t = -2 l as -(l + l), and h = 0.5 t as -l */
+   rounding).  same bits: t = -2 l as -(l + l), and with h = 0.5 t = -l, 1.5 - (h y) y as 1.5 + (l y) y */
 TL_INLINE float tl_sqrtf_m2(float l) {
-    float t = -(l + l), h = -l;
+    float t = -(l + l);
     float y = bitsf(0x5f375a86u - (fbits(t) >> 1));
-    for (int i = 0; i < F32_NEWTON_STEPS; i++) y = y * (1.5f - (h * y) * y);
+    for (int i = 0; i < F32_NEWTON_STEPS; i++) y = y * (1.5f + (l * y) * y);
     return t > 0.0f ? t * y : 0.0f;
 }
 
@@ -406,7 +405,7 @@ TL_INLINE float tl_sqrtf_m2(float l) {
    q = round(w / 2**30) mod 4, remainder w - q 2**30 as a signed int32 in [-2**29, 2**29), so the
    angle keeps 24 significant bits of its offset from the nearest quarter turn */
 TL_INLINE void tl_sincos_word(uint32_t w, float *sn, float *cs) {
-    uint32_t q = (w + 0x20000000u) >> 30;
+    uint32_t t = w + 0x20000000u; /* q = t >> 30 */
     /* same bits: the remainder is the low 30 bits of w sign-extended, here times 4 (exact as float, and
        its rounding is 4 times the remainder's); r * F_HALF_PI with r = remainder 2**-30 is rounded as
        (4 remainder) (F_HALF_PI 2**-32), the power of two scaling staying exact (a nonzero |a| > 2**-30) */
@@ -414,11 +413,13 @@ TL_INLINE void tl_sincos_word(uint32_t w, float *sn, float *cs) {
     float z = a * a;
     float s = a + (a * z) * hornerf(SIN_C, 7, F32_SIN_DEG, z);
     float c = 1.0f + z * hornerf(COS_C, 8, F32_COS_DEG, z);
-    uint32_t odd = 0u - (q & 1u);
+    /* quarter turns as bit operations on t: swap for odd q (bit 30), negate the sine for q & 2 (bit 31) and
+       the cosine for (q + 1) & 2 (bit 31 of t + 2**30) */
+    uint32_t odd = (uint32_t)((int32_t)(t << 1) >> 31);
     uint32_t cb = fbits(c), sb = fbits(s);
     uint32_t c2 = (sb & odd) | (cb & ~odd), s2 = (cb & odd) | (sb & ~odd);
-    *cs = bitsf(c2 ^ (((q + 1u) & 2u) << 30));
-    *sn = bitsf(s2 ^ ((q & 2u) << 30));
+    *cs = bitsf(c2 ^ ((t + 0x40000000u) & 0x80000000u));
+    *sn = bitsf(s2 ^ (t & 0x80000000u));
 }
 
 /* NORMAL and TRUNC_NORMAL in float32 (p0 = mean, p1 = std, both float32-representable): u = (a + 1) 2**-32
