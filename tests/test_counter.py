@@ -14,7 +14,17 @@ import pytest
 import torch
 
 from torchlazy import _counter
-from torchlazy._counter import LAWS, _fill_c, _fill_pure, _log_word, _philox, _Plan, _pure_range, fill
+from torchlazy._counter import (
+    LAWS,
+    _fill_c,
+    _fill_pure,
+    _log_word,
+    _normal_pair_f32,
+    _philox,
+    _Plan,
+    _pure_range,
+    fill,
+)
 
 needs_core = pytest.mark.skipif(_counter._core is None, reason="torchlazy._countercore is not built")
 
@@ -149,6 +159,35 @@ def test_every_philox_kernel_gives_the_same_bits(isa: str) -> None:
                 assert torch.equal(_bits(a), _bits(b)), (isa, law, dtype)
     finally:
         _counter._core.set_isa(initial)
+
+
+@needs_core
+def test_float32_normal_equals_pure_at_edge_words() -> None:
+    """The C core's float32 Box-Muller (some steps in cheaper forms with the same IEEE results) against the
+    pure path's literal steps, at the words where those forms could part: u = 1 and the smallest u, the
+    mantissa crossing sqrt 2 at every exponent, the reduced exponent reaching 0, quarter-turn boundaries."""
+    assert _counter._core is not None
+    top = 2**32
+    a = [0, 1, 2, 127, 128, 129, 2**24 - 1, 2**24, 2**24 + 1, 2**31 - 1, 2**31, top - 1, top - 2, top - 3]
+    a += [top - k for k in (127, 128, 129, 255, 256, 257, 2**20)]
+    a += [int(2**e * math.sqrt(2)) + d for e in range(1, 32) for d in (-2, -1, 0, 1, 2)]
+    a += [int(top / math.sqrt(2)) + d for d in range(-3, 4)]
+    b = [(q * 2**30 + d) % top for q in range(4) for d in (-(2**29) - 1, -(2**29), -(2**29) + 1, -1, 0, 1, 2**29 - 1)]
+    rng = random.Random(5)
+    a += [rng.randrange(top) for _ in range(1000)]
+    b += [rng.randrange(top) for _ in range(len(a) - len(b))]
+    for words_b in (b, b[::-1]):  # every a meets two angles; lengths past 32 take the vector loop
+        got = torch.frombuffer(
+            bytearray(
+                _counter._core.normal_f32(
+                    torch.tensor(a, dtype=torch.int64).to(torch.int32).numpy().tobytes(),
+                    torch.tensor(words_b, dtype=torch.int64).to(torch.int32).numpy().tobytes(),
+                )
+            ),
+            dtype=torch.float32,
+        )
+        z0, z1 = _normal_pair_f32(torch.tensor(a, dtype=torch.int64), torch.tensor(words_b, dtype=torch.int64))
+        assert torch.equal(_bits(got), _bits(torch.cat([z0, z1]) * 1.0 + 0.0))  # as the laws apply std and mean
 
 
 # ---------------------------------------------------------------- layout independence

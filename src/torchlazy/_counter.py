@@ -151,7 +151,7 @@ def _f32(x: float) -> float:
     return float(struct.unpack("f", struct.pack("f", x))[0])
 
 
-# the float32 normal (as the C core's normal_pair_f32): constants are the doubles above rounded to float32
+# the float32 normal (as the C core's lane_values_f32): constants are the doubles above rounded to float32
 _F32_LAWS = ("normal", "truncated_normal")
 _F32_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _F_LOG_C = tuple(_f32(c) for c in _LOG_C[-5:])  # s^9/9 last: the next term is < 2e-9 relative
@@ -372,8 +372,8 @@ def _normal_pair(a: torch.Tensor, b: torch.Tensor, wide: bool) -> tuple[torch.Te
 
 
 def _log_word(w: torch.Tensor) -> torch.Tensor:
-    """log of u = (w + 1) 2**-32 in float32 for int64 words w < 2**32 (as the C core's tl_log_word)."""
-    u = (w.double().float() + 1.0) * 2.0**-32  # one correct rounding to float32, as C's u32f
+    """log of u = (w + 1) 2**-32 in float32 for int64 words w < 2**32 (as the C core's log_*_ratio)."""
+    u = (w.double().float() + 1.0) * 2.0**-32  # one correct rounding to float32, as C's (float)a
     b = u.view(torch.int32).long()
     e = ((b >> 23) - 127).double().float()
     m = ((b & 0x007FFFFF) | 0x3F800000).int().view(torch.float32)
