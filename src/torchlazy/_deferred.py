@@ -609,28 +609,41 @@ def _normal_ok(mean: float = 0.0, std: float = 1.0, **kwargs: Any) -> bool:
 _VIEWS = {
     _aten.detach.default, _aten.view.default, _aten.t.default, _aten.transpose.int, _aten.unsqueeze.default,
     _aten.squeeze.dim, _aten.select.int, _aten.slice.Tensor, _aten.expand.default, _aten.permute.default,
-    _aten.as_strided.default, _aten.alias.default,
+    _aten.as_strided.default, _aten.alias.default, _aten.split.Tensor, _aten.split_with_sizes.default,
 }  # fmt: skip
+# Factories from a tensor (`t.new_zeros(size)`): its dtype and device, no read of its values.
+_TENSOR_FACTORIES = {
+    _aten.new_zeros.default, _aten.new_empty.default, _aten.new_ones.default, _aten.new_full.default,
+    _aten.new_empty_strided.default,
+}  # fmt: skip
+# The ops on fake tensors that `_fast_fake` runs (factories and lifts take none).
+_TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES | _IN_PLACE)
 _LIFTS = {_aten.lift_fresh.default, _aten.lift_fresh_copy.default}
 _CPU = torch.device("cpu")
 _META = torch.device("meta")
 
 
+def _plain_options(kwargs: dict[str, Any], device: torch.device) -> bool:
+    """A factory's options ask for a strided, unpinned tensor on `device` (or leave it implied)."""
+    asked = kwargs.get("device")
+    return (
+        (asked is None or asked == device)
+        and kwargs.get("layout") in (None, torch.strided)
+        and not kwargs.get("pin_memory")
+    )
+
+
 def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
     """The op run directly on the meta storage of this thread's fake tensors, for the few ops
-    nearly all construction is made of (factories, in-place fills and draws, views).
+    nearly all construction is made of (factories, in-place fills and draws, views), and those
+    `fully_shard` makes of each parameter (chunks, a zero-padded copy, views).
 
     The fake-tensor mode would give the same tensor through its cache and checks, at several
     times the cost (and its first miss imports sympy). Anything unusual (another device, a real
     tensor argument, a fake constant) returns `_SLOW`: the fake-tensor mode runs it.
     """
     if func in _FACTORIES:
-        device = kwargs.get("device")
-        if (
-            (device is not None and device != _CPU)
-            or kwargs.get("pin_memory")
-            or any(isinstance(a, torch.Tensor) for a in args)
-        ):
+        if not _plain_options(kwargs, _CPU) or any(isinstance(a, torch.Tensor) for a in args):
             return _SLOW
         with tc.no_dispatch():  # no tensor argument: no fake tensor to unwrap
             meta = func(*args, **{**kwargs, "device": _META})
@@ -642,15 +655,22 @@ def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
         with tc.no_dispatch():
             meta = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_META)
         return tc.wrap_fake(mode, meta, _CPU)
-    viewing = func in _VIEWS
-    if not (viewing or func in _IN_PLACE):
-        return _SLOW
+    if func in _TENSOR_OPS:
+        return _fast_on_fakes(mode, func, args, kwargs)
+    return _SLOW
+
+
+def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
+    """`_fast_fake` for the ops on tensors: views and new tensors wrap the meta kernel's result,
+    in-place ops return `self` once the kernel has checked their arguments."""
     for x in (*args, *kwargs.values()):
         if isinstance(x, torch.Tensor) and not (
             tc.is_fake(x) and tc.fake_mode_of(x) is mode and tc.fake_constant(x) is None
         ):
             return _SLOW
     self = args[0]
+    if func in _TENSOR_FACTORIES and not _plain_options(kwargs, tc.fake_device(self)):
+        return _SLOW
     if func in _FILLS:  # they keep shape and dtype: nothing to check but their arguments
         if func is _aten.uniform_.default and not _uniform_ok(*args[1:3], **kwargs):
             return _SLOW
@@ -659,9 +679,12 @@ def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
         return self
     with tc.fake_kernel(mode):
         out = func(*args, **kwargs)
-    if viewing:
-        return tc.wrap_fake(mode, out, tc.fake_device(self))
-    return self
+    if func in _IN_PLACE:
+        return self
+    device = tc.fake_device(self)
+    if isinstance(out, torch.Tensor):
+        return tc.wrap_fake(mode, out, device)
+    return [tc.wrap_fake(mode, t, device) for t in out]  # `split`: a list of views
 
 
 @functools.cache
