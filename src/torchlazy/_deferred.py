@@ -101,8 +101,7 @@ def _open_record_mode() -> type:
                 _local.after_block -= 1
             # the mode's conversion cache holds weak references that would make
             # `Module._apply` (`.to()`, `.half()`) refuse to swap these tensors
-            fakes = {id(t) for t in tc.tree_leaves((args, kwargs, out)) if tc.is_fake(t)}
-            tc.forget_fake_conversions(self, fakes)
+            tc.forget_fake_conversions(self, (args, kwargs, out))
             return out
 
     return _OpenRecordMode
@@ -122,7 +121,7 @@ def _refuse_pickle(t: torch.Tensor) -> Any:
 
 
 def _tail_of(args: Any, kwargs: Any) -> _Recorder | None:
-    for t in tc.tree_leaves((args, kwargs)):
+    for t in _leaves(*args, *kwargs.values()):
         if isinstance(t, torch.Tensor):
             owner = storage_of(t)
             if owner is not None:
@@ -281,7 +280,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             else:
                 leaves.append(x)
         outputs: list[tuple[int, int]] = []
-        for index, t in enumerate((out,) if isinstance(out, torch.Tensor) else tc.tree_leaves(out)):
+        for index, t in enumerate(_leaves(out)):
             if tc.is_fake(t):
                 storage = t.untyped_storage()
                 if getattr(storage, _markers.RECORD, None) is None:
@@ -557,27 +556,44 @@ def _flat_leaf(x: Any) -> bool:
     return type(x) in _LEAF_TYPES or isinstance(x, (torch.Tensor, torch.Generator))
 
 
-def _flatten(args: Any, kwargs: Any) -> tuple[list[Any], Any]:
-    """`tree_flatten((args, kwargs))` for the usual shapes of op arguments (leaves, flat lists of
-    leaves): the spec is cached by shape, so no pytree walk runs on the hot path."""
+def _shallow(values: tuple[Any, ...]) -> tuple[list[Any], tuple[Any, ...]] | None:
+    """The leaves of `values` and their layout (None for a leaf, (type, n) for a list or tuple of n
+    leaves), when it holds only leaves and flat lists or tuples of them, as nearly all op arguments
+    and outputs do; None for anything deeper."""
     leaves: list[Any] = []
     shape: list[Any] = []
-    for x in (*args, *kwargs.values()):
+    for x in values:
         if type(x) is list or type(x) is tuple:
             if not all(_flat_leaf(y) for y in x):
-                return tc.tree_flatten((args, kwargs))  # type: ignore[no-any-return]
+                return None
             leaves.extend(x)
             shape.append((type(x), len(x)))
         elif _flat_leaf(x):
             leaves.append(x)
             shape.append(None)
         else:
-            return tc.tree_flatten((args, kwargs))  # type: ignore[no-any-return]
-    key = (len(args), tuple(kwargs), tuple(shape))
+            return None
+    return leaves, tuple(shape)
+
+
+def _leaves(*values: Any) -> list[Any]:
+    """`tree_leaves(values)`, without a pytree walk for the usual shapes of op arguments and outputs."""
+    shallow = _shallow(values)
+    return shallow[0] if shallow is not None else tc.tree_leaves(values)
+
+
+def _flatten(args: Any, kwargs: Any) -> tuple[list[Any], Any]:
+    """`tree_flatten((args, kwargs))` for the usual shapes of op arguments (leaves, flat lists of
+    leaves): the spec is cached by shape, so no pytree walk runs on the hot path."""
+    shallow = _shallow((*args, *kwargs.values()))
+    if shallow is None:
+        return tc.tree_flatten((args, kwargs))  # type: ignore[no-any-return]
+    leaves, shape = shallow
+    key = (len(args), tuple(kwargs), shape)
     spec = _SPECS.get(key)
     if spec is None:
         spec = _SPECS[key] = tc.tree_flatten((args, kwargs))[1]
-        register_layout(spec, len(args), tuple(kwargs), tuple(shape))
+        register_layout(spec, len(args), tuple(kwargs), shape)
     return leaves, spec
 
 

@@ -331,9 +331,15 @@ def fake_constant(t: Any) -> torch.Tensor | None:
     return getattr(t, "constant", None)
 
 
-def forget_fake_conversions(mode: Any, ids: set[int]) -> None:
-    """Drop a fake mode's cached conversions that hold weak references to these tensors."""
+def forget_fake_conversions(mode: Any, tree: Any) -> None:
+    """Drop a fake mode's cached conversions that hold weak references to the tensors in `tree` (a pytree).
+
+    The cache is empty unless real tensors were converted (rare after construction): then nothing is walked.
+    """
     memo = mode.fake_tensor_converter.meta_converter.tensor_memo
+    if not memo:
+        return
+    ids = {id(t) for t in tree_leaves(tree)}
     for key in [k for k, v in list(memo.items()) if id(v) in ids]:
         del memo[key]
 
