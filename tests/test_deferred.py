@@ -13,6 +13,7 @@ from exact import assert_models_identical, assert_same_tensors, raw_bytes
 from torch import nn
 
 import torchlazy as tl
+from torchlazy import _torch_compat as tc
 
 
 def deferred_then_materialize(make: Callable[[], nn.Module], **kwargs) -> nn.Module:
@@ -328,6 +329,42 @@ def test_work_on_a_deferred_model_after_the_block_is_recorded_too() -> None:
     eager = nn.Linear(4, 4)
     eager.weight = nn.Parameter(eager.weight.half())
     assert_models_identical(model, eager)
+
+
+def test_sharding_ops_after_the_block_are_recorded_exactly() -> None:
+    """What `fully_shard` does to each parameter (chunks, a zero-padded copy, views), then a write into
+    the copy: recorded through the dispatch shortcut as through the fake mode, materialized as eager."""
+
+    def shard(module: nn.Linear) -> None:
+        with torch.no_grad():
+            second = torch.chunk(module.weight, 2, dim=0)[1]
+            padded = module.weight.new_zeros(torch.chunk(module.weight, 2, dim=0)[0].shape)
+            padded.narrow(0, 0, second.size(0)).copy_(second)
+            padded.view(-1)[-4:].mul_(2.0)
+        module.padded = nn.Parameter(padded.detach())
+
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = nn.Linear(4, 5)
+    shard(model)
+    tl.materialize(model)
+    torch.manual_seed(0)
+    eager = nn.Linear(4, 5)
+    shard(eager)
+    assert_models_identical(model, eager)
+
+
+def test_other_fake_tensors_keep_torchs_own_dispatch() -> None:
+    with tl.deferred():
+        nn.Linear(2, 2)  # the dispatch shortcut is installed
+    with tc.fake_tensor_mode() as mode:
+        t = torch.empty(6, 4)
+    parts = torch.chunk(t, 2)  # outside the mode: the fake tensor's own dispatch
+    padded = t.new_zeros(3, 4)
+    padded.copy_(parts[1])
+    made = [*parts, padded, padded.view(-1), padded.detach()]
+    assert all(tc.is_fake(x) and tc.fake_mode_of(x) is mode for x in made)
+    assert [tuple(x.shape) for x in made] == [(3, 4), (3, 4), (3, 4), (12,), (3, 4)]
 
 
 def test_cloned_layers_keep_their_own_origin_for_wrappers() -> None:

@@ -94,17 +94,56 @@ def _open_record_mode() -> type:
                 # torchlazy's own fake forward keeps the fake mode's constant folding
                 out = _SLOW if _local.quiet else _fast_fake(self, func, args, kwargs)
                 return base_dispatch(self, func, types, args, kwargs) if out is _SLOW else out
-            _local.after_block += 1
-            try:
-                out = tail.__torch_dispatch__(func, types, args, kwargs)
-            finally:
-                _local.after_block -= 1
-            # the mode's conversion cache holds weak references that would make
-            # `Module._apply` (`.to()`, `.half()`) refuse to swap these tensors
-            tc.forget_fake_conversions(self, (args, kwargs, out))
-            return out
+            return _after_block(self, tail, func, types, args, kwargs)
 
     return _OpenRecordMode
+
+
+def _after_block(mode: Any, tail: _Recorder, func: Any, types: Any, args: Any, kwargs: Any, fast: bool = False) -> Any:
+    """An op on a closed record's tensors, run and recorded by the block's recorder (`fast`: only where
+    `_fast_fake` runs it, else `_SLOW`)."""
+    _local.after_block += 1
+    try:
+        out = tail.record_fast(func, args, kwargs) if fast else tail.__torch_dispatch__(func, types, args, kwargs)
+    finally:
+        _local.after_block -= 1
+    if out is not _SLOW:
+        # the mode's conversion cache holds weak references that would make
+        # `Module._apply` (`.to()`, `.half()`) refuse to swap these tensors
+        tc.forget_fake_conversions(mode, (args, kwargs, out))
+    return out
+
+
+@functools.cache
+def _install_dispatch_shortcut() -> None:
+    """Send the common ops on a closed record's tensors straight to its recorder.
+
+    After a block, an op on its tensors reaches the fake tensor class's dispatch, which enters
+    their fake mode and dispatches the op again, only for that mode (`_OpenRecordMode`) to hand it
+    to the recorder: twice the cost of recording it. `fully_shard` makes eight such ops of every
+    parameter (chunks, a padded copy, views). The ops `_fast_fake` runs skip that detour; every
+    other op, any other fake tensor, and any op while a block records or a fake mode is active
+    take torch's own dispatch, as before.
+    """
+    original = tc.fake_tensor_type().__torch_dispatch__  # type: ignore[attr-defined]
+
+    def dispatch(cls: type, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _TENSOR_OPS:
+            out = _shortcut(func, types, args, kwargs)
+            if out is not _SLOW:
+                return out
+        return original(func, types, args, kwargs)
+
+    tc.override_fake_methods({"__torch_dispatch__": classmethod(dispatch)})
+
+
+def _shortcut(func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+    mode = _local.fake_mode
+    if mode is None or _local.recorders or _local.quiet or _local.after_block or tc.fake_mode_active():
+        return _SLOW
+    tail = _tail_of(args, kwargs)
+    return _SLOW if tail is None else _after_block(mode, tail, func, types, args, kwargs, fast=True)
 
 
 def _refuse_pickle(t: torch.Tensor) -> Any:
@@ -223,9 +262,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        out = _fast_fake(_local.fake_mode, func, args, kwargs)
+        out = self.record_fast(func, args, kwargs)
         if out is not _SLOW:
-            self._log(func, args, kwargs, out)
             return out
         try:
             out = func(*args, **kwargs)
@@ -240,9 +278,20 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         self._log(func, args, kwargs, out)
         return out
 
-    def _ref_or_none(self, t: Any) -> TRef | None:
+    def record_fast(self, func: Any, args: Any, kwargs: Any) -> Any:
+        """Run and record `func` where `_fast_fake` can run it; `_SLOW` where the fake-tensor mode must."""
+        out = _fast_fake(_local.fake_mode, func, args, kwargs)
+        if out is not _SLOW:
+            self._log(func, args, kwargs, out)
+        return out
+
+    def _owns(self, t: Any) -> bool:
         owner = storage_of(t) if isinstance(t, torch.Tensor) else None
-        return TRef.of(owner[1], t) if owner is not None and owner[0] is self.record else None
+        return owner is not None and owner[0] is self.record
+
+    def _ref_or_none(self, t: Any) -> TRef | None:
+        owner = storage_of(t) if self._owns(t) else None
+        return TRef.of(owner[1], t) if owner is not None else None
 
     def _ref(self, t: torch.Tensor, func: Any) -> TRef | Const:
         if not tc.is_fake(t):
@@ -257,6 +306,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         return TRef.of(owner[1], t)
 
     def _log(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        if func in _VIEWS and self._owns(args[0]):
+            return  # a view of this record's tensor: no storage made or written, nothing to record
         info = _op_info(func)
         written: set[int] = set()
         for i, name in info.written:
@@ -764,6 +815,7 @@ def current_recorder() -> _Recorder | None:
 def recording(record: Record, prefix: Key = (), concretize: bool = False) -> Iterator[_Recorder]:
     """Record into `record` under `prefix` (the top level, or a lazy layer's reserved place)."""
     _install_value_guard()
+    _install_dispatch_shortcut()
     recorder = _Recorder(record, prefix, concretize)
     _local.recorders.append(recorder)
     hooks = _track_modules(record)

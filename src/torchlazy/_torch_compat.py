@@ -34,6 +34,7 @@ __all__ = [
     "dtensor_type",
     "fake_device",
     "fake_kernel",
+    "fake_mode_active",
     "fake_mode_of",
     "fake_tensor_mode",
     "fake_tensor_mode_type",
@@ -166,6 +167,11 @@ def _fake_type_now() -> type:
 
 def fake_mode_of(t: Any) -> Any:
     return t.fake_mode
+
+
+def fake_mode_active() -> bool:
+    """Whether a fake-tensor mode is on the dispatch mode stack (fake tensors' own dispatch then defers to it)."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
 def fake_device(t: Any) -> torch.device:
