@@ -354,6 +354,21 @@ def test_sharding_ops_after_the_block_are_recorded_exactly() -> None:
     assert_models_identical(model, eager)
 
 
+def test_tensors_made_from_a_tensor_are_exact() -> None:
+    class Made(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4))
+            self.register_buffer("ones", self.w.new_ones(2, 3, dtype=torch.float64))
+            self.register_buffer("full", self.w.new_full((5,), 7.0))
+            self.register_buffer("zeros", self.w.new_zeros(4).add_(self.w[0]))
+            self.register_buffer("empty", self.w.new_empty(6).uniform_())
+            self.register_buffer("strided", self.w.new_empty_strided((2, 3), (1, 2)).normal_())
+
+    model = assert_exact(Made)
+    assert model.ones.dtype == torch.float64 and model.strided.stride() == (1, 2)
+
+
 def test_other_fake_tensors_keep_torchs_own_dispatch() -> None:
     with tl.deferred():
         nn.Linear(2, 2)  # the dispatch shortcut is installed

@@ -678,13 +678,15 @@ _VIEWS = {
     _aten.squeeze.dim, _aten.select.int, _aten.slice.Tensor, _aten.expand.default, _aten.permute.default,
     _aten.as_strided.default, _aten.alias.default, _aten.split.Tensor, _aten.split_with_sizes.default,
 }  # fmt: skip
-# Factories from a tensor (`t.new_zeros(size)`): its dtype and device, no read of its values.
+# Factories from a tensor (`t.new_zeros(size)`: its dtype and device, no read of its values), and
+# the factory each is with that dtype and device (same arguments after `self`).
 _TENSOR_FACTORIES = {
-    _aten.new_zeros.default, _aten.new_empty.default, _aten.new_ones.default, _aten.new_full.default,
-    _aten.new_empty_strided.default,
+    _aten.new_zeros.default: _aten.zeros.default, _aten.new_empty.default: _aten.empty.memory_format,
+    _aten.new_ones.default: _aten.ones.default, _aten.new_full.default: _aten.full.default,
+    _aten.new_empty_strided.default: _aten.empty_strided.default,
 }  # fmt: skip
 # The ops on fake tensors that `_fast_fake` runs (factories and lifts take none).
-_TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES | _IN_PLACE)
+_TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES.keys() | _IN_PLACE)
 _LIFTS = {_aten.lift_fresh.default, _aten.lift_fresh_copy.default}
 _CPU = torch.device("cpu")
 _META = torch.device("meta")
@@ -700,6 +702,13 @@ def _plain_options(kwargs: dict[str, Any], device: torch.device) -> bool:
     )
 
 
+def _made_on_meta(mode: Any, factory: Any, args: Any, kwargs: Any, device: torch.device) -> Any:
+    """A factory's tensor, made on the meta device: a fake tensor of `mode` on `device`."""
+    with tc.no_dispatch():  # no tensor argument: no fake tensor to unwrap
+        meta = factory(*args, **{**kwargs, "device": _META})
+    return tc.wrap_fake(mode, meta, device)
+
+
 def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
     """The op run directly on the meta storage of this thread's fake tensors, for the few ops
     nearly all construction is made of (factories, in-place fills and draws, views), and those
@@ -712,9 +721,7 @@ def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
     if func in _FACTORIES:
         if not _plain_options(kwargs, _CPU) or any(isinstance(a, torch.Tensor) for a in args):
             return _SLOW
-        with tc.no_dispatch():  # no tensor argument: no fake tensor to unwrap
-            meta = func(*args, **{**kwargs, "device": _META})
-        return tc.wrap_fake(mode, meta, _CPU)
+        return _made_on_meta(mode, func, args, kwargs, _CPU)
     if func in _LIFTS:  # `torch.tensor(...)`: a real tensor becomes a recorded constant
         real = args[0]
         if tc.is_fake(real) or real.device != _CPU or real.layout != torch.strided:
@@ -728,16 +735,20 @@ def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
 
 
 def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
-    """`_fast_fake` for the ops on tensors: views and new tensors wrap the meta kernel's result,
-    in-place ops return `self` once the kernel has checked their arguments."""
+    """`_fast_fake` for the ops on tensors: new tensors and views wrap a meta tensor, in-place ops
+    return `self` once the kernel has checked their arguments."""
     for x in (*args, *kwargs.values()):
         if isinstance(x, torch.Tensor) and not (
             tc.is_fake(x) and tc.fake_mode_of(x) is mode and tc.fake_constant(x) is None
         ):
             return _SLOW
     self = args[0]
-    if func in _TENSOR_FACTORIES and not _plain_options(kwargs, tc.fake_device(self)):
-        return _SLOW
+    factory = _TENSOR_FACTORIES.get(func)
+    if factory is not None:  # as a plain factory: no meta kernel of the new_* op (a Python decomposition)
+        device = tc.fake_device(self)
+        if not _plain_options(kwargs, device):
+            return _SLOW
+        return _made_on_meta(mode, factory, args[1:], {**kwargs, "dtype": kwargs.get("dtype") or self.dtype}, device)
     if func in _FILLS:  # they keep shape and dtype: nothing to check but their arguments
         if func is _aten.uniform_.default and not _uniform_ok(*args[1:3], **kwargs):
             return _SLOW
