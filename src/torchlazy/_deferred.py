@@ -331,7 +331,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             else:
                 leaves.append(x)
         outputs: list[tuple[int, int]] = []
-        for index, t in enumerate(_leaves(out)):
+        for index, t in enumerate((out,) if isinstance(out, torch.Tensor) else _leaves(out)):
             if tc.is_fake(t):
                 storage = t.untyped_storage()
                 if getattr(storage, _markers.RECORD, None) is None:
