@@ -678,12 +678,14 @@ _VIEWS = {
     _aten.squeeze.dim, _aten.select.int, _aten.slice.Tensor, _aten.expand.default, _aten.permute.default,
     _aten.as_strided.default, _aten.alias.default, _aten.split.Tensor, _aten.split_with_sizes.default,
 }  # fmt: skip
-# Factories from a tensor (`t.new_zeros(size)`: its dtype and device, no read of its values), and
-# the factory each is with that dtype and device (same arguments after `self`).
+# A meta tensor has no values: these factories make what `empty` makes with the same arguments.
+_FILLED = {_aten.zeros.default, _aten.ones.default}
+# Factories from a tensor (`t.new_zeros(size)`: its dtype and device, no read of its values): the
+# factory that makes the same meta tensor, and how many arguments after `self` it takes (sizes).
 _TENSOR_FACTORIES = {
-    _aten.new_zeros.default: _aten.zeros.default, _aten.new_empty.default: _aten.empty.memory_format,
-    _aten.new_ones.default: _aten.ones.default, _aten.new_full.default: _aten.full.default,
-    _aten.new_empty_strided.default: _aten.empty_strided.default,
+    _aten.new_zeros.default: (_aten.empty.memory_format, 1), _aten.new_empty.default: (_aten.empty.memory_format, 1),
+    _aten.new_ones.default: (_aten.empty.memory_format, 1), _aten.new_full.default: (_aten.empty.memory_format, 1),
+    _aten.new_empty_strided.default: (_aten.empty_strided.default, 2),
 }  # fmt: skip
 # The ops on fake tensors that `_fast_fake` runs (factories and lifts take none).
 _TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES.keys() | _IN_PLACE)
@@ -704,6 +706,8 @@ def _plain_options(kwargs: dict[str, Any], device: torch.device) -> bool:
 
 def _made_on_meta(mode: Any, factory: Any, args: Any, kwargs: Any, device: torch.device) -> Any:
     """A factory's tensor, made on the meta device: a fake tensor of `mode` on `device`."""
+    if factory in _FILLED:  # their meta kernels fill nothing, at twice `empty`'s cost
+        factory = _aten.empty.memory_format
     with tc.no_dispatch():  # no tensor argument: no fake tensor to unwrap
         meta = factory(*args, **{**kwargs, "device": _META})
     return tc.wrap_fake(mode, meta, device)
@@ -743,12 +747,14 @@ def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
         ):
             return _SLOW
     self = args[0]
-    factory = _TENSOR_FACTORIES.get(func)
-    if factory is not None:  # as a plain factory: no meta kernel of the new_* op (a Python decomposition)
+    made = _TENSOR_FACTORIES.get(func)
+    if made is not None:  # as a plain factory: no meta kernel of the new_* op (a Python decomposition)
         device = tc.fake_device(self)
         if not _plain_options(kwargs, device):
             return _SLOW
-        return _made_on_meta(mode, factory, args[1:], {**kwargs, "dtype": kwargs.get("dtype") or self.dtype}, device)
+        factory, sizes = made
+        dtype = kwargs.get("dtype") or self.dtype
+        return _made_on_meta(mode, factory, args[1 : 1 + sizes], {**kwargs, "dtype": dtype}, device)
     if func in _FILLS:  # they keep shape and dtype: nothing to check but their arguments
         if func is _aten.uniform_.default and not _uniform_ok(*args[1:3], **kwargs):
             return _SLOW
