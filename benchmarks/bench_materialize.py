@@ -56,7 +56,7 @@ def _params(model: torch.nn.Module) -> dict:
     return {"params": sum(p.numel() * p.element_size() for p in model.parameters())}
 
 
-def _eager_of(factory):
+def eager_of(factory):
     def variant():
         torch.manual_seed(0)
         return _params(factory())
@@ -64,7 +64,7 @@ def _eager_of(factory):
     return variant
 
 
-def _exact_of(factory, threads: int | None = None):
+def exact_of(factory, threads: int | None = None):
     def variant():
         if threads is not None:
             torch.set_num_threads(threads)
@@ -156,14 +156,14 @@ def deferred_only():
 
 
 VARIANTS_500M = {
-    "eager construction (0.5B)": _eager_of(make_500m),
-    "tl.deferred + tl.materialize (exact) (0.5B)": _exact_of(make_500m),
-    "tl.deferred + tl.materialize (exact, 1 thread) (0.5B)": _exact_of(make_500m, threads=1),
+    "eager construction (0.5B)": eager_of(make_500m),
+    "tl.deferred + tl.materialize (exact) (0.5B)": exact_of(make_500m),
+    "tl.deferred + tl.materialize (exact, 1 thread) (0.5B)": exact_of(make_500m, threads=1),
 }
 VARIANTS_LINEAR = {
-    "eager construction (Linear stack)": _eager_of(make_linear),
-    "tl.deferred + tl.materialize (exact) (Linear stack)": _exact_of(make_linear),
-    "tl.deferred + tl.materialize (exact, 1 thread) (Linear stack)": _exact_of(make_linear, threads=1),
+    "eager construction (Linear stack)": eager_of(make_linear),
+    "tl.deferred + tl.materialize (exact) (Linear stack)": exact_of(make_linear),
+    "tl.deferred + tl.materialize (exact, 1 thread) (Linear stack)": exact_of(make_linear, threads=1),
 }
 VARIANTS = {
     "eager construction": eager,

@@ -13,6 +13,7 @@ from exact import assert_models_identical, assert_same_tensors, raw_bytes
 from torch import nn
 
 import torchlazy as tl
+from torchlazy import _torch_compat as tc
 
 
 def deferred_then_materialize(make: Callable[[], nn.Module], **kwargs) -> nn.Module:
@@ -328,6 +329,57 @@ def test_work_on_a_deferred_model_after_the_block_is_recorded_too() -> None:
     eager = nn.Linear(4, 4)
     eager.weight = nn.Parameter(eager.weight.half())
     assert_models_identical(model, eager)
+
+
+def test_sharding_ops_after_the_block_are_recorded_exactly() -> None:
+    """What `fully_shard` does to each parameter (chunks, a zero-padded copy, views), then a write into
+    the copy: recorded through the dispatch shortcut as through the fake mode, materialized as eager."""
+
+    def shard(module: nn.Linear) -> None:
+        with torch.no_grad():
+            second = torch.chunk(module.weight, 2, dim=0)[1]
+            padded = module.weight.new_zeros(torch.chunk(module.weight, 2, dim=0)[0].shape)
+            padded.narrow(0, 0, second.size(0)).copy_(second)
+            padded.view(-1)[-4:].mul_(2.0)
+        module.padded = nn.Parameter(padded.detach())
+
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = nn.Linear(4, 5)
+    shard(model)
+    tl.materialize(model)
+    torch.manual_seed(0)
+    eager = nn.Linear(4, 5)
+    shard(eager)
+    assert_models_identical(model, eager)
+
+
+def test_tensors_made_from_a_tensor_are_exact() -> None:
+    class Made(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4))
+            self.register_buffer("ones", self.w.new_ones(2, 3, dtype=torch.float64))
+            self.register_buffer("full", self.w.new_full((5,), 7.0))
+            self.register_buffer("zeros", self.w.new_zeros(4).add_(self.w[0]))
+            self.register_buffer("empty", self.w.new_empty(6).uniform_())
+            self.register_buffer("strided", self.w.new_empty_strided((2, 3), (1, 2)).normal_())
+
+    model = assert_exact(Made)
+    assert model.ones.dtype == torch.float64 and model.strided.stride() == (1, 2)
+
+
+def test_other_fake_tensors_keep_torchs_own_dispatch() -> None:
+    with tl.deferred():
+        nn.Linear(2, 2)  # the dispatch shortcut is installed
+    with tc.fake_tensor_mode() as mode:
+        t = torch.empty(6, 4)
+    parts = torch.chunk(t, 2)  # outside the mode: the fake tensor's own dispatch
+    padded = t.new_zeros(3, 4)
+    padded.copy_(parts[1])
+    made = [*parts, padded, padded.view(-1), padded.detach()]
+    assert all(tc.is_fake(x) and tc.fake_mode_of(x) is mode for x in made)
+    assert [tuple(x.shape) for x in made] == [(3, 4), (3, 4), (3, 4), (12,), (3, 4)]
 
 
 def test_cloned_layers_keep_their_own_origin_for_wrappers() -> None:

@@ -95,18 +95,56 @@ def _open_record_mode() -> type:
                 # torchlazy's own fake forward keeps the fake mode's constant folding
                 out = _SLOW if _local.quiet else _fast_fake(self, func, args, kwargs)
                 return base_dispatch(self, func, types, args, kwargs) if out is _SLOW else out
-            _local.after_block += 1
-            try:
-                out = tail.__torch_dispatch__(func, types, args, kwargs)
-            finally:
-                _local.after_block -= 1
-            # the mode's conversion cache holds weak references that would make
-            # `Module._apply` (`.to()`, `.half()`) refuse to swap these tensors
-            fakes = {id(t) for t in tc.tree_leaves((args, kwargs, out)) if tc.is_fake(t)}
-            tc.forget_fake_conversions(self, fakes)
-            return out
+            return _after_block(self, tail, func, types, args, kwargs)
 
     return _OpenRecordMode
+
+
+def _after_block(mode: Any, tail: _Recorder, func: Any, types: Any, args: Any, kwargs: Any, fast: bool = False) -> Any:
+    """An op on a closed record's tensors, run and recorded by the block's recorder (`fast`: only where
+    `_fast_fake` runs it, else `_SLOW`)."""
+    _local.after_block += 1
+    try:
+        out = tail.record_fast(func, args, kwargs) if fast else tail.__torch_dispatch__(func, types, args, kwargs)
+    finally:
+        _local.after_block -= 1
+    if out is not _SLOW:
+        # the mode's conversion cache holds weak references that would make
+        # `Module._apply` (`.to()`, `.half()`) refuse to swap these tensors
+        tc.forget_fake_conversions(mode, (args, kwargs, out))
+    return out
+
+
+@functools.cache
+def _install_dispatch_shortcut() -> None:
+    """Send the common ops on a closed record's tensors straight to its recorder.
+
+    After a block, an op on its tensors reaches the fake tensor class's dispatch, which enters
+    their fake mode and dispatches the op again, only for that mode (`_OpenRecordMode`) to hand it
+    to the recorder: twice the cost of recording it. `fully_shard` makes eight such ops of every
+    parameter (chunks, a padded copy, views). The ops `_fast_fake` runs skip that detour; every
+    other op, any other fake tensor, and any op while a block records or a fake mode is active
+    take torch's own dispatch, as before.
+    """
+    original = tc.fake_tensor_type().__torch_dispatch__  # type: ignore[attr-defined]
+
+    def dispatch(cls: type, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _TENSOR_OPS:
+            out = _shortcut(func, types, args, kwargs)
+            if out is not _SLOW:
+                return out
+        return original(func, types, args, kwargs)
+
+    tc.override_fake_methods({"__torch_dispatch__": classmethod(dispatch)})
+
+
+def _shortcut(func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+    mode = _local.fake_mode
+    if mode is None or _local.recorders or _local.quiet or _local.after_block or tc.fake_mode_active():
+        return _SLOW
+    tail = _tail_of(args, kwargs)
+    return _SLOW if tail is None else _after_block(mode, tail, func, types, args, kwargs, fast=True)
 
 
 def _refuse_pickle(t: torch.Tensor) -> Any:
@@ -123,7 +161,7 @@ def _refuse_pickle(t: torch.Tensor) -> Any:
 
 
 def _tail_of(args: Any, kwargs: Any) -> _Recorder | None:
-    for t in tc.tree_leaves((args, kwargs)):
+    for t in _leaves(*args, *kwargs.values()):
         if isinstance(t, torch.Tensor):
             owner = storage_of(t)
             if owner is not None:
@@ -225,9 +263,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        out = _fast_fake(_local.fake_mode, func, args, kwargs)
+        out = self.record_fast(func, args, kwargs)
         if out is not _SLOW:
-            self._log(func, args, kwargs, out)
             return out
         try:
             out = func(*args, **kwargs)
@@ -242,9 +279,20 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         self._log(func, args, kwargs, out)
         return out
 
-    def _ref_or_none(self, t: Any) -> TRef | None:
+    def record_fast(self, func: Any, args: Any, kwargs: Any) -> Any:
+        """Run and record `func` where `_fast_fake` can run it; `_SLOW` where the fake-tensor mode must."""
+        out = _fast_fake(_local.fake_mode, func, args, kwargs)
+        if out is not _SLOW:
+            self._log(func, args, kwargs, out)
+        return out
+
+    def _owns(self, t: Any) -> bool:
         owner = storage_of(t) if isinstance(t, torch.Tensor) else None
-        return TRef.of(owner[1], t) if owner is not None and owner[0] is self.record else None
+        return owner is not None and owner[0] is self.record
+
+    def _ref_or_none(self, t: Any) -> TRef | None:
+        owner = storage_of(t) if self._owns(t) else None
+        return TRef.of(owner[1], t) if owner is not None else None
 
     def _ref(self, t: torch.Tensor, func: Any) -> TRef | Const:
         if not tc.is_fake(t):
@@ -259,6 +307,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         return TRef.of(owner[1], t)
 
     def _log(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        if func in _VIEWS and self._owns(args[0]):
+            return  # a view of this record's tensor: no storage made or written, nothing to record
         info = _op_info(func)
         written: set[int] = set()
         for i, name in info.written:
@@ -282,7 +332,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             else:
                 leaves.append(x)
         outputs: list[tuple[int, int]] = []
-        for index, t in enumerate((out,) if isinstance(out, torch.Tensor) else tc.tree_leaves(out)):
+        for index, t in enumerate((out,) if isinstance(out, torch.Tensor) else _leaves(out)):
             if tc.is_fake(t):
                 storage = t.untyped_storage()
                 if getattr(storage, _markers.RECORD, None) is None:
@@ -558,27 +608,44 @@ def _flat_leaf(x: Any) -> bool:
     return type(x) in _LEAF_TYPES or isinstance(x, (torch.Tensor, torch.Generator))
 
 
-def _flatten(args: Any, kwargs: Any) -> tuple[list[Any], Any]:
-    """`tree_flatten((args, kwargs))` for the usual shapes of op arguments (leaves, flat lists of
-    leaves): the spec is cached by shape, so no pytree walk runs on the hot path."""
+def _shallow(values: tuple[Any, ...]) -> tuple[list[Any], tuple[Any, ...]] | None:
+    """The leaves of `values` and their layout (None for a leaf, (type, n) for a list or tuple of n
+    leaves), when it holds only leaves and flat lists or tuples of them, as nearly all op arguments
+    and outputs do; None for anything deeper."""
     leaves: list[Any] = []
     shape: list[Any] = []
-    for x in (*args, *kwargs.values()):
+    for x in values:
         if type(x) is list or type(x) is tuple:
             if not all(_flat_leaf(y) for y in x):
-                return tc.tree_flatten((args, kwargs))  # type: ignore[no-any-return]
+                return None
             leaves.extend(x)
             shape.append((type(x), len(x)))
         elif _flat_leaf(x):
             leaves.append(x)
             shape.append(None)
         else:
-            return tc.tree_flatten((args, kwargs))  # type: ignore[no-any-return]
-    key = (len(args), tuple(kwargs), tuple(shape))
+            return None
+    return leaves, tuple(shape)
+
+
+def _leaves(*values: Any) -> list[Any]:
+    """`tree_leaves(values)`, without a pytree walk for the usual shapes of op arguments and outputs."""
+    shallow = _shallow(values)
+    return shallow[0] if shallow is not None else tc.tree_leaves(values)
+
+
+def _flatten(args: Any, kwargs: Any) -> tuple[list[Any], Any]:
+    """`tree_flatten((args, kwargs))` for the usual shapes of op arguments (leaves, flat lists of
+    leaves): the spec is cached by shape, so no pytree walk runs on the hot path."""
+    shallow = _shallow((*args, *kwargs.values()))
+    if shallow is None:
+        return tc.tree_flatten((args, kwargs))  # type: ignore[no-any-return]
+    leaves, shape = shallow
+    key = (len(args), tuple(kwargs), shape)
     spec = _SPECS.get(key)
     if spec is None:
         spec = _SPECS[key] = tc.tree_flatten((args, kwargs))[1]
-        register_layout(spec, len(args), tuple(kwargs), tuple(shape))
+        register_layout(spec, len(args), tuple(kwargs), shape)
     return leaves, spec
 
 
@@ -610,32 +677,56 @@ def _normal_ok(mean: float = 0.0, std: float = 1.0, **kwargs: Any) -> bool:
 _VIEWS = {
     _aten.detach.default, _aten.view.default, _aten.t.default, _aten.transpose.int, _aten.unsqueeze.default,
     _aten.squeeze.dim, _aten.select.int, _aten.slice.Tensor, _aten.expand.default, _aten.permute.default,
-    _aten.as_strided.default, _aten.alias.default,
+    _aten.as_strided.default, _aten.alias.default, _aten.split.Tensor, _aten.split_with_sizes.default,
 }  # fmt: skip
+# A meta tensor has no values: these factories make what `empty` makes with the same arguments.
+_FILLED = {_aten.zeros.default, _aten.ones.default}
+# Factories from a tensor (`t.new_zeros(size)`: its dtype and device, no read of its values): the
+# factory that makes the same meta tensor, and how many arguments after `self` it takes (sizes).
+_TENSOR_FACTORIES = {
+    _aten.new_zeros.default: (_aten.empty.memory_format, 1), _aten.new_empty.default: (_aten.empty.memory_format, 1),
+    _aten.new_ones.default: (_aten.empty.memory_format, 1), _aten.new_full.default: (_aten.empty.memory_format, 1),
+    _aten.new_empty_strided.default: (_aten.empty_strided.default, 2),
+}  # fmt: skip
+# The ops on fake tensors that `_fast_fake` runs (factories and lifts take none).
+_TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES.keys() | _IN_PLACE)
 _LIFTS = {_aten.lift_fresh.default, _aten.lift_fresh_copy.default}
 _CPU = torch.device("cpu")
 _META = torch.device("meta")
 
 
+def _plain_options(kwargs: dict[str, Any], device: torch.device) -> bool:
+    """A factory's options ask for a strided, unpinned tensor on `device` (or leave it implied)."""
+    asked = kwargs.get("device")
+    return (
+        (asked is None or asked == device)
+        and kwargs.get("layout") in (None, torch.strided)
+        and not kwargs.get("pin_memory")
+    )
+
+
+def _made_on_meta(mode: Any, factory: Any, args: Any, kwargs: Any, device: torch.device) -> Any:
+    """A factory's tensor, made on the meta device: a fake tensor of `mode` on `device`."""
+    if factory in _FILLED:  # their meta kernels fill nothing, at twice `empty`'s cost
+        factory = _aten.empty.memory_format
+    with tc.no_dispatch():  # no tensor argument: no fake tensor to unwrap
+        meta = factory(*args, **{**kwargs, "device": _META})
+    return tc.wrap_fake(mode, meta, device)
+
+
 def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
     """The op run directly on the meta storage of this thread's fake tensors, for the few ops
-    nearly all construction is made of (factories, in-place fills and draws, views).
+    nearly all construction is made of (factories, in-place fills and draws, views), and those
+    `fully_shard` makes of each parameter (chunks, a zero-padded copy, views).
 
     The fake-tensor mode would give the same tensor through its cache and checks, at several
     times the cost (and its first miss imports sympy). Anything unusual (another device, a real
     tensor argument, a fake constant) returns `_SLOW`: the fake-tensor mode runs it.
     """
     if func in _FACTORIES:
-        device = kwargs.get("device")
-        if (
-            (device is not None and device != _CPU)
-            or kwargs.get("pin_memory")
-            or any(isinstance(a, torch.Tensor) for a in args)
-        ):
+        if not _plain_options(kwargs, _CPU) or any(isinstance(a, torch.Tensor) for a in args):
             return _SLOW
-        with tc.no_dispatch():  # no tensor argument: no fake tensor to unwrap
-            meta = func(*args, **{**kwargs, "device": _META})
-        return tc.wrap_fake(mode, meta, _CPU)
+        return _made_on_meta(mode, func, args, kwargs, _CPU)
     if func in _LIFTS:  # `torch.tensor(...)`: a real tensor becomes a recorded constant
         real = args[0]
         if tc.is_fake(real) or real.device != _CPU or real.layout != torch.strided:
@@ -643,15 +734,28 @@ def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
         with tc.no_dispatch():
             meta = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_META)
         return tc.wrap_fake(mode, meta, _CPU)
-    viewing = func in _VIEWS
-    if not (viewing or func in _IN_PLACE):
-        return _SLOW
+    if func in _TENSOR_OPS:
+        return _fast_on_fakes(mode, func, args, kwargs)
+    return _SLOW
+
+
+def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
+    """`_fast_fake` for the ops on tensors: new tensors and views wrap a meta tensor, in-place ops
+    return `self` once the kernel has checked their arguments."""
     for x in (*args, *kwargs.values()):
         if isinstance(x, torch.Tensor) and not (
             tc.is_fake(x) and tc.fake_mode_of(x) is mode and tc.fake_constant(x) is None
         ):
             return _SLOW
     self = args[0]
+    made = _TENSOR_FACTORIES.get(func)
+    if made is not None:  # as a plain factory: no meta kernel of the new_* op (a Python decomposition)
+        device = tc.fake_device(self)
+        if not _plain_options(kwargs, device):
+            return _SLOW
+        factory, sizes = made
+        dtype = kwargs.get("dtype") or self.dtype
+        return _made_on_meta(mode, factory, args[1 : 1 + sizes], {**kwargs, "dtype": dtype}, device)
     if func in _FILLS:  # they keep shape and dtype: nothing to check but their arguments
         if func is _aten.uniform_.default and not _uniform_ok(*args[1:3], **kwargs):
             return _SLOW
@@ -660,9 +764,12 @@ def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
         return self
     with tc.fake_kernel(mode):
         out = func(*args, **kwargs)
-    if viewing:
-        return tc.wrap_fake(mode, out, tc.fake_device(self))
-    return self
+    if func in _IN_PLACE:
+        return self
+    device = tc.fake_device(self)
+    if isinstance(out, torch.Tensor):
+        return tc.wrap_fake(mode, out, device)
+    return [tc.wrap_fake(mode, t, device) for t in out]  # `split`: a list of views
 
 
 @functools.cache
@@ -726,6 +833,7 @@ def current_recorder() -> _Recorder | None:
 def recording(record: Record, prefix: Key = (), concretize: bool = False) -> Iterator[_Recorder]:
     """Record into `record` under `prefix` (the top level, or a lazy layer's reserved place)."""
     _install_value_guard()
+    _install_dispatch_shortcut()
     recorder = _Recorder(record, prefix, concretize)
     _local.recorders.append(recorder)
     hooks = _track_modules(record)

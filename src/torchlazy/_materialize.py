@@ -319,7 +319,7 @@ def _swap_in(module: nn.Module, targets: list[_Target], values: dict[int, torch.
     """Put the real tensors into the objects the model holds (all or nothing)."""
     fakes = [t for t in targets if tc.is_fake(t.tensor)]
     for mode in {id(m): m for m in (tc.fake_mode_of(t.tensor) for t in fakes)}.values():
-        tc.forget_fake_conversions(mode, {id(t.tensor) for t in targets})  # their weak references block swaps
+        tc.forget_fake_conversions(mode, [t.tensor for t in targets])  # their weak references block swaps
     swap_all(module, [(t.tensor, values[id(t.tensor)]) for t in targets], _deferred.fake_attrs())
     for sub in module.modules():
         if _deferred.has_guard(sub) and not any(

@@ -34,6 +34,7 @@ __all__ = [
     "dtensor_type",
     "fake_device",
     "fake_kernel",
+    "fake_mode_active",
     "fake_mode_of",
     "fake_tensor_mode",
     "fake_tensor_mode_type",
@@ -166,6 +167,11 @@ def _fake_type_now() -> type:
 
 def fake_mode_of(t: Any) -> Any:
     return t.fake_mode
+
+
+def fake_mode_active() -> bool:
+    """Whether a fake-tensor mode is on the dispatch mode stack (fake tensors' own dispatch then defers to it)."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
 def fake_device(t: Any) -> torch.device:
@@ -331,9 +337,15 @@ def fake_constant(t: Any) -> torch.Tensor | None:
     return getattr(t, "constant", None)
 
 
-def forget_fake_conversions(mode: Any, ids: set[int]) -> None:
-    """Drop a fake mode's cached conversions that hold weak references to these tensors."""
+def forget_fake_conversions(mode: Any, tree: Any) -> None:
+    """Drop a fake mode's cached conversions that hold weak references to the tensors in `tree` (a pytree).
+
+    The cache is empty unless real tensors were converted (rare after construction): then nothing is walked.
+    """
     memo = mode.fake_tensor_converter.meta_converter.tensor_memo
+    if not memo:
+        return
+    ids = {id(t) for t in tree_leaves(tree)}
     for key in [k for k, v in list(memo.items()) if id(v) in ids]:
         del memo[key]
 
