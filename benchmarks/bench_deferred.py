@@ -56,6 +56,12 @@ COLD = (
     "with tl.deferred():\n    m = torch.nn.Linear(64, 64)\ntl.materialize(m)\n"
     "print(time.perf_counter() - start)"
 )
+COLD_SUMMARY = (
+    "import time, torch\nstart = time.perf_counter()\nimport torchlazy as tl\nnn = torch.nn\n"
+    "m = nn.Sequential(tl.nn.Conv2d(16, 3), tl.nn.BatchNorm2d(), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), tl.nn.Linear(10))\n"
+    "tl.summary(m, torch.randn(2, 3, 32, 32))\n"
+    "print(time.perf_counter() - start)"
+)
 
 
 # transformers vision models: (config class, model class, config overrides). The default configs are the
@@ -115,9 +121,12 @@ def _interleaved(a, b) -> tuple[float, float]:  # type: ignore[no-untyped-def]
 def main() -> None:
     _meta(), _deferred()
     meta, deferred = _median(_meta), _median(_deferred)
-    cold = statistics.median(
-        float(subprocess.run([sys.executable, "-c", COLD], capture_output=True, text=True, check=True).stdout)
-        for _ in range(RUNS)
+    cold, cold_summary = (
+        statistics.median(
+            float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+            for _ in range(RUNS)
+        )
+        for code in (COLD, COLD_SUMMARY)
     )
     print(f"tl.deferred() vs its floors (median of {RUNS}; peak RSS {_peak_mib():.0f} MiB)\n")
     print(
@@ -127,6 +136,9 @@ def main() -> None:
     print(
         f"cold start: import torchlazy + first deferred block + materialize after import torch: {cold:.3f} s "
         "(target <= 0.35 s)"
+    )
+    print(
+        f"cold start: import torchlazy + first tl.summary of a small lazy CNN after import torch: {cold_summary:.3f} s"
     )
     rows = _vision()
     print(
