@@ -210,12 +210,14 @@ if __name__ == "__main__":
             params = dict(rows)["eager construction"]["params"]
             print(table(f"Llama {params / 4 / 1e6:.0f}M parameters, float32, CPU", rows, "eager construction", params))
             fast = dict(rows)["  ... its materialize step alone"]
+            whole = dict(rows)["tl.deferred + tl.materialize(exact=False)"]
             floor = dict(rows)["first touch of 162M float32 (the memory floor)"]
             eager_s = dict(rows)["eager construction"]["seconds"]
             n = params / 4
             print(
-                f"exact=False materialize: {n / fast['materialize_seconds'] / 1e6:.0f} M elements/s "
-                f"({eager_s / fast['materialize_seconds']:.1f}x faster than eager construction); first-touch floor "
+                f"exact=False: deferred construction + materialize {eager_s / whole['seconds']:.2f}x faster than eager "
+                f"construction (target >= 5x); its materialize step alone {n / fast['materialize_seconds'] / 1e6:.0f} M "
+                f"elements/s ({eager_s / fast['materialize_seconds']:.1f}x); first-touch floor "
                 f"{floor['elements'] / floor['seconds'] / 1e6:.0f} M elements/s\n"
             )
         for key, variants in (("500m", VARIANTS_500M), ("linear", VARIANTS_LINEAR)):
