@@ -40,26 +40,21 @@ class _Target:
     sid: int
 
 
-def _real_targets(module: nn.Module) -> list[_Target]:
-    """The real (already materialized) tensors: they take the checkpoint and the placement too."""
+def _collect(module: nn.Module) -> tuple[list[_Target], list[_Target]]:
+    """The deferred tensors of `module` (with their record) and the real ones (already materialized: they
+    take the checkpoint and the placement too), in one walk of the module tree."""
     dtensor = tc.dtensor_type()
     seen: set[int] = set()
-    out: list[_Target] = []
+    deferred: list[_Target] = []
+    real: list[_Target] = []
     for path, _, _, t in module_tensors(module):
-        if id(t) in seen or tc.is_fake(t) or _lazy.is_placeholder(t) or (dtensor and isinstance(t, dtensor)):
+        if id(t) in seen:
             continue
         seen.add(id(t))
-        out.append(_Target(path, t, None, -1))
-    return out
-
-
-def _collect(module: nn.Module) -> list[_Target]:
-    seen: set[int] = set()
-    targets: list[_Target] = []
-    for path, _, _, t in module_tensors(module):
-        if id(t) in seen or not tc.is_fake(t):
+        if not tc.is_fake(t):
+            if not (_lazy.is_placeholder(t) or (dtensor and isinstance(t, dtensor))):
+                real.append(_Target(path, t, None, -1))
             continue
-        seen.add(id(t))
         owner = _deferred.storage_of(t)
         if owner is None:
             raise DeferredError(
@@ -69,8 +64,8 @@ def _collect(module: nn.Module) -> list[_Target]:
                 "copy): pass `dtype=`/`device=` to `tl.materialize` instead, or do that work inside "
                 "the `tl.deferred()` block."
             )
-        targets.append(_Target(path, t, owner[0], owner[1]))
-    return targets
+        deferred.append(_Target(path, t, owner[0], owner[1]))
+    return deferred, real
 
 
 class _Bar:
@@ -152,8 +147,7 @@ def materialize(
         if checkpoint is not None:
             ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
             _build_lazy_from_checkpoint(module, ckpt, mapper(key_map))
-        targets = _collect(module)
-        real = _real_targets(module)
+        targets, real = _collect(module)
         shards = sharded_targets(module)
         plan = plan_keys(module, ckpt, key_map) if ckpt is not None else None
         everything = targets + real
