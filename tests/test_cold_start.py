@@ -76,9 +76,11 @@ def test_first_build_and_summary_import_no_dynamo() -> None:
         "enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)\n"
         "rows.append(tl.summary(enc, torch.randn(2, 5, 32)).rows[0].outputs)\n"
         "rows.append(tl.summary(nn.LSTM(8, 16), torch.randn(3, 2, 8)).rows[0].outputs)\n"
+        "up = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.Upsample(scale_factor=2), nn.PixelShuffle(2))\n"
+        "rows.append(tl.summary(up, torch.randn(1, 3, 8, 8)).rows[0].outputs)\n"
         "print(json.dumps({'dynamo': 'torch._dynamo' in sys.modules, 'sympy': 'sympy' in sys.modules,\n"
         "                  'cnn': list(cnn[-1].weight.shape), 'rows': rows}))\n"
     )
     assert got["dynamo"] is False and got["sympy"] is False
     assert got["cnn"] == [4, 8]
-    assert got["rows"] == [[[2, 7, 10]], [[2, 5, 32]], [[3, 2, 16], [1, 2, 16], [1, 2, 16]]]
+    assert got["rows"] == [[[2, 7, 10]], [[2, 5, 32]], [[3, 2, 16], [1, 2, 16], [1, 2, 16]], [[1, 4, 24, 24]]]

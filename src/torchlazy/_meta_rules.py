@@ -5,7 +5,8 @@ references), and the first call imports its dynamo compiler and sympy: about a s
 `import torch` itself, before the first `tl.build` or `tl.summary` can answer. Shape inference
 needs only each output's shape, dtype and strides, so the few ops nearly every forward is made
 of (pointwise maths, broadcasting arithmetic, matrix products, convolutions, normalizations,
-reductions, embeddings, softmax) get them here: a table of rules, one per kind of op.
+reductions, embeddings, softmax) get them here: a table of rules, one per kind of op (plus group norm, 2-d upsampling and pixel
+shuffle, common in vision models).
 
 A rule answers only calls it is sure of: meta tensors, contiguous and strided, floating
 dtypes where the op computes values, valid shapes. Anything else (a mismatch eager would
@@ -54,6 +55,16 @@ def _plain(t: Any, floating: bool = True, strides: bool = False) -> torch.Tensor
     if t.device != _META or t.layout != torch.strided or not (strides or t.is_contiguous()):
         raise _Refuse
     if floating and t.dtype not in _FLOATS:
+        raise _Refuse
+    return t
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """`t` for an op whose output follows the input's suggested memory format: refused when a 4-d or 5-d
+    tensor is channels-last contiguous as well (size-1 dims make both hold), where torch picks channels-last."""
+    if (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) or (
+        t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
         raise _Refuse
     return t
 
@@ -224,7 +235,7 @@ def _convolution(
     output_padding: Sequence[int],
     groups: int,
 ) -> torch.Tensor:
-    x, w = _plain(x), _plain(w)
+    x, w = _row_major(_plain(x)), _row_major(_plain(w))
     n = w.dim() - 2
     if x.dim() != w.dim() or n < 1 or x.dtype != w.dtype or groups < 1 or w.numel() == 0:
         raise _Refuse
@@ -278,6 +289,18 @@ def _layer_norm(x: Any, shape: Sequence[int], weight: Any, bias: Any, eps: float
             raise _Refuse
     stats = (*x.shape[: x.dim() - k], *([1] * k))
     return _empty(x.shape, x.dtype), _empty(stats, _stats_dtype(x.dtype)), _empty(stats, _stats_dtype(x.dtype))
+
+
+def _group_norm(
+    x: Any, weight: Any, bias: Any, n: int, c: int, hw: int, groups: int, eps: float
+) -> tuple[torch.Tensor, ...]:
+    x = _plain(x)
+    if x.dim() < 2 or (n, c) != tuple(x.shape[:2]) or n * c * hw != x.numel() or groups < 1 or c % groups:
+        raise _Refuse
+    for t in (weight, bias):
+        if t is not None and tuple(_plain(t).shape) != (c,):
+            raise _Refuse
+    return _empty(x.shape, x.dtype), _empty((n, groups), x.dtype), _empty((n, groups), x.dtype)  # stats as x
 
 
 def _mean(x: Any, dims: Sequence[int] | None, keepdim: bool = False, *, dtype: Any = None) -> torch.Tensor:
@@ -405,7 +428,7 @@ def _max_pool2d(
     x: Any, kernel: Sequence[int], stride: Sequence[int] = (), padding: Any = 0, dilation: Any = 1,
     ceil_mode: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    x = _plain(x)
+    x = _row_major(_plain(x))
     shape = (*x.shape[:-2], *_pool_sizes(x, kernel, stride, padding, dilation, ceil_mode))
     return _empty(shape, x.dtype), _empty(shape, torch.int64)
 
@@ -414,15 +437,32 @@ def _avg_pool2d(
     x: Any, kernel: Sequence[int], stride: Sequence[int] = (), padding: Any = 0, ceil_mode: bool = False,
     count_include_pad: bool = True, divisor_override: Any = None,
 ) -> torch.Tensor:  # fmt: skip
-    x = _plain(x)
+    x = _row_major(_plain(x))
     return _empty((*x.shape[:-2], *_pool_sizes(x, kernel, stride, padding, 1, ceil_mode)), x.dtype)
 
 
 def _adaptive_avg_pool2d(x: Any, size: Sequence[int]) -> torch.Tensor:
-    x = _plain(x)
+    x = _row_major(_plain(x))
     if x.dim() not in (3, 4) or len(size) != 2 or any(n < 1 for n in size) or 0 in x.shape[-2:]:
         raise _Refuse
     return _empty((*x.shape[:-2], *size), x.dtype)
+
+
+def _upsample2d(x: Any, size: Sequence[int], *rest: Any) -> torch.Tensor:
+    """Nearest and bilinear 2-d upsampling to an explicit output size (the scales only say how values are read)."""
+    x = _row_major(_plain(x))
+    _numbers(rest)
+    if x.dim() != 4 or len(size) != 2 or any(n < 1 for n in size) or 0 in x.shape:
+        raise _Refuse
+    return _empty((*x.shape[:2], *size), x.dtype)
+
+
+def _pixel_shuffle(x: Any, r: int) -> torch.Tensor:
+    x = _row_major(_plain(x))
+    if x.dim() < 3 or type(r) is not int or r < 1 or x.shape[-3] % (r * r):
+        raise _Refuse
+    c, h, w = x.shape[-3:]
+    return _empty((*x.shape[:-3], c // (r * r), h * r, w * r), x.dtype)
 
 
 def _factory(size: Sequence[int], *rest: Any, **kwargs: Any) -> torch.Tensor:
@@ -486,6 +526,10 @@ _RULES.update(
         _aten.convolution.default: _convolution,
         _aten.native_batch_norm.default: _batch_norm,
         _aten.native_layer_norm.default: _layer_norm,
+        _aten.native_group_norm.default: _group_norm,
+        _aten.upsample_nearest2d.default: _upsample2d,
+        _aten.upsample_bilinear2d.default: _upsample2d,
+        _aten.pixel_shuffle.default: _pixel_shuffle,
         _aten.mean.dim: _mean,
         _aten._softmax.default: _softmax,
         _aten._log_softmax.default: _softmax,
