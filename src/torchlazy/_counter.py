@@ -596,11 +596,7 @@ def fill(
     plan, k = _check(out, law, params, key, start)
     if out.numel() == 0:
         return out
-    with torch.no_grad():  # `out` may be a Parameter: the fill is initialization, not autograd history
-        if has_extension():
-            _fill_c(out, plan, k, start, torch.get_num_threads() if threads is None else threads)
-        else:
-            _fill_pure(out, plan, k, start)
+    _fill_checked(out, plan, k, start, torch.get_num_threads() if threads is None else threads)
     return out
 
 
@@ -625,14 +621,20 @@ def fill_jobs(
     parts = max(1, min(parts, n // _MIN_PER_THREAD))
     cuts = [n * t // parts for t in range(parts + 1)]
 
-    def job(lo: int, hi: int) -> None:
-        with torch.no_grad():
-            if has_extension():
-                _fill_c(flat[lo:hi], plan, k, lo, 1)
-            else:
-                _fill_pure(flat[lo:hi], plan, k, lo)
+    return [
+        functools.partial(_fill_checked, flat[cuts[t] : cuts[t + 1]], plan, k, cuts[t], 1)
+        for t in range(parts)
+        if cuts[t] < cuts[t + 1]
+    ]
 
-    return [functools.partial(job, cuts[t], cuts[t + 1]) for t in range(parts) if cuts[t] < cuts[t + 1]]
+
+def _fill_checked(out: torch.Tensor, plan: _Plan, key: tuple[int, int], start: int, threads: int) -> None:
+    """The fill of checked arguments: the compiled core, or the pure path (same bits)."""
+    with torch.no_grad():  # `out` may be a Parameter: the fill is initialization, not autograd history
+        if has_extension():
+            _fill_c(out, plan, key, start, threads)
+        else:
+            _fill_pure(out, plan, key, start)
 
 
 def _check(
