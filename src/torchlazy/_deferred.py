@@ -286,12 +286,13 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             self._log(func, args, kwargs, out)
         return out
 
-    def _owns(self, t: Any) -> bool:
+    def _owned(self, t: Any) -> tuple[Record, int] | None:
+        """(record, storage id) of `t` when it is a tensor of this recorder's record, else None."""
         owner = storage_of(t) if isinstance(t, torch.Tensor) else None
-        return owner is not None and owner[0] is self.record
+        return owner if owner is not None and owner[0] is self.record else None
 
     def _ref_or_none(self, t: Any) -> TRef | None:
-        owner = storage_of(t) if self._owns(t) else None
+        owner = self._owned(t)
         return TRef.of(owner[1], t) if owner is not None else None
 
     def _ref(self, t: torch.Tensor, func: Any) -> TRef | Const:
@@ -307,7 +308,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         return TRef.of(owner[1], t)
 
     def _log(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
-        if func in _VIEWS and self._owns(args[0]):
+        if func in _VIEWS and self._owned(args[0]) is not None:
             return  # a view of this record's tensor: no storage made or written, nothing to record
         info = _op_info(func)
         written: set[int] = set()
