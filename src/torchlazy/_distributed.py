@@ -186,20 +186,27 @@ def _run_on_rows(
                 node.func(*args, **kwargs)
 
 
+def _local_rows(record: Record, shard: Shard) -> tuple[list[Node], tuple[int, int]] | None:
+    """The nodes that make the shard's tensor and the flat element range of the local slice, where a rank
+    can make that range alone: every node elementwise over the whole tensor, the slice a range of rows."""
+    nodes = _elementwise_closure(record, shard.ref)
+    span = _flat_range(shard)
+    return None if nodes is None or span is None else (nodes, span)
+
+
 def _local_exact(record: Record, shard: Shard) -> torch.Tensor | None:
     """Eager's exact values of the local slice alone: each draw starts from a generator jumped to
     the slice's first word (the smallest covering range where a kernel works in blocks)."""
     ref = shard.ref
-    nodes = _elementwise_closure(record, ref)
-    span = _flat_range(shard)
-    if nodes is None or span is None:
+    rows = _local_rows(record, shard)
+    if rows is None:
         return None
+    nodes, (a, b) = rows
     draws = {id(n): draw_of(n) for n in nodes if n.stream is not None}
     if any(d is None or d.target != ref or d.align is None for d in draws.values()):
         return None
     numel = math.prod(ref.size)
     align = max([1, *(d.align for d in draws.values() if d is not None and d.align is not None)])
-    a, b = span
     start, stop = a // align * align, min(numel, -(-b // align) * align)
     if stop == numel and numel - start < align:  # the ragged last piece holds at least `align` elements
         start = max(0, (numel - align) // align * align)
@@ -222,16 +229,14 @@ def _local_only(record: Record, shard: Shard, device: Any) -> torch.Tensor | Non
     """Only the local slice (exact=False): every draw is counter-based, so the slice's elements
     are the very values the whole tensor has, on any layout. None where a node on the tensor is
     not elementwise, a draw has no counter law, or the slice is not a range of rows."""
-    ref = shard.ref
-    nodes = _elementwise_closure(record, ref)
-    span = _flat_range(shard)
-    if nodes is None or span is None:
+    rows = _local_rows(record, shard)
+    if rows is None:
         return None
+    nodes, (a, b) = rows
     laws = {id(n): counter_law(n) for n in nodes if n.stream is not None}
     if any(law is None for law in laws.values()):
         return None
-    a, b = span
-    values = torch.empty(b - a, dtype=ref.dtype)
+    values = torch.empty(b - a, dtype=shard.ref.dtype)
 
     def draw(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         law = laws[id(node)]
