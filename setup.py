@@ -4,6 +4,7 @@ Each extension is optional: without a C compiler the install still succeeds and 
 uses its pure-Python/pure-torch paths, which give the same bits more slowly.
 - `torchlazy._mtcore`: jump-ahead for torch's CPU MT19937 generator (`torchlazy._rng`).
 - `torchlazy._countercore`: the counter-based stream of exact=False (`torchlazy._counter`).
+- `torchlazy._drawcore`: torch's CPU float32 uniform_/normal_ kernels, bit for bit (`torchlazy._drawkernels`).
 """
 
 import sys
@@ -22,9 +23,23 @@ else:
 
 setup(
     ext_modules=[
-        Extension("torchlazy._mtcore", ["src/torchlazy/_csrc/mt19937.c"], optional=True, extra_compile_args=FAST),
+        Extension(
+            "torchlazy._mtcore",
+            ["src/torchlazy/_csrc/mt19937.c"],
+            depends=["src/torchlazy/_csrc/mt19937.h"],
+            optional=True,
+            extra_compile_args=FAST,
+        ),
         Extension(
             "torchlazy._countercore", ["src/torchlazy/_csrc/counter.c"], optional=True, extra_compile_args=STRICT_FP
+        ),
+        # torch's kernels fuse some multiply-adds: draw.c writes each one out, so it needs contraction off too
+        Extension(
+            "torchlazy._drawcore",
+            ["src/torchlazy/_csrc/draw.c"],
+            depends=["src/torchlazy/_csrc/mt19937.h"],
+            optional=True,
+            extra_compile_args=STRICT_FP,
         ),
     ]
 )

@@ -3,7 +3,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 STAMP=.venv/.torchlazy-stamp
-WANT=$(cat requirements-dev.txt pyproject.toml setup.py src/torchlazy/_csrc/*.c | sha256sum | cut -c1-16)  # C sources: rebuild the extensions
+WANT=$(cat requirements-dev.txt pyproject.toml setup.py src/torchlazy/_csrc/*.[ch] | sha256sum | cut -c1-16)  # C sources: rebuild the extensions
 pip_install() {  # pip's status is kept; only the noise about absent local mirrors is dropped
     .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location" >&2)
 }

@@ -24,6 +24,7 @@ from torch import nn
 from . import _counter, _rng
 from . import _torch_compat as tc
 from ._deferred import origin_of, storage_of
+from ._drawkernels import run_draw
 from ._errors import DeferredError
 from ._modtree import Placement
 from ._record import (
@@ -217,7 +218,7 @@ def _local_exact(record: Record, shard: Shard) -> torch.Tensor | None:
         assert d is not None and node.stream is not None and node.func is not None
         offset = _rng.word_offset(d.op, ref.dtype, numel, start, **d.params) or 0
         state = node.stream.state_before(node)
-        node.func(*args, **{**kwargs, "generator": _rng.generator_at(_rng.jump(state, offset) if offset else state)})
+        run_draw(node.func, args, kwargs, _rng.jump(state, offset) if offset else state)
 
     _run_on_rows(nodes, values, draw)
     local_shape = tuple(s.stop - s.start for s in shard.slices)

@@ -31,6 +31,7 @@ import torch
 
 from . import _counter, _rng
 from . import _torch_compat as tc
+from ._drawkernels import run_draw
 from ._errors import DeferredError
 
 Key = tuple[int, ...]
@@ -204,10 +205,11 @@ class Stream:
         self.before[node.key] = state
         return state
 
-    def ran(self, node: Node) -> None:
-        """`node` just ran on the generator from `state_before(node)`: move the cursor past it."""
+    def ran(self, node: Node, after: torch.Tensor | None = None) -> None:
+        """`node` just ran from `state_before(node)`, leaving the state `after` (default: the
+        generator's): move the cursor past it."""
         if self.cursor < len(self.keys) and self.keys[self.cursor] == node.key:
-            self.cursor_state = self.after[node.key] = _generator_state(self.generator)
+            self.cursor_state = self.after[node.key] = _generator_state(self.generator) if after is None else after
             self.cursor += 1
 
     def finish(self) -> torch.Tensor:
@@ -620,6 +622,13 @@ class Record:
             if draw is not None and pending is not None and workers > 1 and draw.numel >= PARALLEL_MIN:
                 self._draw_in_pieces(node, draw, stream.state_before(node), env, workers, pending)
                 return  # the stream's cursor stays before it: moving past it adds its word count
+            if draw is not None and device.type == "cpu":
+                _wait(pending or {}, (*node.reads, *node.writes))
+                self._ensure_target(node, env, device)
+                assert node.spec is not None
+                args, kwargs = unflatten([_real(leaf, env, device) for leaf in node.leaves], node.spec)
+                stream.ran(node, run_draw(node.func, args, kwargs, stream.state_before(node)))
+                return
             gen = stream.generator
             gen.set_state(stream.state_before(node))
             self._call(node, env, device, pending)
@@ -792,9 +801,7 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _draw_piece(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], state: torch.Tensor, offset: int) -> None:
-    generator = _rng.generator_at(_rng.jump(state, offset) if offset else state)
-    with torch.no_grad():
-        func(*args, **{**kwargs, "generator": generator})
+    run_draw(func, args, kwargs, _rng.jump(state, offset) if offset else state)
 
 
 def _in_flight(node: Node, futures: list[Future[None]], pending: dict[int, list[Future[None]]], workers: int) -> None:

@@ -38,7 +38,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["after", "backend", "chunk", "distance", "generator_at", "jump", "word_offset", "words"]
+__all__ = ["after", "backend", "chunk", "distance", "generator_at", "jump", "state_bytes", "word_offset", "words"]
 
 # MT19937 parameters.
 _N = 624
@@ -216,7 +216,8 @@ def _advance_blocks(block: bytes, n_blocks: int) -> bytes:
     return core.combine(g.to_bytes(_BLOCK_BYTES // 2, "little"), block)
 
 
-def _state_bytes(state: torch.Tensor) -> bytes:
+def state_bytes(state: torch.Tensor) -> bytes:
+    """The 5,056 bytes of a CPU generator state tensor (what the compiled cores take)."""
     if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.numel() != STATE_BYTES:
         seen = f"{type(state).__name__}" if not isinstance(state, torch.Tensor) else f"{state.dtype} x {state.numel()}"
         raise ValueError(
@@ -234,7 +235,7 @@ def jump(state: torch.Tensor, n_words: int) -> torch.Tensor:
     polynomial of that distance is cached). The seed and the cached normal samples are copied unchanged: torch
     only touches those in the scalar ``normal_`` path, which ``words`` does not model.
     """
-    raw = _state_bytes(state)
+    raw = state_bytes(state)
     if n_words < 0:
         raise ValueError(f"a generator only moves forward: `n_words` must be >= 0, got {n_words}")
     seed, left, seeded, nxt = _HEAD.unpack_from(raw)
@@ -268,7 +269,7 @@ def generator_at(state: torch.Tensor) -> torch.Generator:
 def distance(before: torch.Tensor, after: torch.Tensor, limit: int = 1 << 24) -> int | None:
     """How many words lead from ``before`` to ``after`` (``jump(before, n)`` equals ``after`` up to the cached
     normal samples), or ``None`` if no ``n <= limit`` does. Costs about ``n`` refills: for calibration, not jumps."""
-    a, b = _state_bytes(before), _state_bytes(after)
+    a, b = state_bytes(before), state_bytes(after)
     _, left_a, _, next_a = _HEAD.unpack_from(a)
     _, left_b, _, next_b = _HEAD.unpack_from(b)
     if a[:8] != b[:8] or a[12:16] != b[12:16]:
