@@ -1,4 +1,5 @@
-"""Jumping torch's CPU generator ahead vs drawing the same number of words.
+"""Jumping torch's CPU generator ahead vs drawing the same number of words; torch's draw kernels vs
+torchlazy's compiled copies of them.
 
     python benchmarks/bench_rng.py
 
@@ -6,6 +7,10 @@ For D = 10^3 .. 10^10 words: torch drawing them (float32 ``uniform_``, one word 
 time is extrapolated from the 10^7 rate, marked ~), ``torchlazy._rng.jump`` in the compiled core and in pure
 Python, first call (the jump polynomial x^D mod phi computed) and cached (only the Horner step), and the ratio
 torch / cached C jump.
+
+Then exact draws as materialization makes them (float32, 2^25 elements on touched memory, 1 thread): torch's
+``normal_``/``uniform_`` against ``torchlazy._drawkernels.run_draw`` (the compiled kernel where this process's
+calibration proved it gives torch's bits; torch's kernel otherwise), with the bits compared.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from torchlazy import _rng  # noqa: E402
+from torchlazy import _drawkernels, _rng  # noqa: E402
 
 MEASURED_MAX = 10**7
 
@@ -73,6 +78,27 @@ def main() -> None:
             row += f" {first:>8.2f} ms {cached[path]:>8.2f} ms"
         print(row + f" {seconds * 1e3 / cached[paths[0]]:>10.0f}x")
     os.environ.pop("TORCHLAZY_NO_EXT", None)
+    draws(state)
+
+
+def draws(state: torch.Tensor) -> None:
+    n = 1 << 25
+    print(f"\nexact float32 draws, {n} elements, 1 thread (compiled kernels: {_drawkernels.compiled('normal_')})")
+    print(f"{'op':>9} {'torch':>12} {'torchlazy':>12} {'speed-up':>9}  same bits")
+    for op, law in (("normal_", (0.0, 0.02)), ("uniform_", (-0.05, 0.05))):
+        eager, mine = torch.zeros(n), torch.zeros(n)
+        t_torch, t_mine = draw_seconds(op, law, state, eager, mine)
+        same = torch.equal(eager, mine)
+        print(f"{op:>9} {n / t_torch / 1e6:>7.0f} M/s {n / t_mine / 1e6:>7.0f} M/s {t_torch / t_mine:>8.1f}x  {same}")
+
+
+def draw_seconds(
+    op: str, law: tuple[float, float], state: torch.Tensor, eager: torch.Tensor, mine: torch.Tensor
+) -> tuple[float, float]:
+    func = getattr(torch.ops.aten, op).default
+    t_torch = best(lambda: getattr(eager, op)(*law, generator=_rng.generator_at(state)))
+    t_mine = best(lambda: _drawkernels.run_draw(func, (mine, *law), {}, state))
+    return t_torch, t_mine
 
 
 if __name__ == "__main__":
