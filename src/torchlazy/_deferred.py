@@ -130,7 +130,7 @@ def _install_dispatch_shortcut() -> None:
 
     def dispatch(cls: type, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in _TENSOR_OPS:
+        if id(func) in _TENSOR_OPS:
             out = _shortcut(func, types, args, kwargs)
             if out is not _SLOW:
                 return out
@@ -308,7 +308,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         return TRef.of(owner[1], t)
 
     def _log(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
-        if func in _VIEWS and self._owned(args[0]) is not None:
+        if id(func) in _VIEWS and self._owned(args[0]) is not None:
             return  # a view of this record's tensor: no storage made or written, nothing to record
         info = _op_info(func)
         written: set[int] = set()
@@ -589,13 +589,13 @@ class _OpInfo:
         self.overwrites = func.overloadpacket in _OVERWRITES
 
 
-_OP_INFO: dict[Any, _OpInfo] = {}
+_OP_INFO: dict[int, _OpInfo] = {}
 
 
 def _op_info(func: Any) -> _OpInfo:
-    info = _OP_INFO.get(func)
+    info = _OP_INFO.get(id(func))  # by id: an OpOverload hashes in Python; the info keeps `func` alive
     if info is None:
-        info = _OP_INFO[func] = _OpInfo(func)
+        info = _OP_INFO[id(func)] = _OpInfo(func)
     return info
 
 
@@ -650,21 +650,31 @@ def _flatten(args: Any, kwargs: Any) -> tuple[list[Any], Any]:
     return leaves, spec
 
 
+def _ids(ops: set[Any]) -> frozenset[int]:
+    """Op sets hold ids: an OpOverload hashes in Python (a call per lookup on the hot path), an int in C.
+    Overloads are unique objects that compare by identity, and these sets keep them referenced by torch."""
+    return frozenset(id(op) for op in ops)
+
+
+def _by_id(table: dict[Any, Any]) -> dict[int, Any]:
+    return {id(op): value for op, value in table.items()}
+
+
 _SLOW = object()
-_FACTORIES = {
+_FACTORIES = _ids({
     _aten.empty.memory_format, _aten.empty_strided.default, _aten.zeros.default, _aten.ones.default,
     _aten.full.default, _aten.arange.default, _aten.arange.start, _aten.arange.start_step,
     _aten.linspace.default,
-}  # fmt: skip
-_IN_PLACE = {
+})  # fmt: skip
+_IN_PLACE = _ids({
     _aten.uniform_.default, _aten.normal_.default, _aten.fill_.Scalar, _aten.fill_.Tensor, _aten.zero_.default,
     _aten.copy_.default, _aten.mul_.Tensor, _aten.mul_.Scalar, _aten.add_.Tensor, _aten.add_.Scalar,
     _aten.sub_.Tensor, _aten.div_.Tensor, _aten.div_.Scalar, _aten.clamp_.default, _aten.erfinv_.default,
     _aten.bernoulli_.float, _aten.exponential_.default,
-}  # fmt: skip
+})  # fmt: skip
 # In-place ops that keep shape and dtype: their meta kernels (Python decompositions, the
 # draws' ones importing torch.distributed.tensor and sympy) have nothing to compute.
-_FILLS = {_aten.uniform_.default, _aten.normal_.default, _aten.fill_.Scalar, _aten.zero_.default}
+_FILLS = _ids({_aten.uniform_.default, _aten.normal_.default, _aten.fill_.Scalar, _aten.zero_.default})
 
 
 def _uniform_ok(low: float = 0.0, high: float = 1.0, **kwargs: Any) -> bool:
@@ -675,23 +685,23 @@ def _normal_ok(mean: float = 0.0, std: float = 1.0, **kwargs: Any) -> bool:
     return type(mean) in (int, float) and type(std) in (int, float) and std >= 0.0
 
 
-_VIEWS = {
+_VIEWS = _ids({
     _aten.detach.default, _aten.view.default, _aten.t.default, _aten.transpose.int, _aten.unsqueeze.default,
     _aten.squeeze.dim, _aten.select.int, _aten.slice.Tensor, _aten.expand.default, _aten.permute.default,
     _aten.as_strided.default, _aten.alias.default, _aten.split.Tensor, _aten.split_with_sizes.default,
-}  # fmt: skip
+})  # fmt: skip
 # A meta tensor has no values: these factories make what `empty` makes with the same arguments.
-_FILLED = {_aten.zeros.default, _aten.ones.default}
+_FILLED = _ids({_aten.zeros.default, _aten.ones.default})
 # Factories from a tensor (`t.new_zeros(size)`: its dtype and device, no read of its values): the
 # factory that makes the same meta tensor, and how many arguments after `self` it takes (sizes).
-_TENSOR_FACTORIES = {
+_TENSOR_FACTORIES = _by_id({
     _aten.new_zeros.default: (_aten.empty.memory_format, 1), _aten.new_empty.default: (_aten.empty.memory_format, 1),
     _aten.new_ones.default: (_aten.empty.memory_format, 1), _aten.new_full.default: (_aten.empty.memory_format, 1),
     _aten.new_empty_strided.default: (_aten.empty_strided.default, 2),
-}  # fmt: skip
+})  # fmt: skip
 # The ops on fake tensors that `_fast_fake` runs (factories and lifts take none).
 _TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES.keys() | _IN_PLACE)
-_LIFTS = {_aten.lift_fresh.default, _aten.lift_fresh_copy.default}
+_LIFTS = _ids({_aten.lift_fresh.default, _aten.lift_fresh_copy.default})
 _CPU = torch.device("cpu")
 _META = torch.device("meta")
 
@@ -708,7 +718,7 @@ def _plain_options(kwargs: dict[str, Any], device: torch.device) -> bool:
 
 def _made_on_meta(mode: Any, factory: Any, args: Any, kwargs: Any, device: torch.device) -> Any:
     """A factory's tensor, made on the meta device: a fake tensor of `mode` on `device`."""
-    if factory in _FILLED:  # their meta kernels fill nothing, at twice `empty`'s cost
+    if id(factory) in _FILLED:  # their meta kernels fill nothing, at twice `empty`'s cost
         factory = _aten.empty.memory_format
     with tc.no_dispatch():  # no tensor argument: no fake tensor to unwrap
         meta = factory(*args, **{**kwargs, "device": _META})
@@ -724,18 +734,18 @@ def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
     times the cost (and its first miss imports sympy). Anything unusual (another device, a real
     tensor argument, a fake constant) returns `_SLOW`: the fake-tensor mode runs it.
     """
-    if func in _FACTORIES:
+    if id(func) in _FACTORIES:
         if not _plain_options(kwargs, _CPU) or any(isinstance(a, torch.Tensor) for a in args):
             return _SLOW
         return _made_on_meta(mode, func, args, kwargs, _CPU)
-    if func in _LIFTS:  # `torch.tensor(...)`: a real tensor becomes a recorded constant
+    if id(func) in _LIFTS:  # `torch.tensor(...)`: a real tensor becomes a recorded constant
         real = args[0]
         if tc.is_fake(real) or real.device != _CPU or real.layout != torch.strided:
             return _SLOW
         with tc.no_dispatch():
             meta = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_META)
         return tc.wrap_fake(mode, meta, _CPU)
-    if func in _TENSOR_OPS:
+    if id(func) in _TENSOR_OPS:
         return _fast_on_fakes(mode, func, args, kwargs)
     return _SLOW
 
@@ -749,7 +759,7 @@ def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
         ):
             return _SLOW
     self = args[0]
-    made = _TENSOR_FACTORIES.get(func)
+    made = _TENSOR_FACTORIES.get(id(func))
     if made is not None:  # as a plain factory: no meta kernel of the new_* op (a Python decomposition)
         device = tc.fake_device(self)
         if not _plain_options(kwargs, device):
@@ -757,7 +767,7 @@ def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
         factory, sizes = made
         dtype = kwargs.get("dtype") or self.dtype
         return _made_on_meta(mode, factory, args[1 : 1 + sizes], {**kwargs, "dtype": dtype}, device)
-    if func in _FILLS:  # they keep shape and dtype: nothing to check but their arguments
+    if id(func) in _FILLS:  # they keep shape and dtype: nothing to check but their arguments
         if func is _aten.uniform_.default and not _uniform_ok(*args[1:3], **kwargs):
             return _SLOW
         if func is _aten.normal_.default and not _normal_ok(*args[1:3], **kwargs):
@@ -765,7 +775,7 @@ def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
         return self
     with tc.fake_kernel(mode):
         out = func(*args, **kwargs)
-    if func in _IN_PLACE:
+    if id(func) in _IN_PLACE:
         return self
     device = tc.fake_device(self)
     if isinstance(out, torch.Tensor):
