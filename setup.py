@@ -31,13 +31,17 @@ setup(
             extra_compile_args=FAST,
         ),
         Extension(
-            "torchlazy._countercore", ["src/torchlazy/_csrc/counter.c"], optional=True, extra_compile_args=STRICT_FP
+            "torchlazy._countercore",
+            ["src/torchlazy/_csrc/counter.c"],
+            depends=["src/torchlazy/_csrc/prefault.h"],
+            optional=True,
+            extra_compile_args=STRICT_FP,
         ),
         # torch's kernels fuse some multiply-adds: draw.c writes each one out, so it needs contraction off too
         Extension(
             "torchlazy._drawcore",
             ["src/torchlazy/_csrc/draw.c"],
-            depends=["src/torchlazy/_csrc/mt19937.h"],
+            depends=["src/torchlazy/_csrc/mt19937.h", "src/torchlazy/_csrc/prefault.h"],
             optional=True,
             extra_compile_args=STRICT_FP,
         ),

@@ -20,13 +20,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__linux__)
-#include <sys/mman.h>
-#include <unistd.h>
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23 /* Linux 5.14; older kernels refuse it and nothing happens */
-#endif
-#endif
+#include "prefault.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__)) && defined(__linux__)
 #define TL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -911,25 +905,6 @@ static void fill_range(const tl_law *lw, tl_key key, int dtype, uint64_t start, 
     }
 }
 
-/* Map the pages of [p, p + n) for writing in one call instead of one page fault per page (a fresh
-   tensor's first touch: about 5% of a 162M-parameter exact=False materialize, 20% of a bare fill into
-   fresh memory).  The values are not touched: it changes no bit, only when the kernel does its work.
-   Outside Linux, or on a kernel without MADV_POPULATE_WRITE, it does nothing and the writes fault as
-   usual.  (Measured no gain before torch's own kernels in exact replay: two threads populating at once
-   do not scale as faults do; the counter fill gains because its arithmetic is cheap.) */
-#define PREFAULT_MIN (1u << 20)
-static void prefault(char *p, size_t n) {
-#if defined(__linux__)
-    static uintptr_t page = 0;
-    if (n < PREFAULT_MIN) return;
-    if (page == 0) page = (uintptr_t)sysconf(_SC_PAGESIZE);
-    uintptr_t a = ((uintptr_t)p + page - 1) & ~(page - 1), e = ((uintptr_t)p + n) & ~(page - 1);
-    if (e > a) (void)madvise((void *)a, e - a, MADV_POPULATE_WRITE);
-#else
-    (void)p;
-    (void)n;
-#endif
-}
 
 static PyObject *py_fill(PyObject *self, PyObject *args) {
     unsigned long long addr, start, count, key0, key1, irange;

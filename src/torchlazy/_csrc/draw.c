@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "mt19937.h"
+#include "prefault.h"
 
 #define STATE_BYTES 5056
 #define BLOCK_AT 24
@@ -255,6 +256,7 @@ static PyObject *draw(PyObject *args, int normal) {
     }
     float *data = (float *)(uintptr_t)addr;
     Py_BEGIN_ALLOW_THREADS
+    prefault((char *)data, (size_t)n * sizeof(float));
     if (normal)
         draw_normals(&g, data, n, a, b);
     else
