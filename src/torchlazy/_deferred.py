@@ -282,7 +282,12 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     def record_fast(self, func: Any, args: Any, kwargs: Any) -> Any:
         """Run and record `func` where `_fast_fake` can run it; `_SLOW` where the fake-tensor mode must."""
         out = _fast_fake(_local.fake_mode, func, args, kwargs)
-        if out is not _SLOW:
+        if out is _SLOW:
+            return out
+        op = id(func)
+        if op in _FACTORIES:  # `_fast_fake` made it from sizes and options alone
+            self._log_new(func, args, kwargs, out)
+        elif op not in _FILLS or not self._log_fill(func, args, kwargs):
             self._log(func, args, kwargs, out)
         return out
 
@@ -306,6 +311,34 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                 "model first, or construct both models in one `tl.deferred()` block."
             )
         return TRef.of(owner[1], t)
+
+    # The two shapes nearly all construction ops have, recorded without `_log`'s general analysis.
+
+    def _log_new(self, func: Any, args: Any, kwargs: Any, out: torch.Tensor) -> None:
+        """A factory's new tensor (`empty`, `zeros`, ... from sizes): one new storage, nothing read."""
+        leaves, spec = _flatten(args, kwargs)
+        storage = out.untyped_storage()
+        sid = self.record.new_storage(storage, storage.nbytes(), out.device)
+        setattr(storage, _markers.RECORD, (self.record, sid))
+        self.record.add(Node(self.reserve(), func, spec, leaves, [(0, sid)], (), ()))
+
+    def _log_fill(self, func: Any, args: Any, kwargs: Any) -> bool:
+        """A fill or draw in place over one recorded tensor (`zero_`, `fill_`, `uniform_`, `normal_`);
+        False where `_log` must look closer (another record's tensor: its error)."""
+        target = args[0]
+        owner = storage_of(target)
+        flat, spec = _flatten(args, kwargs)
+        if owner is None or owner[0] is not self.record or flat[0] is not target:
+            return False
+        sid = owner[1]
+        ref = TRef.of(sid, target)
+        whole = (
+            ref.offset == 0
+            and target.is_contiguous()
+            and target.numel() * ref.dtype.itemsize == self.record.storages[sid].nbytes
+        )
+        self._append(func, args, kwargs, spec, [ref, *flat[1:]], [], [sid], [sid], sid if whole else None)
+        return True
 
     def _log(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         if id(func) in _VIEWS and self._owned(args[0]) is not None:
@@ -342,7 +375,23 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                     outputs.append((index, sid))
         if not outputs and not writes:
             return
-        random = info.random
+        self._append(func, args, kwargs, spec, leaves, outputs, reads, writes)
+
+    def _append(
+        self,
+        func: Any,
+        args: Any,
+        kwargs: Any,
+        spec: Any,
+        leaves: list[Any],
+        outputs: list[tuple[int, int]],
+        reads: list[int],
+        writes: list[int],
+        overwrites: int | None = -1,
+    ) -> None:
+        """Add the node of an op that makes or writes storages: its generator stream, a full overwrite
+        (`overwrites`: the storage the op rewrites whole without reading it, None, or -1: find out)."""
+        random = _op_info(func).random
         if random or (self.law_call is not None and self.law_call[1].sid in writes):
             self._follow_law(random)
         stream = None
@@ -352,7 +401,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             stream = self.record.stream_for(_generator_arg(func, args, kwargs))
             if top:
                 self._sync(stream)
-        overwrites = self._full_overwrite(func, leaves, writes)
+        if overwrites == -1:
+            overwrites = self._full_overwrite(func, leaves, writes)
         if overwrites is not None:
             reads = [r for r in reads if r != overwrites]
         node = Node(self.reserve(), func, spec, leaves, outputs, tuple(reads), tuple(writes), stream, overwrites)

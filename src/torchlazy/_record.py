@@ -435,7 +435,10 @@ class Record:
         self.nodes.append(node)
         for sid in {*node.writes, *(sid for _, sid in node.outputs)}:
             writers = self.storages[sid].writers
-            bisect.insort(writers, node, key=lambda n: n.key)
+            if not writers or writers[-1].key < node.key:
+                writers.append(node)  # construction order: the usual case
+            else:
+                bisect.insort(writers, node, key=lambda n: n.key)
         if node.stream is not None:
             node.stream.add(node)
 
