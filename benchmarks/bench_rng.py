@@ -8,9 +8,10 @@ time is extrapolated from the 10^7 rate, marked ~), ``torchlazy._rng.jump`` in t
 Python, first call (the jump polynomial x^D mod phi computed) and cached (only the Horner step), and the ratio
 torch / cached C jump.
 
-Then exact draws as materialization makes them (float32, 2^25 elements on touched memory, 1 thread): torch's
-``normal_``/``uniform_`` against ``torchlazy._drawkernels.run_draw`` (the compiled kernel where this process's
-calibration proved it gives torch's bits; torch's kernel otherwise), with the bits compared.
+Then exact draws as materialization makes them (float32, 2^25 elements into fresh memory, as a materialized
+tensor is, 1 thread): torch's ``normal_``/``uniform_`` against ``torchlazy._drawkernels.run_draw`` (the compiled
+kernel where this process's calibration proved it gives torch's bits; torch's kernel otherwise), with the bits
+compared.
 """
 
 from __future__ import annotations
@@ -83,22 +84,28 @@ def main() -> None:
 
 def draws(state: torch.Tensor) -> None:
     n = 1 << 25
-    print(f"\nexact float32 draws, {n} elements, 1 thread (compiled kernels: {_drawkernels.compiled('normal_')})")
+    print(
+        f"\nexact float32 draws, {n} elements into fresh memory, 1 thread (compiled: {_drawkernels.compiled('normal_')})"
+    )
     print(f"{'op':>9} {'torch':>12} {'torchlazy':>12} {'speed-up':>9}  same bits")
     for op, law in (("normal_", (0.0, 0.02)), ("uniform_", (-0.05, 0.05))):
-        eager, mine = torch.zeros(n), torch.zeros(n)
-        t_torch, t_mine = draw_seconds(op, law, state, eager, mine)
-        same = torch.equal(eager, mine)
+        t_torch, t_mine, same = draw_seconds(op, law, state, n)
         print(f"{op:>9} {n / t_torch / 1e6:>7.0f} M/s {n / t_mine / 1e6:>7.0f} M/s {t_torch / t_mine:>8.1f}x  {same}")
 
 
-def draw_seconds(
-    op: str, law: tuple[float, float], state: torch.Tensor, eager: torch.Tensor, mine: torch.Tensor
-) -> tuple[float, float]:
+def draw_seconds(op: str, law: tuple[float, float], state: torch.Tensor, n: int) -> tuple[float, float, bool]:
     func = getattr(torch.ops.aten, op).default
-    t_torch = best(lambda: getattr(eager, op)(*law, generator=_rng.generator_at(state)))
-    t_mine = best(lambda: _drawkernels.run_draw(func, (mine, *law), {}, state))
-    return t_torch, t_mine
+    made: dict[str, torch.Tensor] = {}
+
+    def eager() -> None:
+        made["eager"] = getattr(torch.empty(n), op)(*law, generator=_rng.generator_at(state))
+
+    def mine() -> None:
+        made["mine"] = torch.empty(n)
+        _drawkernels.run_draw(func, (made["mine"], *law), {}, state)
+
+    t_torch, t_mine = best(eager), best(mine)
+    return t_torch, t_mine, torch.equal(made["eager"], made["mine"])
 
 
 if __name__ == "__main__":
