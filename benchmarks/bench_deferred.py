@@ -32,15 +32,6 @@ def _groups(n: int = 1000) -> None:
         torch.zeros(16)
 
 
-def _median(fn) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(RUNS):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _meta() -> None:
     with torch.device("meta"), _Nothing():
         _groups()
@@ -120,7 +111,7 @@ def _interleaved(a, b) -> tuple[float, float]:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     _meta(), _deferred()
-    meta, deferred = _median(_meta), _median(_deferred)
+    meta, deferred = _interleaved(_meta, _deferred)  # alternately: a slow spell hits both alike
     cold, cold_summary = (
         statistics.median(
             float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
