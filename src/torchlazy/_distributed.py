@@ -217,8 +217,7 @@ def _local_exact(record: Record, shard: Shard) -> torch.Tensor | None:
         d = draws[id(node)]
         assert d is not None and node.stream is not None and node.func is not None
         offset = _rng.word_offset(d.op, ref.dtype, numel, start, **d.params) or 0
-        state = node.stream.state_before(node)
-        run_draw(node.func, args, kwargs, _rng.jump(state, offset) if offset else state)
+        run_draw(node.func, args, kwargs, node.stream.state_into(node, offset))
 
     _run_on_rows(nodes, values, draw)
     local_shape = tuple(s.stop - s.start for s in shard.slices)

@@ -205,6 +205,17 @@ class Stream:
         self.before[node.key] = state
         return state
 
+    def state_into(self, node: Node, words: int) -> torch.Tensor:
+        """The state `words` into `node`'s draws (where a piece of its result starts): one jump from the
+        nearest known state, not one to the node and another into it."""
+        known = self.before.get(node.key)
+        index = bisect.bisect_left(self.keys, node.key)
+        if not words or known is not None or index >= self.cursor:
+            state = self.state_before(node)
+            return _rng.jump(state, words) if words else state
+        self.committed = max(self.committed, index + 1)  # as `state_before`: its values are made for real
+        return self._behind(index, words)
+
     def ran(self, node: Node, after: torch.Tensor | None = None) -> None:
         """`node` just ran from `state_before(node)`, leaving the state `after` (default: the
         generator's): move the cursor past it."""
@@ -259,9 +270,10 @@ class Stream:
         index = bisect.bisect_left(self.keys, key)
         return self._advance(index + 1) if index >= self.cursor else self._behind(index + 1)
 
-    def _behind(self, index: int) -> torch.Tensor:
-        """The state before random node `index`, already passed: from the nearest known state before it."""
-        pending = 0
+    def _behind(self, index: int, extra: int = 0) -> torch.Tensor:
+        """The state before random node `index`, already passed (and `extra` words on): from the nearest
+        known state before it."""
+        pending = extra
         j = index
         state: torch.Tensor | None
         while True:
