@@ -67,7 +67,9 @@ def _compare(op: str, core: ModuleType) -> bool:
     # uniform: a law so narrow that values round up to `to` (torch maps those to `from`)
     laws = ((0.0, 1.0), (-0.1, 0.1), (1.0, 1.0000001)) if op == "uniform_" else ((0.0, 1.0), (0.25, 0.02), (-1.0, 3.0))
     g = torch.Generator().manual_seed(20261130)
-    for n, (a, b) in zip((max(smallest, 1), 4096, 4096 + 7, 5 * 624 + 29), (*laws, laws[0])):
+    # one size above torch's parallel grain (32768): a torch whose large draws ran another path would fail here
+    sizes = (max(smallest, 1), 4096, 4096 + 7, 5 * 624 + 29, (1 << 18) + 7)
+    for n, (a, b) in zip(sizes, (*laws, *laws[:2])):
         torch.empty(n % 97, dtype=torch.float32).uniform_(generator=g)  # start mid-block, at varied places
         before = g.get_state()
         eager = getattr(torch.empty(n, dtype=torch.float32), op)(a, b, generator=g)
