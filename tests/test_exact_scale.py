@@ -85,6 +85,25 @@ def test_materialize_never_moves_the_generator() -> None:
     assert torch.equal(before, torch.get_rng_state())
 
 
+@pytest.mark.parametrize("no_ext", ["0", "1"])  # compiled draw kernels, and torch's
+def test_materialize_never_moves_an_explicit_generator(monkeypatch: pytest.MonkeyPatch, no_ext: str) -> None:
+    monkeypatch.setenv("TORCHLAZY_NO_EXT", no_ext)
+    gen = torch.Generator().manual_seed(5)
+    with tl.deferred():
+        model = nn.Linear(64, 64)
+        nn.init.normal_(model.weight, std=0.02, generator=gen)
+        nn.init.uniform_(model.bias, -0.1, 0.1, generator=gen)
+    after_block = gen.get_state()
+    tl.materialize(model)
+    assert torch.equal(gen.get_state(), after_block)
+    gen_eager = torch.Generator().manual_seed(5)
+    eager = nn.Linear(64, 64)
+    nn.init.normal_(eager.weight, std=0.02, generator=gen_eager)
+    nn.init.uniform_(eager.bias, -0.1, 0.1, generator=gen_eager)
+    assert torch.equal(after_block, gen_eager.get_state())
+    assert torch.equal(model.weight, eager.weight) and torch.equal(model.bias, eager.bias)
+
+
 def test_two_blocks_in_a_row_are_two_eager_constructions() -> None:
     torch.manual_seed(1)
     with tl.deferred():
