@@ -285,6 +285,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if out is _SLOW:
             return out
         op = id(func)
+        if op in _DEVICE:  # a question, not an op: nothing to record
+            return out
         if op in _FACTORIES:  # `_fast_fake` made it from sizes and options alone
             self._log_new(func, args, kwargs, out)
         elif op not in _FILLS or not self._log_fill(func, args, kwargs):
@@ -749,8 +751,11 @@ _TENSOR_FACTORIES = _by_id({
     _aten.new_ones.default: (_aten.empty.memory_format, 1), _aten.new_full.default: (_aten.empty.memory_format, 1),
     _aten.new_empty_strided.default: (_aten.empty_strided.default, 2),
 })  # fmt: skip
+# C++ asks a fake tensor its device through dispatch (`prim.device`, the fake device is a Python
+# attribute): once for every view and new parameter, through the whole fake mode unless answered here.
+_DEVICE = _ids({torch.ops.prim.device.default})
 # The ops on fake tensors that `_fast_fake` runs (factories and lifts take none).
-_TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES.keys() | _IN_PLACE)
+_TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES.keys() | _IN_PLACE | _DEVICE)
 _LIFTS = _ids({_aten.lift_fresh.default, _aten.lift_fresh_copy.default})
 _CPU = torch.device("cpu")
 _META = torch.device("meta")
@@ -809,6 +814,8 @@ def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
         ):
             return _SLOW
     self = args[0]
+    if id(func) in _DEVICE:
+        return tc.fake_device(self)
     made = _TENSOR_FACTORIES.get(id(func))
     if made is not None:  # as a plain factory: no meta kernel of the new_* op (a Python decomposition)
         device = tc.fake_device(self)
