@@ -104,6 +104,24 @@ def test_materialize_never_moves_an_explicit_generator(monkeypatch: pytest.Monke
     assert torch.equal(model.weight, eager.weight) and torch.equal(model.bias, eager.bias)
 
 
+def test_materialize_inside_a_block_is_real_and_the_block_records_on() -> None:
+    torch.manual_seed(0)
+    with tl.deferred():
+        a = _mlp()
+    with tl.deferred():
+        b = _hf_style()
+        tl.materialize(a)  # real ops, none recorded into this block; its generator untouched
+        assert not any(tl.is_deferred(p) for p in a.parameters())
+        c = _mlp()
+    tl.materialize(b)
+    tl.materialize(c)
+    torch.manual_seed(0)
+    ea, eb, ec = _mlp(), _hf_style(), _mlp()
+    _same(a, ea)
+    _same(b, eb)
+    _same(c, ec)
+
+
 def test_two_blocks_in_a_row_are_two_eager_constructions() -> None:
     torch.manual_seed(1)
     with tl.deferred():

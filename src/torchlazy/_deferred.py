@@ -915,6 +915,21 @@ def recording(record: Record, prefix: Key = (), concretize: bool = False) -> Ite
 
 
 @contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """The body runs outside this thread's recording, if any (`tl.materialize` inside a `tl.deferred()`
+    block): its ops are real, none is recorded; the block records on afterwards."""
+    if not _local.recorders:
+        yield
+        return
+    saved, _local.recorders = _local.recorders, []
+    try:
+        with tc.disable_current_modes():
+            yield
+    finally:
+        _local.recorders = saved
+
+
+@contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
     """No automatic cyclic garbage collection inside: recording and replay make many small objects
     that live on (nodes, fake tensors), and each collection would rescan the whole heap (torch's

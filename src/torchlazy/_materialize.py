@@ -142,7 +142,7 @@ def materialize(
         )
     _paths.remember_paths(module)
     placement = Placement.of(device, dtype, "tl.materialize")
-    with _lazy.transaction(), _deferred.gc_paused():
+    with _deferred.suspended(), _lazy.transaction(), _deferred.gc_paused():
         ckpt = None
         if checkpoint is not None:
             ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
