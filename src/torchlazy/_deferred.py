@@ -16,6 +16,7 @@ import copyreg
 import functools
 import gc
 import hashlib
+import math
 import threading
 import weakref
 from collections.abc import Iterator
@@ -334,11 +335,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return False
         sid = owner[1]
         ref = TRef.of(sid, target)
-        whole = (
-            ref.offset == 0
-            and target.is_contiguous()
-            and target.numel() * ref.dtype.itemsize == self.record.storages[sid].nbytes
-        )
+        whole = _covers(ref, self.record.storages[sid].nbytes)
         self._append(func, args, kwargs, spec, [ref, *flat[1:]], [], [sid], [sid], sid if whole else None)
         return True
 
@@ -377,7 +374,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                     outputs.append((index, sid))
         if not outputs and not writes:
             return
-        self._append(func, args, kwargs, spec, leaves, outputs, reads, writes)
+        overwrites = self._full_overwrite(func, leaves, writes)
+        self._append(func, args, kwargs, spec, leaves, outputs, reads, writes, overwrites)
 
     def _append(
         self,
@@ -389,10 +387,10 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         outputs: list[tuple[int, int]],
         reads: list[int],
         writes: list[int],
-        overwrites: int | None = -1,
+        overwrites: int | None,
     ) -> None:
-        """Add the node of an op that makes or writes storages: its generator stream, a full overwrite
-        (`overwrites`: the storage the op rewrites whole without reading it, None, or -1: find out)."""
+        """Add the node of an op that makes or writes storages (`overwrites`: the storage it rewrites
+        whole without reading it, or None), with its generator stream."""
         random = _op_info(func).random
         if random or (self.law_call is not None and self.law_call[1].sid in writes):
             self._follow_law(random)
@@ -403,8 +401,6 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             stream = self.record.stream_for(_generator_arg(func, args, kwargs))
             if top:
                 self._sync(stream)
-        if overwrites == -1:
-            overwrites = self._full_overwrite(func, leaves, writes)
         if overwrites is not None:
             reads = [r for r in reads if r != overwrites]
         node = Node(self.reserve(), func, spec, leaves, outputs, tuple(reads), tuple(writes), stream, overwrites)
@@ -491,15 +487,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         target = refs[0]  # `self` comes first in every such op
         if target.sid != sid or any(r.sid == sid for r in refs[1:]):
             return None
-        info = self.record.storages[sid]
-        numel = 1
-        for n in target.size:
-            numel *= n
-        contiguous = list(target.stride) == contiguous_strides(target.size)
-        itemsize = target.dtype.itemsize
-        if target.offset == 0 and contiguous and numel * itemsize == info.nbytes:
-            return sid
-        return None
+        return sid if _covers(target, self.record.storages[sid].nbytes) else None
 
     def _cheap_and_certain(self, args: Any, kwargs: Any) -> bool:
         """Values that depend on no random draw and little data (drop-path rates from a
@@ -613,6 +601,13 @@ def _seed_token(stream: Stream, state: torch.Tensor, digest: bytes) -> Key | Non
     fresh = torch.Generator(device=stream.generator.device)
     fresh.manual_seed(seed)
     return key if _digest(fresh.get_state()) == digest else None
+
+
+def _covers(ref: TRef, nbytes: int) -> bool:
+    """Whether `ref` lays its elements over every byte of a storage of `nbytes`, in order from its start."""
+    if ref.offset != 0 or math.prod(ref.size) * ref.dtype.itemsize != nbytes:
+        return False
+    return list(ref.stride) == contiguous_strides(ref.size)
 
 
 def _generator_arg(func: Any, args: Any, kwargs: Any) -> torch.Generator | None:
