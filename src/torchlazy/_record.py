@@ -208,13 +208,13 @@ class Stream:
     def state_into(self, node: Node, words: int) -> torch.Tensor:
         """The state `words` into `node`'s draws (where a piece of its result starts): one jump from the
         nearest known state, not one to the node and another into it."""
-        known = self.before.get(node.key)
-        index = bisect.bisect_left(self.keys, node.key)
-        if not words or known is not None or index >= self.cursor:
-            state = self.state_before(node)
-            return _rng.jump(state, words) if words else state
-        self.committed = max(self.committed, index + 1)  # as `state_before`: its values are made for real
-        return self._behind(index, words)
+        if words and node.key not in self.before:
+            index = bisect.bisect_left(self.keys, node.key)
+            if index < self.cursor:  # passed: fold the words into the jump from behind
+                self.committed = max(self.committed, index + 1)  # as `state_before`: its values are made for real
+                return self._behind(index, words)
+        state = self.state_before(node)
+        return _rng.jump(state, words) if words else state
 
     def ran(self, node: Node, after: torch.Tensor | None = None) -> None:
         """`node` just ran from `state_before(node)`, leaving the state `after` (default: the
@@ -638,10 +638,7 @@ class Record:
                 self._draw_in_pieces(node, draw, stream.state_before(node), env, workers, pending)
                 return  # the stream's cursor stays before it: moving past it adds its word count
             if draw is not None and device.type == "cpu":
-                _wait(pending or {}, (*node.reads, *node.writes))
-                self._ensure_target(node, env, device)
-                assert node.spec is not None
-                args, kwargs = unflatten([_real(leaf, env, device) for leaf in node.leaves], node.spec)
+                args, kwargs = self._real_arguments(node, env, device, pending)
                 stream.ran(node, run_draw(node.func, args, kwargs, stream.state_before(node)))
                 return
             gen = stream.generator
@@ -668,11 +665,7 @@ class Record:
     ) -> None:
         """Run a modelled draw on worker threads, each piece on its own generator placed by a jump:
         the bits eager's single serial kernel gives, whatever the number of pieces."""
-        _wait(pending, (*node.reads, *node.writes))
-        cpu = torch.device("cpu")
-        self._ensure_target(node, env, cpu)
-        assert node.spec is not None and node.func is not None
-        args, kwargs = unflatten([_real(leaf, env, cpu) for leaf in node.leaves], node.spec)
+        args, kwargs = self._real_arguments(node, env, torch.device("cpu"), pending)
         flat = args[0].view(-1)
         parts = workers if draw.numel >= SPLIT_MIN else 1  # smaller draws: parallel across nodes, no extra jump
         futures = [
@@ -698,10 +691,7 @@ class Record:
         """Non-exact values of a random node: element i of its result is a function of the record's
         seed, the node's place and i alone (a counter-based stream), whatever the layout. Large CPU
         fills run on the worker threads (`pending` holds them until a later node needs the storage)."""
-        _wait(pending or {}, (*node.reads, *node.writes))
-        self._ensure_target(node, env, device)
-        assert node.spec is not None
-        args, _ = unflatten([_real(leaf, env, device) for leaf in node.leaves], node.spec)
+        args, _ = self._real_arguments(node, env, device, pending)
         target: torch.Tensor = args[0]
         key = counter_key(self, node)
         if device.type == "cpu" and target.is_contiguous() and pending is not None and target.numel() >= PARALLEL_MIN:
@@ -718,6 +708,19 @@ class Record:
         _counter.fill(values.view(-1) if values.dim() else values.view(1), law[0], law[1], key)
         if values is not target:
             target.copy_(values)
+
+    def _real_arguments(
+        self,
+        node: Node,
+        env: dict[int, torch.UntypedStorage],
+        device: torch.device,
+        pending: dict[int, list[Future[None]]] | None,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """`node`'s arguments on real storages, once the workers writing them are done."""
+        _wait(pending or {}, (*node.reads, *node.writes))
+        self._ensure_target(node, env, device)
+        assert node.spec is not None
+        return unflatten([_real(leaf, env, device) for leaf in node.leaves], node.spec)  # type: ignore[no-any-return]
 
     def _ensure_target(self, node: Node, env: dict[int, torch.UntypedStorage], device: torch.device) -> None:
         if node.overwrites is not None and node.overwrites not in env:  # its earlier writes were dead
