@@ -45,6 +45,7 @@ _KERNELS: dict[str, tuple[str, tuple[str, str], tuple[float, float], int]] = {
     "uniform_": ("uniform_f32", ("from", "to"), (0.0, 1.0), 0),
 }
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _PROVEN: dict[str, bool] = {}  # op -> the compiled kernel matched torch's in this process
 
 
@@ -105,7 +106,8 @@ def run_draw(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], state: to
         and target.numel() >= spec[3]
         and compiled(op)
     ):
-        a, b = _parameters(func, args, kwargs, spec[1], spec[2])
+        given = tc.arguments_by_name(func, args, kwargs)
+        a, b = (float(given.get(name, default)) for name, default in zip(spec[1], spec[2]))
         if _valid(op, a, b):
             assert _ext is not None
             after = getattr(_ext, spec[0])(_rng.state_bytes(state), target.data_ptr(), target.numel(), a, b)
@@ -116,18 +118,10 @@ def run_draw(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], state: to
     return generator.get_state()
 
 
-def _parameters(
-    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, str], defaults: tuple[float, float]
-) -> tuple[float, float]:
-    given = dict(zip((a.name for a in tc.op_schema(func).arguments), args)) | kwargs
-    first, second = (given.get(n, d) for n, d in zip(names, defaults))
-    return float(first), float(second)
-
-
 def _valid(op: str, a: float, b: float) -> bool:
     """Laws torch's kernel accepts and the compiled one computes the same way; anything else goes to
     torch (which raises its own error where the law is invalid)."""
-    limit = float(torch.finfo(torch.float32).max)
+    limit = _FLOAT32_MAX
     if not (math.isfinite(a) and math.isfinite(b) and abs(a) <= limit and abs(b) <= limit):
         return False
     return b >= 0.0 if op == "normal_" else a <= b and b - a < limit / 2

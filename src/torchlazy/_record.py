@@ -346,7 +346,7 @@ def named_arguments(node: Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """A recorded op's positional arguments, and every argument by its schema name."""
     assert node.spec is not None and node.func is not None
     args, kwargs = unflatten(node.leaves, node.spec)
-    return args, {a.name: v for a, v in zip(tc.op_schema(node.func).arguments, args)} | kwargs
+    return args, tc.arguments_by_name(node.func, args, kwargs)
 
 
 def draw_of(node: Node) -> Draw | None:

@@ -134,6 +134,11 @@ def op_schema(func: Any) -> Any:
     return func._schema
 
 
+def arguments_by_name(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every argument given to the operator overload `func`, by its schema name."""
+    return {a.name: v for a, v in zip(op_schema(func).arguments, args)} | kwargs
+
+
 def local_scalar_op() -> Any:
     """The operator behind `.item()`/`.tolist()`."""
     return torch.ops.aten._local_scalar_dense.default
