@@ -329,12 +329,11 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         """A fill or draw in place over one recorded tensor (`zero_`, `fill_`, `uniform_`, `normal_`);
         False where `_log` must look closer (another record's tensor: its error)."""
         target = args[0]
-        owner = storage_of(target)
+        ref = self._ref_or_none(target)
         flat, spec = _flatten(args, kwargs)
-        if owner is None or owner[0] is not self.record or flat[0] is not target:
+        if ref is None or flat[0] is not target:
             return False
-        sid = owner[1]
-        ref = TRef.of(sid, target)
+        sid = ref.sid
         whole = _covers(ref, self.record.storages[sid].nbytes)
         self._append(func, args, kwargs, spec, [ref, *flat[1:]], [], [sid], [sid], sid if whole else None)
         return True
