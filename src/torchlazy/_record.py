@@ -138,6 +138,9 @@ class Stream:
         self.nodes: dict[Key, Node] = {}
         self.before: dict[Key, torch.Tensor] = {}
         self.after: dict[Key, torch.Tensor] = {}  # after unmodelled nodes (those the model cannot jump)
+        # a state some words into a passed node's draws (where a shard's slice started), so that the next
+        # slice jumps from there: the same distance for every layer (a cached jump), not an ever longer one
+        self.inside: dict[Key, tuple[int, torch.Tensor]] = {}
         self.committed = 0  # random nodes before this index gave real values: none may come before them
         self.cursor = 0
         self.cursor_state: torch.Tensor | None = entry
@@ -170,6 +173,7 @@ class Stream:
         for k in self.keys[first:]:
             self.before.pop(k, None)
             self.after.pop(k, None)
+            self.inside.pop(k, None)
         if self.cursor > first:  # back to the last place before `first` whose state is known
             restart = next((i for i in range(first - 1, -1, -1) if self.keys[i] in self.before), None)
             self.cursor = 0 if restart is None else restart
@@ -212,7 +216,9 @@ class Stream:
             index = bisect.bisect_left(self.keys, node.key)
             if index < self.cursor:  # passed: fold the words into the jump from behind
                 self.committed = max(self.committed, index + 1)  # as `state_before`: its values are made for real
-                return self._behind(index, words)
+                state = self._behind(index, words)
+                self.inside[node.key] = (words, state)
+                return state
         state = self.state_before(node)
         return _rng.jump(state, words) if words else state
 
@@ -287,6 +293,11 @@ class Stream:
             words = None if previous in self.reseeds else draw_words(self.nodes[previous])
             if words is None:  # a reseed, or an unmodelled node that ran: its state after is known
                 state = self.after.get(previous)
+                break
+            inside = self.inside.get(previous)
+            if inside is not None:  # a slice of it started there: jump on from that state
+                state = inside[1]
+                pending += words - inside[0]
                 break
             pending += words
             j -= 1
