@@ -824,8 +824,7 @@ def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
         if func is _aten.normal_.default and not _normal_ok(*args[1:3], **kwargs):
             return _SLOW
         return self
-    with tc.fake_kernel(mode):
-        out = func(*args, **kwargs)
+    out = tc.run_fake_kernel(mode, func, args, kwargs)
     if id(func) in _IN_PLACE:
         return self
     device = tc.fake_device(self)

@@ -33,7 +33,6 @@ __all__ = [
     "dtensor_local",
     "dtensor_type",
     "fake_device",
-    "fake_kernel",
     "fake_mode_active",
     "fake_mode_of",
     "fake_tensor_mode",
@@ -54,6 +53,7 @@ __all__ = [
     "op_schema",
     "tensor_version",
     "refresh_rnn_weights",
+    "run_fake_kernel",
     "drop_rnn_weights",
     "set_tensor_hooks",
     "tensor_hooks",
@@ -184,14 +184,26 @@ def fake_device(t: Any) -> torch.device:
     return t.fake_device  # type: ignore[no-any-return]
 
 
-def fake_kernel(mode: Any) -> Any:
-    """A context in which fake tensors of `mode` are plain meta tensors (to run meta kernels on them)."""
-    return _lookup("torch._subclasses.fake_tensor", "in_kernel_invocation_manager")(mode)
+def run_fake_kernel(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
+    """`func` run with the fake tensors of `mode` seen as plain meta tensors (their meta kernel).
+
+    What the fake mode's `in_kernel_invocation_manager` sets up (no Python dispatch, meta in the
+    dispatch keys, the mode told it runs a kernel), as two C guards instead of a generator-based
+    context manager: a fifth of the cost of a view made in a block.
+    """
+    previous = mode.in_kernel_invocation
+    with torch._C._DisableTorchDispatch(), torch._C._PreserveDispatchKeyGuard():
+        mode.in_kernel_invocation = True
+        torch._C._set_meta_in_tls_dispatch_include(True)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            mode.in_kernel_invocation = previous
 
 
 def no_dispatch() -> Any:
     """A context in which no dispatch mode runs: a factory asked for `device="meta"` makes a plain
-    meta tensor (what `fake_kernel` gives, without its Python context manager)."""
+    meta tensor (what `run_fake_kernel` gives, without its Python context manager)."""
     return torch._C._DisableTorchDispatch()
 
 
