@@ -88,6 +88,8 @@ def _open_record_mode() -> type:
             return False
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func is _PRIM_DEVICE and tc.is_fake(args[0]):
+                return _device_of(args[0])
             kwargs = kwargs or {}
             tail = None
             if not (_local.recorders or _local.quiet or _local.after_block):
@@ -130,6 +132,8 @@ def _install_dispatch_shortcut() -> None:
     original = tc.fake_tensor_type().__torch_dispatch__  # type: ignore[attr-defined]
 
     def dispatch(cls: type, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is _PRIM_DEVICE:
+            return _device_of(args[0])
         kwargs = kwargs or {}
         if id(func) in _TENSOR_OPS:
             out = _shortcut(func, types, args, kwargs)
@@ -263,6 +267,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         return key
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is _PRIM_DEVICE and tc.is_fake(args[0]):
+            return _device_of(args[0])
         kwargs = kwargs or {}
         out = self.record_fast(func, args, kwargs)
         if out is not _SLOW:
@@ -286,8 +292,6 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if out is _SLOW:
             return out
         op = id(func)
-        if op in _DEVICE:  # a question, not an op: nothing to record
-            return out
         if op in _FACTORIES:  # `_fast_fake` made it from sizes and options alone
             self._log_new(func, args, kwargs, out)
         elif op not in _FILLS or not self._log_fill(func, args, kwargs):
@@ -745,14 +749,22 @@ _TENSOR_FACTORIES = _by_id({
     _aten.new_ones.default: (_aten.empty.memory_format, 1), _aten.new_full.default: (_aten.empty.memory_format, 1),
     _aten.new_empty_strided.default: (_aten.empty_strided.default, 2),
 })  # fmt: skip
-# C++ asks a fake tensor its device through dispatch (`prim.device`, the fake device is a Python
-# attribute): once for every view and new parameter, through the whole fake mode unless answered here.
-_DEVICE = _ids({torch.ops.prim.device.default})
 # The ops on fake tensors that `_fast_fake` runs (factories and lifts take none).
-_TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES.keys() | _IN_PLACE | _DEVICE)
+_TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES.keys() | _IN_PLACE)
 _LIFTS = _ids({_aten.lift_fresh.default, _aten.lift_fresh_copy.default})
 _CPU = torch.device("cpu")
 _META = torch.device("meta")
+
+
+# C++ asks a fake tensor its device through dispatch (`prim.device`: the fake device is a Python
+# attribute), once for every view and new parameter: 1,223 times in `fully_shard` of a 162M Llama.
+# Each dispatch entry of torchlazy answers it first, as the fake tensor's own dispatch would.
+_PRIM_DEVICE = torch.ops.prim.device.default
+
+
+def _device_of(t: Any) -> torch.device:
+    """`prim.device` of a fake tensor: meta while a meta kernel runs on it, else the device it reports."""
+    return _META if tc.fake_mode_of(t).in_kernel_invocation else tc.fake_device(t)
 
 
 def _plain_options(kwargs: dict[str, Any], device: torch.device) -> bool:
@@ -808,8 +820,6 @@ def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
         ):
             return _SLOW
     self = args[0]
-    if id(func) in _DEVICE:
-        return tc.fake_device(self)
     made = _TENSOR_FACTORIES.get(id(func))
     if made is not None:  # as a plain factory: no meta kernel of the new_* op (a Python decomposition)
         device = tc.fake_device(self)
