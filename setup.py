@@ -26,14 +26,14 @@ setup(
         Extension(
             "torchlazy._mtcore",
             ["src/torchlazy/_csrc/mt19937.c"],
-            depends=["src/torchlazy/_csrc/mt19937.h"],
+            depends=["src/torchlazy/_csrc/isa.h", "src/torchlazy/_csrc/mt19937.h"],
             optional=True,
             extra_compile_args=FAST,
         ),
         Extension(
             "torchlazy._countercore",
             ["src/torchlazy/_csrc/counter.c"],
-            depends=["src/torchlazy/_csrc/prefault.h"],
+            depends=["src/torchlazy/_csrc/isa.h", "src/torchlazy/_csrc/prefault.h"],
             optional=True,
             extra_compile_args=STRICT_FP,
         ),

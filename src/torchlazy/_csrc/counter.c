@@ -20,13 +20,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include "isa.h"
 #include "prefault.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__)) && defined(__linux__)
-#define TL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TL_CLONES
-#endif
 #if defined(__GNUC__)
 #define TL_INLINE static inline __attribute__((always_inline))
 #define TL_PREFETCH_W(p) __builtin_prefetch((p), 1, 3)
