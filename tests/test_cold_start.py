@@ -42,6 +42,33 @@ def test_first_deferred_block_imports_no_dynamo() -> None:
     assert got == {"dynamo": False, "sympy": False, "after": False, "same": True}
 
 
+def test_torch_trunc_normal_imports_no_dynamo() -> None:
+    """torch's `trunc_normal_` rejection-samples: it compares its draws with its bounds and asks `.any()`.
+    Those ops' meta kernels are Python references that import dynamo; the recorder makes their outputs
+    itself. Values stay eager's, in the usual case and where draws are rejected and redrawn."""
+    got = fresh(
+        "import json, sys, torch, torchlazy as tl\n"
+        "def make():\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(30, 20), torch.nn.Linear(30, 20))\n"
+        "    torch.nn.init.trunc_normal_(m[0].weight, std=1.0, a=-0.5, b=0.5)\n"
+        "    torch.nn.init.trunc_normal_(m[1].weight, std=1.0)\n"
+        "    torch.nn.init.trunc_normal_(m[2].weight, std=0.02)\n"
+        "    return m\n"
+        "torch.manual_seed(0)\n"
+        "with tl.deferred():\n"
+        "    m = make()\n"
+        "dynamo, sympy = 'torch._dynamo' in sys.modules, 'sympy' in sys.modules\n"
+        "after_block = torch.get_rng_state()\n"
+        "tl.materialize(m)\n"
+        "torch.manual_seed(0)\n"
+        "e = make()\n"
+        "same = all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), e.state_dict().values()))\n"
+        "print(json.dumps({'dynamo': dynamo, 'sympy': sympy, 'same': same,\n"
+        "                  'rng': torch.equal(after_block, torch.get_rng_state())}))\n"
+    )
+    assert got == {"dynamo": False, "sympy": False, "same": True, "rng": True}
+
+
 def test_light_fake_mode_sets_what_torch_sets() -> None:
     """The fake mode made without dynamo has every attribute torch's own `__init__` gives it."""
     from torchlazy import _deferred

@@ -270,6 +270,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if func is _PRIM_DEVICE and tc.is_fake(args[0]):
             return _device_of(args[0])
         kwargs = kwargs or {}
+        if func is _LOCAL_SCALAR and self._owned(args[0]) is not None and tc.fake_constant(args[0]) is None:
+            return self._needs_values(func, args, kwargs)  # what the fake mode would raise for
         out = self.record_fast(func, args, kwargs)
         if out is not _SLOW:
             return out
@@ -749,8 +751,25 @@ _TENSOR_FACTORIES = _by_id({
     _aten.new_ones.default: (_aten.empty.memory_format, 1), _aten.new_full.default: (_aten.empty.memory_format, 1),
     _aten.new_empty_strided.default: (_aten.empty_strided.default, 2),
 })  # fmt: skip
+# Elementwise ops on contiguous fake tensors of one shape, and whole reductions of a bool one: what
+# rejection samplers run between draws (torch's `trunc_normal_` compares its draws with its bounds,
+# ors the masks, asks `.any()`). Their output (contiguous, that shape, this dtype: None for the
+# inputs' own) is made here; their meta kernels are Python references that import dynamo on
+# first use (~0.6 s) and cost ~10x more per call through the fake mode.
+_SCALAR_COMPARE = _ids(
+    {_aten.lt.Scalar, _aten.gt.Scalar, _aten.le.Scalar, _aten.ge.Scalar, _aten.eq.Scalar, _aten.ne.Scalar}
+)
+_ELEMENTWISE: dict[int, torch.dtype | None] = {
+    **dict.fromkeys(_SCALAR_COMPARE, torch.bool),
+    **_by_id(dict.fromkeys((_aten.lt.Tensor, _aten.gt.Tensor, _aten.le.Tensor, _aten.ge.Tensor), torch.bool)),
+    **_by_id(dict.fromkeys((_aten.logical_or.default, _aten.logical_and.default, _aten.logical_not.default), torch.bool)),
+    **_by_id(dict.fromkeys((_aten.bitwise_or.Tensor, _aten.bitwise_and.Tensor, _aten.where.self), None)),
+}  # fmt: skip
+_BOOL_REDUCTIONS = _ids({_aten.any.default, _aten.all.default})
+_LIKE = _ids({_aten.empty_like.default})  # the redraws' buffers
+_KEEPS_CONTIGUOUS = (None, torch.preserve_format, torch.contiguous_format)
 # The ops on fake tensors that `_fast_fake` runs (factories and lifts take none).
-_TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES.keys() | _IN_PLACE)
+_TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES.keys() | _IN_PLACE | _ELEMENTWISE.keys() | _BOOL_REDUCTIONS | _LIKE)
 _LIFTS = _ids({_aten.lift_fresh.default, _aten.lift_fresh_copy.default})
 _CPU = torch.device("cpu")
 _META = torch.device("meta")
@@ -760,6 +779,7 @@ _META = torch.device("meta")
 # attribute), once for every view and new parameter: 1,223 times in `fully_shard` of a 162M Llama.
 # Each dispatch entry of torchlazy answers it first, as the fake tensor's own dispatch would.
 _PRIM_DEVICE = torch.ops.prim.device.default
+_LOCAL_SCALAR = tc.local_scalar_op()  # `.item()`, `bool(t)`: a value, which fake tensors lack
 
 
 def _device_of(t: Any) -> torch.device:
@@ -814,12 +834,14 @@ def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
 def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
     """`_fast_fake` for the ops on tensors: new tensors and views wrap a meta tensor, in-place ops
     return `self` once the kernel has checked their arguments."""
+    self = args[0]
     for x in (*args, *kwargs.values()):
         if isinstance(x, torch.Tensor) and not (
             tc.is_fake(x) and tc.fake_mode_of(x) is mode and tc.fake_constant(x) is None
         ):
             return _SLOW
-    self = args[0]
+        if x is not self and isinstance(x, torch.Tensor) and tc.fake_device(x) != tc.fake_device(self):
+            return _SLOW  # the meta kernel sees meta alone: the fake mode checks devices
     made = _TENSOR_FACTORIES.get(id(func))
     if made is not None:  # as a plain factory: no meta kernel of the new_* op (a Python decomposition)
         device = tc.fake_device(self)
@@ -834,13 +856,45 @@ def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
         if func is _aten.normal_.default and not _normal_ok(*args[1:3], **kwargs):
             return _SLOW
         return self
+    if func is _aten.copy_.default and args[1].shape == self.shape and self.is_contiguous():
+        return self  # nothing to check but the shapes (copy_ casts); its meta kernel imports sympy on first use
+    device = tc.fake_device(self)
+    if id(func) in _ELEMENTWISE or id(func) in _BOOL_REDUCTIONS or id(func) in _LIKE:
+        made = _elementwise_output(func, args, kwargs)
+        return _SLOW if made is None else _made_on_meta(mode, _aten.empty.memory_format, *made, device)
     out = tc.run_fake_kernel(mode, func, args, kwargs)
     if id(func) in _IN_PLACE:
         return self
-    device = tc.fake_device(self)
     if isinstance(out, torch.Tensor):
         return tc.wrap_fake(mode, out, device)
     return [tc.wrap_fake(mode, t, device) for t in out]  # `split`: a list of views
+
+
+def _elementwise_output(func: Any, args: Any, kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The `empty` arguments of the output of an op of `_ELEMENTWISE`, `_BOOL_REDUCTIONS` or `_LIKE`, or None
+    where the case is not the plain one (then the fake mode runs it, errors included)."""
+    tensors = [x for x in args if isinstance(x, torch.Tensor)]
+    first = tensors[0]
+    if any(t.shape != first.shape or not t.is_contiguous() for t in tensors):
+        return None
+    if func is _aten.empty_like.default:  # a new tensor like a contiguous one: `empty` of its shape
+        plain = _plain_options(kwargs, tc.fake_device(first)) and kwargs.get("memory_format") in _KEEPS_CONTIGUOUS
+        return ((tuple(first.shape),), {"dtype": kwargs.get("dtype") or first.dtype}) if plain else None
+    if kwargs:
+        return None
+    if id(func) in _BOOL_REDUCTIONS:
+        return (((),), {"dtype": torch.bool}) if len(args) == 1 and first.dtype == torch.bool else None
+    values = tensors[1:] if func is _aten.where.self else tensors
+    if func is _aten.where.self and first.dtype != torch.bool:
+        return None
+    if any(t.dtype != values[0].dtype for t in values) or values[0].dtype.is_complex:
+        return None
+    dtype = _ELEMENTWISE[id(func)]
+    if dtype is None and func is not _aten.where.self and values[0].dtype.is_floating_point:
+        return None  # bitwise ops: integers and bools only
+    if id(func) in _SCALAR_COMPARE and type(args[1]) not in (int, float, bool):
+        return None
+    return (tuple(first.shape),), {"dtype": dtype or values[0].dtype}
 
 
 @functools.cache
