@@ -106,6 +106,29 @@ def test_pointwise_and_broadcasting_agree_with_torch() -> None:
     assert sweep(make, 300) > 900
 
 
+def test_comparisons_masks_and_bool_reductions_agree_with_torch() -> None:
+    """What rejection samplers run between draws (`trunc_normal_`: compare, or the masks, `.any()`), over
+    floating, integer and bool tensors of any layout, broadcast, and with numbers."""
+    compares = [aten.lt.Tensor, aten.gt.Tensor, aten.le.Tensor, aten.ge.Tensor, aten.eq.Tensor, aten.ne.Tensor,
+                aten.logical_or.default, aten.logical_and.default]  # fmt: skip
+    scalars = [aten.lt.Scalar, aten.gt.Scalar, aten.le.Scalar, aten.ge.Scalar, aten.eq.Scalar, aten.ne.Scalar]
+    kinds = [*FLOATS, torch.int64, torch.uint8, torch.bool, torch.complex64]
+
+    def make(rng: random.Random) -> Iterator[tuple[Any, tuple[Any, ...], dict[str, Any]]]:
+        s = shape(rng)
+        x = layouts(meta(*s, dtype=rng.choice(kinds)), rng)
+        other_shape = [n if rng.random() < 0.7 else rng.choice([1, n, 4]) for n in s[rng.randint(0, len(s)) :]]
+        other = layouts(meta(*other_shape, dtype=rng.choice(kinds)), rng)
+        operands = (x, other) if rng.random() < 0.5 else (other, x)
+        yield rng.choice(compares), operands, {}
+        yield rng.choice(scalars), (x, rng.choice([0.5, -2, True])), {}
+        yield rng.choice([aten.bitwise_or.Tensor, aten.bitwise_and.Tensor]), operands, {}
+        yield aten.logical_not.default, (x,), {}
+        yield rng.choice([aten.any.default, aten.all.default]), (x,), {}
+
+    assert sweep(make, 300) > 600
+
+
 def test_matrix_products_agree_with_torch() -> None:
     def make(rng: random.Random) -> Iterator[tuple[Any, tuple[Any, ...], dict[str, Any]]]:
         n, k, m, b = (rng.choice([1, 2, 3, 7]) for _ in range(4))

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 from torch.nn.utils import parametrize
 
-from . import _markers, _paths
+from . import _markers, _meta_rules, _paths
 from . import _torch_compat as tc
 from ._errors import ArgumentError, DeferredError
 from ._modtree import module_tensors
@@ -751,25 +751,18 @@ _TENSOR_FACTORIES = _by_id({
     _aten.new_ones.default: (_aten.empty.memory_format, 1), _aten.new_full.default: (_aten.empty.memory_format, 1),
     _aten.new_empty_strided.default: (_aten.empty_strided.default, 2),
 })  # fmt: skip
-# Elementwise ops on contiguous fake tensors of one shape, and whole reductions of a bool one: what
-# rejection samplers run between draws (torch's `trunc_normal_` compares its draws with its bounds,
-# ors the masks, asks `.any()`). Their output (contiguous, that shape, this dtype: None for the
-# inputs' own) is made here; their meta kernels are Python references that import dynamo on
-# first use (~0.6 s) and cost ~10x more per call through the fake mode.
-_SCALAR_COMPARE = _ids(
-    {_aten.lt.Scalar, _aten.gt.Scalar, _aten.le.Scalar, _aten.ge.Scalar, _aten.eq.Scalar, _aten.ne.Scalar}
-)
-_ELEMENTWISE: dict[int, torch.dtype | None] = {
-    **dict.fromkeys(_SCALAR_COMPARE, torch.bool),
-    **_by_id(dict.fromkeys((_aten.lt.Tensor, _aten.gt.Tensor, _aten.le.Tensor, _aten.ge.Tensor), torch.bool)),
-    **_by_id(dict.fromkeys((_aten.logical_or.default, _aten.logical_and.default, _aten.logical_not.default), torch.bool)),
-    **_by_id(dict.fromkeys((_aten.bitwise_or.Tensor, _aten.bitwise_and.Tensor, _aten.where.self), None)),
-}  # fmt: skip
-_BOOL_REDUCTIONS = _ids({_aten.any.default, _aten.all.default})
-_LIKE = _ids({_aten.empty_like.default})  # the redraws' buffers
-_KEEPS_CONTIGUOUS = (None, torch.preserve_format, torch.contiguous_format)
+# Ops whose outputs `_meta_rules` makes from the inputs' geometry: what rejection samplers run between
+# draws (torch's `trunc_normal_` compares its draws with its bounds, ors the masks, asks `.any()`, makes
+# redraw buffers). Their meta kernels are Python references that import dynamo and sympy on first use
+# (~0.6 s) and cost ~10x more per call through the fake mode.
+_BY_RULES = _ids({
+    _aten.lt.Scalar, _aten.gt.Scalar, _aten.le.Scalar, _aten.ge.Scalar, _aten.eq.Scalar, _aten.ne.Scalar,
+    _aten.lt.Tensor, _aten.gt.Tensor, _aten.le.Tensor, _aten.ge.Tensor, _aten.logical_or.default,
+    _aten.logical_and.default, _aten.logical_not.default, _aten.bitwise_or.Tensor, _aten.bitwise_and.Tensor,
+    _aten.any.default, _aten.all.default, _aten.where.self, _aten.empty_like.default,
+})  # fmt: skip
 # The ops on fake tensors that `_fast_fake` runs (factories and lifts take none).
-_TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES.keys() | _IN_PLACE | _ELEMENTWISE.keys() | _BOOL_REDUCTIONS | _LIKE)
+_TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES.keys() | _IN_PLACE | _BY_RULES)
 _LIFTS = _ids({_aten.lift_fresh.default, _aten.lift_fresh_copy.default})
 _CPU = torch.device("cpu")
 _META = torch.device("meta")
@@ -859,9 +852,8 @@ def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
     if func is _aten.copy_.default and args[1].shape == self.shape and self.is_contiguous():
         return self  # nothing to check but the shapes (copy_ casts); its meta kernel imports sympy on first use
     device = tc.fake_device(self)
-    if id(func) in _ELEMENTWISE or id(func) in _BOOL_REDUCTIONS or id(func) in _LIKE:
-        made = _elementwise_output(func, args, kwargs)
-        return _SLOW if made is None else _made_on_meta(mode, _aten.empty.memory_format, *made, device)
+    if id(func) in _BY_RULES:
+        return _by_rules(mode, func, args, kwargs, device)
     out = tc.run_fake_kernel(mode, func, args, kwargs)
     if id(func) in _IN_PLACE:
         return self
@@ -870,31 +862,19 @@ def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
     return [tc.wrap_fake(mode, t, device) for t in out]  # `split`: a list of views
 
 
-def _elementwise_output(func: Any, args: Any, kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """The `empty` arguments of the output of an op of `_ELEMENTWISE`, `_BOOL_REDUCTIONS` or `_LIKE`, or None
-    where the case is not the plain one (then the fake mode runs it, errors included)."""
-    tensors = [x for x in args if isinstance(x, torch.Tensor)]
-    first = tensors[0]
-    if any(t.shape != first.shape or not t.is_contiguous() for t in tensors):
-        return None
-    if func is _aten.empty_like.default:  # a new tensor like a contiguous one: `empty` of its shape
-        plain = _plain_options(kwargs, tc.fake_device(first)) and kwargs.get("memory_format") in _KEEPS_CONTIGUOUS
-        return ((tuple(first.shape),), {"dtype": kwargs.get("dtype") or first.dtype}) if plain else None
-    if kwargs:
-        return None
-    if id(func) in _BOOL_REDUCTIONS:
-        return (((),), {"dtype": torch.bool}) if len(args) == 1 and first.dtype == torch.bool else None
-    values = tensors[1:] if func is _aten.where.self else tensors
-    if func is _aten.where.self and first.dtype != torch.bool:
-        return None
-    if any(t.dtype != values[0].dtype for t in values) or values[0].dtype.is_complex:
-        return None
-    dtype = _ELEMENTWISE[id(func)]
-    if dtype is None and func is not _aten.where.self and values[0].dtype.is_floating_point:
-        return None  # bitwise ops: integers and bools only
-    if id(func) in _SCALAR_COMPARE and type(args[1]) not in (int, float, bool):
-        return None
-    return (tuple(first.shape),), {"dtype": dtype or values[0].dtype}
+def _by_rules(mode: Any, func: Any, args: Any, kwargs: Any, device: torch.device) -> Any:
+    """`func`'s output from `_meta_rules`, given meta stand-ins of its fake tensors (their geometry);
+    `_SLOW` where the rules leave the call to torch (then the fake mode runs it, errors included)."""
+    if kwargs.get("device") not in (None, device):
+        return _SLOW
+    kwargs = {k: v for k, v in kwargs.items() if k != "device"}
+    with tc.no_dispatch():  # plain meta tensors, whatever modes run
+        stand_ins = [
+            torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=_META) if isinstance(x, torch.Tensor) else x
+            for x in args
+        ]
+        out = _meta_rules.outputs(func, tuple(stand_ins), kwargs)
+    return tc.wrap_fake(mode, out, device) if isinstance(out, torch.Tensor) else _SLOW
 
 
 @functools.cache

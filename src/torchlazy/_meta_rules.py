@@ -169,17 +169,58 @@ def _fill(x: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
 
 
 def _binary(a: Any, b: Any, *rest: Any, **kwargs: Any) -> torch.Tensor:
-    """Broadcasting arithmetic of floating tensors and numbers, with torch's type promotion. The layout:
-    a lone tensor's (the other operand a number); contiguous when every operand is; the operands' own
-    when they share one dense layout; else dense in the order of the first operand's strides, when it
-    has the output's shape and its strides alone decide the order."""
-    tensors = [_plain(t, strides=True) for t in (a, b) if isinstance(t, torch.Tensor)]
-    _numbers([*(t for t in (a, b) if not isinstance(t, torch.Tensor)), *rest, *kwargs.values()])
-    if not tensors:
-        raise _Refuse
+    """Broadcasting arithmetic of floating tensors and numbers, with torch's type promotion."""
+    tensors = _operands(a, b, rest, kwargs, floating=True)
     dtype = torch.result_type(a, b)
     if dtype not in _FLOATS:
         raise _Refuse
+    return _broadcast_out(tensors, dtype)
+
+
+def _compare(a: Any, b: Any) -> torch.Tensor:
+    """Comparisons and logical and/or of (real) tensors and numbers: a bool tensor laid out as `_binary`'s."""
+    tensors = _operands(a, b, (), {}, floating=False)
+    if torch.result_type(a, b).is_complex:
+        raise _Refuse
+    return _broadcast_out(tensors, torch.bool)
+
+
+def _bitwise(a: Any, b: Any) -> torch.Tensor:
+    """Bitwise and/or of integer or bool tensors (a mask's `|`), with torch's type promotion."""
+    tensors = _operands(a, b, (), {}, floating=False)
+    dtype = torch.result_type(a, b)
+    if dtype.is_floating_point or dtype.is_complex:
+        raise _Refuse
+    return _broadcast_out(tensors, dtype)
+
+
+def _logical_not(x: Any) -> torch.Tensor:
+    x = _plain(x, floating=False, strides=True)
+    if x.dtype.is_complex:
+        raise _Refuse
+    return _like(x, torch.bool)
+
+
+def _all_of(x: Any) -> torch.Tensor:
+    """`any`/`all` over a whole bool tensor: one bool (another dtype's answer is torch's to give)."""
+    if _plain(x, floating=False, strides=True).dtype != torch.bool:
+        raise _Refuse
+    return _empty((), torch.bool)
+
+
+def _operands(a: Any, b: Any, rest: Any, kwargs: dict[str, Any], floating: bool) -> list[torch.Tensor]:
+    tensors = [_plain(t, floating=floating, strides=True) for t in (a, b) if isinstance(t, torch.Tensor)]
+    _numbers([*(t for t in (a, b) if not isinstance(t, torch.Tensor)), *rest, *kwargs.values()])
+    if not tensors:
+        raise _Refuse
+    return tensors
+
+
+def _broadcast_out(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The output of broadcasting pointwise `tensors`: a lone tensor's layout (the other operand a
+    number); contiguous when every operand is; the operands' own when they share one dense layout;
+    else dense in the order of the first operand's strides, when it has the output's shape and its
+    strides alone decide the order."""
     shape = _broadcast(*(t.shape for t in tensors))
     if len(tensors) == 1:
         return _like(tensors[0], dtype)
@@ -505,6 +546,16 @@ _RULES.update(
         _aten.maximum.default: _binary,
         _aten.minimum.default: _binary,
         _aten.where.self: _where,
+        **dict.fromkeys((_aten.lt.Tensor, _aten.gt.Tensor, _aten.le.Tensor, _aten.ge.Tensor), _compare),
+        **dict.fromkeys((_aten.lt.Scalar, _aten.gt.Scalar, _aten.le.Scalar, _aten.ge.Scalar), _compare),
+        **dict.fromkeys((_aten.eq.Tensor, _aten.ne.Tensor, _aten.eq.Scalar, _aten.ne.Scalar), _compare),
+        _aten.logical_or.default: _compare,
+        _aten.logical_and.default: _compare,
+        _aten.logical_not.default: _logical_not,
+        _aten.bitwise_or.Tensor: _bitwise,
+        _aten.bitwise_and.Tensor: _bitwise,
+        _aten.any.default: _all_of,
+        _aten.all.default: _all_of,
         _aten.add_.Tensor: _in_place,
         _aten.sub_.Tensor: _in_place,
         _aten.mul_.Tensor: _in_place,
