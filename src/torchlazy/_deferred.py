@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 from torch.nn.utils import parametrize
 
-from . import _markers, _meta_rules, _paths
+from . import _markers, _meta_rules, _paths, _ranges
 from . import _torch_compat as tc
 from ._errors import ArgumentError, DeferredError
 from ._modtree import module_tensors
@@ -532,6 +532,12 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                 "`tl.deferred(concretize=True)` to compute such values for real (exact, but it "
                 "costs the work needed to produce them)."
             )
+        if func is _LOCAL_SCALAR:  # a rejection sampler's test is often decided by its draws' law alone
+            ref = self._ref_or_none(args[0])
+            with tc.disable_current_modes():  # constants' min and max are read for real
+                known = None if ref is None else _ranges.known_item(self.record, ref, self.next_key())
+            if known is not None:
+                return known
         flat, spec = tc.tree_flatten((args, kwargs))
         with tc.disable_current_modes():
             real_flat = self._force(flat)

@@ -1,0 +1,84 @@
+"""Value ranges (`_ranges`): a rejection sampler's test answered from its draws' law, never wrongly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from exact import assert_models_identical
+
+import torchlazy as tl
+from torchlazy._record import Record
+
+
+@pytest.fixture
+def evaluations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times recorded values were computed for real (one entry per `Record.evaluate`)."""
+    calls: list[int] = []
+    original = Record.evaluate
+
+    def counted(self: Record, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Record, "evaluate", counted)
+    return calls
+
+
+def _inits(dtype: torch.dtype) -> Callable[[], torch.nn.Module]:
+    def make() -> torch.nn.Module:
+        m = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(17, 5), torch.nn.Linear(300, 20)).to(dtype)
+        torch.nn.init.trunc_normal_(m[0].weight, std=0.02)  # [-2, 2] at 100 std: never rejects
+        torch.nn.init.trunc_normal_(m[1].weight, mean=1.0, std=0.1, a=-1.0, b=3.0)
+        torch.nn.init.trunc_normal_(m[2].weight, std=1.0, a=-0.5, b=0.5)  # rejects: values decide
+        return m
+
+    return make
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_trunc_normal_generates_nothing_when_the_law_decides(dtype: torch.dtype, evaluations: list[int]) -> None:
+    make = _inits(dtype)
+    torch.manual_seed(0)
+    eager = make()
+    after_eager = torch.get_rng_state()
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make()
+    assert torch.equal(torch.get_rng_state(), after_eager)
+    tl.materialize(model)
+    assert_models_identical(model, eager)
+    # each trunc_normal_ reads its two bounds (constants); only the narrow one's test needs its draws
+    with tl.deferred():
+        torch.nn.init.trunc_normal_(torch.empty(64, 64, dtype=dtype), std=0.02)
+    before = len(evaluations)
+    with tl.deferred():
+        torch.nn.init.trunc_normal_(torch.empty(64, 64, dtype=dtype), std=0.02)
+        decided = len(evaluations) - before
+        torch.nn.init.trunc_normal_(torch.empty(64, 64, dtype=dtype), std=1.0, a=-0.5, b=0.5)
+        undecided = len(evaluations) - before - decided
+    assert decided == 2 and undecided >= 3
+
+
+@pytest.mark.parametrize(
+    "test",
+    [
+        lambda: (torch.full((4,), 0.1) < 0.10000000001).any(),  # float32 rounds both sides to one value
+        lambda: (torch.full((4,), 0.1) >= 0.1).all(),
+        lambda: (torch.randn(100) > 50).any(),
+        lambda: (torch.randn(100) < 50).all(),
+        lambda: ((torch.rand(10) < 0) | (torch.rand(10) > 1)).any(),
+        lambda: (torch.zeros(3) > 0).logical_not().all(),
+        lambda: (torch.empty(0).normal_() > 0).all(),  # no element: all() is True
+        lambda: (torch.randn(5) > 0).any(),  # the law does not decide: computed
+        lambda: torch.tensor([1.0, float("nan")]).lt(2).all(),
+    ],
+)
+def test_decided_and_computed_tests_give_eager_values(test: Callable[[], torch.Tensor]) -> None:
+    torch.manual_seed(0)
+    expected = bool(test().item())
+    torch.manual_seed(0)
+    with tl.deferred(concretize=True):
+        got = test().item()
+    assert got is expected
