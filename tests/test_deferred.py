@@ -463,3 +463,30 @@ def test_values_that_depend_on_draws_raise_clearly() -> None:
             w.sum().item()
         with pytest.raises(tl.DeferredError):
             torch.nonzero(w > 0.5).tolist()
+
+
+def test_a_record_is_freed_with_its_model() -> None:
+    """A block's record (every recorded op, the fake storages) goes when its tensors go: after
+    materialize and after dropping a model never materialized; nothing torchlazy keeps holds it."""
+    import gc
+    import weakref
+
+    from torchlazy import _deferred
+
+    def record_of(model: nn.Module) -> weakref.ref[object]:
+        owner = _deferred.storage_of(model.weight)
+        assert owner is not None
+        return weakref.ref(owner[0])
+
+    with tl.deferred():
+        materialized = nn.Linear(64, 64)
+    with torch.no_grad():
+        materialized.weight.mul_(2)  # an op after the block: recorded by the block's recorder
+    first = record_of(materialized)
+    tl.materialize(materialized)
+    with tl.deferred():
+        dropped = nn.Linear(64, 64)
+    second = record_of(dropped)
+    del materialized, dropped
+    gc.collect()
+    assert first() is None and second() is None

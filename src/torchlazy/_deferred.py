@@ -18,7 +18,6 @@ import gc
 import hashlib
 import math
 import threading
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,10 +56,6 @@ class _Local(threading.local):
 
 
 _local = _Local()
-
-# The top-level recorder of each closed block: it goes on recording ops on the record's
-# tensors after the block (the record stays open until materialize).
-_tails: weakref.WeakKeyDictionary[Record, _Recorder] = weakref.WeakKeyDictionary()
 
 
 def fake_mode() -> Any:
@@ -170,7 +165,7 @@ def _tail_of(args: Any, kwargs: Any) -> _Recorder | None:
         if isinstance(t, torch.Tensor):
             owner = storage_of(t)
             if owner is not None:
-                return _tails.get(owner[0])
+                return owner[0].tail  # type: ignore[no-any-return]
     return None
 
 
@@ -1042,7 +1037,7 @@ def deferred(*, concretize: bool = False) -> Iterator[None]:
             raise
     recorder.flush_law()
     recorder.closed = True
-    _tails[record] = recorder  # ops on its tensors after the block go on being recorded
+    record.tail = recorder  # ops on its tensors after the block go on being recorded (the record stays open)
     _leave_generators_as_eager(record)
 
 

@@ -431,6 +431,9 @@ class Record:
         self.exit_states: dict[int, torch.Tensor] = {}  # id(generator) -> its state set when the block ended
         self._scratch: torch.UntypedStorage | None = None
         self._adopt: tuple[dict[int, torch.UntypedStorage], set[int]] | None = None
+        # what records ops on its tensors after its block (`_deferred`'s recorder of the block); a cycle
+        # with the record, freed with it once no tensor of the record is left
+        self.tail: Any = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Record:
         return self  # one program, shared by every tensor (and copy) that came from it
