@@ -28,6 +28,21 @@ def test_exact_on_cuda_equals_cpu_eager_moved() -> None:
     assert_models_identical(model.cpu(), make())
 
 
+def test_exact_on_cuda_in_bf16_equals_cpu_eager_cast() -> None:
+    """Replayed on the CPU, cast and moved: the same bits as eager construction on the CPU cast and moved,
+    ready to use on the current stream right away."""
+    big = lambda: nn.Sequential(make(), nn.Linear(1024, 1024), nn.Linear(1024, 512))  # noqa: E731
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = big()
+    tl.materialize(model, device="cuda", dtype=torch.bfloat16)
+    total = sum(float(p.detach().float().sum()) for p in model.parameters())  # read on the current stream at once
+    torch.manual_seed(0)
+    eager = big().to(torch.bfloat16)
+    assert total == sum(float(p.detach().float().sum()) for p in eager.to("cuda").parameters())
+    assert_models_identical(model.cpu(), eager.cpu())
+
+
 def test_fast_on_cuda_is_reproducible() -> None:
     out = []
     for _ in range(2):
