@@ -49,7 +49,7 @@ def test_trunc_normal_generates_nothing_when_the_law_decides(dtype: torch.dtype,
     assert torch.equal(torch.get_rng_state(), after_eager)
     tl.materialize(model)
     assert_models_identical(model, eager)
-    # each trunc_normal_ reads its two bounds (constants); only the narrow one's test needs its draws
+    # its two bounds are constants, its test follows from the law: nothing is computed; a narrow law's test is
     with tl.deferred():
         torch.nn.init.trunc_normal_(torch.empty(64, 64, dtype=dtype), std=0.02)
     before = len(evaluations)
@@ -58,7 +58,7 @@ def test_trunc_normal_generates_nothing_when_the_law_decides(dtype: torch.dtype,
         decided = len(evaluations) - before
         torch.nn.init.trunc_normal_(torch.empty(64, 64, dtype=dtype), std=1.0, a=-0.5, b=0.5)
         undecided = len(evaluations) - before - decided
-    assert decided == 2 and undecided >= 3
+    assert decided == 0 and undecided >= 1
 
 
 @pytest.mark.parametrize(
@@ -73,12 +73,14 @@ def test_trunc_normal_generates_nothing_when_the_law_decides(dtype: torch.dtype,
         lambda: (torch.empty(0).normal_() > 0).all(),  # no element: all() is True
         lambda: (torch.randn(5) > 0).any(),  # the law does not decide: computed
         lambda: torch.tensor([1.0, float("nan")]).lt(2).all(),
+        lambda: torch.tensor(0.25),  # a constant's value, as it is
+        lambda: torch.tensor([3], dtype=torch.int64),
     ],
 )
 def test_decided_and_computed_tests_give_eager_values(test: Callable[[], torch.Tensor]) -> None:
     torch.manual_seed(0)
-    expected = bool(test().item())
+    expected = test().item()
     torch.manual_seed(0)
     with tl.deferred(concretize=True):
         got = test().item()
-    assert got is expected
+    assert type(got) is type(expected) and got == expected

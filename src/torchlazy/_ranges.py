@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from . import _torch_compat as tc
 from ._record import Const, Key, Node, Record, TRef, named_arguments
 
 __all__ = ["known_item"]
@@ -33,12 +34,21 @@ _NORMAL_SPAN = 10.0  # standard deviations around the mean that contain every va
 _SMALL_CONSTANT = 1 << 16  # elements of a constant whose min and max are worth reading
 
 
-def known_item(record: Record, ref: TRef, bound: Key) -> bool | None:
-    """`.item()` of the bool tensor `ref` just before `bound`, where the recorded ops decide it; else None."""
-    if ref.dtype != torch.bool or math.prod(ref.size) != 1:
+def known_item(record: Record, ref: TRef, bound: Key) -> bool | int | float | None:
+    """`.item()` of the one-element tensor `ref` just before `bound`, where the record decides it: a bool
+    whose recorded ops decide it, or a constant taken as it is (the bounds `trunc_normal_` reads with
+    `tensor.new_tensor(a).item()`); else None."""
+    if math.prod(ref.size) != 1:
+        return None
+    nodes = record.closure({ref.sid}, bound)
+    if len(nodes) == 1 and (nodes[0].func is None or _name(nodes[0]) in _LIFTS) and nodes[0].leaves:
+        value = _unchanged(nodes[0].leaves[0])
+        if value is not None and value.numel() == 1 and value.dtype == ref.dtype and ref.offset == 0:
+            return value.item()  # type: ignore[no-any-return]
+    if ref.dtype != torch.bool:
         return None
     ranges: dict[int, Range | None] = {}
-    for node in record.closure({ref.sid}, bound):
+    for node in nodes:
         _apply(node, ranges)
     found = ranges.get(ref.sid)
     if found is None or found[0] != found[1]:
@@ -64,7 +74,7 @@ def _apply(node: Node, ranges: dict[int, Range | None]) -> None:
 def _range_of(node: Node, ranges: dict[int, Range | None]) -> Range | None:
     if node.func is None:  # a constant
         return _constant(node.leaves[0]) if node.leaves else None
-    name = node.func.overloadpacket.__name__  # type: ignore[attr-defined]
+    name = _name(node)
     rule = _RULES.get(name)
     if rule is None:
         return None
@@ -96,10 +106,23 @@ def _widened(r: Range) -> Range:
     return (r[0] - slack, r[1] + slack)
 
 
+def _name(node: Node) -> str:
+    return node.func.overloadpacket.__name__  # type: ignore[no-any-return,union-attr]
+
+
+def _unchanged(leaf: Any) -> torch.Tensor | None:
+    """A recorded constant's tensor, unless it was changed in place since (replay refuses it then)."""
+    if not isinstance(leaf, Const) or not isinstance(leaf.value, torch.Tensor):
+        return None
+    if leaf.version is not None and tc.tensor_version(leaf.value) != leaf.version:
+        return None
+    return leaf.value
+
+
 def _constant(leaf: Any) -> Range | None:
     """A recorded constant's smallest and largest values (a small one's: they are read)."""
-    value = leaf.value if isinstance(leaf, Const) else None
-    if not isinstance(value, torch.Tensor) or value.numel() == 0 or value.numel() > _SMALL_CONSTANT:
+    value = _unchanged(leaf)
+    if value is None or value.numel() == 0 or value.numel() > _SMALL_CONSTANT:
         return None
     if value.is_complex() or value.device.type != "cpu":
         return None
@@ -192,6 +215,7 @@ def _copied(named: dict[str, Any], of: Of) -> Range | None:
 _TRUTHS = frozenset(
     {"lt", "le", "gt", "ge", "bitwise_or", "logical_or", "bitwise_and", "logical_and", "logical_not", "any", "all"}
 )
+_LIFTS = frozenset({"lift_fresh", "lift_fresh_copy"})  # a real tensor taken into the record as it is
 _RULES: dict[str, Callable[[dict[str, Any], Of], Range | None]] = {
     "normal_": _normal,
     "uniform_": _uniform,
