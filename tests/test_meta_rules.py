@@ -83,7 +83,7 @@ def shape(rng: random.Random, ndim: int | None = None) -> list[int]:
 def test_pointwise_and_broadcasting_agree_with_torch() -> None:
     unary = [aten.relu.default, aten.gelu.default, aten.sigmoid.default, aten.tanh.default, aten.neg.default,
              aten.rsqrt.default, aten.hardtanh.default, aten.silu.default, aten.tril.default, aten.sigmoid_.default,
-             aten.relu_.default]  # fmt: skip
+             aten.relu_.default, aten.sign.default, aten.log2.default, aten.reciprocal.default]  # fmt: skip
     binary = [aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.maximum.default]
 
     def make(rng: random.Random) -> Iterator[tuple[Any, tuple[Any, ...], dict[str, Any]]]:
@@ -102,6 +102,8 @@ def test_pointwise_and_broadcasting_agree_with_torch() -> None:
         yield aten.add_.Tensor, (x, other), {}
         yield aten.pow.Tensor_Scalar, (x, 2), {}
         yield aten.where.self, (meta(*s, dtype=torch.bool), x, other), {}
+        yield aten.clone.default, (x,), rng.choice([{}, {"memory_format": torch.contiguous_format}])
+        yield aten._to_copy.default, (x,), {"dtype": rng.choice([*FLOATS, torch.int64, torch.bool])}
 
     assert sweep(make, 300) > 900
 

@@ -752,16 +752,24 @@ _TENSOR_FACTORIES = _by_id({
     _aten.new_ones.default: (_aten.empty.memory_format, 1), _aten.new_full.default: (_aten.empty.memory_format, 1),
     _aten.new_empty_strided.default: (_aten.empty_strided.default, 2),
 })  # fmt: skip
-# Ops whose outputs `_meta_rules` makes from the inputs' geometry: what rejection samplers run between
-# draws (torch's `trunc_normal_` compares its draws with its bounds, ors the masks, asks `.any()`, makes
-# redraw buffers). Their meta kernels are Python references that import dynamo and sympy on first use
-# (~0.6 s) and cost ~10x more per call through the fake mode.
-_BY_RULES = _ids({
-    _aten.lt.Scalar, _aten.gt.Scalar, _aten.le.Scalar, _aten.ge.Scalar, _aten.eq.Scalar, _aten.ne.Scalar,
-    _aten.lt.Tensor, _aten.gt.Tensor, _aten.le.Tensor, _aten.ge.Tensor, _aten.logical_or.default,
-    _aten.logical_and.default, _aten.logical_not.default, _aten.bitwise_or.Tensor, _aten.bitwise_and.Tensor,
-    _aten.any.default, _aten.all.default, _aten.where.self, _aten.empty_like.default,
-})  # fmt: skip
+
+
+def _makes_new_tensor(func: Any) -> bool:
+    """An op of a tensor (its first argument) that writes none of its arguments and returns no view."""
+    arguments = tc.op_schema(func).arguments
+    return (
+        bool(arguments) and str(arguments[0].type) == "Tensor" and not any(a.alias_info is not None for a in arguments)
+    )
+
+
+# Functional ops whose outputs `_meta_rules` makes from the inputs' geometry (its rules are swept against
+# torch's kernels): what rejection samplers run between draws (torch's `trunc_normal_` compares its draws
+# with its bounds, ors the masks, asks `.any()`, makes redraw buffers) and the float arithmetic of buffers
+# computed in constructors. Their meta kernels are Python references that import dynamo and sympy on
+# first use (~0.6 s) and cost ~10x more per call through the fake mode.
+_BY_RULES = _ids(
+    {op for op in _meta_rules.ops() if _makes_new_tensor(op)} - {_aten._unsafe_view.default, _aten.unsafe_split.Tensor}
+)  # their outputs are views
 # The ops on fake tensors that `_fast_fake` runs (factories and lifts take none).
 _TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES.keys() | _IN_PLACE | _BY_RULES)
 _LIFTS = _ids({_aten.lift_fresh.default, _aten.lift_fresh_copy.default})

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["NOT_HANDLED", "outputs"]
+__all__ = ["NOT_HANDLED", "outputs", "ops"]
 
 NOT_HANDLED: Any = object()
 _aten = torch.ops.aten
@@ -399,11 +399,23 @@ def _embedding(weight: Any, indices: Any, *rest: Any) -> torch.Tensor:
 
 def _empty_like(x: Any, *, dtype: Any = None, memory_format: Any = None, **kwargs: Any) -> torch.Tensor:
     x = _plain(x, floating=False, strides=True)
-    if memory_format not in (None, torch.preserve_format) or kwargs.get("device") not in (None, _META):
+    if memory_format not in (None, torch.preserve_format, torch.contiguous_format):
         raise _Refuse
-    if kwargs.get("layout") not in (None, torch.strided) or kwargs.get("pin_memory"):
+    if kwargs.get("device") not in (None, _META) or kwargs.get("layout") not in (None, torch.strided):
         raise _Refuse
-    return _like(x, x.dtype if dtype is None else dtype)
+    if kwargs.get("pin_memory"):
+        raise _Refuse
+    dtype = x.dtype if dtype is None else dtype
+    return _empty(x.shape, dtype) if memory_format == torch.contiguous_format else _like(x, dtype)
+
+
+def _clone(x: Any, *, memory_format: Any = None) -> torch.Tensor:
+    return _empty_like(x, memory_format=memory_format)
+
+
+def _to_copy(x: Any, *, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> torch.Tensor:
+    """A copy in another dtype (`.to(dtype)`, `.float()`): laid out as `empty_like` lays it out."""
+    return _empty_like(x, dtype=dtype, **kwargs)
 
 
 def _split(x: Any, size: int, dim: int = 0) -> list[torch.Tensor]:
@@ -524,7 +536,7 @@ def _factory(size: Sequence[int], *rest: Any, **kwargs: Any) -> torch.Tensor:
 _RULES: dict[Any, Callable[..., Any]] = {}
 for _name in (
     "relu", "gelu", "silu", "sigmoid", "tanh", "neg", "rsqrt", "sqrt", "exp", "log", "sin", "cos", "abs", "erf",
-    "hardtanh", "hardswish", "hardsigmoid", "leaky_relu", "elu", "mish", "softplus",
+    "hardtanh", "hardswish", "hardsigmoid", "leaky_relu", "elu", "mish", "softplus", "sign", "log2", "reciprocal",
 ):  # fmt: skip
     _RULES[getattr(_aten, _name).default] = _same
     if hasattr(_aten, _name + "_"):
@@ -570,6 +582,8 @@ _RULES.update(
         _aten.fill_.Scalar: _fill,
         _aten.bernoulli_.float: _fill,
         _aten.empty_like.default: _empty_like,
+        _aten.clone.default: _clone,
+        _aten._to_copy.default: _to_copy,
         _aten.unsafe_split.Tensor: _split,
         _aten.mm.default: _mm,
         _aten.bmm.default: _bmm,
@@ -597,6 +611,11 @@ _RULES.update(
         _aten.full.default: _factory,
     }
 )
+
+
+def ops() -> frozenset[Any]:
+    """The aten overloads that have a rule."""
+    return frozenset(_RULES)
 
 
 def outputs(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
