@@ -58,7 +58,8 @@ def test_trunc_normal_generates_nothing_when_the_law_decides(dtype: torch.dtype,
         decided = len(evaluations) - before
         torch.nn.init.trunc_normal_(torch.empty(64, 64, dtype=dtype), std=1.0, a=-0.5, b=0.5)
         undecided = len(evaluations) - before - decided
-    assert decided == 0 and undecided >= 1
+    # ranges are kept for float32 and float64 only (half types round and overflow early: computed, exactly)
+    assert (decided == 0 if dtype in (torch.float32, torch.float64) else decided >= 1) and undecided >= 1
 
 
 @pytest.mark.parametrize(
@@ -75,6 +76,22 @@ def test_trunc_normal_generates_nothing_when_the_law_decides(dtype: torch.dtype,
         lambda: torch.tensor([1.0, float("nan")]).lt(2).all(),
         lambda: torch.tensor(0.25),  # a constant's value, as it is
         lambda: torch.tensor([3], dtype=torch.int64),
+        # found by review: casts, dtype views, overflow and rounding near zero (none may be answered wrongly)
+        lambda: (torch.full((3,), 2.7, dtype=torch.int64) < 2.5).any(),
+        lambda: (torch.empty(3, dtype=torch.uint8).fill_(-1) < 0).any(),
+        lambda: (torch.full((3,), 2, dtype=torch.bool) > 1.5).any(),
+        lambda: (torch.empty(3, dtype=torch.bool).copy_(torch.full((3,), 0.5)) < 0.9).any(),
+        lambda: (torch.empty(3, dtype=torch.uint8).copy_(torch.full((3,), 300.0)) > 250).any(),
+        lambda: (torch.empty(3, dtype=torch.half).copy_(torch.full((3,), 1e6)) < 2e6).any(),
+        lambda: (torch.empty(64).normal_(3.3e38, 1e37) < 1e39).all(),
+        lambda: (torch.empty(3, dtype=torch.half).normal_(1e4, 1) < 2e4).all(),
+        lambda: (torch.zeros(4, dtype=torch.half) < 1e-8).any(),
+        lambda: (torch.zeros(4) < 1e-44).any(),
+        lambda: (torch.zeros(4, dtype=torch.half) < torch.tensor(1e-8, dtype=torch.float64)).any(),
+        lambda: (torch.ones(4).view(torch.int32) > 2).all(),
+        lambda: (torch.logical_not(torch.full((3,), 0.5)) > 0.25).any(),
+        lambda: (torch.full((2,), 0.1)[torch.tensor([True, True])] > 0.1).all(),
+        lambda: (torch.tensor([2**53 + 1])[torch.tensor([True])] > 2**53).all(),
     ],
 )
 def test_decided_and_computed_tests_give_eager_values(test: Callable[[], torch.Tensor]) -> None:

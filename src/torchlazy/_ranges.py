@@ -8,8 +8,11 @@ from the law alone: torch's `normal_` takes each radius from one uniform of at m
 lies more than sqrt(-2 ln 2^-53) = 8.57 standard deviations from the mean, and `trunc_normal_(std=0.02)`
 keeps [-2, 2]: nothing is ever rejected. A table of rules gives each recorded op's output range from its
 inputs' (`normal_`, `uniform_`, fills, constants, comparisons, masks, `any`/`all`); an op without a rule
-makes its output's range unknown. Only a bool whose range is one value is answered; anything else is left
-to the caller, which computes the values as before.
+makes its output's range unknown, and so does anything whose rounding, casting or overflow is not
+modelled: ranges are kept for float32, float64 and bool storages written and read in one dtype, float
+ones widened for rounding. Only a bool whose range is one value is answered; anything else is left to
+the caller, which computes the values as before (`tests/test_ranges.py` holds the traps: casts, dtype
+views, overflow, rounding near zero).
 
 >>> import torch, torchlazy as tl
 >>> with tl.deferred():   # no value generated: the test's answer follows from the law
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -29,9 +32,22 @@ from ._record import Const, Key, Node, Record, TRef, named_arguments
 
 __all__ = ["known_item"]
 
-Range = tuple[float, float]  # lo <= every value <= hi
 _NORMAL_SPAN = 10.0  # standard deviations around the mean that contain every value of torch's normal_ (8.57)
 _SMALL_CONSTANT = 1 << 16  # elements of a constant whose min and max are worth reading
+# Ranges are kept for float32, float64 and bool storages only (other dtypes round, wrap or saturate in ways
+# not modelled: their tests are computed). Float ranges are widened by float32's rounding, the coarser of
+# the two, for the values and for the numbers they are compared with (torch rounds those to the tensor's
+# dtype): 4 units in the last place, and 4 of the smallest subnormal near zero.
+_FLOATS = (torch.float32, torch.float64)
+_ULP, _SUBNORMAL, _LARGEST = 2.0**-23, 2.0**-149, float(torch.finfo(torch.float32).max) / 2
+
+
+class Range(NamedTuple):
+    """Every value of a storage, read as `dtype`, lies in [lo, hi] (a bool's are 0 and 1)."""
+
+    lo: float
+    hi: float
+    dtype: torch.dtype
 
 
 def known_item(record: Record, ref: TRef, bound: Key) -> bool | int | float | None:
@@ -50,10 +66,10 @@ def known_item(record: Record, ref: TRef, bound: Key) -> bool | int | float | No
     ranges: dict[int, Range | None] = {}
     for node in nodes:
         _apply(node, ranges)
-    found = ranges.get(ref.sid)
-    if found is None or found[0] != found[1]:
+    found = _read(ref, ranges)
+    if found is None or found.lo != found.hi:
         return None
-    return bool(found[0])
+    return bool(found.lo)
 
 
 def _apply(node: Node, ranges: dict[int, Range | None]) -> None:
@@ -65,45 +81,53 @@ def _apply(node: Node, ranges: dict[int, Range | None]) -> None:
         before = ranges.get(sid)
         if node.overwrites == sid:
             ranges[sid] = got
-        elif got is None or before is None:
+        elif got is None or before is None or got.dtype != before.dtype:
             ranges[sid] = None
         else:  # a part rewritten: its values join the rest's
-            ranges[sid] = (min(before[0], got[0]), max(before[1], got[1]))
+            ranges[sid] = Range(min(before.lo, got.lo), max(before.hi, got.hi), got.dtype)
 
 
 def _range_of(node: Node, ranges: dict[int, Range | None]) -> Range | None:
     if node.func is None:  # a constant
         return _constant(node.leaves[0]) if node.leaves else None
-    name = _name(node)
-    rule = _RULES.get(name)
+    rule = _RULES.get(_name(node))
     if rule is None:
         return None
-    _, named = named_arguments(node)
+    args, named = named_arguments(node)
     try:
-        got = rule(named, lambda x: _range_in(x, ranges))
+        got = rule(named, lambda x: _read(x, ranges), args[0] if args else None)
     except (TypeError, ValueError, KeyError):
         return None
-    if got is None or not all(math.isfinite(v) for v in got):
+    return _checked(got)
+
+
+def _checked(r: Range | None) -> Range | None:
+    """`r` as stored: bools exact, floats widened for rounding; None for anything that might overflow."""
+    if r is None or not (math.isfinite(r.lo) and math.isfinite(r.hi)):
         return None
-    return got if name in _TRUTHS else _widened(got)
-
-
-def _range_in(x: Any, ranges: dict[int, Range | None]) -> Range | None:
-    """The range of an argument: a recorded tensor's, a constant's, a number's own value."""
-    if isinstance(x, TRef):
-        return ranges.get(x.sid)
-    if isinstance(x, Const):
-        return _constant(x)
-    if isinstance(x, (bool, int, float)) and math.isfinite(x):
-        return (float(x), float(x))
-    return None
+    if r.dtype == torch.bool:
+        return r if 0.0 <= r.lo <= r.hi <= 1.0 else None
+    if r.dtype not in _FLOATS or max(abs(r.lo), abs(r.hi)) > _LARGEST:
+        return None
+    return _widened(r)
 
 
 def _widened(r: Range) -> Range:
-    """`r` with room for the rounding of values stored in any floating dtype, and of the numbers they are
-    compared with (torch rounds those to the tensor's dtype): 4 units in the last place of bfloat16."""
-    slack = 4 * 2.0**-7 * (abs(r[0]) + abs(r[1])) + 1e-30
-    return (r[0] - slack, r[1] + slack)
+    slack = 4 * _ULP * max(abs(r.lo), abs(r.hi)) + 4 * _SUBNORMAL
+    return Range(r.lo - slack, r.hi + slack, r.dtype)
+
+
+def _read(x: Any, ranges: dict[int, Range | None]) -> Range | None:
+    """The range of an argument: a recorded tensor's (read in the dtype it was written in), a constant's,
+    a plain number's (as a float64 range: widened like a float32 one, for the rounding to the tensor's dtype)."""
+    if isinstance(x, TRef):
+        got = ranges.get(x.sid)
+        return got if got is not None and got.dtype == x.dtype else None
+    if isinstance(x, Const):
+        return _constant(x)
+    if type(x) in (int, float) and math.isfinite(x) and abs(x) <= _LARGEST:
+        return _widened(Range(float(x), float(x), torch.float64))
+    return None
 
 
 def _name(node: Node) -> str:
@@ -120,47 +144,71 @@ def _unchanged(leaf: Any) -> torch.Tensor | None:
 
 
 def _constant(leaf: Any) -> Range | None:
-    """A recorded constant's smallest and largest values (a small one's: they are read)."""
+    """A recorded constant's smallest and largest values (a small float or bool one's: they are read)."""
     value = _unchanged(leaf)
-    if value is None or value.numel() == 0 or value.numel() > _SMALL_CONSTANT:
+    if value is None or value.numel() == 0 or value.numel() > _SMALL_CONSTANT or value.device.type != "cpu":
         return None
-    if value.is_complex() or value.device.type != "cpu":
+    if value.dtype not in (*_FLOATS, torch.bool):
         return None
-    lo, hi = float(value.min()), float(value.max())
-    return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
+    return _checked(Range(float(value.min()), float(value.max()), value.dtype))
 
 
-# -- the rules: op name -> (its arguments by schema name, the range of an argument) -> output range -------
+# -- the rules: op name -> (arguments by schema name, the range of an argument, the target) -> output range ---
 
 Of = Callable[[Any], "Range | None"]
-_BOOL_FALSE, _BOOL_TRUE, _BOOL_ANY = (0.0, 0.0), (1.0, 1.0), (0.0, 1.0)
+Rule = Callable[[dict[str, Any], Of, Any], "Range | None"]
+_FALSE, _TRUE, _EITHER = Range(0.0, 0.0, torch.bool), Range(1.0, 1.0, torch.bool), Range(0.0, 1.0, torch.bool)
 
 
-def _normal(named: dict[str, Any], of: Of) -> Range | None:
-    mean, std = named.get("mean", 0.0), named.get("std", 1.0)
-    if not isinstance(mean, (int, float)) or not isinstance(std, (int, float)) or std < 0:
+def _dtype_of(target: Any) -> torch.dtype | None:
+    return target.dtype if isinstance(target, TRef) else None
+
+
+def _normal(named: dict[str, Any], of: Of, target: Any) -> Range | None:
+    mean, std, dtype = named.get("mean", 0.0), named.get("std", 1.0), _dtype_of(target)
+    if type(mean) not in (int, float) or type(std) not in (int, float) or std < 0 or dtype is None:
         return None
-    return (mean - _NORMAL_SPAN * std, mean + _NORMAL_SPAN * std)
+    return Range(mean - _NORMAL_SPAN * std, mean + _NORMAL_SPAN * std, dtype)
 
 
-def _uniform(named: dict[str, Any], of: Of) -> Range | None:
-    low, high = of(named.get("from", 0.0)), of(named.get("to", 1.0))
-    return None if low is None or high is None else (low[0], high[1])
+def _uniform(named: dict[str, Any], of: Of, target: Any) -> Range | None:
+    low, high, dtype = named.get("from", 0.0), named.get("to", 1.0), _dtype_of(target)
+    if type(low) not in (int, float) or type(high) not in (int, float) or dtype is None:
+        return None
+    return Range(float(low), float(high), dtype)
 
 
-def _fill(named: dict[str, Any], of: Of) -> Range | None:
-    return of(named["value"])
+def _fill(named: dict[str, Any], of: Of, target: Any) -> Range | None:
+    value, dtype = named["value"], _dtype_of(target)
+    if type(value) not in (int, float) or dtype not in _FLOATS:
+        return None  # a bool or integer target casts the value: not modelled
+    return Range(float(value), float(value), dtype)
 
 
-def _compare(holds: Callable[[Range, Range], bool | None]) -> Callable[[dict[str, Any], Of], Range | None]:
+def _zero(named: dict[str, Any], of: Of, target: Any) -> Range | None:
+    dtype = _dtype_of(target)
+    return None if dtype is None else Range(0.0, 0.0, dtype)
+
+
+def _same(named: dict[str, Any], of: Of, target: Any) -> Range | None:
+    """A copy in the same dtype (`lift_fresh`, `clone`)."""
+    return of(named["self"])
+
+
+def _copied(named: dict[str, Any], of: Of, target: Any) -> Range | None:
+    got = of(named["src"])
+    return got if got is not None and got.dtype == _dtype_of(target) else None  # a cast is not modelled
+
+
+def _compare(holds: Callable[[Range, Range], bool | None]) -> Rule:
     """A comparison's rule from `holds(a, b)`: True/False where every pair of values decides it alike."""
 
-    def rule(named: dict[str, Any], of: Of) -> Range | None:
+    def rule(named: dict[str, Any], of: Of, target: Any) -> Range | None:
         a, b = of(named["self"]), of(named["other"])
-        if a is None or b is None:
-            return _BOOL_ANY
+        if a is None or b is None or torch.bool in (a.dtype, b.dtype):
+            return _EITHER
         decided = holds(a, b)
-        return _BOOL_ANY if decided is None else (_BOOL_TRUE if decided else _BOOL_FALSE)
+        return _EITHER if decided is None else (_TRUE if decided else _FALSE)
 
     return rule
 
@@ -169,74 +217,61 @@ def _decide(always: bool, never: bool) -> bool | None:
     return True if always else False if never else None
 
 
-def _bools(*ranges: Range | None) -> bool:
-    return all(r is not None and 0.0 <= r[0] and r[1] <= 1.0 for r in ranges)
+def _truths(*xs: Any, of: Of) -> list[Range] | None:
+    """The ranges of bool tensors `xs`, or None if one is not a bool tensor with a known range."""
+    got = [of(x) if isinstance(x, TRef) and x.dtype == torch.bool else None for x in xs]
+    return None if any(r is None for r in got) else got  # type: ignore[return-value]
 
 
-def _or(named: dict[str, Any], of: Of) -> Range | None:
-    a, b = of(named["self"]), of(named["other"])
-    return (max(a[0], b[0]), max(a[1], b[1])) if a is not None and b is not None and _bools(a, b) else None
+def _or(named: dict[str, Any], of: Of, target: Any) -> Range | None:
+    got = _truths(named["self"], named["other"], of=of)
+    return None if got is None else Range(max(got[0].lo, got[1].lo), max(got[0].hi, got[1].hi), torch.bool)
 
 
-def _and(named: dict[str, Any], of: Of) -> Range | None:
-    a, b = of(named["self"]), of(named["other"])
-    return (min(a[0], b[0]), min(a[1], b[1])) if a is not None and b is not None and _bools(a, b) else None
+def _and(named: dict[str, Any], of: Of, target: Any) -> Range | None:
+    got = _truths(named["self"], named["other"], of=of)
+    return None if got is None else Range(min(got[0].lo, got[1].lo), min(got[0].hi, got[1].hi), torch.bool)
 
 
-def _not(named: dict[str, Any], of: Of) -> Range | None:
-    a = of(named["self"])
-    return (1.0 - a[1], 1.0 - a[0]) if a is not None and _bools(a) else None
+def _not(named: dict[str, Any], of: Of, target: Any) -> Range | None:
+    got = _truths(named["self"], of=of)
+    return None if got is None else Range(1.0 - got[0].hi, 1.0 - got[0].lo, torch.bool)
 
 
-def _reduction(empty: Range) -> Callable[[dict[str, Any], Of], Range | None]:
+def _reduction(empty: Range) -> Rule:
     """`any` / `all` of a whole bool tensor: its range, or `empty`'s answer for no element."""
 
-    def rule(named: dict[str, Any], of: Of) -> Range | None:
-        target = named["self"]
-        if not isinstance(target, TRef) or target.dtype != torch.bool:
+    def rule(named: dict[str, Any], of: Of, target: Any) -> Range | None:
+        x = named["self"]
+        if not isinstance(x, TRef) or x.dtype != torch.bool or len(named) != 1:
             return None
-        if math.prod(target.size) == 0:
+        if math.prod(x.size) == 0:
             return empty
-        a = of(target)
-        return a if a is not None and _bools(a) else None
+        got = _truths(x, of=of)
+        return None if got is None else got[0]
 
     return rule
 
 
-def _same(named: dict[str, Any], of: Of) -> Range | None:
-    return of(named["self"])
-
-
-def _copied(named: dict[str, Any], of: Of) -> Range | None:
-    return of(named["src"])
-
-
-# rules whose answers are truths (0 or 1, exact); every other rule's range is widened for rounding
-_TRUTHS = frozenset(
-    {"lt", "le", "gt", "ge", "bitwise_or", "logical_or", "bitwise_and", "logical_and", "logical_not", "any", "all"}
-)
 _LIFTS = frozenset({"lift_fresh", "lift_fresh_copy"})  # a real tensor taken into the record as it is
-_RULES: dict[str, Callable[[dict[str, Any], Of], Range | None]] = {
+_RULES: dict[str, Rule] = {
     "normal_": _normal,
     "uniform_": _uniform,
     "fill_": _fill,
-    "zero_": lambda named, of: (0.0, 0.0),
-    "zeros": lambda named, of: (0.0, 0.0),
-    "ones": lambda named, of: (1.0, 1.0),
-    "full": lambda named, of: of(named["fill_value"]),
+    "zero_": _zero,
     "lift_fresh": _same,
     "lift_fresh_copy": _same,
     "clone": _same,
     "copy_": _copied,
-    "lt": _compare(lambda a, b: _decide(a[1] < b[0], a[0] >= b[1])),
-    "le": _compare(lambda a, b: _decide(a[1] <= b[0], a[0] > b[1])),
-    "gt": _compare(lambda a, b: _decide(a[0] > b[1], a[1] <= b[0])),
-    "ge": _compare(lambda a, b: _decide(a[0] >= b[1], a[1] < b[0])),
+    "lt": _compare(lambda a, b: _decide(a.hi < b.lo, a.lo >= b.hi)),
+    "le": _compare(lambda a, b: _decide(a.hi <= b.lo, a.lo > b.hi)),
+    "gt": _compare(lambda a, b: _decide(a.lo > b.hi, a.hi <= b.lo)),
+    "ge": _compare(lambda a, b: _decide(a.lo >= b.hi, a.hi < b.lo)),
     "bitwise_or": _or,
     "logical_or": _or,
     "bitwise_and": _and,
     "logical_and": _and,
     "logical_not": _not,
-    "any": _reduction(_BOOL_FALSE),
-    "all": _reduction(_BOOL_TRUE),
+    "any": _reduction(_FALSE),
+    "all": _reduction(_TRUE),
 }
