@@ -76,7 +76,8 @@ def _compare(op: str, core: ModuleType) -> bool:
     g = torch.Generator().manual_seed(20261130)
     # one size above torch's parallel grain (32768): a torch whose large draws ran another path would fail here
     sizes = (max(smallest, 1), 4096, 5 * 624 + 29, 4096 + 7, (1 << 18) + 7)
-    for n, (a, b) in zip(sizes, laws):
+    # every law at two sizes (the laws far from zero at the largest too)
+    for n, (a, b) in (*zip(sizes, laws), *zip(reversed(sizes), laws)):
         torch.empty(n % 97, dtype=torch.float32).uniform_(generator=g)  # start mid-block, at varied places
         before = g.get_state()
         eager = getattr(torch.empty(n, dtype=torch.float32), op)(a, b, generator=g)
