@@ -101,3 +101,42 @@ def test_decided_and_computed_tests_give_eager_values(test: Callable[[], torch.T
     with tl.deferred(concretize=True):
         got = test().item()
     assert type(got) is type(expected) and got == expected
+
+
+def test_flush_denormal_reads_subnormals_as_zero() -> None:
+    """With `set_flush_denormal(True)` the CPU stores and compares subnormals as 0: ranges leave room."""
+    tests = [
+        lambda: (torch.empty(3).fill_(1e-40) > 0).all(),
+        lambda: (torch.empty(4).fill_(0.0) < 1e-40).all(),
+        lambda: (torch.empty(40).normal_(1e-40, 1e-46) > 0).all(),
+        lambda: (torch.empty(40).uniform_(1e-40, 2e-40) > 0).all(),
+    ]
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        for test in tests:
+            torch.manual_seed(0)
+            expected = test().item()
+            with tl.deferred(concretize=True):
+                assert test().item() is expected
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_refused_laws_and_grown_storages_are_not_answered() -> None:
+    with tl.deferred(concretize=True), pytest.raises(RuntimeError, match="from"):
+        (torch.empty(10).uniform_(1.0, 0.0) < 0.5).any().item()  # eager refuses from > to
+    torch.use_deterministic_algorithms(True)  # memory a resize_ adds is NaN: a test that must see it
+    try:
+
+        def grown() -> torch.Tensor:
+            y = torch.empty(10).fill_(1.0)
+            y.resize_(20)
+            y[:10].normal_()
+            return (y < 50).all()
+
+        expected = grown().item()
+        with tl.deferred(concretize=True):
+            assert grown().item() is expected
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -374,6 +374,9 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                     outputs.append((index, sid))
         if not outputs and not writes:
             return
+        for sid in writes:  # `resize_` grows a storage: what covers it whole, and what replay allocates
+            storage = self.record.storages[sid]
+            storage.nbytes = max(storage.nbytes, storage.meta.nbytes())
         overwrites = self._full_overwrite(func, leaves, writes)
         self._append(func, args, kwargs, spec, leaves, outputs, reads, writes, overwrites)
 

@@ -37,9 +37,10 @@ _SMALL_CONSTANT = 1 << 16  # elements of a constant whose min and max are worth 
 # Ranges are kept for float32, float64 and bool storages only (other dtypes round, wrap or saturate in ways
 # not modelled: their tests are computed). Float ranges are widened by float32's rounding, the coarser of
 # the two, for the values and for the numbers they are compared with (torch rounds those to the tensor's
-# dtype): 4 units in the last place, and 4 of the smallest subnormal near zero.
+# dtype): 4 units in the last place, and 4 of float32's smallest normal number near zero (with
+# `torch.set_flush_denormal(True)` the CPU reads every subnormal as 0).
 _FLOATS = (torch.float32, torch.float64)
-_ULP, _SUBNORMAL, _LARGEST = 2.0**-23, 2.0**-149, float(torch.finfo(torch.float32).max) / 2
+_ULP, _NEAR_ZERO, _LARGEST = 2.0**-23, 2.0**-126, float(torch.finfo(torch.float32).max) / 2
 
 
 class Range(NamedTuple):
@@ -113,7 +114,7 @@ def _checked(r: Range | None) -> Range | None:
 
 
 def _widened(r: Range) -> Range:
-    slack = 4 * _ULP * max(abs(r.lo), abs(r.hi)) + 4 * _SUBNORMAL
+    slack = 4 * _ULP * max(abs(r.lo), abs(r.hi)) + 4 * _NEAR_ZERO
     return Range(r.lo - slack, r.hi + slack, r.dtype)
 
 
@@ -173,8 +174,8 @@ def _normal(named: dict[str, Any], of: Of, target: Any) -> Range | None:
 
 def _uniform(named: dict[str, Any], of: Of, target: Any) -> Range | None:
     low, high, dtype = named.get("from", 0.0), named.get("to", 1.0), _dtype_of(target)
-    if type(low) not in (int, float) or type(high) not in (int, float) or dtype is None:
-        return None
+    if type(low) not in (int, float) or type(high) not in (int, float) or dtype is None or low > high:
+        return None  # from > to: torch refuses it, and so does the computed test
     return Range(float(low), float(high), dtype)
 
 
