@@ -21,29 +21,24 @@ else:
     STRICT_FP = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fno-trapping-math", "-std=c11"]
     FAST = ["-O3"]
 
+
+def _core(name: str, source: str, headers: list[str], flags: list[str]) -> Extension:
+    """One optional compiled core of torchlazy (built when a C compiler is there; pure paths otherwise)."""
+    csrc = "src/torchlazy/_csrc"
+    return Extension(
+        f"torchlazy.{name}",
+        [f"{csrc}/{source}"],
+        depends=[f"{csrc}/{h}" for h in headers],
+        optional=True,
+        extra_compile_args=flags,
+    )
+
+
 setup(
     ext_modules=[
-        Extension(
-            "torchlazy._mtcore",
-            ["src/torchlazy/_csrc/mt19937.c"],
-            depends=["src/torchlazy/_csrc/isa.h", "src/torchlazy/_csrc/mt19937.h"],
-            optional=True,
-            extra_compile_args=FAST,
-        ),
-        Extension(
-            "torchlazy._countercore",
-            ["src/torchlazy/_csrc/counter.c"],
-            depends=["src/torchlazy/_csrc/isa.h", "src/torchlazy/_csrc/prefault.h"],
-            optional=True,
-            extra_compile_args=STRICT_FP,
-        ),
+        _core("_mtcore", "mt19937.c", ["isa.h", "mt19937.h"], FAST),
+        _core("_countercore", "counter.c", ["isa.h", "prefault.h"], STRICT_FP),
         # torch's kernels fuse some multiply-adds: draw.c writes each one out, so it needs contraction off too
-        Extension(
-            "torchlazy._drawcore",
-            ["src/torchlazy/_csrc/draw.c"],
-            depends=["src/torchlazy/_csrc/mt19937.h", "src/torchlazy/_csrc/prefault.h"],
-            optional=True,
-            extra_compile_args=STRICT_FP,
-        ),
+        _core("_drawcore", "draw.c", ["mt19937.h", "prefault.h"], STRICT_FP),
     ]
 )

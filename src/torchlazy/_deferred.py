@@ -515,7 +515,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         )
         if not allowed:
             what = "reading a tensor's value (`.item()`, `.tolist()`, `bool(t)`)"
-            if func is not tc.local_scalar_op():
+            if func is not _LOCAL_SCALAR:
                 what = f"`{func}` (its output shape depends on tensor values)"
             if self.closed:
                 sids = [r.sid for r in map(self._ref_or_none, tc.tree_leaves((args, kwargs))) if r is not None]

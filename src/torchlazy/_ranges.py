@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import _torch_compat as tc
 from ._record import Const, Key, Node, Record, TRef, named_arguments
 
 __all__ = ["known_item"]
@@ -137,9 +136,7 @@ def _name(node: Node) -> str:
 
 def _unchanged(leaf: Any) -> torch.Tensor | None:
     """A recorded constant's tensor, unless it was changed in place since (replay refuses it then)."""
-    if not isinstance(leaf, Const) or not isinstance(leaf.value, torch.Tensor):
-        return None
-    if leaf.version is not None and tc.tensor_version(leaf.value) != leaf.version:
+    if not isinstance(leaf, Const) or not isinstance(leaf.value, torch.Tensor) or leaf.changed():
         return None
     return leaf.value
 

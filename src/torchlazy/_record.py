@@ -74,6 +74,10 @@ class Const:
     def of(t: torch.Tensor) -> Const:
         return Const(t, tc.tensor_version(t))
 
+    def changed(self) -> bool:
+        """Whether the tensor was changed in place since it was recorded."""
+        return self.version is not None and tc.tensor_version(self.value) != self.version
+
 
 @dataclass
 class Node:
@@ -856,7 +860,7 @@ def _real(leaf: Any, env: dict[int, torch.UntypedStorage], device: torch.device)
     if isinstance(leaf, TRef):
         return leaf.on(env[leaf.sid])
     if isinstance(leaf, Const):
-        if leaf.version is not None and tc.tensor_version(leaf.value) != leaf.version:
+        if leaf.changed():
             raise DeferredError(
                 f"a real tensor of shape {tuple(leaf.value.shape)} that was given to the deferred model "
                 "(`load_state_dict`, `copy_`, ...) was changed in place before `tl.materialize`, which "
