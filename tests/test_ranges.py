@@ -140,3 +140,56 @@ def test_refused_laws_and_grown_storages_are_not_answered() -> None:
             assert grown().item() is expected
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def _recorded_ops(t: torch.Tensor) -> list[str]:
+    """The ops of the record `t` belongs to."""
+    from torchlazy._deferred import storage_of
+
+    owner = storage_of(t)
+    assert owner is not None
+    return [n.func.overloadpacket.__name__ for n in owner[0].nodes if n.func is not None and n.law is None]
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_trunc_normal_out_of_its_laws_reach_is_recorded_as_one_draw(seeded: bool) -> None:
+    """Bounds its law never reaches: recorded as the one `normal_` eager keeps, not its rejection test;
+    elsewhere (narrow bounds, half precision, infinite bounds) torch's own body runs and is recorded."""
+
+    def make(gen: torch.Generator | None) -> torch.nn.Module:
+        m = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Linear(8, 8).half(), torch.nn.Linear(6, 6))
+        torch.nn.init.trunc_normal_(m[0].weight, std=0.02, generator=gen)
+        torch.nn.init.trunc_normal_(m[0].weight[:5], mean=0.5, std=0.01, a=0.0, b=1.0, generator=gen)  # a view
+        torch.nn.init.trunc_normal_(m[1].weight, std=0.02, generator=gen)  # float16: torch's body
+        torch.nn.init.trunc_normal_(m[2].weight, std=1.0, a=-0.5, b=0.5, generator=gen)  # rejects
+        torch.nn.init.trunc_normal_(m[2].bias, std=0.02, a=-float("inf"), b=2.0, generator=gen)
+        return m
+
+    def gen() -> torch.Generator | None:
+        return torch.Generator().manual_seed(7) if seeded else None
+
+    torch.manual_seed(0)
+    g = gen()
+    eager = make(g)
+    after = (torch.get_rng_state(), g.get_state() if g is not None else None)
+    torch.manual_seed(0)
+    g = gen()
+    with tl.deferred():
+        model = make(g)
+    assert torch.equal(torch.get_rng_state(), after[0])
+    assert g is None or torch.equal(g.get_state(), after[1])
+    assert _recorded_ops(model[0].weight).count("any") >= 3  # the three other calls ran torch's body
+    with tl.deferred():
+        only_far = torch.nn.init.trunc_normal_(torch.empty(16, 16), std=0.02)
+        torch.nn.init.trunc_normal_(only_far[:3], mean=0.5, std=0.01, a=0.0, b=1.0)
+    assert _recorded_ops(only_far) == ["empty", "normal_", "normal_"]
+    tl.materialize(model)
+    assert_models_identical(model, eager)
+
+
+def test_trunc_normal_outside_a_block_is_torchs() -> None:
+    with tl.deferred():
+        torch.nn.Linear(2, 2)
+    torch.manual_seed(0)
+    x = torch.nn.init.trunc_normal_(torch.empty(100), std=1.0, a=-0.1, b=0.1)
+    assert x.abs().max() <= 0.1 and len(torch.unique(x)) == 100

@@ -29,7 +29,7 @@ import torch
 
 from ._record import Const, Key, Node, Record, TRef, named_arguments
 
-__all__ = ["known_item"]
+__all__ = ["known_item", "normal_stays_within"]
 
 _NORMAL_SPAN = 10.0  # standard deviations around the mean that contain every value of torch's normal_ (8.57)
 _SMALL_CONSTANT = 1 << 16  # elements of a constant whose min and max are worth reading
@@ -70,6 +70,23 @@ def known_item(record: Record, ref: TRef, bound: Key) -> bool | int | float | No
     if found is None or found.lo != found.hi:
         return None
     return bool(found.lo)
+
+
+def normal_stays_within(dtype: torch.dtype, mean: Any, std: Any, a: Any, b: Any) -> bool:
+    """Whether no value of `normal_(mean, std)` on a `dtype` tensor is below `a` or above `b` (both rounded
+    to `dtype`, as torch's `trunc_normal_` compares them): its rejection test `(x < a) | (x > b)` is then
+    false for every draw, decided as `known_item` decides it.
+
+    >>> normal_stays_within(torch.float32, 0.0, 0.02, -2.0, 2.0), normal_stays_within(torch.float32, 0.0, 1.0, -2.0, 2.0)
+    (True, False)
+    """
+    if dtype not in _FLOATS or type(mean) not in (int, float) or type(std) not in (int, float) or not std >= 0:
+        return False
+    draws = _checked(Range(mean - _NORMAL_SPAN * std, mean + _NORMAL_SPAN * std, dtype))
+    low, high = _read(a, {}), _read(b, {})
+    if draws is None or low is None or high is None:
+        return False
+    return draws.lo >= low.hi and draws.hi <= high.lo  # `lt` and `gt` decided false, as in `_RULES`
 
 
 def _apply(node: Node, ranges: dict[int, Range | None]) -> None:

@@ -62,6 +62,7 @@ __all__ = [
     "tree_map",
     "tree_unflatten",
     "trunc_normal_codes",
+    "wrap_trunc_normal",
     "unsupported_operator_error",
 ]
 
@@ -367,11 +368,26 @@ def forget_fake_conversions(mode: Any, tree: Any) -> None:
         del memo[key]
 
 
-@functools.cache
+# torch's own body of `nn.init.trunc_normal_`, taken before torchlazy may wrap it (`wrap_trunc_normal`)
+_TRUNC_NORMAL: Callable[..., Any] | None = getattr(torch.nn.init, "_no_grad_trunc_normal_", None)
+
+
 def trunc_normal_codes() -> tuple[Any, ...]:
     """Code objects of initializers whose control flow reads random values (rejection loops)."""
-    init = getattr(torch.nn.init, "_no_grad_trunc_normal_", None)
-    return (init.__code__,) if init is not None else ()
+    return (_TRUNC_NORMAL.__code__,) if _TRUNC_NORMAL is not None else ()
+
+
+def wrap_trunc_normal(make: Callable[[Any], Any]) -> Any:
+    """Let `make(torch's body of trunc_normal_)` run in its place (`nn.init.trunc_normal_` calls it by its
+    module-level name) and return torch's body; None, changing nothing, where that body is not torch's
+    (absent, or already replaced by someone else)."""
+    body = _TRUNC_NORMAL
+    if getattr(torch.nn.init, "_no_grad_trunc_normal_", None) is not body:
+        return None
+    if body is None:
+        return None
+    torch.nn.init._no_grad_trunc_normal_ = functools.wraps(body)(make(body))
+    return body
 
 
 # -- torch.nn internals -----------------------------------------------------------------
