@@ -630,7 +630,7 @@ def _covers(ref: TRef, nbytes: int) -> bool:
     """Whether `ref` lays its elements over every byte of a storage of `nbytes`, in order from its start."""
     if ref.offset != 0 or math.prod(ref.size) * ref.dtype.itemsize != nbytes:
         return False
-    return list(ref.stride) == contiguous_strides(ref.size)
+    return ref.stride == contiguous_strides(ref.size)
 
 
 def _generator_arg(func: Any, args: Any, kwargs: Any) -> torch.Generator | None:

@@ -163,7 +163,7 @@ def _elementwise_closure(record: Record, ref: TRef) -> list[Node] | None:
 def _flat_range(shard: Shard) -> tuple[int, int] | None:
     """The local slice as a range of flat elements, when it is one (rows of a contiguous tensor)."""
     ref = shard.ref
-    if list(ref.stride) != contiguous_strides(ref.size) or not ref.size:
+    if ref.stride != contiguous_strides(ref.size) or not ref.size:
         return None
     rest = shard.slices[1:]
     if any(s.start != 0 or s.stop != n for s, n in zip(rest, ref.size[1:])):
