@@ -111,3 +111,33 @@ def test_first_build_and_summary_import_no_dynamo() -> None:
     assert got["dynamo"] is False and got["sympy"] is False
     assert got["cnn"] == [4, 8]
     assert got["rows"] == [[[2, 7, 10]], [[2, 5, 32]], [[3, 2, 16], [1, 2, 16], [1, 2, 16]], [[1, 4, 24, 24]]]
+
+
+class _Table(torch.nn.Module):
+    """A relative-position index table, built as Swin builds it: grids, broadcast differences, a sum."""
+
+    def __init__(self, w: int = 7) -> None:
+        super().__init__()
+        coords = torch.stack(torch.meshgrid([torch.arange(w), torch.arange(w)], indexing="ij"))
+        flat = torch.flatten(coords, 1)
+        relative = (flat[:, :, None] - flat[:, None, :]).permute(1, 2, 0).contiguous()
+        relative[:, :, 0] += w - 1
+        relative[:, :, 1] += w - 1
+        relative[:, :, 0] *= 2 * w - 1
+        self.register_buffer("index", relative.sum(-1))
+        self.bias = torch.nn.Parameter(torch.zeros((2 * w - 1) ** 2, 3))
+
+
+def test_index_tables_import_no_dynamo() -> None:
+    """Integer index maths in a constructor (stack, broadcast sub, sum): outputs from the recorder's rules."""
+    got = fresh(
+        "import json, sys, torch, torchlazy as tl\n"
+        "sys.path.insert(0, " + repr(str(Path(__file__).parent)) + ")\n"
+        "from test_cold_start import _Table\n"
+        "with tl.deferred():\n"
+        "    m = _Table()\n"
+        "dynamo, sympy = 'torch._dynamo' in sys.modules, 'sympy' in sys.modules\n"
+        "tl.materialize(m)\n"
+        "print(json.dumps({'dynamo': dynamo, 'sympy': sympy, 'same': torch.equal(m.index, _Table().index)}))\n"
+    )
+    assert got == {"dynamo": False, "sympy": False, "same": True}

@@ -207,6 +207,9 @@ def test_normalizations_reductions_and_the_rest_agree_with_torch() -> None:
             yield aten.native_group_norm.default, (x, gn_affine, gn_affine, n, c, hw, groups, 1e-5), {}
         dims = rng.sample(range(-len(s), len(s)), rng.randint(1, len(s)))
         yield aten.mean.dim, (x, dims, rng.random() < 0.5), {}
+        counted = meta(*s, dtype=rng.choice([dtype, torch.int64, torch.int32, torch.uint8, torch.bool]))
+        summed = rng.choice([None, torch.float64, torch.int64, torch.bool])
+        yield aten.sum.dim_IntList, (counted, rng.choice([dims, None, []]), rng.random() < 0.5), {"dtype": summed}
         yield (
             rng.choice([aten._softmax.default, aten._log_softmax.default]),
             (x, rng.randint(-len(s), len(s) - 1), False),
@@ -215,7 +218,7 @@ def test_normalizations_reductions_and_the_rest_agree_with_torch() -> None:
         yield aten._safe_softmax.default, (x, -1), {}
         parts = [layouts(meta(*s, dtype=dtype), rng) for _ in range(rng.randint(1, 3))]
         yield aten.cat.default, (parts, rng.randint(-len(s), len(s) - 1)), {}
-        yield aten.stack.default, ([meta(*s, dtype=dtype) for _ in range(2)], rng.randint(0, len(s))), {}
+        yield aten.stack.default, ([layouts(meta(*s, dtype=dtype), rng) for _ in range(2)], rng.randint(0, len(s))), {}
         yield (
             aten.embedding.default,
             (meta(7, 3, dtype=dtype), meta(*s, dtype=rng.choice([torch.int64, torch.int32]))),
@@ -234,6 +237,12 @@ def test_normalizations_reductions_and_the_rest_agree_with_torch() -> None:
             {"dtype": dtype, "device": torch.device("meta")},
         )
         yield aten.full.default, (s, rng.choice([1.5, 2])), {"device": torch.device("meta")}
+        bounds = [rng.randint(-9, 9) for _ in range(rng.randint(1, 3))]
+        arange = [aten.arange.default, aten.arange.start, aten.arange.start_step][len(bounds) - 1]
+        counted = rng.choice([None, torch.int64, torch.int32, torch.float32])
+        yield arange, tuple(bounds), {"dtype": counted, "device": torch.device("meta")}
+        ends = rng.choice([(0, 1), (-2.5, 3), (1, 1.0)])
+        yield aten.linspace.default, (*ends, rng.randint(0, 9)), {"dtype": counted, "device": torch.device("meta")}
 
     assert sweep(make, 300) > 2700
 
@@ -274,7 +283,24 @@ def test_inputs_both_contiguous_and_channels_last_agree_with_torch() -> None:
         compare(func, args)
 
 
+def test_index_tables_of_views_agree_with_torch() -> None:
+    """What constructors build relative-position tables from (expanded grids, broadcast differences, sums)."""
+    x, grid = meta(2, 49, dtype=torch.int64), meta(7, dtype=torch.int64)
+    cases = [
+        (aten.sub.Tensor, (x[:, :, None], x[:, None, :])),
+        (aten.sub.Tensor, (x.t()[:, :, None], x.t()[:, None, :])),
+        (aten.add.Tensor, (x[:, None, :], x[:, :, None])),
+        (aten.mul.Tensor, (meta(5, 3)[:, None, :1], meta(3, 5).t()[None])),
+        (aten.stack.default, ([grid[:, None].expand(7, 7), grid[None, :].expand(7, 7)],)),
+        (aten.stack.default, ([meta(2, 3, 4).transpose(0, 2)] * 2, 1)),
+        (aten.sum.dim_IntList, (meta(49, 49, 2, dtype=torch.int64), [-1])),
+    ]
+    assert sum(compare(func, args) for func, args in cases) >= 4  # the others are not in row order: left to torch
+
+
 def test_tensors_that_are_not_plain_meta_tensors_are_left_to_torch() -> None:
     assert R.outputs(aten.relu.default, (torch.zeros(2),), {}) is R.NOT_HANDLED  # real values to compute
     assert R.outputs(aten.zeros.default, ([2],), {"dtype": torch.float32}) is R.NOT_HANDLED  # no device: the CPU
-    assert R.outputs(aten.sub.Tensor, (meta(2, dtype=torch.int64), 1), {}) is R.NOT_HANDLED  # integer arithmetic
+    assert R.outputs(aten.div.Tensor, (meta(2, dtype=torch.int64), 2), {}) is R.NOT_HANDLED  # integer division
+    bools = meta(2, dtype=torch.bool)
+    assert R.outputs(aten.sub.Tensor, (bools, bools), {}) is R.NOT_HANDLED  # torch refuses `-` on bools

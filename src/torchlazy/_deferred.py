@@ -760,6 +760,7 @@ _VIEWS = _ids({
     _aten.squeeze.dim, _aten.select.int, _aten.slice.Tensor, _aten.expand.default, _aten.permute.default,
     _aten.as_strided.default, _aten.alias.default, _aten.split.Tensor, _aten.split_with_sizes.default,
 })  # fmt: skip
+_RULED_FACTORIES = _ids({_aten.arange.default, _aten.arange.start, _aten.arange.start_step, _aten.linspace.default})
 # A meta tensor has no values: these factories make what `empty` makes with the same arguments.
 _FILLED = _ids({_aten.zeros.default, _aten.ones.default})
 # Factories from a tensor (`t.new_zeros(size)`: its dtype and device, no read of its values): the
@@ -787,9 +788,11 @@ def _makes_new_tensor(func: Any) -> bool:
 _BY_RULES = _ids(
     {op for op in _meta_rules.ops() if _makes_new_tensor(op)} - {_aten._unsafe_view.default, _aten.unsafe_split.Tensor}
 )  # their outputs are views
+_IN_PLACE_BY_RULES = _IN_PLACE & _ids(set(_meta_rules.ops()))  # checked by the rules where they answer
 # The ops on fake tensors that `_fast_fake` runs (factories and lifts take none).
 _TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES.keys() | _IN_PLACE | _BY_RULES)
 _LIFTS = _ids({_aten.lift_fresh.default, _aten.lift_fresh_copy.default})
+_LIST_OPS = _ids({_aten.cat.default, _aten.stack.default})  # a list of tensors first
 _CPU = torch.device("cpu")
 _META = torch.device("meta")
 
@@ -821,7 +824,11 @@ def _made_on_meta(mode: Any, factory: Any, args: Any, kwargs: Any, device: torch
     if id(factory) in _FILLED:  # their meta kernels fill nothing, at twice `empty`'s cost
         factory = _aten.empty.memory_format
     with tc.no_dispatch():  # no tensor argument: no fake tensor to unwrap
-        meta = factory(*args, **{**kwargs, "device": _META})
+        meta = _meta_rules.NOT_HANDLED
+        if id(factory) in _RULED_FACTORIES:  # their meta kernels are Python references (sympy on first use)
+            meta = _meta_rules.outputs(factory, args, {**kwargs, "device": _META})
+        if meta is _meta_rules.NOT_HANDLED:
+            meta = factory(*args, **{**kwargs, "device": _META})
     return tc.wrap_fake(mode, meta, device)
 
 
@@ -847,7 +854,32 @@ def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
         return tc.wrap_fake(mode, meta, _CPU)
     if id(func) in _TENSOR_OPS:
         return _fast_on_fakes(mode, func, args, kwargs)
+    if id(func) in _LIST_OPS:
+        return _fast_on_list(mode, func, args, kwargs)
     return _SLOW
+
+
+def _fast_on_list(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
+    """`cat` and `stack` of this mode's fake tensors (index tables built in constructors), from `_meta_rules`."""
+    tensors = args[0] if args else None
+    if type(tensors) not in (list, tuple) or not tensors or kwargs:
+        return _SLOW
+    for x in tensors:
+        if not (tc.is_fake(x) and tc.fake_mode_of(x) is mode and tc.fake_constant(x) is None):
+            return _SLOW
+    device = tc.fake_device(tensors[0])
+    if any(tc.fake_device(x) != device for x in tensors):
+        return _SLOW
+    with tc.no_dispatch():
+        out = _meta_rules.outputs(func, ([_stand_in(x) for x in tensors], *args[1:]), kwargs)
+    return tc.wrap_fake(mode, out, device) if isinstance(out, torch.Tensor) else _SLOW
+
+
+def _stand_in(x: Any) -> Any:
+    """A plain meta tensor of a fake tensor's geometry (run under `tc.no_dispatch()`); anything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=_META)
+    return x
 
 
 def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
@@ -875,17 +907,47 @@ def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
         if func is _aten.normal_.default and not _normal_ok(*args[1:3], **kwargs):
             return _SLOW
         return self
-    if func is _aten.copy_.default and args[1].shape == self.shape and self.is_contiguous():
+    if func is _aten.copy_.default and _copies_into(self, args[1]):
         return self  # nothing to check but the shapes (copy_ casts); its meta kernel imports sympy on first use
     device = tc.fake_device(self)
     if id(func) in _BY_RULES:
         return _by_rules(mode, func, args, kwargs, device)
+    if id(func) in _IN_PLACE_BY_RULES:  # their meta kernels are Python references (sympy on first use)
+        with tc.no_dispatch():
+            checked = _meta_rules.outputs(func, tuple(_stand_in(x) for x in args), kwargs)
+        if checked is not _meta_rules.NOT_HANDLED:
+            return self
+    if func is _aten.permute.default:
+        strided = _permuted(self, args[1:], kwargs)
+        if strided is None:
+            return _SLOW  # the fake mode gives torch's error
+        func, args, kwargs = _aten.as_strided.default, strided, {}
     out = tc.run_fake_kernel(mode, func, args, kwargs)
     if id(func) in _IN_PLACE:
         return self
     if isinstance(out, torch.Tensor):
         return tc.wrap_fake(mode, out, device)
     return [tc.wrap_fake(mode, t, device) for t in out]  # `split`: a list of views
+
+
+def _copies_into(self: torch.Tensor, src: torch.Tensor) -> bool:
+    """Whether `self.copy_(src)` is valid: `src` broadcasts to `self`, and no element of `self` shares its memory
+    with another along an expanded dim (torch's one overlap refusal; `x[:, 0] = ...` writes a strided view)."""
+    if src.dim() > self.dim() or any(n > 1 and stride == 0 for n, stride in zip(self.shape, self.stride())):
+        return False
+    return all(m in (1, n) for m, n in zip(reversed(src.shape), reversed(self.shape)))
+
+
+def _permuted(self: torch.Tensor, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """`permute`'s view as `as_strided` arguments (its meta kernel imports torch.distributed.tensor and sympy
+    on first use, ~0.5 s); None for anything but a valid permutation."""
+    n = self.dim()
+    if len(rest) != 1 or kwargs or type(rest[0]) not in (list, tuple) or any(type(d) is not int for d in rest[0]):
+        return None
+    dims = [d + n if d < 0 else d for d in rest[0]]
+    if sorted(dims) != list(range(n)):
+        return None
+    return self, [self.shape[d] for d in dims], [self.stride(d) for d in dims], self.storage_offset()
 
 
 def _by_rules(mode: Any, func: Any, args: Any, kwargs: Any, device: torch.device) -> Any:
@@ -895,11 +957,7 @@ def _by_rules(mode: Any, func: Any, args: Any, kwargs: Any, device: torch.device
         return _SLOW
     kwargs = {k: v for k, v in kwargs.items() if k != "device"}
     with tc.no_dispatch():  # plain meta tensors, whatever modes run
-        stand_ins = [
-            torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=_META) if isinstance(x, torch.Tensor) else x
-            for x in args
-        ]
-        out = _meta_rules.outputs(func, tuple(stand_ins), kwargs)
+        out = _meta_rules.outputs(func, tuple(_stand_in(x) for x in args), kwargs)
     return tc.wrap_fake(mode, out, device) if isinstance(out, torch.Tensor) else _SLOW
 
 

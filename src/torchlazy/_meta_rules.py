@@ -9,8 +9,8 @@ reductions, embeddings, softmax) get them here: a table of rules, one per kind o
 shuffle, common in vision models).
 
 A rule answers only calls it is sure of: meta tensors, contiguous and strided, floating
-dtypes where the op computes values, valid shapes. Anything else (a mismatch eager would
-refuse, channels-last inputs, integer arithmetic, an op not in the table) returns
+dtypes where the op computes values (and integers for add, sub, mul and sums), valid shapes. Anything else (a mismatch eager would
+refuse, channels-last inputs, integer division, an op not in the table) returns
 `NOT_HANDLED`, and the caller runs torch's own kernel, which gives torch's own answer or
 error. `tests/test_meta_rules.py` compares every rule with torch's kernels.
 
@@ -151,13 +151,27 @@ def _masked(x: Any, diagonal: int = 0) -> torch.Tensor:
 
 def _in_place(x: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
     """In-place pointwise maths: `self`, when the other operands broadcast to it without promotion."""
-    x = _plain(x, strides=True)
+    return _in_place_of(_plain(x, strides=True), args, kwargs)
+
+
+def _in_place_arithmetic(x: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """`_in_place` for add_, sub_ and mul_, of integer tensors too (index tables): torch refuses to write a float
+    result into an integer tensor, and so does the rule."""
+    x = _plain(x, floating=False, strides=True)
+    if x.dtype not in (*_FLOATS, *_INTEGERS):
+        raise _Refuse
+    return _in_place_of(x, args, kwargs)
+
+
+def _in_place_of(x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     _numbers([v for v in (*args, *kwargs.values()) if not isinstance(v, torch.Tensor)])
     for other in (*args, *kwargs.values()):
         if isinstance(other, torch.Tensor):
-            _plain(other, strides=True)
-            if _broadcast(x.shape, other.shape) != list(x.shape) or torch.result_type(x, other) != x.dtype:
+            _plain(other, floating=False, strides=True)
+            if _broadcast(x.shape, other.shape) != list(x.shape):
                 raise _Refuse
+        if isinstance(other, (torch.Tensor, int, float)) and torch.result_type(x, other) != x.dtype:
+            raise _Refuse
     return x
 
 
@@ -173,6 +187,22 @@ def _binary(a: Any, b: Any, *rest: Any, **kwargs: Any) -> torch.Tensor:
     tensors = _operands(a, b, rest, kwargs, floating=True)
     dtype = torch.result_type(a, b)
     if dtype not in _FLOATS:
+        raise _Refuse
+    return _broadcast_out(tensors, dtype)
+
+
+_INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _arithmetic(a: Any, b: Any, *rest: Any, **kwargs: Any) -> torch.Tensor:
+    """`_binary` for the ops whose integer results are integers too (add, sub, mul, maximum, minimum): index
+    maths in constructors (relative position tables). Not bools (torch refuses `-` on them), nor a float
+    `alpha` with an integer result (torch refuses it)."""
+    tensors = _operands(a, b, rest, kwargs, floating=False)
+    dtype = torch.result_type(a, b)
+    if any(t.dtype not in (*_FLOATS, *_INTEGERS) for t in tensors) or dtype not in (*_FLOATS, *_INTEGERS):
+        raise _Refuse
+    if dtype in _INTEGERS and any(type(v) is float for v in (*rest, *kwargs.values())):
         raise _Refuse
     return _broadcast_out(tensors, dtype)
 
@@ -216,6 +246,19 @@ def _operands(a: Any, b: Any, rest: Any, kwargs: dict[str, Any], floating: bool)
     return tensors
 
 
+def _in_row_order(tensors: list[torch.Tensor], shape: list[int]) -> bool:
+    """Whether every operand, broadcast to `shape`, runs its dims in row-major order: along the dims of the
+    output that it does not broadcast, its strides strictly decrease (`x[:, None] - x[None, :]`). torch's
+    pointwise kernels then put no dim before another: the output is contiguous. Equal strides are not
+    modelled (torch breaks such ties by other rules)."""
+    for t in tensors:
+        pad = len(shape) - t.dim()
+        kept = [t.stride(i) for i in range(t.dim()) if t.shape[i] > 1 and shape[pad + i] > 1 and t.stride(i)]
+        if any(a <= b for a, b in zip(kept, kept[1:])):
+            return False
+    return True
+
+
 def _broadcast_out(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """The output of broadcasting pointwise `tensors`: a lone tensor's layout (the other operand a
     number); contiguous when every operand is; the operands' own when they share one dense layout;
@@ -224,7 +267,7 @@ def _broadcast_out(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Ten
     shape = _broadcast(*(t.shape for t in tensors))
     if len(tensors) == 1:
         return _like(tensors[0], dtype)
-    if all(t.is_contiguous() for t in tensors):
+    if all(t.is_contiguous() for t in tensors) or _in_row_order(tensors, shape):
         return _empty(shape, dtype)
     first = tensors[0]
     if list(first.shape) != shape:
@@ -346,13 +389,28 @@ def _group_norm(
 
 def _mean(x: Any, dims: Sequence[int] | None, keepdim: bool = False, *, dtype: Any = None) -> torch.Tensor:
     x = _plain(x)
-    if dtype is not None or (dims is not None and len(dims) == 0):
+    if dtype is not None:
+        raise _Refuse
+    return _empty(_reduced(x, dims, keepdim), x.dtype)
+
+
+def _reduced(x: torch.Tensor, dims: Sequence[int] | None, keepdim: bool) -> list[int]:
+    """The shape of a reduction of `x` over `dims` (None: all; an empty list is refused, torch's meaning of it
+    has changed over versions)."""
+    if dims is not None and len(dims) == 0:
         raise _Refuse
     reduced = {_dim(d, x.dim()) for d in dims} if dims is not None else set(range(x.dim()))
     if dims is not None and len(reduced) != len(dims):
         raise _Refuse
-    shape = [1 if i in reduced else n for i, n in enumerate(x.shape) if keepdim or i not in reduced]
-    return _empty(shape, x.dtype)
+    return [1 if i in reduced else n for i, n in enumerate(x.shape) if keepdim or i not in reduced]
+
+
+def _sum(x: Any, dims: Sequence[int] | None, keepdim: bool = False, *, dtype: Any = None) -> torch.Tensor:
+    """`sum` over dims: `mean`'s shape; integers and bools sum to int64 unless a dtype is asked."""
+    x = _plain(x, floating=False)
+    if x.dtype not in (*_FLOATS, *_INTEGERS, torch.bool) or (dtype is not None and dtype not in (*_FLOATS, *_INTEGERS)):
+        raise _Refuse
+    return _empty(_reduced(x, dims, keepdim), dtype or (x.dtype if x.dtype in _FLOATS else torch.int64))
 
 
 def _softmax(x: Any, dim: int, third: Any = None) -> torch.Tensor:
@@ -366,7 +424,7 @@ def _softmax(x: Any, dim: int, third: Any = None) -> torch.Tensor:
 def _cat(tensors: Sequence[Any], dim: int = 0) -> torch.Tensor:
     # the output is contiguous whatever the inputs' strides, but for 4-d and 5-d inputs, whose
     # channels-last layout it keeps
-    ts = [_plain(t, strides=True) for t in tensors]
+    ts = [_plain(t, floating=False, strides=True) for t in tensors]
     if any(t.dim() in (4, 5) and not t.is_contiguous() for t in ts):
         raise _Refuse
     if not ts or len({t.dtype for t in ts}) != 1 or len({t.dim() for t in ts}) != 1 or ts[0].dim() == 0:
@@ -381,7 +439,10 @@ def _cat(tensors: Sequence[Any], dim: int = 0) -> torch.Tensor:
 
 
 def _stack(tensors: Sequence[Any], dim: int = 0) -> torch.Tensor:
-    ts = [_plain(t) for t in tensors]
+    # contiguous whatever the inputs' strides (`cat` of them unsqueezed), but where that `cat` is 4-d or 5-d
+    ts = [_plain(t, floating=False, strides=True) for t in tensors]
+    if any(t.dim() in (3, 4) and not t.is_contiguous() for t in ts):
+        raise _Refuse
     if not ts or len({tuple(t.shape) for t in ts}) != 1 or len({t.dtype for t in ts}) != 1:
         raise _Refuse
     d = _dim(dim, ts[0].dim() + 1)
@@ -532,6 +593,38 @@ def _factory(size: Sequence[int], *rest: Any, **kwargs: Any) -> torch.Tensor:
     return _empty(size, dtype)
 
 
+def _on_meta(kwargs: dict[str, Any]) -> None:
+    """A factory's options: a plain tensor on the meta device."""
+    if kwargs.get("device") != _META or kwargs.get("layout") not in (None, torch.strided) or kwargs.get("pin_memory"):
+        raise _Refuse
+
+
+def _arange(*bounds: Any, **kwargs: Any) -> torch.Tensor:
+    """arange of Python ints as int64 (index tables): ceil((end - start) / step) elements, computed exactly as
+    torch's int64 kernel does. Other dtypes count in their own precision: left to torch."""
+    _on_meta(kwargs)
+    if (
+        not 1 <= len(bounds) <= 3
+        or any(type(b) is not int for b in bounds)
+        or kwargs.get("dtype") not in (None, torch.int64)
+    ):
+        raise _Refuse
+    start, end, step = (0, bounds[0], 1) if len(bounds) == 1 else (*bounds, 1)[:3]
+    if step == 0 or (end - start) * step < 0:  # torch refuses bounds that the step cannot join
+        raise _Refuse
+    return _empty([-(-(end - start) // step)], torch.int64)
+
+
+def _linspace(start: Any, end: Any, steps: Any, **kwargs: Any) -> torch.Tensor:
+    """linspace: `steps` elements, of the default dtype unless one is asked."""
+    _on_meta(kwargs)
+    _numbers([start, end])
+    dtype = kwargs.get("dtype") or torch.get_default_dtype()
+    if type(steps) is not int or steps < 0 or dtype not in (*_FLOATS, *_INTEGERS):
+        raise _Refuse
+    return _empty([steps], dtype)
+
+
 # aten overload -> rule
 _RULES: dict[Any, Callable[..., Any]] = {}
 for _name in (
@@ -551,12 +644,12 @@ _RULES.update(
         _aten.add.Scalar: _same,
         _aten.sub.Scalar: _same,
         _aten.clamp.default: _same,
-        _aten.add.Tensor: _binary,
-        _aten.sub.Tensor: _binary,
-        _aten.mul.Tensor: _binary,
+        _aten.add.Tensor: _arithmetic,
+        _aten.sub.Tensor: _arithmetic,
+        _aten.mul.Tensor: _arithmetic,
         _aten.div.Tensor: _binary,
-        _aten.maximum.default: _binary,
-        _aten.minimum.default: _binary,
+        _aten.maximum.default: _arithmetic,
+        _aten.minimum.default: _arithmetic,
         _aten.where.self: _where,
         **dict.fromkeys((_aten.lt.Tensor, _aten.gt.Tensor, _aten.le.Tensor, _aten.ge.Tensor), _compare),
         **dict.fromkeys((_aten.lt.Scalar, _aten.gt.Scalar, _aten.le.Scalar, _aten.ge.Scalar), _compare),
@@ -568,13 +661,13 @@ _RULES.update(
         _aten.bitwise_and.Tensor: _bitwise,
         _aten.any.default: _all_of,
         _aten.all.default: _all_of,
-        _aten.add_.Tensor: _in_place,
-        _aten.sub_.Tensor: _in_place,
-        _aten.mul_.Tensor: _in_place,
+        _aten.add_.Tensor: _in_place_arithmetic,
+        _aten.sub_.Tensor: _in_place_arithmetic,
+        _aten.mul_.Tensor: _in_place_arithmetic,
         _aten.div_.Tensor: _in_place,
-        _aten.mul_.Scalar: _in_place,
+        _aten.mul_.Scalar: _in_place_arithmetic,
         _aten.div_.Scalar: _in_place,
-        _aten.add_.Scalar: _in_place,
+        _aten.add_.Scalar: _in_place_arithmetic,
         _aten.pow_.Scalar: _in_place,
         _aten.uniform_.default: _fill,
         _aten.normal_.default: _fill,
@@ -596,6 +689,7 @@ _RULES.update(
         _aten.upsample_bilinear2d.default: _upsample2d,
         _aten.pixel_shuffle.default: _pixel_shuffle,
         _aten.mean.dim: _mean,
+        _aten.sum.dim_IntList: _sum,
         _aten._softmax.default: _softmax,
         _aten._log_softmax.default: _softmax,
         _aten._safe_softmax.default: _softmax,
@@ -609,6 +703,8 @@ _RULES.update(
         _aten.zeros.default: _factory,
         _aten.ones.default: _factory,
         _aten.full.default: _factory,
+        **dict.fromkeys((_aten.arange.default, _aten.arange.start, _aten.arange.start_step), _arange),
+        _aten.linspace.default: _linspace,
     }
 )
 
