@@ -18,7 +18,7 @@ import gc
 import hashlib
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ from ._record import (
     contiguous_strides,
     law_marker,
     register_layout,
+    shared,
 )
 
 __all__ = ["deferred", "deferred_tensors", "fake_attrs", "is_deferred"]
@@ -336,7 +337,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return False
         sid = ref.sid
         whole = _covers(ref, self.record.storages[sid].nbytes)
-        self._append(func, args, kwargs, spec, [ref, *flat[1:]], [], [sid], [sid], sid if whole else None)
+        this = shared((sid,))
+        self._append(func, args, kwargs, spec, [ref, *flat[1:]], (), this, this, sid if whole else None)
         return True
 
     def _log(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
@@ -387,9 +389,9 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         kwargs: Any,
         spec: Any,
         leaves: list[Any],
-        outputs: list[tuple[int, int]],
-        reads: list[int],
-        writes: list[int],
+        outputs: Sequence[tuple[int, int]],
+        reads: Sequence[int],
+        writes: Sequence[int],
         overwrites: int | None,
     ) -> None:
         """Add the node of an op that makes or writes storages (`overwrites`: the storage it rewrites
@@ -404,9 +406,11 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             stream = self.record.stream_for(_generator_arg(func, args, kwargs))
             if top:
                 self._sync(stream)
-        if overwrites is not None:
+        if overwrites is not None and overwrites in reads:
             reads = [r for r in reads if r != overwrites]
-        node = Node(self.reserve(), func, spec, leaves, outputs, tuple(reads), tuple(writes), stream, overwrites)
+        node = Node(
+            self.reserve(), func, spec, leaves, outputs, shared(tuple(reads)), shared(tuple(writes)), stream, overwrites
+        )
         self.record.add(node)
         if stream is not None and top:
             self._park(stream, node.key)

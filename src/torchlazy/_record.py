@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +40,20 @@ Key = tuple[int, ...]
 GENERATOR_LOCK = threading.RLock()
 
 
+_SHARED: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+
+def shared(values: tuple[int, ...]) -> tuple[int, ...]:
+    """One tuple object for equal tuples of ints (shapes, strides, storage ids): a record holds thousands,
+    most alike, and each distinct object is one more for the garbage collector to scan when a block ends."""
+    found = _SHARED.get(values)
+    if found is None:
+        found = values
+        if len(_SHARED) < 1 << 16:
+            _SHARED[values] = values
+    return found
+
+
 # Slotted: a record holds thousands of these; without a __dict__ each costs one object less to make,
 # and one less for the garbage collector to scan when the block ends.
 @dataclass(frozen=True, slots=True)
@@ -54,7 +68,7 @@ class TRef:
 
     @staticmethod
     def of(sid: int, t: torch.Tensor) -> TRef:
-        return TRef(sid, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.dtype)
+        return TRef(sid, shared(tuple(t.shape)), shared(t.stride()), int(t.storage_offset()), t.dtype)
 
     def on(self, storage: torch.UntypedStorage) -> torch.Tensor:
         out = torch.empty(0, dtype=self.dtype, device=storage.device)
@@ -90,7 +104,7 @@ class Node:
     func: Callable[..., Any] | None  # None: the node makes a constant (leaves[0])
     spec: Any  # a pytree spec of (args, kwargs); None for a constant
     leaves: list[Any]
-    outputs: list[tuple[int, int]]  # (index among the output's leaves, new storage id)
+    outputs: Sequence[tuple[int, int]]  # (index among the output's leaves, new storage id)
     reads: tuple[int, ...]
     writes: tuple[int, ...]
     stream: Stream | None = None
