@@ -144,6 +144,11 @@ def _shortcut(func: Any, types: Any, args: Any, kwargs: Any) -> Any:
     mode = _local.fake_mode
     if mode is None or _local.recorders or _local.quiet or _local.after_block or tc.fake_mode_active():
         return _SLOW
+    if id(func) in _VIEWS and storage_of(args[0]) is not None:  # a view records nothing: made at once
+        out = _fast_on_fakes(mode, func, args, kwargs)
+        if out is not _SLOW:
+            tc.forget_fake_conversions(mode, (args, kwargs, out))
+        return out
     tail = _tail_of(args, kwargs)
     return _SLOW if tail is None else _after_block(mode, tail, func, types, args, kwargs, fast=True)
 
