@@ -69,7 +69,8 @@ def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _once(script: str, name: str) -> dict[str, Any]:
+def once(script: str, name: str) -> dict[str, Any]:
+    """One fresh-process run of one variant."""
     out = subprocess.run([sys.executable, script, "--variant", name], capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -79,7 +80,7 @@ def _once(script: str, name: str) -> dict[str, Any]:
 
 def run(script: str, name: str, repeat: int | None = None) -> dict[str, Any]:
     """Median of `repeat` (default: `runs()`) fresh-process runs of one variant."""
-    return median_of([_once(script, name) for _ in range(repeat or runs())])
+    return median_of([once(script, name) for _ in range(repeat or runs())])
 
 
 def run_all(script: str, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -88,7 +89,7 @@ def run_all(script: str, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for _ in range(runs()):
         for name in names:
-            results[name].append(_once(script, name))
+            results[name].append(once(script, name))
     return [(name, median_of(results[name])) for name in names]
 
 
