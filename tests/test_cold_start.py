@@ -141,3 +141,15 @@ def test_index_tables_import_no_dynamo() -> None:
         "print(json.dumps({'dynamo': dynamo, 'sympy': sympy, 'same': torch.equal(m.index, _Table().index)}))\n"
     )
     assert got == {"dynamo": False, "sympy": False, "same": True}
+
+
+def test_first_block_under_another_default_device() -> None:
+    """The first block's one-off checks make their tensors on the CPU, whatever the default device."""
+    got = fresh(
+        "import json, torch, torchlazy as tl\n"
+        "torch.set_default_device('meta')\n"
+        "with tl.deferred():\n"
+        "    m = torch.nn.Linear(4, 4)\n"
+        "print(json.dumps({'device': str(m.weight.device)}))\n"
+    )
+    assert got == {"device": "meta"}

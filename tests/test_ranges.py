@@ -193,3 +193,33 @@ def test_trunc_normal_outside_a_block_is_torchs() -> None:
     torch.manual_seed(0)
     x = torch.nn.init.trunc_normal_(torch.empty(100), std=1.0, a=-0.1, b=0.1)
     assert x.abs().max() <= 0.1 and len(torch.unique(x)) == 100
+
+
+def test_trunc_normal_refusals_are_torchs() -> None:
+    """std=0: torch divides by it; the block raises what eager raises."""
+    with pytest.raises(ZeroDivisionError):
+        torch.nn.init.trunc_normal_(torch.empty(4), std=0.0)
+    with tl.deferred(), pytest.raises(ZeroDivisionError):
+        torch.nn.init.trunc_normal_(torch.empty(4), std=0.0)
+
+
+class _TruncBlock(tl.LazyModule):
+    def build(self, x: torch.Tensor) -> None:
+        self.w = torch.nn.Parameter(torch.empty(x.shape[-1], 7))
+        torch.nn.init.trunc_normal_(self.w, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w
+
+
+def test_trunc_normal_in_a_lazy_build_keeps_no_reference() -> None:
+    """A lazy layer built by `tl.build` inside a deferred model runs torch's body: the recorder keeps no
+    frame of the call (a frame holds the tensor, and the swap into the model refuses extra references)."""
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), _TruncBlock())
+    tl.build(model, torch.empty(2, 8))
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Linear(8, 16), _TruncBlock())
+    eager(torch.empty(2, 8))
+    assert_models_identical(model, eager)

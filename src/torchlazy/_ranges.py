@@ -80,8 +80,8 @@ def normal_stays_within(dtype: torch.dtype, mean: Any, std: Any, a: Any, b: Any)
     >>> normal_stays_within(torch.float32, 0.0, 0.02, -2.0, 2.0), normal_stays_within(torch.float32, 0.0, 1.0, -2.0, 2.0)
     (True, False)
     """
-    if dtype not in _FLOATS or type(mean) not in (int, float) or type(std) not in (int, float) or not std >= 0:
-        return False
+    if dtype not in _FLOATS or type(mean) not in (int, float) or type(std) not in (int, float) or not std > 0:
+        return False  # std 0: torch's trunc_normal_ divides by it and raises
     draws = _checked(Range(mean - _NORMAL_SPAN * std, mean + _NORMAL_SPAN * std, dtype))
     low, high = _read(a, {}), _read(b, {})
     if draws is None or low is None or high is None:
