@@ -153,3 +153,24 @@ def test_first_block_under_another_default_device() -> None:
         "print(json.dumps({'device': str(m.weight.device)}))\n"
     )
     assert got == {"device": "meta"}
+
+
+class _OddGrids(torch.nn.Module):
+    """Broadcasts of views whose size-1 dims have odd strides, then a permuted copy: torch lays such outputs
+    out column-major, and a recorded view replays with the recorded strides (review found wrong values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        x = torch.arange(6).view(2, 3)
+        ints = x.t()[:, :1].unsqueeze(1) + torch.arange(4).view(1, 4, 1) * 10
+        floats = torch.full((1,), 100.0) + torch.arange(2.0)[:, None, None].expand(2, 3, 1).transpose(0, 2)
+        self.register_buffer("ints", ints.permute(1, 0, 2).contiguous())
+        self.register_buffer("floats", floats.permute(2, 1, 0).contiguous())
+
+
+def test_broadcasts_of_odd_views_give_eager_values() -> None:
+    with tl.deferred():
+        m = _OddGrids()
+    tl.materialize(m)
+    e = _OddGrids()
+    assert torch.equal(m.ints, e.ints) and torch.equal(m.floats, e.floats)

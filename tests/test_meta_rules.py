@@ -298,6 +298,34 @@ def test_index_tables_of_views_agree_with_torch() -> None:
     assert sum(compare(func, args) for func, args in cases) >= 4  # the others are not in row order: left to torch
 
 
+def odd_layout(shape: list[int], rng: random.Random) -> torch.Tensor:
+    """A meta tensor of `shape` in any dim order, its size-1 dims with odd strides, some dims expanded."""
+    n = len(shape)
+    order = rng.sample(range(n), n)
+    base = meta(*(shape[d] for d in order)).permute(*[order.index(i) for i in range(n)])
+    strides = list(base.stride())
+    for i in range(n):
+        if shape[i] == 1 and rng.random() < 0.7:
+            strides[i] = rng.choice([0, 1, 2, 3, 7, 12])
+        elif rng.random() < 0.15:
+            strides[i] = 0
+    return torch.empty_strided(shape, strides, device="meta")
+
+
+def test_broadcasts_of_odd_layouts_agree_with_torch() -> None:
+    """torch orders a pointwise output's dims by every operand's strides, size-1 dims' too: a rule that
+    answers must give its strides (a recorded view replays with them: wrong strides are wrong values)."""
+    rng = random.Random(0)
+    answered = 0
+    for _ in range(3000):
+        out = [rng.choice([1, 1, 2, 3, 4]) for _ in range(rng.randint(1, 4))]
+        x = odd_layout([d if rng.random() < 0.7 else 1 for d in out], rng)
+        y = odd_layout([d if rng.random() < 0.7 else 1 for d in out][rng.randrange(len(out)) :], rng)
+        answered += compare(rng.choice([aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor]), (x, y))
+        answered += compare(rng.choice([aten.relu.default, aten.neg.default]), (x,))
+    assert answered > 3000
+
+
 def test_tensors_that_are_not_plain_meta_tensors_are_left_to_torch() -> None:
     assert R.outputs(aten.relu.default, (torch.zeros(2),), {}) is R.NOT_HANDLED  # real values to compute
     assert R.outputs(aten.zeros.default, ([2],), {"dtype": torch.float32}) is R.NOT_HANDLED  # no device: the CPU

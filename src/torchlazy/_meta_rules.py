@@ -246,11 +246,24 @@ def _operands(a: Any, b: Any, rest: Any, kwargs: dict[str, Any], floating: bool)
     return tensors
 
 
+def _canonical(t: torch.Tensor) -> bool:
+    """Contiguous with the strides `torch.empty` gives, size-1 dims included: torch's pointwise kernels order
+    the output's dims by every operand's strides, a size-1 dim's too (`x.t()[:, :1].unsqueeze(1)` is contiguous
+    with strides (1, 3, 3), and broadcast with a contiguous tensor gives a column-major output)."""
+    step, strides = 1, t.stride()
+    for i in range(t.dim() - 1, -1, -1):
+        if strides[i] != step:
+            return False
+        step *= max(t.shape[i], 1)
+    return True
+
+
 def _in_row_order(tensors: list[torch.Tensor], shape: list[int]) -> bool:
     """Whether every operand, broadcast to `shape`, runs its dims in row-major order: along the dims of the
     output that it does not broadcast, its strides strictly decrease (`x[:, None] - x[None, :]`). torch's
     pointwise kernels then put no dim before another: the output is contiguous. Equal strides are not
-    modelled (torch breaks such ties by other rules)."""
+    modelled (torch breaks such ties by other rules), nor outputs with a size-1 dim (whose strides, odd ones
+    included, take part in torch's ordering): the caller asks only without one."""
     for t in tensors:
         pad = len(shape) - t.dim()
         kept = [t.stride(i) for i in range(t.dim()) if t.shape[i] > 1 and shape[pad + i] > 1 and t.stride(i)]
@@ -267,7 +280,7 @@ def _broadcast_out(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Ten
     shape = _broadcast(*(t.shape for t in tensors))
     if len(tensors) == 1:
         return _like(tensors[0], dtype)
-    if all(t.is_contiguous() for t in tensors) or _in_row_order(tensors, shape):
+    if all(_canonical(t) for t in tensors) or (1 not in shape and _in_row_order(tensors, shape)):
         return _empty(shape, dtype)
     first = tensors[0]
     if list(first.shape) != shape:
