@@ -490,3 +490,19 @@ def test_a_record_is_freed_with_its_model() -> None:
     del materialized, dropped
     gc.collect()
     assert first() is None and second() is None
+
+
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # torch's own, eager alike
+def test_a_real_tensor_read_by_two_blocks() -> None:
+    """A real tensor copied in one block and again in the next: each block's copy is its own (the fake mode's
+    memo of converted storages once handed the second block the first block's storage: a DeferredError)."""
+    outside = torch.tensor([-1.5, 2.0])
+    modules = []
+    for _ in range(2):
+        with tl.deferred():
+            m = nn.Module()
+            m.register_buffer("copy", torch.empty(3).new_tensor(outside))
+        modules.append(m)
+    for m in modules:
+        tl.materialize(m)
+        assert torch.equal(m.copy, outside)

@@ -223,3 +223,27 @@ def test_trunc_normal_in_a_lazy_build_keeps_no_reference() -> None:
     eager = torch.nn.Sequential(torch.nn.Linear(8, 16), _TruncBlock())
     eager(torch.empty(2, 8))
     assert_models_identical(model, eager)
+
+
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # torch's own, eager alike
+def test_trunc_normal_with_tensor_parameters_is_exact() -> None:
+    """Tensor-valued mean/std/bounds (0-d tensors, made inside the block or given from outside), as eager takes."""
+    outside = torch.tensor(-1.5)
+
+    def make() -> torch.nn.Module:
+        m = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Linear(5, 5))
+        torch.nn.init.trunc_normal_(m[0].weight, mean=torch.tensor(0.0), std=torch.tensor(0.5))
+        torch.nn.init.trunc_normal_(m[1].weight, std=torch.tensor(1.0), a=outside, b=torch.tensor(1.5))
+        return m
+
+    torch.manual_seed(0)
+    eager = make()
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make()
+    tl.materialize(model)
+    assert_models_identical(model, eager)
+    with tl.deferred():
+        fast = make()
+    tl.materialize(fast, exact=False)
+    assert fast[0].weight.abs().max() <= 2.0 and fast[1].weight.abs().max() <= 1.5

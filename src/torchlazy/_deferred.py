@@ -433,9 +433,23 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if frame is not None and self.law_call is None and random:
             target = frame.f_locals.get("tensor")
             ref = self._ref(target, "trunc_normal_") if isinstance(target, torch.Tensor) else None
-            if isinstance(ref, TRef):
-                law = {name: float(frame.f_locals[name]) for name in ("mean", "std", "a", "b")}
-                self.law_call = (frame, ref, law)
+            numbers = {name: self._number(frame.f_locals.get(name)) for name in ("mean", "std", "a", "b")}
+            if isinstance(ref, TRef) and None not in numbers.values():
+                self.law_call = (frame, ref, numbers)  # type: ignore[assignment]
+
+    def _number(self, x: Any) -> float | None:
+        """A law's parameter as a float: a number, a real tensor's value, or a recorded constant's; None where
+        it is not known without computing (then no law is noted: exact=False replays the recorded program)."""
+        if type(x) in (int, float, bool):
+            return float(x)
+        if not isinstance(x, torch.Tensor) or x.numel() != 1:
+            return None
+        with tc.disable_current_modes():
+            if not tc.is_fake(x):
+                return float(x)
+            ref = self._ref_or_none(x)
+            known = None if ref is None else _ranges.known_item(self.record, ref, self.next_key())
+        return None if known is None else float(known)
 
     def truncated_normal(self, tensor: Any, mean: Any, std: Any, a: Any, b: Any, generator: Any) -> bool:
         """torch's `trunc_normal_` on a tensor of this record whose bounds its law never reaches: recorded as
@@ -1161,6 +1175,7 @@ def deferred(*, concretize: bool = False) -> Iterator[None]:
         yield
         return
     record = Record()
+    tc.forget_storage_conversions(fake_mode())  # a real tensor used by an earlier block is converted anew
     with recording(record, concretize=concretize) as recorder:
         try:
             yield

@@ -39,6 +39,7 @@ __all__ = [
     "fake_tensor_mode_type",
     "fake_tensor_type",
     "forget_fake_conversions",
+    "forget_storage_conversions",
     "fsdp_params",
     "no_dispatch",
     "override_fake_methods",
@@ -366,6 +367,12 @@ def forget_fake_conversions(mode: Any, tree: Any) -> None:
     ids = {id(t) for t in tree_leaves(tree)}
     for key in [k for k, v in list(memo.items()) if id(v) in ids]:
         del memo[key]
+
+
+def forget_storage_conversions(mode: Any) -> None:
+    """Forget which meta storage stands for which real storage converted by `mode`: a record marks the meta
+    storages it makes, so a real tensor converted again in a later block must get a storage of its own."""
+    mode.fake_tensor_converter.meta_converter.storage_memo.clear()
 
 
 # torch's own body of `nn.init.trunc_normal_`, taken before torchlazy may wrap it (`wrap_trunc_normal`)
