@@ -506,3 +506,24 @@ def test_a_real_tensor_read_by_two_blocks() -> None:
     for m in modules:
         tl.materialize(m)
         assert torch.equal(m.copy, outside)
+
+
+class _ViewBuffers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        table = torch.randn(10, 4)
+        self.register_buffer("table", table)
+        self.register_buffer("head", table[:3])  # a view of the other buffer: it keeps its base alive
+
+
+def test_a_buffer_that_views_another_materializes() -> None:
+    """torch refuses to swap a tensor another one still references (a view's base): the new tensor then
+    takes its place in the model, and the two still share storage as eager's do."""
+    torch.manual_seed(0)
+    eager = _ViewBuffers()
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = _ViewBuffers()
+    tl.materialize(model)
+    assert_models_identical(model, eager)
+    assert model.head.data_ptr() == model.table.data_ptr()

@@ -129,8 +129,7 @@ def swap_all(module: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], 
         elif old.requires_grad and new.is_floating_point() and not new.requires_grad:
             new.requires_grad_(True)
         state = TensorState.of(old, internal)
-        if weakref.getweakrefcount(old) == 0:
-            torch.utils.swap_tensors(old, new)
+        if weakref.getweakrefcount(old) == 0 and _swapped(old, new):
             old.__dict__.clear()
             state.give(old, requires_grad=False)
         else:
@@ -139,6 +138,16 @@ def swap_all(module: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], 
     if replacements:
         _replace_references(module, replacements)
     refresh_parameter_caches(module)
+
+
+def _swapped(old: torch.Tensor, new: torch.Tensor) -> bool:
+    """Swap `new` into the object `old`; False, changing nothing, where torch refuses: another reference holds
+    the old tensor (a buffer registered as a view of another keeps its base alive)."""
+    try:
+        torch.utils.swap_tensors(old, new)
+    except RuntimeError:
+        return False
+    return True
 
 
 # spellings of floating dtypes people write (the CLI's too)
