@@ -141,8 +141,12 @@ def swap_all(module: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], 
 
 
 def _swapped(old: torch.Tensor, new: torch.Tensor) -> bool:
-    """Swap `new` into the object `old`; False, changing nothing, where torch refuses: another reference holds
-    the old tensor (a buffer registered as a view of another keeps its base alive)."""
+    """Swap `new` into the object `old`; for a buffer, False, changing nothing, where torch refuses: another
+    reference holds the old tensor (a buffer registered as a view of another keeps its base alive). A
+    parameter keeps torch's refusal: an optimizer made before materialize would go on holding the old one."""
+    if isinstance(old, nn.Parameter):
+        torch.utils.swap_tensors(old, new)
+        return True
     try:
         torch.utils.swap_tensors(old, new)
     except RuntimeError:

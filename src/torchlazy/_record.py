@@ -802,8 +802,16 @@ class Record:
                     "`device='cpu'` and move the model afterwards."
                 ) from e
         flat = tc.tree_leaves(out)
+        constants = {
+            leaf.value.untyped_storage().data_ptr()
+            for leaf in node.leaves
+            if isinstance(leaf, Const) and isinstance(leaf.value, torch.Tensor)
+        }
         for index, sid in node.outputs:
-            env[sid] = flat[index].untyped_storage()
+            storage = flat[index].untyped_storage()
+            if constants and storage.data_ptr() in constants:
+                storage = storage.clone()  # a constant's own memory (`lift_fresh`): later writes go to a copy
+            env[sid] = storage
 
 
 def law_marker(t: torch.Tensor) -> torch.Tensor:
