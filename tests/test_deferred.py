@@ -544,3 +544,36 @@ def test_a_constant_written_in_place_replays_fresh_each_time() -> None:
     tl.materialize(model["a"])
     tl.materialize(model["b"])
     assert model["a"].b.item() == 0.5 and model["b"].b.item() == 1.0
+
+
+def test_a_dropped_deferred_model_is_freed_by_reference_counting() -> None:
+    """Records hold no reference cycle (so a block's objects can skip the young collections): dropping a deferred
+    model, never materialized, frees its record at once, with the cycle collector off."""
+    import gc
+    import weakref
+
+    from torchlazy._deferred import storage_of
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+            nn.init.trunc_normal_(self.body[0].weight, std=0.02)
+
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = Net()
+    with torch.no_grad():
+        model.body[2].weight.mul_(2)  # recorded after the block: the record's tail recorder took part
+    owner = storage_of(model.body[0].weight)
+    assert owner is not None
+    record = weakref.ref(owner[0])
+    del owner
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del model
+        assert record() is None
+    finally:
+        if enabled:
+            gc.enable()

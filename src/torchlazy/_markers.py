@@ -12,7 +12,7 @@ PREFIX = "_torchlazy_"
 RECORD = PREFIX + "record"
 # on a module: {name: recorded tensor} for the parameters it registered under `deferred()`
 ORIGIN = PREFIX + "origin"
-# on a module: the forward pre-hook handle that refuses a forward before materialization
+# on a module: True while a forward pre-hook refuses its forward before materialization
 GUARD = PREFIX + "guard"
 # on a lazy placeholder parameter: (weakref to its module, its name there)
 WHERE = PREFIX + "where"

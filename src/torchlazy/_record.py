@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -98,7 +99,7 @@ class Const:
 _UNKNOWN: Any = object()
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class Node:
     key: Key
     func: Callable[..., Any] | None  # None: the node makes a constant (leaves[0])
@@ -136,7 +137,7 @@ class StorageInfo:
     sid: int
     nbytes: int
     device: torch.device
-    meta: Any  # the fake storage, kept alive so its identity stays unique
+    meta: weakref.ref[Any]  # the fake storage (weak: the storage's marker holds the record)
     writers: list[Node] = field(default_factory=list)  # sorted by key
 
 
@@ -155,11 +156,13 @@ class Stream:
     """
 
     def __init__(self, record: Record, generator: torch.Generator, entry: torch.Tensor | None):
-        self.record = record
+        # no reference cycle: a record nobody uses any more is freed by reference counting alone (its
+        # nodes hold their stream; the stream sees the record and its nodes through weak references)
+        self._record = weakref.ref(record)
         self.generator = generator
         self.entry = entry  # None: a live stream, which starts from the generator's state then
         self.keys: list[Key] = []
-        self.nodes: dict[Key, Node] = {}
+        self.nodes: weakref.WeakValueDictionary[Key, Node] = weakref.WeakValueDictionary()
         self.before: dict[Key, torch.Tensor] = {}
         self.after: dict[Key, torch.Tensor] = {}  # after unmodelled nodes (those the model cannot jump)
         # a state some words into a passed node's draws (where a shard's slice started), so that the next
@@ -278,7 +281,9 @@ class Stream:
                 state, pending = _rng.jump(state, pending), 0
             self.before[key] = state
             self.generator.set_state(state)
-            self.record.run_on_scratch(node)
+            record = self._record()
+            assert record is not None  # a stream is reached through its record
+            record.run_on_scratch(node)
             state = self.after[key] = _generator_state(self.generator)
         if pending:
             state = _rng.jump(state, pending)
@@ -375,6 +380,15 @@ class Draw:
     align: int | None  # split generation is exact at multiples of this (None: not splittable)
 
 
+def _first_argument(node: Node) -> Any:
+    """The first positional argument of a recorded op (None if it has none), without rebuilding the rest."""
+    layout = _LAYOUTS.get(id(node.spec))
+    if layout is not None and layout[3] is node.spec and layout[0] and layout[2][0] is None:
+        return node.leaves[0]  # a registered layout whose first value is a leaf
+    args = unflatten(node.leaves, node.spec)[0]
+    return args[0] if args else None
+
+
 def named_arguments(node: Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """A recorded op's positional arguments, and every argument by its schema name."""
     assert node.spec is not None and node.func is not None
@@ -395,7 +409,7 @@ def draw_of(node: Node) -> Draw | None:
         if op in _WITH_PARAMS:
             args, named = named_arguments(node)
         else:  # only the target is needed
-            args, named = unflatten(node.leaves, node.spec)[0], {}
+            args, named = (_first_argument(node),), {}
         target = args[0] if args else None
         if isinstance(target, TRef) and target.stride == contiguous_strides(target.size):
             params: dict[str, Any] = {}
@@ -467,8 +481,8 @@ class Record:
         self.exit_states: dict[int, torch.Tensor] = {}  # id(generator) -> its state set when the block ended
         self._scratch: torch.UntypedStorage | None = None
         self._adopt: tuple[dict[int, torch.UntypedStorage], set[int]] | None = None
-        # what records ops on its tensors after its block (`_deferred`'s recorder of the block); a cycle
-        # with the record, freed with it once no tensor of the record is left
+        # what records ops on its tensors after its block (`_deferred`'s recorder of the block, which then
+        # sees the record through a weak reference: no cycle)
         self.tail: Any = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Record:
@@ -478,7 +492,7 @@ class Record:
     def new_storage(self, meta: Any, nbytes: int, device: torch.device) -> int:
         sid = self._next_sid
         self._next_sid += 1
-        self.storages[sid] = StorageInfo(sid, nbytes, device, meta)
+        self.storages[sid] = StorageInfo(sid, nbytes, device, weakref.ref(meta))
         return sid
 
     def stream_for(self, generator: torch.Generator | None) -> Stream:
