@@ -56,8 +56,9 @@ def shared(values: tuple[int, ...]) -> tuple[int, ...]:
 
 
 # Slotted: a record holds thousands of these; without a __dict__ each costs one object less to make,
-# and one less for the garbage collector to scan when the block ends.
-@dataclass(frozen=True, slots=True)
+# and one less for the garbage collector to scan when the block ends. Hashable and never changed, but not
+# `frozen`: a frozen dataclass sets each field through `object.__setattr__`, 3x the cost of making one.
+@dataclass(slots=True, unsafe_hash=True)
 class TRef:
     """A tensor argument: a geometry on a recorded storage."""
 
@@ -182,7 +183,8 @@ class Stream:
         self.seeds: dict[int, Key] = {}
 
     def add(self, node: Node) -> None:
-        at = bisect.bisect_left(self.keys, node.key)
+        keys = self.keys
+        at = len(keys) if not keys or keys[-1] < node.key else bisect.bisect_left(keys, node.key)
         if at < self.committed:
             raise DeferredError(
                 f"`{node.name}` draws random numbers at a place in construction order that "
@@ -509,7 +511,10 @@ class Record:
         if self.nodes and node.key < self.nodes[-1].key:
             self._sorted = False
         self.nodes.append(node)
-        for sid in {*node.writes, *(sid for _, sid in node.outputs)}:
+        touched = (
+            node.writes if len(node.writes) < 2 and not node.outputs else {*node.writes, *(s for _, s in node.outputs)}
+        )
+        for sid in touched:
             writers = self.storages[sid].writers
             if not writers or writers[-1].key < node.key:
                 writers.append(node)  # construction order: the usual case
