@@ -104,10 +104,17 @@ def _after_block(mode: Any, tail: _Recorder, func: Any, types: Any, args: Any, k
     """An op on a closed record's tensors, run and recorded by the block's recorder (`fast`: only where
     `_fast_fake` runs it, else `_SLOW`)."""
     _local.after_block += 1
+    lent = "record" not in tail.__dict__  # the record, held while the op runs (see `_Recorder.let_go`)
+    if lent:
+        record = tail._record_ref()
+        assert record is not None  # the op's tensors hold it
+        tail.record = record
     try:
         out = tail.record_fast(func, args, kwargs) if fast else tail.__torch_dispatch__(func, types, args, kwargs)
     finally:
         _local.after_block -= 1
+        if lent:
+            del tail.record
     if out is not _SLOW:
         # the mode's conversion cache holds weak references that would make
         # `Module._apply` (`.to()`, `.half()`) refuse to swap these tensors
@@ -307,6 +314,10 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
     def record_fast(self, func: Any, args: Any, kwargs: Any) -> Any:
         """Run and record `func` where `_fast_fake` can run it; `_SLOW` where the fake-tensor mode must."""
+        if id(func) in _FILLS:
+            done = self._fill(func, args, kwargs)
+            if done is not None:
+                return done
         out = _fast_fake(_local.fake_mode, func, args, kwargs)
         if out is _SLOW:
             return out
@@ -316,6 +327,32 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         elif op not in _FILLS or not self._log_fill(func, args, kwargs):
             self._log(func, args, kwargs, out)
         return out
+
+    def _fill(self, func: Any, args: Any, kwargs: Any) -> Any:
+        """The usual fill or draw (`zero_`, `fill_`, `uniform_`, `normal_` by numbers) over this record's
+        tensor, checked and recorded in one step: what `_fast_fake` then `_log_fill` do, for a third of
+        construction's ops. None where they must look closer (another tensor among the arguments, a law
+        the meta kernel must check, a tensor of another record or mode)."""
+        target = args[0]
+        if not tc.is_fake(target) or tc.fake_mode_of(target) is not _local.fake_mode:
+            return None
+        for x in (*args[1:], *kwargs.values()):
+            if isinstance(x, torch.Tensor):
+                return None
+        if func is _aten.uniform_.default and not _uniform_ok(*args[1:3], **kwargs):
+            return None
+        if func is _aten.normal_.default and not _normal_ok(*args[1:3], **kwargs):
+            return None
+        owner = storage_of(target)
+        if owner is None or owner[0] is not self.record or tc.fake_constant(target) is not None:
+            return None
+        sid = owner[1]
+        ref = TRef.of(sid, target)
+        flat, spec = _flatten(args, kwargs)
+        whole = _covers(ref, self.record.storages[sid].nbytes)
+        this = shared((sid,))
+        self._append(func, args, kwargs, spec, [ref, *flat[1:]], (), this, this, sid if whole else None)
+        return target
 
     def _owned(self, t: Any) -> tuple[Record, int] | None:
         """(record, storage id) of `t` when it is a tensor of this recorder's record, else None."""
@@ -716,8 +753,7 @@ _LEAF_TYPES = frozenset(
 _SPECS: dict[Any, Any] = {}
 
 
-def _flat_leaf(x: Any) -> bool:
-    return type(x) in _LEAF_TYPES or isinstance(x, (torch.Tensor, torch.Generator))
+_OTHER_LEAVES = (torch.Tensor, torch.Generator)
 
 
 def _shallow(values: tuple[Any, ...]) -> tuple[list[Any], tuple[Any, ...]] | None:
@@ -726,13 +762,16 @@ def _shallow(values: tuple[Any, ...]) -> tuple[list[Any], tuple[Any, ...]] | Non
     and outputs do; None for anything deeper."""
     leaves: list[Any] = []
     shape: list[Any] = []
+    leaf_types, other_leaves = _LEAF_TYPES, _OTHER_LEAVES  # the hot path: no call per value
     for x in values:
-        if type(x) is list or type(x) is tuple:
-            if not all(_flat_leaf(y) for y in x):
-                return None
+        kind = type(x)
+        if kind is list or kind is tuple:
+            for y in x:
+                if type(y) not in leaf_types and not isinstance(y, other_leaves):
+                    return None
             leaves.extend(x)
-            shape.append((type(x), len(x)))
-        elif _flat_leaf(x):
+            shape.append((kind, len(x)))
+        elif kind in leaf_types or isinstance(x, other_leaves):
             leaves.append(x)
             shape.append(None)
         else:
