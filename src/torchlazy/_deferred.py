@@ -314,14 +314,18 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
     def record_fast(self, func: Any, args: Any, kwargs: Any) -> Any:
         """Run and record `func` where `_fast_fake` can run it; `_SLOW` where the fake-tensor mode must."""
-        if id(func) in _FILLS:
+        op = id(func)
+        if op in _FILLS:
             done = self._fill(func, args, kwargs)
+            if done is not None:
+                return done
+        elif op in _PLAIN_VIEWS:
+            done = self._view(func, args, kwargs)
             if done is not None:
                 return done
         out = _fast_fake(_local.fake_mode, func, args, kwargs)
         if out is _SLOW:
             return out
-        op = id(func)
         if op in _FACTORIES:  # `_fast_fake` made it from sizes and options alone
             self._log_new(func, args, kwargs, out)
         elif op not in _FILLS or not self._log_fill(func, args, kwargs):
@@ -353,6 +357,25 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         this = shared((sid,))
         self._append(func, args, kwargs, spec, [ref, *flat[1:]], (), this, this, sid if whole else None)
         return target
+
+    def _view(self, func: Any, args: Any, kwargs: Any) -> Any:
+        """A view (`detach`: every `nn.Parameter`) of this record's tensor made directly: it records nothing.
+        None where `_fast_fake` must look (another tensor among the arguments, another mode or record)."""
+        target = args[0]
+        mode = _local.fake_mode
+        if not tc.is_fake(target) or tc.fake_mode_of(target) is not mode or tc.fake_constant(target) is not None:
+            return None
+        for x in (*args[1:], *kwargs.values()):
+            if isinstance(x, torch.Tensor):
+                return None
+        owner = storage_of(target)
+        if owner is None or owner[0] is not self.record:
+            return None
+        out = tc.run_fake_kernel(mode, func, args, kwargs)
+        device = tc.fake_device(target)
+        if isinstance(out, torch.Tensor):
+            return tc.wrap_fake(mode, out, device)
+        return [tc.wrap_fake(mode, t, device) for t in out]  # `split`: a list of views
 
     def _owned(self, t: Any) -> tuple[Record, int] | None:
         """(record, storage id) of `t` when it is a tensor of this recorder's record, else None."""
@@ -840,6 +863,8 @@ _VIEWS = _ids({
     _aten.squeeze.dim, _aten.select.int, _aten.slice.Tensor, _aten.expand.default, _aten.permute.default,
     _aten.as_strided.default, _aten.alias.default, _aten.split.Tensor, _aten.split_with_sizes.default,
 })  # fmt: skip
+# Views whose meta kernel is cheap and checks all (`permute`'s imports sympy: it goes as `as_strided`)
+_PLAIN_VIEWS = _VIEWS - _ids({_aten.permute.default})
 _RULED_FACTORIES = _ids({_aten.arange.default, _aten.arange.start, _aten.arange.start_step, _aten.linspace.default})
 # A meta tensor has no values: these factories make what `empty` makes with the same arguments.
 _FILLED = _ids({_aten.zeros.default, _aten.ones.default})
