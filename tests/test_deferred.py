@@ -432,7 +432,29 @@ DRAW_FREE_VALUES: dict[str, Callable[[], object]] = {
     "nonzero then tolist": lambda: torch.nonzero(torch.arange(5) % 2).flatten().tolist(),
     "boolean mask": lambda: torch.arange(6)[torch.arange(6) > 3].tolist(),
     "from a list": lambda: torch.tensor([1.0, 2.0]).tolist(),
+    "nested tolist": lambda: torch.arange(6).view(2, 3).t().tolist(),
+    "tolist of a 0-dim": lambda: torch.arange(4).sum().tolist(),
+    "tolist of bools": lambda: (torch.arange(4) > 1).tolist(),
+    "tolist after an in-place op": lambda: torch.linspace(0, 1, 3).mul_(2).tolist(),
 }
+
+
+def test_tolist_computes_a_draw_free_tensor_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tolist()` computes the tensor once, not once per element (each `.item()` replays its closure)."""
+    from torchlazy._record import Record
+
+    calls = []
+    evaluate = Record.evaluate
+
+    def counting(self: Record, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return evaluate(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Record, "evaluate", counting)
+    with tl.deferred():
+        rates = torch.linspace(0, 0.1, 12).tolist()
+    assert rates == torch.linspace(0, 0.1, 12).tolist()
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("name", list(DRAW_FREE_VALUES))

@@ -482,21 +482,24 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         random = _op_info(func).random
         if random or (self.law_call is not None and self.law_call[1].sid in writes):
             self._follow_law(random)
-        stream = None
-        top = self.prefix == () and not self.record.live  # in program order, not a lazy layer's slot
-        if random:
-            # generator states come from C++, never through dispatch: no mode needs disabling here
-            stream = self.record.stream_for(_generator_arg(func, args, kwargs))
-            if top:
-                self._sync(stream)
         if overwrites is not None and overwrites in reads:
-            reads = [r for r in reads if r != overwrites]
-        node = Node(
-            self.reserve(), func, spec, leaves, outputs, shared(tuple(reads)), shared(tuple(writes)), stream, overwrites
-        )
-        self.record.add(node)
-        if stream is not None and top:
-            self._park(stream, node.key)
+            reads = () if len(reads) == 1 else [r for r in reads if r != overwrites]
+        reads = reads if type(reads) is tuple else shared(tuple(reads))
+        writes = writes if type(writes) is tuple else shared(tuple(writes))
+        if not random:
+            key = (*self.prefix, self.count)  # `reserve()`, inlined: one node per op
+            self.count += 1
+            self.record.add(Node(key, func, spec, leaves, outputs, reads, writes, None, overwrites))
+            return
+        # generator states come from C++, never through dispatch: no mode needs disabling here
+        stream = self.record.stream_for(_generator_arg(func, args, kwargs))
+        top = self.prefix == () and not self.record.live  # in program order, not a lazy layer's slot
+        if top:
+            self._sync(stream)  # a reseed it notes comes before the node
+        key = self.reserve()
+        self.record.add(Node(key, func, spec, leaves, outputs, reads, writes, stream, overwrites))
+        if top:
+            self._park(stream, key)
 
     # -- initializers whose law a rejection loop hides -------------------------------
     # `trunc_normal_` redraws values until all fall in [a, b]; how many times depends on
@@ -622,7 +625,15 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         small = sum(self.record.storages[sid].nbytes for sid in touched) <= _CHEAP_BYTES
         return small and all(n.stream is None for n in nodes)
 
-    def _needs_values(self, func: Any, args: Any, kwargs: Any) -> Any:
+    def values_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The real values of this record's tensor `t` where `.item()` may compute them (see `_needs_values`),
+        computed once for the whole tensor: `tolist()` of a draw-free tensor (drop-path rates from a
+        `linspace`) would otherwise read each element by its own `.item()`, each replaying the tensor."""
+        self._check_values_allowed(_LOCAL_SCALAR, (t,), {})
+        with tc.disable_current_modes():
+            return self._force([t])[0]  # type: ignore[no-any-return]
+
+    def _check_values_allowed(self, func: Any, args: Any, kwargs: Any) -> None:
         allowed = (
             self.concretize
             or _paths.frames_include((*tc.trunc_normal_codes(), *_REGISTERS))
@@ -645,6 +656,9 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                 "`tl.deferred(concretize=True)` to compute such values for real (exact, but it "
                 "costs the work needed to produce them)."
             )
+
+    def _needs_values(self, func: Any, args: Any, kwargs: Any) -> Any:
+        self._check_values_allowed(func, args, kwargs)
         if func is _LOCAL_SCALAR:  # a rejection sampler's test is often decided by its draws' law alone
             ref = self._ref_or_none(args[0])
             with tc.disable_current_modes():  # constants' min and max are read for real
@@ -1141,8 +1155,18 @@ def _install_value_guard() -> None:
             return _deepcopy(self, memo)
         return original_deepcopy(self, memo)
 
+    original_tolist = fake_type.tolist  # type: ignore[attr-defined]
+
+    def tolist(self: torch.Tensor) -> Any:
+        recorder = current_recorder()
+        if recorder is not None and _local.quiet == 0 and recorder._owned(self) is not None:
+            values = recorder.values_of(self)
+            with tc.disable_current_modes():
+                return values.tolist()
+        return original_tolist(self)
+
     methods = {name: reader(name, what) for name, what in _READS_VALUES.items()}
-    tc.override_fake_methods({**methods, "__deepcopy__": deepcopy})
+    tc.override_fake_methods({**methods, "__deepcopy__": deepcopy, "tolist": tolist})
 
 
 def _deepcopy(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
