@@ -404,9 +404,12 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         """A factory's new tensor (`empty`, `zeros`, ... from sizes): one new storage, nothing read."""
         leaves, spec = _flatten(args, kwargs)
         storage = out.untyped_storage()
-        sid = self.record.new_storage(storage, storage.nbytes(), out.device)
-        setattr(storage, _markers.RECORD, (self.record, sid))
-        self.record.add(Node(self.reserve(), func, spec, leaves, [(0, sid)], (), ()))
+        record = self.record
+        sid = record.new_storage(storage, storage.nbytes(), _CPU)  # `_fast_fake` makes factories on the CPU
+        setattr(storage, _markers.RECORD, (record, sid))
+        key = (*self.prefix, self.count)  # `reserve()`, inlined
+        self.count += 1
+        record.add(Node(key, func, spec, leaves, ((0, sid),), (), ()))
 
     def _log_fill(self, func: Any, args: Any, kwargs: Any) -> bool:
         """A fill or draw in place over one recorded tensor (`zero_`, `fill_`, `uniform_`, `normal_`);
@@ -452,7 +455,9 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             if tc.is_fake(t):
                 storage = t.untyped_storage()
                 if getattr(storage, _markers.RECORD, None) is None:
-                    sid = self.record.new_storage(storage, storage.nbytes(), t.device)
+                    sid = self.record.new_storage(
+                        storage, storage.nbytes(), tc.fake_device(t)
+                    )  # no `prim.device` dispatch
                     setattr(storage, _markers.RECORD, (self.record, sid))
                     outputs.append((index, sid))
         if not outputs and not writes:
@@ -961,8 +966,11 @@ def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
     tensor argument, a fake constant) returns `_SLOW`: the fake-tensor mode runs it.
     """
     if id(func) in _FACTORIES:
-        if not _plain_options(kwargs, _CPU) or any(isinstance(a, torch.Tensor) for a in args):
+        if not _plain_options(kwargs, _CPU):
             return _SLOW
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                return _SLOW
         return _made_on_meta(mode, func, args, kwargs, _CPU)
     if id(func) in _LIFTS:  # `torch.tensor(...)`: a real tensor becomes a recorded constant
         real = args[0]
