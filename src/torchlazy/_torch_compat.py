@@ -222,14 +222,12 @@ def wrap_fake(mode: Any, meta: torch.Tensor, device: torch.device) -> Any:
     descriptors of three attributes each) is replaced by its result: the subclass made
     over `meta` with the attributes a constructed probe of this mode carries.
     """
-    cls = fake_tensor_type()
-    if device.type != "cpu" or device.index is not None:
-        return cls(mode, meta, device)
     known = _FAKE_TEMPLATES.get(id(mode))
     if known is None or known[0] is not mode:
-        known = _FAKE_TEMPLATES[id(mode)] = (mode, _fake_template(cls, mode))
-    template = known[1]
-    if template is None:
+        cls = fake_tensor_type()
+        known = _FAKE_TEMPLATES[id(mode)] = (mode, _fake_template(cls, mode), cls)
+    _, template, cls = known
+    if template is None or device.type != "cpu" or device.index is not None:
         return cls(mode, meta, device)
     out = torch.Tensor._make_subclass(
         cls, meta, meta.requires_grad, dispatch_device=True, device_for_backend_keys=device
@@ -242,8 +240,8 @@ def wrap_fake(mode: Any, meta: torch.Tensor, device: torch.device) -> Any:
     return out
 
 
-# id(fake mode) -> (the mode, the attributes of a fake CPU tensor of it, or None: construct each)
-_FAKE_TEMPLATES: dict[int, tuple[Any, dict[str, Any] | None]] = {}
+# id(fake mode) -> (the mode, the attributes of a fake CPU tensor of it, or None: construct each, the fake class)
+_FAKE_TEMPLATES: dict[int, tuple[Any, dict[str, Any] | None, type]] = {}
 _FAKE_PROBE_ATTRS = {"_fake_device", "fake_mode", "constant", "pytype", "dispatch_keys", "real_tensor"}
 
 
