@@ -81,6 +81,18 @@ def test_jump_equals_torch_uniform(path: str, skip: int) -> None:
         assert torch.equal(_rng.jump(before, n), g.get_state()), n
 
 
+def test_a_distance_asked_again_takes_the_polynomial_jump_with_the_same_bits(path: str) -> None:
+    """Between the two thresholds a distance asked once refills block after block and asked again jumps by
+    its (now cached) polynomial: both equal torch's generator, from two different states."""
+    blocks = (_rng._DIRECT_BLOCKS_KNOWN[path] + _rng._DIRECT_BLOCKS[path]) // 2
+    n = blocks * 624 + 311
+    for seed in (12, 13):  # the first asks the distance, the second finds it asked
+        g = seeded(seed, 40)
+        before = g.get_state()
+        torch.empty(n).uniform_(generator=g)
+        assert torch.equal(_rng.jump(before, n), g.get_state()), seed
+
+
 def test_jump_from_refill_pending(path: str) -> None:
     g = seeded(6, 624)  # next == 624, left == 1: the next draw refills
     assert struct.unpack_from("<iiQ", bytes(g.get_state()[8:24].tolist())) == (1, 1, 624)
