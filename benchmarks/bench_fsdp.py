@@ -1,6 +1,6 @@
 """Sharded materialization on FSDP2, 1 and 2 CPU ranks (gloo): per-rank time and peak memory vs the full model.
 
-    python benchmarks/bench_fsdp.py [--runs N]
+    python benchmarks/bench_fsdp.py [--runs N] [--model 162m|500m]
 
 Medians over N runs (each run spawns its own ranks, 1 thread each). A rank generates only the rows of its
 shard (exact: each draw jumped to the slice's first word; exact=False: the counter-based stream at the
@@ -29,12 +29,19 @@ import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _harness import child, machine, median_of, once, run, runs
-from bench_materialize import exact_of, make, warm_up
+from _harness import child, machine, median_of, once, runs
+from bench_materialize import exact_of, make_500m, warm_up
+from bench_materialize import make as make_162m
 
 import torchlazy as tl
 
 TARGET = 0.6  # issue #11: slowest rank / whole model in one process
+# the Llama to shard (the default; or ~0.47B: per-rank costs that do not shrink weigh less next to the draws);
+# set in the environment so that the baselines' and the ranks' processes build the same one
+if "--model" in sys.argv:
+    os.environ["TORCHLAZY_BENCH_FSDP_MODEL"] = sys.argv[sys.argv.index("--model") + 1]
+MODELS = {"162m": make_162m, "500m": make_500m}
+make = MODELS[os.environ.get("TORCHLAZY_BENCH_FSDP_MODEL", "162m")]
 THREADS = torch.get_num_threads()
 BASELINES = {
     f"one process, whole model, {THREADS} threads (tl.materialize)": exact_of(make),
@@ -107,7 +114,7 @@ if __name__ == "__main__":
             round_ratios[exact].append(max(x["seconds"] for x in rank_runs[exact, 2][-1]) / one_thread)
     whole = {name: median_of(results) for name, results in whole_runs.items()}
     bases = [r["seconds"] for r in whole.values()]
-    params = run(os.path.join(os.path.dirname(__file__), "bench_materialize.py"), "eager construction", 1)["params"]
+    params = rank_runs[True, 1][0][0]["local"]  # the bytes of the whole model: one rank holds them all
     print(f"FSDP2, ranks x 1 thread, Llama {params / 4 / 1e6:.0f}M float32  ({machine()})\n")
     head = (
         f"{'variant':<58} {'time (s)':>9} {'fully_shard':>11} {f'vs {THREADS} threads':>16} {'vs 1 thread':>16}"
