@@ -371,8 +371,12 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         owner = storage_of(target)
         if owner is None or owner[0] is not self.record:
             return None
-        out = tc.run_fake_kernel(mode, func, args, kwargs)
         device = tc.fake_device(target)
+        if func is _aten.detach.default and len(args) == 1 and not kwargs:
+            detached = tc.fake_detached(mode, target, device)
+            if detached is not None:
+                return detached
+        out = tc.run_fake_kernel(mode, func, args, kwargs)
         if isinstance(out, torch.Tensor):
             return tc.wrap_fake(mode, out, device)
         return [tc.wrap_fake(mode, t, device) for t in out]  # `split`: a list of views
