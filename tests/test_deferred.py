@@ -599,3 +599,53 @@ def test_a_dropped_deferred_model_is_freed_by_reference_counting() -> None:
     finally:
         if enabled:
             gc.enable()
+
+
+def test_models_with_a_reference_cycle_built_in_blocks_are_collected_as_eager_ones() -> None:
+    """A block leaves the collector's generations as they were: models that hold a reference cycle (parent
+    links, callbacks) and are dropped after use are found by the usual young collections, not kept until a
+    full one (promoting a block's objects to the oldest generation kept every such model alive)."""
+    import gc
+    import weakref
+
+    alive: list[weakref.ref[nn.Module]] = []
+    gc.collect()
+    for _ in range(100):
+        with tl.deferred():
+            model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+        tl.materialize(model)
+        model.cycle = [model]  # type: ignore[assignment]
+        alive.append(weakref.ref(model))
+        del model
+    assert sum(ref() is not None for ref in alive) < 50
+
+
+def test_ops_after_a_block_from_several_threads_record_without_errors() -> None:
+    """Threads writing into one deferred model after its block (each its own parameter) all get recorded."""
+    import sys
+
+    with tl.deferred():
+        model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+    errors: list[BaseException] = []
+
+    def write(i: int) -> None:
+        try:
+            for _ in range(2000):
+                with torch.no_grad():
+                    model[i].bias.zero_()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+    tl.materialize(model)
+    assert all(torch.equal(layer.bias, torch.zeros(8)) for layer in model)

@@ -104,17 +104,10 @@ def _after_block(mode: Any, tail: _Recorder, func: Any, types: Any, args: Any, k
     """An op on a closed record's tensors, run and recorded by the block's recorder (`fast`: only where
     `_fast_fake` runs it, else `_SLOW`)."""
     _local.after_block += 1
-    lent = "record" not in tail.__dict__  # the record, held while the op runs (see `_Recorder.let_go`)
-    if lent:
-        record = tail._record_ref()
-        assert record is not None  # the op's tensors hold it
-        tail.record = record
     try:
         out = tail.record_fast(func, args, kwargs) if fast else tail.__torch_dispatch__(func, types, args, kwargs)
     finally:
         _local.after_block -= 1
-        if lent:
-            del tail.record
     if out is not _SLOW:
         # the mode's conversion cache holds weak references that would make
         # `Module._apply` (`.to()`, `.half()`) refuse to swap these tensors
@@ -1213,7 +1206,7 @@ def recording(record: Record, prefix: Key = (), concretize: bool = False) -> Ite
     _local.recorders.append(recorder)
     hooks = _track_modules(record)
     try:
-        with gc_paused(promote=True), fake_mode(), recorder:
+        with gc_paused(), fake_mode(), recorder:
             yield recorder
     finally:
         for h in hooks:
@@ -1237,26 +1230,22 @@ def suspended() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def gc_paused(promote: bool = False) -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """No automatic cyclic garbage collection inside: recording and replay make many small objects
     that live on (nodes, fake tensors), and each collection would rescan the whole heap (torch's
     and the model's objects) for no garbage; measured up to a quarter of a vision model's deferred
     construction. Reference counting still frees everything acyclic; collections resume after.
 
-    `promote`: the objects made inside go straight to the oldest generation (`gc.freeze()` then
-    `gc.unfreeze()`: two list splices) instead of being scanned by the first young collection
-    after the block and again by the next one (3-5% of a vision model's construction). Sound
-    because records hold no reference cycles: a dropped model's record is freed by reference
-    counting, not left for a full collection. Skipped where the program froze objects itself."""
+    (Promoting the block's objects to the oldest generation without a scan, `gc.freeze()` then
+    `gc.unfreeze()`, saved 3-5% more but was withdrawn: it promotes the program's young objects
+    too, and Python then almost never runs the full collection that would free their cycles: a
+    loop dropping models with a reference cycle kept every one of them alive.)"""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if was_enabled:
-            if promote and gc.get_freeze_count() == 0:
-                gc.freeze()
-                gc.unfreeze()
             gc.enable()
 
 

@@ -34,6 +34,7 @@ import ctypes
 import functools
 import os
 import struct
+import threading
 from types import ModuleType
 
 import torch
@@ -85,6 +86,7 @@ _DIRECT_BLOCKS = {"c": 4096, "python": 256}
 # same few distances layer after layer; a cached polynomial jump costs ~0.23 ms, 1,650 refills, in the core).
 _DIRECT_BLOCKS_KNOWN = {"c": 1536, "python": 256}
 _ASKED: dict[int, None] = {}  # distances (in blocks) asked once, oldest first; bounded
+_ASKED_LOCK = threading.Lock()  # split draws jump from the worker threads
 
 
 def backend() -> str:
@@ -214,10 +216,11 @@ def _advance_blocks(block: bytes, n_blocks: int) -> bytes:
     which = "python" if core is None else "c"
     direct = n_blocks <= _DIRECT_BLOCKS[which]
     if direct and n_blocks > _DIRECT_BLOCKS_KNOWN[which]:
-        direct = n_blocks not in _ASKED  # asked again: worth a cached polynomial
-        _ASKED[n_blocks] = None
-        if len(_ASKED) > 512:
-            del _ASKED[next(iter(_ASKED))]
+        with _ASKED_LOCK:
+            direct = n_blocks not in _ASKED  # asked again: worth a cached polynomial
+            _ASKED[n_blocks] = None
+            if len(_ASKED) > 512:
+                del _ASKED[next(iter(_ASKED))]
     if direct:
         return _py_advance(block, n_blocks) if core is None else core.advance(block, n_blocks)
     g = _jump_poly(n_blocks * _N, which)
