@@ -649,3 +649,34 @@ def test_ops_after_a_block_from_several_threads_record_without_errors() -> None:
     assert not errors, errors[:3]
     tl.materialize(model)
     assert all(torch.equal(layer.bias, torch.zeros(8)) for layer in model)
+
+
+def test_trunc_normal_after_the_block_is_exact_and_keeps_no_frame() -> None:
+    """torch's `trunc_normal_` run on deferred tensors after their block (its rejection loop recorded, its law
+    noted): exact, and nothing of the call is kept once it returns (its frame held the tensors: the record was
+    never freed, and materialize's swap refused a parameter still referenced)."""
+    import weakref
+
+    from torchlazy._deferred import storage_of
+
+    def build() -> nn.Linear:
+        return nn.Linear(16, 4)
+
+    torch.manual_seed(0)
+    eager = build()
+    nn.init.trunc_normal_(eager.weight[:2], std=2, a=-1, b=1)
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = build()
+    nn.init.trunc_normal_(model.weight[:2], std=2, a=-1, b=1)
+    tl.materialize(model)
+    assert_models_identical(model, eager)
+
+    with tl.deferred():
+        dropped = build()
+    nn.init.trunc_normal_(dropped.weight, std=0.02)
+    owner = storage_of(dropped.weight)
+    assert owner is not None
+    record = weakref.ref(owner[0])
+    del owner, dropped
+    assert record() is None

@@ -52,11 +52,26 @@ def _with_lazy_eager() -> nn.Module:
     return nn.Sequential(nn.Linear(10, 30), nn.Linear(30, 7), nn.LayerNorm(7), nn.Linear(7, 3))
 
 
+def _seeded_at_the_end() -> nn.Module:
+    m = nn.Sequential(nn.Linear(10, 30), nn.Linear(30, 3))
+    torch.manual_seed(5)  # after the last draw: the block ends with the program's seed, as eager does
+    return m
+
+
+def _state_restored_at_the_end() -> nn.Module:
+    saved = torch.get_rng_state()
+    m = nn.Sequential(nn.Linear(10, 30), nn.Linear(30, 3))
+    torch.set_rng_state(saved)
+    return m
+
+
 MODELS: list[tuple[str, Callable[[], nn.Module]]] = [
     ("mlp", _mlp),
     ("hf_style", _hf_style),
     ("truncated", _truncated),
     ("transformer", lambda: nn.TransformerEncoderLayer(32, 4, 64)),
+    ("seeded at the end", _seeded_at_the_end),
+    ("state restored at the end", _state_restored_at_the_end),
 ]
 
 

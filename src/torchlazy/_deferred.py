@@ -1098,8 +1098,13 @@ def _install_trunc_normal_shortcut() -> None:
     def shortcut(body: Any) -> Any:
         def trunc_normal(tensor: Any, mean: Any, std: Any, a: Any, b: Any, generator: Any = None) -> Any:
             recorder = current_recorder()
-            if recorder is None:
-                return body(tensor, mean, std, a, b, generator=generator)
+            if recorder is None:  # after a block, a deferred tensor's ops go to its record's recorder
+                owner = storage_of(tensor) if isinstance(tensor, torch.Tensor) else None
+                try:
+                    return body(tensor, mean, std, a, b, generator=generator)
+                finally:  # as below: no frame of the call kept (it held the record alive)
+                    if owner is not None and owner[0].tail is not None:
+                        owner[0].tail.flush_law()
             if not _local.quiet and recorder.truncated_normal(tensor, mean, std, a, b, generator):
                 return tensor
             try:
@@ -1304,6 +1309,9 @@ def deferred(*, concretize: bool = False) -> Iterator[None]:
                 ) from e
             raise
     recorder.flush_law()
+    for stream in record.streams.values():  # the program set a generator after its last draw (a seed)
+        if stream.keys:
+            recorder._sync(stream)
     recorder.closed = True
     recorder.let_go()
     record.tail = recorder  # ops on its tensors after the block go on being recorded (the record stays open)
