@@ -34,13 +34,34 @@ def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> N
 
     mesh = init_device_mesh("cpu", (world,))
     exact = not job.endswith("-fast")
-    job = job.removesuffix("-fast")
+    refused = job.endswith("-refused")  # a forward tried (and refused) before materialize
+    job = job.removesuffix("-fast").removesuffix("-refused")
     torch.manual_seed(0)
     with tl.deferred():
         model = MODELS[job]()
     for block in model.model.layers if job == "llama" else model.transformer.h:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if refused:
+        try:
+            model(input_ids=torch.randint(0, 128, (2, 8)))
+        except tl.DeferredError:
+            pass
+        else:
+            raise AssertionError("a forward of the deferred model was not refused")
+        assert tl.deferred_tensors(model), "the refused forward hid the deferred parameters"
+        try:
+            tl.materialize(model)
+        except tl.DeferredError as e:
+            assert "forward called before materialize" in str(e), e
+        else:
+            raise AssertionError("materialize kept FSDP's uninitialized unsharded parameters")
+        torch.manual_seed(0)
+        with tl.deferred():
+            model = MODELS[job]()
+        for block in model.model.layers if job == "llama" else model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     torch.randn(7)  # RNG used in between
     tl.materialize(model, checkpoint=checkpoint, exact=exact)
     local = {}

@@ -217,7 +217,14 @@ def deferred_tensors(module: nn.Module) -> list[str]:
     if not isinstance(module, nn.Module):
         raise ArgumentError(f"`tl.deferred_tensors` takes a torch.nn.Module, not {type(module).__name__}.")
     _paths.remember_paths(module)
-    return [path for path, _, _, t in module_tensors(module) if tc.is_fake(t)]
+    paths = [path for path, _, _, t in module_tensors(module) if tc.is_fake(t)]
+    # FSDP's sharded parameters with fake local tensors, wherever a forward left its unsharded ones in place
+    prefixes = {id(sub): f"{name}." if name else "" for name, sub in module.named_modules(remove_duplicate=False)}
+    for owner, name, fsdp_param in tc.fsdp_params(module):
+        path = f"{prefixes.get(id(owner), '')}{name}"
+        if tc.is_fake(tc.dtensor_local(fsdp_param.sharded_param)) and path not in paths:
+            paths.append(path)
+    return paths
 
 
 # -- the recorder ------------------------------------------------------------

@@ -147,6 +147,7 @@ def materialize(
         if checkpoint is not None:
             ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
             _build_lazy_from_checkpoint(module, ckpt, mapper(key_map))
+        _refuse_unsharded(module)
         targets, real = _collect(module)
         shards = sharded_targets(module)
         plan = plan_keys(module, ckpt, key_map) if ckpt is not None else None
@@ -164,6 +165,22 @@ def materialize(
             materialize_shards(module, shards, placement, exact, reader)
         _swap_in(module, targets, values)
     return module
+
+
+def _refuse_unsharded(module: nn.Module) -> None:
+    """A forward tried before materialize left FSDP mid-forward with uninitialized unsharded parameters in place
+    of the deferred shards: materializing would keep those. Refused, the model unchanged."""
+    stale = tc.fsdp_unsharded_deferred(module)
+    if stale:
+        where = {id(sub): path for path, sub in module.named_modules(remove_duplicate=False)}
+        names = [f"{where.get(id(owner), '')}.{name}".lstrip(".") for owner, name in stale]
+        raise DeferredError(
+            f"`tl.materialize`: {len(names)} FSDP parameters ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}) were expected sharded with deferred local tensors, but a "
+            "forward called before materialize (and refused) left FSDP's unsharded parameters, fresh "
+            "uninitialized tensors, in their place and FSDP's state mid-forward. Construct the model again "
+            "under `tl.deferred()`, `fully_shard` it, and materialize before the first forward."
+        )
 
 
 def _build_lazy_from_checkpoint(module: nn.Module, ckpt: Checkpoint, rename: Callable[[str], str | None]) -> None:
