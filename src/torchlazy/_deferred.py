@@ -561,7 +561,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return
         _, ref, law = self.law_call
         self.law_call = None
-        spec = tc.tree_flatten(((ref,), {}))[1]
+        spec = _one_tensor_spec()
         node = Node(self.reserve(), law_marker, spec, [ref], [], (ref.sid,), (ref.sid,), law=("truncated_normal", law))
         self.record.add(node)
 
@@ -733,6 +733,13 @@ _OVERWRITES = {
     _aten.normal_, _aten.uniform_, _aten.zero_, _aten.fill_, _aten.bernoulli_, _aten.random_,
     _aten.exponential_, _aten.geometric_, _aten.log_normal_, _aten.cauchy_, _aten.copy_,
 }  # fmt: skip
+
+
+@functools.cache
+def _one_tensor_spec() -> Any:
+    """The argument spec of an op on one tensor, `((t,), {})`: a law node's (flattened once, not per call)."""
+    _, spec = _flatten((0,), {})
+    return spec
 
 
 def _digest(state: torch.Tensor) -> bytes:
