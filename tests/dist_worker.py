@@ -36,12 +36,17 @@ def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> N
     exact = not job.endswith("-fast")
     refused = job.endswith("-refused")  # a forward tried (and refused) before materialize
     job = job.removesuffix("-fast").removesuffix("-refused")
-    torch.manual_seed(0)
-    with tl.deferred():
-        model = MODELS[job]()
-    for block in model.model.layers if job == "llama" else model.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        with tl.deferred():
+            model = MODELS[job]()
+        for block in model.model.layers if job == "llama" else model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    model = build()
     if refused:
         try:
             model(input_ids=torch.randint(0, 128, (2, 8)))
@@ -56,12 +61,7 @@ def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> N
             assert "forward called before materialize" in str(e), e
         else:
             raise AssertionError("materialize kept FSDP's uninitialized unsharded parameters")
-        torch.manual_seed(0)
-        with tl.deferred():
-            model = MODELS[job]()
-        for block in model.model.layers if job == "llama" else model.transformer.h:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = build()  # what the error says to do
     torch.randn(7)  # RNG used in between
     tl.materialize(model, checkpoint=checkpoint, exact=exact)
     local = {}
