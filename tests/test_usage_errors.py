@@ -362,3 +362,37 @@ def test_is_built_means_every_shape_is_known_and_is_deferred_that_values_are_not
     tl.materialize(plain)
     assert (tl.is_built(lazy), tl.is_deferred(lazy)) == (True, False)
     assert (tl.is_built(plain), tl.is_deferred(plain)) == (True, False)
+
+
+FILLS_EAGER_REFUSES: dict[str, Callable[[], object]] = {
+    "normal_ into int64": lambda: torch.empty(3, dtype=torch.int64).normal_(),
+    "uniform_ into bool": lambda: torch.empty(3, dtype=torch.bool).uniform_(),
+    "normal_ into an expanded view": lambda: torch.empty(3, 1).expand(3, 4).normal_(),
+    "fill_ float16 past its range": lambda: torch.empty(3, dtype=torch.float16).fill_(1e10),
+    "fill_ int8 past its range": lambda: torch.empty(3, dtype=torch.int8).fill_(300),
+    "fill_ uint8 below -255": lambda: torch.empty(3, dtype=torch.uint8).fill_(-256),
+}
+FILLS_EAGER_TAKES: dict[str, Callable[[], object]] = {
+    "fill_ uint8 with -1 (wraps)": lambda: torch.empty(3, dtype=torch.uint8).fill_(-1),
+    "fill_ float16 with inf": lambda: torch.empty(3, dtype=torch.float16).fill_(float("inf")),
+    "zero_ of an expanded view": lambda: torch.empty(3, 1).expand(3, 4).zero_(),
+    "normal_ into complex64": lambda: torch.empty(3, dtype=torch.complex64).normal_(),
+}
+
+
+@pytest.mark.parametrize("name", list(FILLS_EAGER_REFUSES))
+def test_a_fill_eager_refuses_is_refused_at_once_under_deferred(name: str) -> None:
+    """Meta kernels let these pass; replay would fail only at materialize. They fail where eager does, as
+    torchlazy errors that are also the RuntimeError eager raises."""
+    with pytest.raises(RuntimeError):
+        FILLS_EAGER_REFUSES[name]()
+    with pytest.raises((tl.DtypeError, tl.ShapeError), match="during deferred construction"):
+        with tl.deferred():
+            FILLS_EAGER_REFUSES[name]()
+
+
+@pytest.mark.parametrize("name", list(FILLS_EAGER_TAKES))
+def test_a_fill_eager_takes_is_taken_under_deferred(name: str) -> None:
+    FILLS_EAGER_TAKES[name]()
+    with tl.deferred():
+        FILLS_EAGER_TAKES[name]()

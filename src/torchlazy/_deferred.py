@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 
 from . import _markers, _meta_rules, _paths, _ranges
 from . import _torch_compat as tc
-from ._errors import ArgumentError, DeferredError
+from ._errors import ArgumentError, DeferredError, DtypeError, ShapeError
 from ._modtree import module_tensors
 from ._record import (
     GENERATOR_LOCK,
@@ -351,6 +351,10 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if owner is None or owner[0] is not self.record or tc.fake_constant(target) is not None:
             return None
         sid = owner[1]
+        refused = _fill_refused(func, target, args)
+        if refused is not None:  # what eager's kernel raises at once; replay would only at materialize
+            error, message = refused
+            raise error(f"`{func}` {self.where(sid)}: {message}")
         ref = TRef.of(sid, target)
         flat, spec = _flatten(args, kwargs)
         whole = _covers(ref, self.record.storages[sid].nbytes)
@@ -878,6 +882,42 @@ _IN_PLACE = _ids({
 # In-place ops that keep shape and dtype: their meta kernels (Python decompositions, the
 # draws' ones importing torch.distributed.tensor and sympy) have nothing to compute.
 _FILLS = _ids({_aten.uniform_.default, _aten.normal_.default, _aten.fill_.Scalar, _aten.zero_.default})
+
+
+def _fill_refused(func: Any, target: torch.Tensor, args: Any) -> tuple[type[Exception], str] | None:
+    """What eager's kernel refuses in a fill or draw that meta kernels let pass: a draw into integers or bools,
+    a draw into a tensor whose elements share memory (an `expand`ed view), a fill value the dtype cannot hold."""
+    dtype = target.dtype
+    if func is _aten.normal_.default or func is _aten.uniform_.default:
+        if not (dtype.is_floating_point or dtype.is_complex):
+            return DtypeError, (
+                f"it draws floating-point values, but the tensor is {dtype}. Draw into a floating-point tensor "
+                "and convert it (`.to(dtype)`), or use `random_` for integers."
+            )
+        if any(n > 1 and stride == 0 for n, stride in zip(target.shape, target.stride())):
+            return ShapeError, (
+                f"the tensor (shape {tuple(target.shape)}, strides {target.stride()}) has elements that share "
+                "memory (an `expand`ed view), and a draw writes each one. Draw into `.contiguous()` or `.clone()` "
+                "of it, or draw the unexpanded tensor."
+            )
+    elif func is _aten.fill_.Scalar and len(args) > 1 and type(args[1]) in (int, float) and math.isfinite(args[1]):
+        value = args[1]
+        if dtype.is_floating_point:
+            limit = float(torch.finfo(dtype).max)
+            over = abs(value) > limit
+        elif dtype != torch.bool and not dtype.is_complex:
+            info = torch.iinfo(dtype)
+            wraps = info.min == 0 and type(value) is int  # torch lets unsigned types take integers -max..-1
+            low = -info.max if wraps else info.min
+            over = not low <= value <= info.max
+        else:
+            over = False
+        if over:
+            return DtypeError, (
+                f"{value!r} cannot be converted to {dtype} without overflow. Fill with a value in the dtype's "
+                "range, or make the tensor a wider dtype."
+            )
+    return None
 
 
 def _uniform_ok(low: float = 0.0, high: float = 1.0, **kwargs: Any) -> bool:
