@@ -396,3 +396,27 @@ def test_a_fill_eager_takes_is_taken_under_deferred(name: str) -> None:
     FILLS_EAGER_TAKES[name]()
     with tl.deferred():
         FILLS_EAGER_TAKES[name]()
+
+
+@pytest.mark.parametrize(
+    "args", [((100,), (1,)), ((2,), (1,), 23), ((2,), (1,), 22), ((0,), (1,), 30), ((3,), (0,), 23), ((6, 4), (1, 6))]
+)
+def test_as_strided_past_the_storage_is_refused_where_eager_refuses(args: tuple[object, ...]) -> None:
+    """Inside the block, after it, and on a view (its storage offset is the default one)."""
+
+    def outcome(make: Callable[[], torch.Tensor]) -> bool:
+        try:
+            make()
+        except RuntimeError:
+            return False
+        return True
+
+    eager = torch.empty(4, 6)
+    with tl.deferred():
+        deferred = torch.empty(4, 6)
+        inside = outcome(lambda: torch.empty(4, 6).as_strided(*args))
+    assert inside == outcome(lambda: eager.as_strided(*args))
+    assert outcome(lambda: deferred.as_strided(*args)) == inside
+    assert outcome(lambda: deferred[1:].as_strided(*args)) == outcome(lambda: eager[1:].as_strided(*args))
+    with pytest.raises(tl.ShapeError, match="storage"):
+        deferred.as_strided((25,), (1,))

@@ -375,6 +375,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         owner = storage_of(target)
         if owner is None or owner[0] is not self.record:
             return None
+        if func is _aten.as_strided.default:
+            _check_within_storage(target, args, kwargs)
         device = tc.fake_device(target)
         if func is _aten.detach.default and len(args) == 1 and not kwargs:
             detached = tc.fake_detached(mode, target, device)
@@ -884,6 +886,24 @@ _IN_PLACE = _ids({
 _FILLS = _ids({_aten.uniform_.default, _aten.normal_.default, _aten.fill_.Scalar, _aten.zero_.default})
 
 
+def _check_within_storage(t: torch.Tensor, args: Any, kwargs: Any) -> None:
+    """`as_strided` beyond the end of its storage: eager's check (meta storages are sized, their kernel skips it)."""
+    size = args[1] if len(args) > 1 else kwargs.get("size")
+    stride = args[2] if len(args) > 2 else kwargs.get("stride")
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset")
+    offset = t.storage_offset() if offset is None else offset
+    if not all(type(x) is int for x in (*size, *stride, offset)) or len(size) != len(stride) or 0 in size:
+        return  # torch's own checks speak (symbolic, mismatched, or empty: nothing to hold)
+    last = offset + sum((n - 1) * step for n, step in zip(size, stride))
+    need, have = (last + 1) * t.element_size(), t.untyped_storage().nbytes()
+    if need > have:
+        raise ShapeError(
+            f"`as_strided` with sizes {list(size)}, strides {list(stride)} and storage offset {offset} reaches "
+            f"byte {need} of a storage of {have} bytes (a deferred tensor of shape {tuple(t.shape)}). Keep the "
+            "view within the tensor's storage."
+        )
+
+
 def _fill_refused(func: Any, target: torch.Tensor, args: Any) -> tuple[type[Exception], str] | None:
     """What eager's kernel refuses in a fill or draw that meta kernels let pass: a draw into integers or bools,
     a draw into a tensor whose elements share memory (an `expand`ed view), a fill value the dtype cannot hold."""
@@ -1095,6 +1115,8 @@ def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
             checked = _meta_rules.outputs(func, tuple(_stand_in(x) for x in args), kwargs)
         if checked is not _meta_rules.NOT_HANDLED:
             return self
+    if func is _aten.as_strided.default:
+        _check_within_storage(self, args, kwargs)
     if func is _aten.permute.default:
         strided = _permuted(self, args[1:], kwargs)
         if strided is None:
