@@ -371,10 +371,13 @@ FILLS_EAGER_REFUSES: dict[str, Callable[[], object]] = {
     "fill_ float16 past its range": lambda: torch.empty(3, dtype=torch.float16).fill_(1e10),
     "fill_ int8 past its range": lambda: torch.empty(3, dtype=torch.int8).fill_(300),
     "fill_ uint8 below -255": lambda: torch.empty(3, dtype=torch.uint8).fill_(-256),
+    "fill_ int32 with nan": lambda: torch.empty(3, dtype=torch.int32).fill_(float("nan")),
+    "fill_ complex64 past float32": lambda: torch.empty(3, dtype=torch.complex64).fill_(1e39),
 }
 FILLS_EAGER_TAKES: dict[str, Callable[[], object]] = {
     "fill_ uint8 with -1 (wraps)": lambda: torch.empty(3, dtype=torch.uint8).fill_(-1),
     "fill_ float16 with inf": lambda: torch.empty(3, dtype=torch.float16).fill_(float("inf")),
+    "fill_ bfloat16 with nan": lambda: torch.empty(3, dtype=torch.bfloat16).fill_(float("nan")),
     "zero_ of an expanded view": lambda: torch.empty(3, 1).expand(3, 4).zero_(),
     "normal_ into complex64": lambda: torch.empty(3, dtype=torch.complex64).normal_(),
 }

@@ -920,24 +920,38 @@ def _fill_refused(func: Any, target: torch.Tensor, args: Any) -> tuple[type[Exce
                 "memory (an `expand`ed view), and a draw writes each one. Draw into `.contiguous()` or `.clone()` "
                 "of it, or draw the unexpanded tensor."
             )
-    elif func is _aten.fill_.Scalar and len(args) > 1 and type(args[1]) in (int, float) and math.isfinite(args[1]):
+    elif func is _aten.fill_.Scalar and len(args) > 1 and type(args[1]) in (int, float):
         value = args[1]
-        if dtype.is_floating_point:
-            limit = float(torch.finfo(dtype).max)
-            over = abs(value) > limit
-        elif dtype != torch.bool and not dtype.is_complex:
-            info = torch.iinfo(dtype)
-            wraps = info.min == 0 and type(value) is int  # torch lets unsigned types take integers -max..-1
-            low = -info.max if wraps else info.min
-            over = not low <= value <= info.max
+        limits = _RANGES.get(dtype)
+        if limits is None:
+            limits = _RANGES[dtype] = _range_of(dtype)
+        low, high, int_low, floating = limits
+        if floating:  # inf and nan are values of the dtype
+            over = value == value and value not in _INF and not low <= value <= high
         else:
-            over = False
+            over = value != value or not (int_low if type(value) is int else low) <= value <= high
         if over:
             return DtypeError, (
                 f"{value!r} cannot be converted to {dtype} without overflow. Fill with a value in the dtype's "
                 "range, or make the tensor a wider dtype."
             )
     return None
+
+
+_INF = (math.inf, -math.inf)
+# dtype -> what fill_ takes: (low, high, low for Python ints, whether inf and nan are values)
+_RANGES: dict[torch.dtype, tuple[float, float, float, bool]] = {}
+
+
+def _range_of(dtype: torch.dtype) -> tuple[float, float, float, bool]:
+    if dtype.is_floating_point or dtype.is_complex:  # a complex dtype's parts
+        high = float(torch.finfo(dtype).max)
+        return -high, high, -high, True
+    if dtype == torch.bool:
+        return -math.inf, math.inf, -math.inf, True
+    info = torch.iinfo(dtype)
+    # torch lets unsigned types take the integers -max..-1 (they wrap), not negative floats
+    return info.min, info.max, (-info.max if info.min == 0 else info.min), False
 
 
 def _uniform_ok(low: float = 0.0, high: float = 1.0, **kwargs: Any) -> bool:
