@@ -219,9 +219,8 @@ def deferred_tensors(module: nn.Module) -> list[str]:
     _paths.remember_paths(module)
     paths = [path for path, _, _, t in module_tensors(module) if tc.is_fake(t)]
     # FSDP's sharded parameters with fake local tensors, wherever a forward left its unsharded ones in place
-    prefixes = {id(sub): f"{name}." if name else "" for name, sub in module.named_modules(remove_duplicate=False)}
     for owner, name, fsdp_param in tc.fsdp_params(module):
-        path = f"{prefixes.get(id(owner), '')}{name}"
+        path = _paths.attribute_path(owner, name)
         if tc.is_fake(tc.dtensor_local(fsdp_param.sharded_param)) and path not in paths:
             paths.append(path)
     return paths
@@ -328,29 +327,37 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return out
         if op in _FACTORIES:  # `_fast_fake` made it from sizes and options alone
             self._log_new(func, args, kwargs, out)
-        elif op not in _FILLS or not self._log_fill(func, args, kwargs):
+        else:
             self._log(func, args, kwargs, out)
         return out
 
-    def _fill(self, func: Any, args: Any, kwargs: Any) -> Any:
-        """The usual fill or draw (`zero_`, `fill_`, `uniform_`, `normal_` by numbers) over this record's
-        tensor, checked and recorded in one step: what `_fast_fake` then `_log_fill` do, for a third of
-        construction's ops. None where they must look closer (another tensor among the arguments, a law
-        the meta kernel must check, a tensor of another record or mode)."""
+    def _sole_target(self, args: Any, kwargs: Any) -> int | None:
+        """The storage id of `args[0]` when it is a fake tensor of this thread's mode and this record (no
+        constant) and no other argument is a tensor: the case `_fill` and `_view` take on alone; else None."""
         target = args[0]
         if not tc.is_fake(target) or tc.fake_mode_of(target) is not _local.fake_mode:
+            return None
+        if tc.fake_constant(target) is not None:
             return None
         for x in (*args[1:], *kwargs.values()):
             if isinstance(x, torch.Tensor):
                 return None
+        owner = storage_of(target)
+        return owner[1] if owner is not None and owner[0] is self.record else None
+
+    def _fill(self, func: Any, args: Any, kwargs: Any) -> Any:
+        """The usual fill or draw (`zero_`, `fill_`, `uniform_`, `normal_` by numbers) over this record's
+        tensor, checked and recorded in one step, for a third of construction's ops. None where the general
+        path must look closer (another tensor among the arguments, a law the meta kernel must check, a
+        tensor of another record or mode)."""
+        sid = self._sole_target(args, kwargs)
+        if sid is None:
+            return None
         if func is _aten.uniform_.default and not _uniform_ok(*args[1:3], **kwargs):
             return None
         if func is _aten.normal_.default and not _normal_ok(*args[1:3], **kwargs):
             return None
-        owner = storage_of(target)
-        if owner is None or owner[0] is not self.record or tc.fake_constant(target) is not None:
-            return None
-        sid = owner[1]
+        target = args[0]
         refused = _fill_refused(func, target, args)
         if refused is not None:  # what eager's kernel raises at once; replay would only at materialize
             error, message = refused
@@ -365,16 +372,10 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     def _view(self, func: Any, args: Any, kwargs: Any) -> Any:
         """A view (`detach`: every `nn.Parameter`) of this record's tensor made directly: it records nothing.
         None where `_fast_fake` must look (another tensor among the arguments, another mode or record)."""
+        if self._sole_target(args, kwargs) is None:
+            return None
         target = args[0]
         mode = _local.fake_mode
-        if not tc.is_fake(target) or tc.fake_mode_of(target) is not mode or tc.fake_constant(target) is not None:
-            return None
-        for x in (*args[1:], *kwargs.values()):
-            if isinstance(x, torch.Tensor):
-                return None
-        owner = storage_of(target)
-        if owner is None or owner[0] is not self.record:
-            return None
         if func is _aten.as_strided.default:
             _check_within_storage(target, args, kwargs)
         device = tc.fake_device(target)
@@ -420,20 +421,6 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         key = (*self.prefix, self.count)  # `reserve()`, inlined
         self.count += 1
         record.add(Node(key, func, spec, leaves, ((0, sid),), (), ()))
-
-    def _log_fill(self, func: Any, args: Any, kwargs: Any) -> bool:
-        """A fill or draw in place over one recorded tensor (`zero_`, `fill_`, `uniform_`, `normal_`);
-        False where `_log` must look closer (another record's tensor: its error)."""
-        target = args[0]
-        ref = self._ref_or_none(target)
-        flat, spec = _flatten(args, kwargs)
-        if ref is None or flat[0] is not target:
-            return False
-        sid = ref.sid
-        whole = _covers(ref, self.record.storages[sid].nbytes)
-        this = shared((sid,))
-        self._append(func, args, kwargs, spec, [ref, *flat[1:]], (), this, this, sid if whole else None)
-        return True
 
     def _log(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         if id(func) in _VIEWS and self._owned(args[0]) is not None:
@@ -914,7 +901,7 @@ def _fill_refused(func: Any, target: torch.Tensor, args: Any) -> tuple[type[Exce
                 f"it draws floating-point values, but the tensor is {dtype}. Draw into a floating-point tensor "
                 "and convert it (`.to(dtype)`), or use `random_` for integers."
             )
-        if any(n > 1 and stride == 0 for n, stride in zip(target.shape, target.stride())):
+        if _overlaps(target):
             return ShapeError, (
                 f"the tensor (shape {tuple(target.shape)}, strides {target.stride()}) has elements that share "
                 "memory (an `expand`ed view), and a draw writes each one. Draw into `.contiguous()` or `.clone()` "
@@ -1147,9 +1134,14 @@ def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
 def _copies_into(self: torch.Tensor, src: torch.Tensor) -> bool:
     """Whether `self.copy_(src)` is valid: `src` broadcasts to `self`, and no element of `self` shares its memory
     with another along an expanded dim (torch's one overlap refusal; `x[:, 0] = ...` writes a strided view)."""
-    if src.dim() > self.dim() or any(n > 1 and stride == 0 for n, stride in zip(self.shape, self.stride())):
+    if src.dim() > self.dim() or _overlaps(self):
         return False
     return all(m in (1, n) for m, n in zip(reversed(src.shape), reversed(self.shape)))
+
+
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether elements of `t` share memory along an expanded dim (stride 0): torch refuses writes into it."""
+    return any(n > 1 and stride == 0 for n, stride in zip(t.shape, t.stride()))
 
 
 def _permuted(self: torch.Tensor, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -1188,19 +1180,20 @@ def _install_trunc_normal_shortcut() -> None:
     def shortcut(body: Any) -> Any:
         def trunc_normal(tensor: Any, mean: Any, std: Any, a: Any, b: Any, generator: Any = None) -> Any:
             recorder = current_recorder()
+            if (
+                recorder is not None
+                and not _local.quiet
+                and recorder.truncated_normal(tensor, mean, std, a, b, generator)
+            ):
+                return tensor
             if recorder is None:  # after a block, a deferred tensor's ops go to its record's recorder
                 owner = storage_of(tensor) if isinstance(tensor, torch.Tensor) else None
-                try:
-                    return body(tensor, mean, std, a, b, generator=generator)
-                finally:  # as below: no frame of the call kept (it held the record alive)
-                    if owner is not None and owner[0].tail is not None:
-                        owner[0].tail.flush_law()
-            if not _local.quiet and recorder.truncated_normal(tensor, mean, std, a, b, generator):
-                return tensor
+                recorder = owner[0].tail if owner is not None else None
             try:
                 return body(tensor, mean, std, a, b, generator=generator)
             finally:  # its law noted now: the recorder keeps no frame of the call (frames hold the tensor)
-                recorder.flush_law()
+                if recorder is not None:
+                    recorder.flush_law()
 
         return trunc_normal
 

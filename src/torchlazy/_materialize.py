@@ -172,8 +172,7 @@ def _refuse_unsharded(module: nn.Module) -> None:
     of the deferred shards: materializing would keep those. Refused, the model unchanged."""
     stale = tc.fsdp_unsharded_deferred(module)
     if stale:
-        where = {id(sub): path for path, sub in module.named_modules(remove_duplicate=False)}
-        names = [f"{where.get(id(owner), '')}.{name}".lstrip(".") for owner, name in stale]
+        names = [_paths.attribute_path(owner, name) for owner, name in stale]  # paths remembered on entry
         raise DeferredError(
             f"`tl.materialize`: {len(names)} FSDP parameters ({', '.join(names[:3])}"
             f"{', ...' if len(names) > 3 else ''}) were expected sharded with deferred local tensors, but a "

@@ -30,6 +30,13 @@ def known_path(module: nn.Module) -> str | None:
     return _known.get(module)
 
 
+def attribute_path(owner: nn.Module, name: str) -> str:
+    """`owner.name` as a path in the model last walked by `remember_paths` (just `name` at its root or where
+    `owner` was not walked)."""
+    prefix = _known.get(owner)
+    return f"{prefix}.{name}" if prefix else name
+
+
 def _modules_on_stack() -> list[nn.Module]:
     found: list[nn.Module] = []
     frame = sys._getframe(1)
