@@ -452,9 +452,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             if tc.is_fake(t):
                 storage = t.untyped_storage()
                 if getattr(storage, _markers.RECORD, None) is None:
-                    sid = self.record.new_storage(
-                        storage, storage.nbytes(), tc.fake_device(t)
-                    )  # no `prim.device` dispatch
+                    device = tc.fake_device(t)  # what `t.device` reports, without a `prim.device` dispatch
+                    sid = self.record.new_storage(storage, storage.nbytes(), device)
                     setattr(storage, _markers.RECORD, (self.record, sid))
                     outputs.append((index, sid))
         if not outputs and not writes:
