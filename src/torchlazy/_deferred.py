@@ -347,26 +347,57 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
     def _fill(self, func: Any, args: Any, kwargs: Any) -> Any:
         """The usual fill or draw (`zero_`, `fill_`, `uniform_`, `normal_` by numbers) over this record's
-        tensor, checked and recorded in one step, for a third of construction's ops. None where the general
-        path must look closer (another tensor among the arguments, a law the meta kernel must check, a
-        tensor of another record or mode)."""
-        sid = self._sole_target(args, kwargs)
-        if sid is None:
-            return None
-        if func is _aten.uniform_.default and not _uniform_ok(*args[1:3], **kwargs):
-            return None
-        if func is _aten.normal_.default and not _normal_ok(*args[1:3], **kwargs):
-            return None
+        tensor, checked and recorded in one step: half of construction's ops, so the checks of
+        `_sole_target`, `_flatten` and `_append` are made here inline, for what a fill can hold. None where
+        the general path must look closer (a tensor or container among the arguments, a law the meta kernel
+        must check, a tensor of another record or mode)."""
         target = args[0]
-        refused = _fill_refused(func, target, args)
-        if refused is not None:  # what eager's kernel raises at once; replay would only at materialize
-            error, message = refused
-            raise error(f"`{func}` {self.where(sid)}: {message}")
-        ref = TRef.of(sid, target)
-        flat, spec = _flatten(args, kwargs)
-        whole = _covers(ref, self.record.storages[sid].nbytes)
+        if not tc.is_fake(target) or tc.fake_mode_of(target) is not _local.fake_mode:
+            return None
+        if tc.fake_constant(target) is not None:
+            return None
+        leaf_types = _LEAF_TYPES
+        for x in args[1:]:
+            if type(x) not in leaf_types:
+                return None
+        for x in kwargs.values():
+            if type(x) not in leaf_types and type(x) is not torch.Generator:
+                return None
+        owner = getattr(target.untyped_storage(), _markers.RECORD, None)
+        if owner is None or owner[0] is not self.record:
+            return None
+        sid = owner[1]
+        if func is not _ZERO:
+            if func is _UNIFORM and not _uniform_ok(*args[1:3], **kwargs):
+                return None
+            if func is _NORMAL and not _normal_ok(*args[1:3], **kwargs):
+                return None
+            refused = _fill_refused(func, target, args, contiguous=target.is_contiguous())
+            if refused is not None:  # what eager's kernel raises at once; replay would only at materialize
+                error, message = refused
+                raise error(f"`{func}` {self.where(sid)}: {message}")
+        size = shared(tuple(target.shape))
+        stride = shared(target.stride())
+        offset = target.storage_offset()
+        ref = TRef(sid, size, stride, offset, target.dtype)
+        whole = (
+            offset == 0
+            and target.numel() * target.element_size() == self.record.storages[sid].nbytes
+            and stride == contiguous_strides(size)
+        )
+        spec = _FILL_SPECS.get((len(args), *kwargs))
+        if spec is None:
+            spec = _FILL_SPECS[(len(args), *kwargs)] = _flatten(args, kwargs)[1]
+        leaves = [ref, *args[1:], *kwargs.values()]
         this = shared((sid,))
-        self._append(func, args, kwargs, spec, [ref, *flat[1:]], (), this, this, sid if whole else None)
+        overwrites = sid if whole else None
+        if func is _ZERO or func is _FILL_SCALAR:
+            if self.law_call is None:  # `_append` for an op that draws nothing, inlined
+                key = (*self.prefix, self.count)
+                self.count += 1
+                self.record.add(Node(key, func, spec, leaves, (), () if whole else this, this, None, overwrites))
+                return target
+        self._append(func, args, kwargs, spec, leaves, (), this, this, overwrites)
         return target
 
     def _view(self, func: Any, args: Any, kwargs: Any) -> Any:
@@ -589,13 +620,14 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             with tc.disable_current_modes():  # the jump may run unmodelled draws for real
                 park_exactly(stream)
             return
-        if stream.parked_seed is not None:
-            before = stream.parked_seed.to_bytes(8, "little")
+        if stream.parked_seed is not None:  # the usual case: chained from the last token, by Python's hash of
+            # ints (the same in every process; a token only has to differ from seeds a program sets)
+            seed = hash((stream.parked_seed, key))
         else:
             with tc.disable_current_modes():
                 before = _digest(stream.parked if stream.parked is not None else stream.generator.get_state())
-        seed = hashlib.blake2b(before + repr(key).encode(), digest_size=8).digest()
-        stream.parked_seed = int.from_bytes(seed, "little") & ((1 << 63) - 1)
+            seed = int.from_bytes(hashlib.blake2b(before + repr(key).encode(), digest_size=8).digest(), "little")
+        stream.parked_seed = seed & ((1 << 63) - 1)
         stream.parked = None
         stream.generator.manual_seed(stream.parked_seed)
         stream.seeds[stream.parked_seed] = key
@@ -761,7 +793,7 @@ def _generator_arg(func: Any, args: Any, kwargs: Any) -> torch.Generator | None:
     if i is None:
         return None
     gen = args[i] if i < len(args) else kwargs.get("generator")
-    return gen if isinstance(gen, torch.Generator) else None
+    return gen if gen is not None and isinstance(gen, torch.Generator) else None  # its isinstance is Python's
 
 
 # -- the hot path: what each op does, read once; the ops construction is made of, run directly
@@ -870,6 +902,13 @@ _IN_PLACE = _ids({
 # In-place ops that keep shape and dtype: their meta kernels (Python decompositions, the
 # draws' ones importing torch.distributed.tensor and sympy) have nothing to compute.
 _FILLS = _ids({_aten.uniform_.default, _aten.normal_.default, _aten.fill_.Scalar, _aten.zero_.default})
+_ZERO, _FILL_SCALAR, _UNIFORM, _NORMAL = (
+    _aten.zero_.default,
+    _aten.fill_.Scalar,
+    _aten.uniform_.default,
+    _aten.normal_.default,
+)
+_FILL_SPECS: dict[tuple[Any, ...], Any] = {}  # (number of positional arguments, keyword names) -> spec
 
 
 def _check_within_storage(t: torch.Tensor, args: Any, kwargs: Any) -> None:
@@ -890,7 +929,9 @@ def _check_within_storage(t: torch.Tensor, args: Any, kwargs: Any) -> None:
         )
 
 
-def _fill_refused(func: Any, target: torch.Tensor, args: Any) -> tuple[type[Exception], str] | None:
+def _fill_refused(
+    func: Any, target: torch.Tensor, args: Any, contiguous: bool = False
+) -> tuple[type[Exception], str] | None:
     """What eager's kernel refuses in a fill or draw that meta kernels let pass: a draw into integers or bools,
     a draw into a tensor whose elements share memory (an `expand`ed view), a fill value the dtype cannot hold."""
     dtype = target.dtype
@@ -900,7 +941,7 @@ def _fill_refused(func: Any, target: torch.Tensor, args: Any) -> tuple[type[Exce
                 f"it draws floating-point values, but the tensor is {dtype}. Draw into a floating-point tensor "
                 "and convert it (`.to(dtype)`), or use `random_` for integers."
             )
-        if _overlaps(target):
+        if not contiguous and _overlaps(target):  # a contiguous tensor's elements never share memory
             return ShapeError, (
                 f"the tensor (shape {tuple(target.shape)}, strides {target.stride()}) has elements that share "
                 "memory (an `expand`ed view), and a draw writes each one. Draw into `.contiguous()` or `.clone()` "

@@ -163,7 +163,9 @@ class Stream:
         self.generator = generator
         self.entry = entry  # None: a live stream, which starts from the generator's state then
         self.keys: list[Key] = []
-        self.nodes: weakref.WeakValueDictionary[Key, Node] = weakref.WeakValueDictionary()
+        # key -> the node, weakly (plain references without callbacks: a `WeakValueDictionary` entry costs
+        # a keyed reference with a callback per draw; a node lives as long as its record)
+        self.nodes: dict[Key, weakref.ref[Node]] = {}
         self.before: dict[Key, torch.Tensor] = {}
         self.after: dict[Key, torch.Tensor] = {}  # after unmodelled nodes (those the model cannot jump)
         # a state some words into a passed node's draws (where a shard's slice started), so that the next
@@ -193,7 +195,7 @@ class Stream:
                 "(`tl.build(model, example)`), or construct this model outside `tl.deferred()`."
             )
         self.keys.insert(at, node.key)
-        self.nodes[node.key] = node
+        self.nodes[node.key] = weakref.ref(node)
         if at < self.cursor:  # only accounted for (jumped over): account again from before it
             self._rewind(at)
 
@@ -215,6 +217,11 @@ class Stream:
         self.reseeds[event.key] = event
         if at < self.cursor:
             self._rewind(at)
+
+    def _node(self, key: Key) -> Node:
+        node = self.nodes[key]()
+        assert node is not None  # its record holds it, and a stream is reached through its record
+        return node
 
     def drop(self, prefix: Key) -> None:
         kept = [k for k in self.keys if k[: len(prefix)] != prefix]
@@ -274,7 +281,7 @@ class Stream:
                 pending = 0
                 state = self.after[key] = self._reseeded(event)
                 continue
-            node = self.nodes[key]
+            node = self._node(key)
             words = draw_words(node)
             if words is not None:
                 pending += words
@@ -321,7 +328,7 @@ class Stream:
                 state = self.entry
                 break
             previous = self.keys[j - 1]
-            words = None if previous in self.reseeds else draw_words(self.nodes[previous])
+            words = None if previous in self.reseeds else draw_words(self._node(previous))
             if words is None:  # a reseed, or an unmodelled node that ran: its state after is known
                 state = self.after.get(previous)
                 break
