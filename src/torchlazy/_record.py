@@ -408,6 +408,11 @@ def named_arguments(node: Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
 _WITH_PARAMS = frozenset({"random_", "bernoulli_"})  # their draw counts depend on more than the target
 
 
+# (op, dtype, elements) -> (words drawn, split alignment) of a draw with no parameters: a model draws into
+# the same few shapes over and over, and the block's exit asks for every draw's count (its jump)
+_COUNTS: dict[tuple[str, torch.dtype, int], tuple[int | None, int | None]] = {}
+
+
 def draw_of(node: Node) -> Draw | None:
     """The modelled draw of `node`, or None (not random, not contiguous, or a kernel `_rng` does not model)."""
     if node.draw is not _UNKNOWN:
@@ -429,9 +434,14 @@ def draw_of(node: Node) -> Draw | None:
             numel = 1
             for n in target.size:
                 numel *= n
-            words = _rng.words(op, target.dtype, numel, **params)
-            if words is not None:
-                draw = Draw(op, target, numel, params, words, _rng.chunk(op, target.dtype, numel, **params))
+            counts = _COUNTS.get((op, target.dtype, numel)) if not params else None
+            if counts is None:
+                words = _rng.words(op, target.dtype, numel, **params)
+                counts = (words, None if words is None else _rng.chunk(op, target.dtype, numel, **params))
+                if not params and len(_COUNTS) < 1 << 14:
+                    _COUNTS[(op, target.dtype, numel)] = counts
+            if counts[0] is not None:
+                draw = Draw(op, target, numel, params, counts[0], counts[1])
     node.draw = draw
     return draw
 
