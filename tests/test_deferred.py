@@ -680,3 +680,50 @@ def test_trunc_normal_after_the_block_is_exact_and_keeps_no_frame() -> None:
     record = weakref.ref(owner[0])
     del owner, dropped
     assert record() is None
+
+
+def test_detach_of_a_recorded_tensor_behaves_as_eagers_under_every_mode() -> None:
+    """`detach` (every `nn.Parameter`) of a recorded tensor is made without dispatch while only the block's
+    modes run: same geometry, version counter and grad flags as eager; under another dispatch mode,
+    a torch-function mode or inference mode the op still reaches torch's dispatch (the mode sees it)."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Functions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    def check(t: torch.Tensor, d: torch.Tensor) -> None:
+        assert (d.shape, d.stride(), d.storage_offset(), d.dtype, d.device) == (
+            t.shape, t.stride(), t.storage_offset(), t.dtype, t.device,
+        )  # fmt: skip
+        assert not d.requires_grad and d.grad_fn is None and d._base is None
+        before = d._version
+        t.zero_()
+        assert d._version == before + 1  # shares the version counter, as eager's detach does
+
+    real = torch.empty(2, 3)[:, 1:].requires_grad_()
+    with torch.no_grad():
+        check(real, real.detach())
+    with tl.deferred():
+        t = torch.empty(2, 3)[:, 1:].requires_grad_()
+        with torch.no_grad():
+            check(t, t.detach())
+            p = nn.Parameter(t)
+            assert isinstance(p, nn.Parameter) and p.requires_grad and tl.is_deferred(p)
+            with Watch():
+                check(t, t.detach())
+            assert "aten.detach.default" in seen
+            with Functions():
+                check(t, t.detach())
+            assert "detach" in seen
+        with torch.inference_mode():
+            assert t.detach().shape == (2, 2)

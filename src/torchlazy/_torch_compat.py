@@ -181,6 +181,17 @@ def fake_mode_active() -> bool:
     return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
+def only_the_block_dispatches() -> bool:
+    """Whether the dispatch mode stack holds only a block's two modes (its fake mode and its recorder), no
+    torch-function mode is on and autograd runs as usual (no inference mode): an op a recorder makes directly
+    is then the op torch would dispatch to it."""
+    return (
+        torch._C._len_torch_dispatch_stack() == 2
+        and not torch._C._is_torch_function_mode_enabled()
+        and not torch.is_inference_mode_enabled()
+    )
+
+
 def fake_device(t: Any) -> torch.device:
     """The device a fake tensor reports (its storage is on meta)."""
     return t.fake_device  # type: ignore[no-any-return]
