@@ -35,7 +35,8 @@ def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> N
     mesh = init_device_mesh("cpu", (world,))
     exact = not job.endswith("-fast")
     refused = job.endswith("-refused")  # a forward tried (and refused) before materialize
-    job = job.removesuffix("-fast").removesuffix("-refused")
+    dtype = torch.bfloat16 if job.endswith("-bf16") else None  # a cast: each parameter a new DTensor
+    job = job.removesuffix("-fast").removesuffix("-refused").removesuffix("-bf16")
 
     def build() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -63,7 +64,9 @@ def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> N
             raise AssertionError("materialize kept FSDP's uninitialized unsharded parameters")
         model = build()  # what the error says to do
     torch.randn(7)  # RNG used in between
-    tl.materialize(model, checkpoint=checkpoint, exact=exact)
+    before = {name: id(p) for name, p in model.named_parameters()}
+    tl.materialize(model, checkpoint=checkpoint, exact=exact, dtype=dtype)
+    kept = [name for name, p in model.named_parameters() if id(p) == before[name]]
     local = {}
     for name, p in model.named_parameters():
         local[name] = (p._local_tensor if hasattr(p, "_local_tensor") else p).detach().clone()
@@ -81,6 +84,8 @@ def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> N
             "tied": tied,
             "loss": loss.detach().clone(),
             "deferred": tl.deferred_tensors(model),
+            "kept": kept,  # parameters that stayed the same objects (their local values given in place)
+            "names": list(before),
         },
         os.path.join(out, f"rank{rank}.pt"),
     )

@@ -30,14 +30,18 @@ def _spawn(job: str, out: Path, checkpoint: str | None = None) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("job", ["gpt2", "llama", "gpt2-refused"])
+@pytest.mark.parametrize("job", ["gpt2", "llama", "gpt2-refused", "llama-bf16"])
 def test_fsdp2_shards_are_exact_slices_of_eager_init(tmp_path: Path, job: str) -> None:
     """`-refused`: a forward tried before materialize (refused) leaves FSDP's unsharded parameters, fresh
     uninitialized tensors, on the modules: materialize took them for real ones and kept garbage; now it refuses
-    with a DeferredError that says what to do (the worker then builds the model again)."""
+    with a DeferredError that says what to do (the worker then builds the model again). `-bf16`: materialized
+    as bfloat16, eager's values cast. Without a cast each sharded parameter stays the same object (its local
+    values given in place, as FSDP's own re-padding does); a cast makes a new DTensor per parameter."""
     ranks = _spawn(job, tmp_path)
     torch.manual_seed(0)
-    reference = MODELS[job.removesuffix("-refused")]()
+    reference = MODELS[job.removesuffix("-refused").removesuffix("-bf16")]()
+    if job.endswith("-bf16"):
+        reference.to(torch.bfloat16)
     eager = {name: p.detach() for name, p in reference.named_parameters()}
     eager_buffers = {name: b.detach() for name, b in reference.named_buffers()}
     for r, result in enumerate(ranks):
@@ -49,6 +53,7 @@ def test_fsdp2_shards_are_exact_slices_of_eager_init(tmp_path: Path, job: str) -
         assert_same_tensors(result["local"], expected)
         assert_same_tensors(result["buffers"], eager_buffers)  # no extra, none missing, non-persistent too
         assert result["deferred"] == []
+        assert result["kept"] == ([] if job.endswith("-bf16") else result["names"])
         assert result["tied"] == job.startswith("gpt2")  # GPT-2 ties, this Llama does not
     assert_same_tensors(ranks[0]["loss"], ranks[1]["loss"], "loss")  # same parameters, same batch: same bits
 

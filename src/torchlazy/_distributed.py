@@ -274,6 +274,10 @@ def _install(module: nn.Module, shards: list[Shard], local: dict[int, torch.Tens
             else:
                 placement_here = placement
             values = placement_here.place(local.pop(id(p)), p).contiguous()
+            manager = next((managers[key] for key in ((id(o), n) for o, n in shard.owners) if key in managers), None)
+            if manager is not None and tc.take_local(p, values):  # the same parameter, its values in place
+                manager.reset_sharded_param()  # re-padded: FSDP's own state follows
+                continue
             new = DTensor.from_local(
                 values, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
             )

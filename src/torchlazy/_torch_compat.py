@@ -490,6 +490,24 @@ def dtensor_local(p: Any) -> torch.Tensor:
     return p._local_tensor  # type: ignore[no-any-return]
 
 
+def take_local(p: Any, values: torch.Tensor) -> bool:
+    """Give the DTensor `p` the local tensor `values` in place, where it stands for what `p` holds now (same
+    shape, strides, dtype and device, no grad): what FSDP's `reset_sharded_param` itself does when it re-pads
+    a shard. False, changing nothing, where `p` needs a new DTensor."""
+    old = p._local_tensor
+    if (
+        values.shape != old.shape
+        or values.stride() != old.stride()
+        or values.dtype != old.dtype
+        or values.device != p.device
+        or values.requires_grad
+        or old.requires_grad
+    ):
+        return False
+    p._local_tensor = values
+    return True
+
+
 def local_shape_and_offset(shape: Any, mesh: Any, placements: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """This rank's slice of a DTensor: local shape and offset in the global tensor."""
     compute = _lookup("torch.distributed.tensor._utils", "compute_local_shape_and_global_offset")
