@@ -161,12 +161,26 @@ def _shortcut(func: Any, types: Any, args: Any, kwargs: Any) -> Any:
     if mode is None or _local.recorders or _local.quiet or _local.after_block or tc.fake_mode_active():
         return _SLOW
     if id(func) in _VIEWS and storage_of(args[0]) is not None:  # a view records nothing: made at once
-        out = _fast_on_fakes(mode, func, args, kwargs)
+        if id(func) in _PLAIN_VIEWS and _alone_of(mode, args, kwargs):  # `fully_shard`'s chunks, views, detach
+            out = _made_view(mode, func, args, kwargs)
+        else:
+            out = _fast_on_fakes(mode, func, args, kwargs)
         if out is not _SLOW:
             tc.forget_fake_conversions(mode, (args, kwargs, out))
         return out
     tail = _tail_of(args, kwargs)
     return _SLOW if tail is None else _after_block(mode, tail, func, types, args, kwargs, fast=True)
+
+
+def _alone_of(mode: Any, args: Any, kwargs: Any) -> bool:
+    """Whether `args[0]` is a fake tensor of `mode` (not a constant) and no other argument is a tensor."""
+    target = args[0]
+    if tc.fake_mode_of(target) is not mode or tc.fake_constant(target) is not None:
+        return False
+    for x in (*args[1:], *kwargs.values()):
+        if isinstance(x, torch.Tensor):
+            return False
+    return True
 
 
 def _refuse_pickle(t: torch.Tensor) -> Any:
@@ -350,13 +364,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         """The storage id of `args[0]` when it is a fake tensor of this thread's mode and this record (no
         constant) and no other argument is a tensor: the case `_fill` and `_view` take on alone; else None."""
         target = args[0]
-        if not tc.is_fake(target) or tc.fake_mode_of(target) is not _local.fake_mode:
+        if not tc.is_fake(target) or not _alone_of(_local.fake_mode, args, kwargs):
             return None
-        if tc.fake_constant(target) is not None:
-            return None
-        for x in (*args[1:], *kwargs.values()):
-            if isinstance(x, torch.Tensor):
-                return None
         owner = storage_of(target)
         return owner[1] if owner is not None and owner[0] is self.record else None
 
@@ -420,19 +429,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         None where `_fast_fake` must look (another tensor among the arguments, another mode or record)."""
         if self._sole_target(args, kwargs) is None:
             return None
-        target = args[0]
-        mode = _local.fake_mode
-        if func is _aten.as_strided.default:
-            _check_within_storage(target, args, kwargs)
-        device = tc.fake_device(target)
-        if func is _aten.detach.default and len(args) == 1 and not kwargs:
-            detached = tc.fake_detached(mode, target, device)
-            if detached is not None:
-                return detached
-        out = tc.run_fake_kernel(mode, func, args, kwargs)
-        if isinstance(out, torch.Tensor):
-            return tc.wrap_fake(mode, out, device)
-        return [tc.wrap_fake(mode, t, device) for t in out]  # `split`: a list of views
+        return _made_view(_local.fake_mode, func, args, kwargs)
 
     def _owned(self, t: Any) -> tuple[Record, int] | None:
         """(record, storage id) of `t` when it is a tensor of this recorder's record, else None."""
@@ -924,6 +921,23 @@ _ZERO, _FILL_SCALAR, _UNIFORM, _NORMAL = (
     _aten.normal_.default,
 )
 _FILL_SPECS: dict[tuple[Any, ...], Any] = {}  # (number of positional arguments, keyword names) -> spec
+
+
+def _made_view(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
+    """A plain view (`_PLAIN_VIEWS`) of the fake tensor `args[0]` of `mode`, no other tensor among the arguments:
+    its meta kernel run on the meta storage, wrapped as a fake tensor on the same device (`detach`: one C++ call)."""
+    target = args[0]
+    if func is _aten.as_strided.default:
+        _check_within_storage(target, args, kwargs)
+    device = tc.fake_device(target)
+    if func is _aten.detach.default and len(args) == 1 and not kwargs:
+        detached = tc.fake_detached(mode, target, device)
+        if detached is not None:
+            return detached
+    out = tc.run_fake_kernel(mode, func, args, kwargs)
+    if isinstance(out, torch.Tensor):
+        return tc.wrap_fake(mode, out, device)
+    return [tc.wrap_fake(mode, t, device) for t in out]  # `split`: a list of views
 
 
 def _check_within_storage(t: torch.Tensor, args: Any, kwargs: Any) -> None:
