@@ -528,9 +528,13 @@ class Record:
         if self.nodes and node.key < self.nodes[-1].key:
             self._sorted = False
         self.nodes.append(node)
-        touched = (
-            node.writes if len(node.writes) < 2 and not node.outputs else {*node.writes, *(s for _, s in node.outputs)}
-        )
+        outputs, writes = node.outputs, node.writes
+        if not outputs:  # a fill, a draw, a copy: the usual case, then a factory's one new storage
+            touched = writes if len(writes) < 2 else set(writes)
+        elif not writes and len(outputs) == 1:
+            touched = (outputs[0][1],)
+        else:
+            touched = {*writes, *(s for _, s in outputs)}
         for sid in touched:
             writers = self.storages[sid].writers
             if not writers or writers[-1].key < node.key:
