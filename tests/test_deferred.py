@@ -727,3 +727,23 @@ def test_detach_of_a_recorded_tensor_behaves_as_eagers_under_every_mode() -> Non
             assert "detach" in seen
         with torch.inference_mode():
             assert t.detach().shape == (2, 2)
+
+
+def test_writes_and_reads_through_conjugated_and_negated_views_replay_as_eagers() -> None:
+    """A view's conjugate and negative bits are part of what an op sees: `t.conj().fill_(v)` stores conj(v),
+    `t.conj().imag` negates (found by review: replay dropped the bits and stored v)."""
+
+    def build() -> nn.Module:
+        m = nn.Module()
+        for name in "abcdefg":
+            m.register_buffer(name, torch.zeros(8, dtype=torch.complex64))
+        m.a.conj().fill_(1 + 2j)
+        m.b.conj().imag.fill_(3.0)  # the negative bit
+        m.c.conj().normal_()  # a draw through the conjugate
+        m.d.copy_(m.a.conj())  # a read through it
+        m.e.conj().copy_(m.a)  # a write through it
+        m.f.conj().imag.normal_()  # a draw through the negative view
+        m.g.conj().mul_(2).add_(1 + 1j)
+        return m
+
+    assert_exact(build)

@@ -373,6 +373,22 @@ FILLS_EAGER_REFUSES: dict[str, Callable[[], object]] = {
     "fill_ uint8 below -255": lambda: torch.empty(3, dtype=torch.uint8).fill_(-256),
     "fill_ int32 with nan": lambda: torch.empty(3, dtype=torch.int32).fill_(float("nan")),
     "fill_ complex64 past float32": lambda: torch.empty(3, dtype=torch.complex64).fill_(1e39),
+    # found by review: complex values, a draw's numbers, and tensors without elements
+    "fill_ float32 with an imaginary part": lambda: torch.empty(3).fill_(1 + 2j),
+    "fill_ int32 with an imaginary part": lambda: torch.empty(3, dtype=torch.int32).fill_(1 + 2j),
+    "fill_ empty float32 with an imaginary part": lambda: torch.empty(0).fill_(1 + 2j),
+    "fill_ complex64 imaginary part past float32": lambda: torch.empty(3, dtype=torch.complex64).fill_(1e39j),
+    "fill_ int32 with 1e10+0j": lambda: torch.empty(3, dtype=torch.int32).fill_(1e10 + 0j),
+    "uniform_ from above to": lambda: torch.empty(3).uniform_(2, 1),
+    "uniform_ from above to, no elements": lambda: torch.empty(0).uniform_(2, 1),
+    "uniform_ to past float32": lambda: torch.empty(3).uniform_(0, 1e39),
+    "uniform_ from -inf": lambda: torch.empty(3, dtype=torch.float64).uniform_(float("-inf"), 0),
+    "uniform_ to nan": lambda: torch.empty(3).uniform_(0, float("nan")),
+    "uniform_ to past float16": lambda: torch.empty(3, dtype=torch.float16).uniform_(0, 70000),
+    "uniform_ into int32, no elements": lambda: torch.empty(0, dtype=torch.int32).uniform_(),
+    "normal_ std below 0": lambda: torch.empty(3).normal_(0, -1),
+    "normal_ std below 0, no elements": lambda: torch.empty(0).normal_(0, -1),
+    "normal_ std nan": lambda: torch.empty(3).normal_(0, float("nan")),
 }
 FILLS_EAGER_TAKES: dict[str, Callable[[], object]] = {
     "fill_ uint8 with -1 (wraps)": lambda: torch.empty(3, dtype=torch.uint8).fill_(-1),
@@ -380,6 +396,14 @@ FILLS_EAGER_TAKES: dict[str, Callable[[], object]] = {
     "fill_ bfloat16 with nan": lambda: torch.empty(3, dtype=torch.bfloat16).fill_(float("nan")),
     "zero_ of an expanded view": lambda: torch.empty(3, 1).expand(3, 4).zero_(),
     "normal_ into complex64": lambda: torch.empty(3, dtype=torch.complex64).normal_(),
+    "normal_ into int32, no elements": lambda: torch.empty(0, dtype=torch.int32).normal_(),
+    "normal_ into an expanded view without elements": lambda: torch.empty(3, 0).expand(3, 0).normal_(),
+    "normal_ std inf": lambda: torch.empty(3).normal_(0, float("inf")),
+    "uniform_ from equal to": lambda: torch.empty(3).uniform_(1, 1),
+    "uniform_ into complex64": lambda: torch.empty(3, dtype=torch.complex64).uniform_(),
+    "fill_ complex64 with a complex value": lambda: torch.empty(3, dtype=torch.complex64).fill_(1 + 2j),
+    "fill_ int32 with 1+0j": lambda: torch.empty(3, dtype=torch.int32).fill_(1 + 0j),
+    "fill_ bool with 1+2j": lambda: torch.empty(3, dtype=torch.bool).fill_(1 + 2j),
 }
 
 
@@ -389,9 +413,30 @@ def test_a_fill_eager_refuses_is_refused_at_once_under_deferred(name: str) -> No
     torchlazy errors that are also the RuntimeError eager raises."""
     with pytest.raises(RuntimeError):
         FILLS_EAGER_REFUSES[name]()
-    with pytest.raises((tl.DtypeError, tl.ShapeError), match="during deferred construction"):
+    with pytest.raises((tl.DtypeError, tl.ShapeError, tl.DeferredError), match="during deferred construction"):
         with tl.deferred():
             FILLS_EAGER_REFUSES[name]()
+
+
+AFTER_THE_BLOCK: dict[str, Callable[[torch.Tensor], object]] = {
+    "uniform_ from above to": lambda t: t.uniform_(2, 1),
+    "uniform_ to past float32": lambda t: t.uniform_(0, 1e39),
+    "normal_ std below 0": lambda t: t.normal_(0, -1),
+    "fill_ with an imaginary part": lambda t: t.fill_(1 + 2j),
+}
+
+
+@pytest.mark.parametrize("name", list(AFTER_THE_BLOCK))
+def test_a_fill_eager_refuses_is_refused_on_a_deferred_tensor_after_its_block(name: str) -> None:
+    with pytest.raises(RuntimeError):
+        AFTER_THE_BLOCK[name](torch.empty(3))
+    with tl.deferred():
+        holder = nn.Module()
+        holder.register_buffer("t", torch.empty(3))
+    with pytest.raises((tl.DtypeError, tl.DeferredError), match="after its `tl.deferred"):
+        AFTER_THE_BLOCK[name](holder.t)
+    holder.t.fill_(7.0)  # the refused op left the record as it was: the next op records, materialize replays
+    assert torch.equal(tl.materialize(holder).t, torch.full((3,), 7.0))
 
 
 @pytest.mark.parametrize("name", list(FILLS_EAGER_TAKES))

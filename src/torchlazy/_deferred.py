@@ -44,6 +44,7 @@ from ._record import (
     law_marker,
     register_layout,
     shared,
+    view_bits,
 )
 
 __all__ = ["deferred", "deferred_tensors", "fake_attrs", "is_deferred"]
@@ -392,18 +393,18 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return None
         sid = owner[1]
         if func is not _ZERO:
-            if func is _UNIFORM and not _uniform_ok(*args[1:3], **kwargs):
-                return None
-            if func is _NORMAL and not _normal_ok(*args[1:3], **kwargs):
-                return None
             refused = _fill_refused(func, target, args, contiguous=target.is_contiguous())
             if refused is not None:  # what eager's kernel raises at once; replay would only at materialize
                 error, message = refused
                 raise error(f"`{func}` {self.where(sid)}: {message}")
+            if func is _UNIFORM and not _uniform_ok(*args[1:3], **kwargs):
+                return None
+            if func is _NORMAL and not _normal_ok(*args[1:3], **kwargs):
+                return None
         size = shared(tuple(target.shape))
         stride = shared(target.stride())
         offset = target.storage_offset()
-        ref = TRef(sid, size, stride, offset, target.dtype)
+        ref = TRef(sid, size, stride, offset, target.dtype, view_bits(target))
         whole = (
             offset == 0
             and target.numel() * target.element_size() == self.record.storages[sid].nbytes
@@ -837,7 +838,7 @@ def _op_info(func: Any) -> _OpInfo:
 
 
 _LEAF_TYPES = frozenset(
-    {int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format}
+    {int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format}
 )
 _SPECS: dict[Any, Any] = {}
 
@@ -961,36 +962,81 @@ def _check_within_storage(t: torch.Tensor, args: Any, kwargs: Any) -> None:
 def _fill_refused(
     func: Any, target: torch.Tensor, args: Any, contiguous: bool = False
 ) -> tuple[type[Exception], str] | None:
-    """What eager's kernel refuses in a fill or draw that meta kernels let pass: a draw into integers or bools,
-    a draw into a tensor whose elements share memory (an `expand`ed view), a fill value the dtype cannot hold."""
+    """What eager's kernel refuses in a fill or draw that meta kernels let pass, in eager's order: a draw into
+    integers or bools, bounds the dtype cannot hold or in the wrong order, a negative or nan `std`, a draw into
+    a tensor whose elements share memory (an `expand`ed view), a fill value the dtype cannot hold."""
     dtype = target.dtype
-    if func is _aten.normal_.default or func is _aten.uniform_.default:
-        if not (dtype.is_floating_point or dtype.is_complex):
+    if func is _NORMAL or func is _UNIFORM:
+        # eager's uniform_ checks the dtype of any tensor; normal_ only of one with elements
+        if not (dtype.is_floating_point or dtype.is_complex) and (func is _UNIFORM or target.numel() > 0):
             return DtypeError, (
                 f"it draws floating-point values, but the tensor is {dtype}. Draw into a floating-point tensor "
                 "and convert it (`.to(dtype)`), or use `random_` for integers."
             )
+        law = _law_refused(func, dtype, args)
+        if law is not None:
+            return DeferredError, law
         if not contiguous and _overlaps(target):  # a contiguous tensor's elements never share memory
             return ShapeError, (
                 f"the tensor (shape {tuple(target.shape)}, strides {target.stride()}) has elements that share "
                 "memory (an `expand`ed view), and a draw writes each one. Draw into `.contiguous()` or `.clone()` "
                 "of it, or draw the unexpanded tensor."
             )
-    elif func is _aten.fill_.Scalar and len(args) > 1 and type(args[1]) in (int, float):
+    elif func is _FILL_SCALAR and len(args) > 1 and type(args[1]) in (int, float, complex):
         value = args[1]
+        parts: tuple[Any, ...] = (value,)
+        if type(value) is complex:  # a complex dtype takes its parts, a real one a value with no imaginary part
+            if dtype == torch.bool:
+                return None
+            if dtype.is_complex:
+                parts = (value.real, value.imag)
+            elif value.imag == 0:
+                parts = (value.real,)
+            else:
+                return DtypeError, (
+                    f"{value!r} cannot be converted to {dtype} without overflow (it has an imaginary part). "
+                    "Fill with a real value, or make the tensor complex."
+                )
         limits = _RANGES.get(dtype)
         if limits is None:
             limits = _RANGES[dtype] = _range_of(dtype)
         low, high, int_low, floating = limits
-        if floating:  # inf and nan are values of the dtype
-            over = value == value and value not in _INF and not low <= value <= high
-        else:
-            over = value != value or not (int_low if type(value) is int else low) <= value <= high
-        if over:
-            return DtypeError, (
-                f"{value!r} cannot be converted to {dtype} without overflow. Fill with a value in the dtype's "
-                "range, or make the tensor a wider dtype."
-            )
+        for part in parts:
+            if floating:  # inf and nan are values of the dtype
+                over = part == part and part not in _INF and not low <= part <= high
+            else:
+                over = part != part or not (int_low if type(part) is int else low) <= part <= high
+            if over:
+                return DtypeError, (
+                    f"{value!r} cannot be converted to {dtype} without overflow. Fill with a value in the dtype's "
+                    "range, or make the tensor a wider dtype."
+                )
+    return None
+
+
+def _law_refused(func: Any, dtype: torch.dtype, args: Any) -> str | None:
+    """Eager's checks of a draw's numbers (`uniform_`'s bounds within the dtype and in order, `normal_`'s std
+    at least 0), for any number of elements; None where they pass or are not plain numbers."""
+    first, second = (args[1] if len(args) > 1 else 0.0), (args[2] if len(args) > 2 else 1.0)
+    if type(first) not in (int, float) or type(second) not in (int, float):
+        return None
+    if func is _NORMAL:
+        if not second >= 0.0:
+            return f"`std` must be at least 0 (eager raises here too), got {second}. Pass a std >= 0."
+        return None
+    if not dtype.is_complex:
+        limit = float(torch.finfo(dtype).max)
+        for name, bound in (("from", first), ("to", second)):
+            if not -limit <= bound <= limit:
+                return (
+                    f"`{name}`={bound} is out of bounds for {dtype} (eager raises here too). Pass finite bounds "
+                    "the dtype can hold."
+                )
+    if first > second:
+        return (
+            f"it draws from [from, to) = [{first}, {second}), and `from` is above `to` (eager raises here too). "
+            "Pass from <= to."
+        )
     return None
 
 

@@ -67,14 +67,30 @@ class TRef:
     stride: tuple[int, ...]
     offset: int
     dtype: torch.dtype
+    bits: int = 0  # a lazily conjugated view (`CONJ`: `t.conj()` of a complex tensor), a negated one (`NEG`)
 
     @staticmethod
     def of(sid: int, t: torch.Tensor) -> TRef:
-        return TRef(sid, shared(tuple(t.shape)), shared(t.stride()), int(t.storage_offset()), t.dtype)
+        bits = view_bits(t)
+        return TRef(sid, shared(tuple(t.shape)), shared(t.stride()), int(t.storage_offset()), t.dtype, bits)
 
     def on(self, storage: torch.UntypedStorage) -> torch.Tensor:
         out = torch.empty(0, dtype=self.dtype, device=storage.device)
-        return out.set_(storage, self.offset, self.size, self.stride)
+        out = out.set_(storage, self.offset, self.size, self.stride)
+        if self.bits & CONJ:
+            out = out.conj()
+        if self.bits & NEG:
+            out = tc.neg_view(out)
+        return out
+
+
+CONJ, NEG = 1, 2
+
+
+def view_bits(t: torch.Tensor) -> int:
+    """The view bits of `t` a geometry on its storage does not say: writes and reads through it conjugate
+    (`t.conj()` of a complex tensor) or negate (its `.imag`)."""
+    return (CONJ if t.is_conj() else 0) | (NEG if t.is_neg() else 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -181,6 +181,11 @@ def fake_mode_active() -> bool:
     return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
+def neg_view(t: torch.Tensor) -> torch.Tensor:
+    """A view of `t` with the negative bit set (what `t.conj().imag` carries)."""
+    return torch._neg_view(t)
+
+
 def only_the_block_dispatches() -> bool:
     """Whether the dispatch mode stack holds only a block's two modes (its fake mode and its recorder), no
     torch-function mode is on and autograd runs as usual (no inference mode): an op a recorder makes directly
