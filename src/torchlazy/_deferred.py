@@ -997,10 +997,7 @@ def _fill_refused(
                     f"{value!r} cannot be converted to {dtype} without overflow (it has an imaginary part). "
                     "Fill with a real value, or make the tensor complex."
                 )
-        limits = _RANGES.get(dtype)
-        if limits is None:
-            limits = _RANGES[dtype] = _range_of(dtype)
-        low, high, int_low, floating = limits
+        low, high, int_low, floating = _limits(dtype)
         for part in parts:
             if floating:  # inf and nan are values of the dtype
                 over = part == part and part not in _INF and not low <= part <= high
@@ -1025,9 +1022,9 @@ def _law_refused(func: Any, dtype: torch.dtype, args: Any) -> str | None:
             return f"`std` must be at least 0 (eager raises here too), got {second}. Pass a std >= 0."
         return None
     if not dtype.is_complex:
-        limit = float(torch.finfo(dtype).max)
+        low, high = _limits(dtype)[:2]  # the dtype's finite range (its finfo)
         for name, bound in (("from", first), ("to", second)):
-            if not -limit <= bound <= limit:
+            if not low <= bound <= high:
                 return (
                     f"`{name}`={bound} is out of bounds for {dtype} (eager raises here too). Pass finite bounds "
                     "the dtype can hold."
@@ -1043,6 +1040,13 @@ def _law_refused(func: Any, dtype: torch.dtype, args: Any) -> str | None:
 _INF = (math.inf, -math.inf)
 # dtype -> what fill_ takes: (low, high, low for Python ints, whether inf and nan are values)
 _RANGES: dict[torch.dtype, tuple[float, float, float, bool]] = {}
+
+
+def _limits(dtype: torch.dtype) -> tuple[float, float, float, bool]:
+    limits = _RANGES.get(dtype)
+    if limits is None:
+        limits = _RANGES[dtype] = _range_of(dtype)
+    return limits
 
 
 def _range_of(dtype: torch.dtype) -> tuple[float, float, float, bool]:
