@@ -405,14 +405,11 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         stride = shared(target.stride())
         offset = target.storage_offset()
         ref = TRef(sid, size, stride, offset, target.dtype, view_bits(target))
-        whole = (
-            offset == 0
-            and target.numel() * target.element_size() == self.record.storages[sid].nbytes
-            and stride == contiguous_strides(size)
-        )
-        spec = _FILL_SPECS.get((len(args), *kwargs))
+        whole = _covers(ref, self.record.storages[sid].nbytes)
+        # every argument a leaf (checked above): `_flatten`'s cache key, without its walk over the values
+        spec = _SPECS.get((len(args), tuple(kwargs), (None,) * (len(args) + len(kwargs))))
         if spec is None:
-            spec = _FILL_SPECS[(len(args), *kwargs)] = _flatten(args, kwargs)[1]
+            spec = _flatten(args, kwargs)[1]
         leaves = [ref, *args[1:], *kwargs.values()]
         this = shared((sid,))
         overwrites = sid if whole else None
@@ -921,7 +918,6 @@ _ZERO, _FILL_SCALAR, _UNIFORM, _NORMAL = (
     _aten.uniform_.default,
     _aten.normal_.default,
 )
-_FILL_SPECS: dict[tuple[Any, ...], Any] = {}  # (number of positional arguments, keyword names) -> spec
 
 
 def _made_view(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:

@@ -274,7 +274,8 @@ def _install(module: nn.Module, shards: list[Shard], local: dict[int, torch.Tens
             else:
                 placement_here = placement
             values = placement_here.place(local.pop(id(p)), p).contiguous()
-            manager = next((managers[key] for key in ((id(o), n) for o, n in shard.owners) if key in managers), None)
+            # FSDP's manager of the parameter (the first owner it manages it for)
+            manager = next((managers[(id(o), n)] for o, n in shard.owners if (id(o), n) in managers), None)
             if manager is not None and tc.take_local(p, values):  # the same parameter, its values in place
                 manager.reset_sharded_param()  # re-padded: FSDP's own state follows
                 continue
@@ -285,8 +286,5 @@ def _install(module: nn.Module, shards: list[Shard], local: dict[int, torch.Tens
             param = nn.Parameter(new, requires_grad=p.requires_grad)
             for owner, name in shard.owners:
                 owner._parameters[name] = param
-            for owner, name in shard.owners:
-                manager = managers.get((id(owner), name))
-                if manager is not None:
-                    manager.reset_sharded_param()
-                    break
+            if manager is not None:
+                manager.reset_sharded_param()
