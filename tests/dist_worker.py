@@ -16,6 +16,7 @@ altogether. Failures still raise normally, so `mp.spawn` reports the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
@@ -36,17 +37,33 @@ def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> N
     exact = not job.endswith("-fast")
     refused = job.endswith("-refused")  # a forward tried (and refused) before materialize
     dtype = torch.bfloat16 if job.endswith("-bf16") else None  # a cast: each parameter a new DTensor
-    job = job.removesuffix("-fast").removesuffix("-refused").removesuffix("-bf16")
+    written = job.endswith("-written")  # sharded parameters written before materialize (see `write`)
+    job = job.removesuffix("-fast").removesuffix("-refused").removesuffix("-bf16").removesuffix("-written")
 
-    def build() -> torch.nn.Module:
+    def build(deferred: bool = True) -> torch.nn.Module:
         torch.manual_seed(0)
-        with tl.deferred():
+        with tl.deferred() if deferred else contextlib.nullcontext():
             model = MODELS[job]()
+        replaced = model.get_input_embeddings().weight  # the parameter object `fully_shard` replaces
         for block in model.model.layers if job == "llama" else model.transformer.h:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        if written:
+            write(model, replaced)
         return model
 
+    def write(model: torch.nn.Module, replaced: torch.Tensor) -> None:
+        """What a user may do between `fully_shard` and materialize: write the sharded parameters (FSDP copied
+        the values: these writes count; a draw on a DTensor on a CPU mesh draws each local tensor from the
+        rank's generator), and write the parameter `fully_shard` replaced (after FSDP's copy: no effect)."""
+        with torch.no_grad():
+            model.lm_head.weight.mul_(0.5)
+            model.model.norm.weight.fill_(2.0)
+            torch.nn.init.normal_(model.model.layers[0].mlp.up_proj.weight, std=0.02)
+            replaced.fill_(7.0)
+
+    if written:  # the same steps in eager PyTorch on this rank: what its local tensors must hold
+        eager_local = {name: p.to_local().detach().clone() for name, p in build(deferred=False).named_parameters()}
     model = build()
     if refused:
         try:
@@ -86,6 +103,7 @@ def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> N
             "deferred": tl.deferred_tensors(model),
             "kept": kept,  # parameters that stayed the same objects (their local values given in place)
             "names": list(before),
+            "eager_local": eager_local if written else None,
         },
         os.path.join(out, f"rank{rank}.pt"),
     )

@@ -58,6 +58,19 @@ def test_fsdp2_shards_are_exact_slices_of_eager_init(tmp_path: Path, job: str) -
     assert_same_tensors(ranks[0]["loss"], ranks[1]["loss"], "loss")  # same parameters, same batch: same bits
 
 
+def test_fsdp2_keeps_writes_made_between_fully_shard_and_materialize(tmp_path: Path) -> None:
+    """Sharded parameters written after `fully_shard` keep those writes: a scale, a fill, and a draw on the DTensor
+    (each rank's local tensor from its own generator), and a write to the parameter `fully_shard` replaced, after
+    FSDP copied it, changes nothing, as in eager. Each rank's local tensors equal the same steps run eagerly on that
+    rank. (Every shard was made from the replaced parameter's record: the writes were silently lost.)"""
+    ranks = _spawn("llama-written", tmp_path)
+    for result in ranks:
+        assert_same_tensors(result["local"], result["eager_local"])
+        assert result["deferred"] == []
+    scaled = "lm_head.weight"
+    assert not torch.equal(ranks[0]["local"][scaled], ranks[1]["local"][scaled])  # each rank its own rows
+
+
 def test_fsdp2_reads_only_its_slices_from_a_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(99)
     source = MODELS["gpt2"]()

@@ -6,6 +6,8 @@ replaced (kept per module at construction as `_torchlazy_origin`): for each
 storage, the full tensor is replayed once, exactly, the local slice given by
 the DTensor's mesh and placements is kept, and the full tensor is freed before
 the next one. No rank ever holds more than its shards plus one full tensor.
+A sharded parameter written after `fully_shard` (or whose source was written
+after FSDP copied it) takes its values from its local tensor's own record.
 With a checkpoint, each rank reads only its slices. The new local tensors are
 handed to FSDP the way `Module.to_empty` would (`reset_sharded_param`).
 """
@@ -52,9 +54,16 @@ class Shard:
     ref: TRef  # the full tensor it stands for
 
     layouts: dict[Any, tuple[slice, ...]] = field(default_factory=dict)  # slices by layout, shared by one call's shards
+    whole: bool = False  # `ref` is the local tensor itself, not the full parameter it is a slice of
+
+    @functools.cached_property
+    def kept(self) -> tuple[slice, ...]:
+        """The local values' slices of `ref`: the layout's slices of the full parameter, or all of the local tensor."""
+        return tuple(slice(0, n) for n in self.ref.size) if self.whole else self.slices
 
     @functools.cached_property
     def slices(self) -> tuple[slice, ...]:
+        """The local slices of the full parameter, by the DTensor's mesh and placements."""
         p = self.param
         key = (tuple(p.shape), id(p.device_mesh), tuple(p.placements))
         found = self.layouts.get(key)
@@ -89,8 +98,34 @@ def sharded_targets(module: nn.Module) -> list[Shard]:
                     f"`{path}` is a sharded parameter with no values and no record: construct the "
                     "model under `tl.deferred()` before `fully_shard`, or pass `checkpoint=`."
                 )
-            shards[id(p)] = Shard(path, [(owner, name)], p, origin[0], TRef.of(origin[1], original), layouts)
+            shard = Shard(path, [(owner, name)], p, origin[0], TRef.of(origin[1], original), layouts)
+            own = storage_of(local)
+            if own is not None and not _copied_untouched(shard, own[0], own[1]):
+                # written since `fully_shard` copied it (or its source written before the copy, after the block):
+                # the local tensor's own record holds its values
+                shard = Shard(path, [(owner, name)], p, own[0], TRef.of(own[1], local), layouts, whole=True)
+            shards[id(p)] = shard
     return list(shards.values())
+
+
+def _copied_untouched(shard: Shard, record: Record, sid: int) -> bool:
+    """Whether the local tensor's storage `sid` holds only what `fully_shard` put there: a new buffer, then one
+    copy of this rank's slice of the parameter it replaced, with no write to either since. Then the slice of
+    that parameter's record is its value; otherwise the storage's own record is (a write since `fully_shard`
+    counts, a write to the replaced parameter after the copy does not, as in eager)."""
+    writers = record.storages[sid].writers if record is shard.record else None
+    if not writers or len(writers) != 2 or all(made != sid for _, made in writers[0].outputs):
+        return False
+    copy = writers[1]
+    if copy.reads != (shard.ref.sid,) or copy.writes != (sid,):
+        return False
+    source = next((x for x in copy.leaves if isinstance(x, TRef) and x.sid == shard.ref.sid), None)
+    origin = shard.ref
+    offset = origin.offset + sum(s.start * step for s, step in zip(shard.slices, origin.stride))
+    size = tuple(s.stop - s.start for s in shard.slices)
+    if source is None or (source.offset, source.size, source.stride) != (offset, size, origin.stride):
+        return False
+    return record.storages[origin.sid].writers[-1].key < copy.key
 
 
 def materialize_shards(
@@ -137,7 +172,7 @@ def _replay_shards(by_record: dict[int, list[Shard]], local: dict[int, torch.Ten
             def on_ready(sid: int, storage: torch.UntypedStorage, by_sid: dict[int, list[Shard]] = by_sid) -> None:
                 for shard in by_sid[sid]:
                     full = shard.ref.on(storage)
-                    local[id(shard.param)] = full[shard.slices].clone()  # keep the slice, drop the rest
+                    local[id(shard.param)] = full[shard.kept].clone()  # keep the slice, drop the rest
 
             # one storage at a time, in the order they are finished: one full tensor alive at most
             order = sorted(by_sid, key=lambda sid: record.storages[sid].writers[-1].key)
@@ -173,11 +208,11 @@ def _flat_range(shard: Shard) -> tuple[int, int] | None:
     ref = shard.ref
     if ref.stride != contiguous_strides(ref.size) or not ref.size:
         return None
-    rest = shard.slices[1:]
+    rest = shard.kept[1:]
     if any(s.start != 0 or s.stop != n for s, n in zip(rest, ref.size[1:])):
         return None
     row = math.prod(ref.size[1:])
-    return shard.slices[0].start * row, shard.slices[0].stop * row
+    return shard.kept[0].start * row, shard.kept[0].stop * row
 
 
 def _run_on_rows(
@@ -228,7 +263,7 @@ def _local_exact(record: Record, shard: Shard) -> torch.Tensor | None:
         run_draw(node.func, args, kwargs, node.stream.state_into(node, offset))
 
     _run_on_rows(nodes, values, draw)
-    local_shape = tuple(s.stop - s.start for s in shard.slices)
+    local_shape = tuple(s.stop - s.start for s in shard.kept)
     piece = values[a - start : b - start]
     return (piece.clone() if piece.numel() != values.numel() else piece).view(local_shape)
 
@@ -252,7 +287,7 @@ def _local_only(record: Record, shard: Shard, device: Any) -> torch.Tensor | Non
         _counter.fill(values, law[0], law[1], counter_key(record, node), start=a)
 
     _run_on_rows(nodes, values, draw)
-    return values.view(tuple(s.stop - s.start for s in shard.slices)).to(device)
+    return values.view(tuple(s.stop - s.start for s in shard.kept)).to(device)
 
 
 _aten = torch.ops.aten
