@@ -1,6 +1,6 @@
 """Sharded materialization on FSDP2, 1 and 2 CPU ranks (gloo): per-rank time and peak memory vs the full model.
 
-    python benchmarks/bench_fsdp.py [--runs N] [--model 162m|500m]
+    python benchmarks/bench_fsdp.py [--runs N] [--model 162m|500m|hidden=H,layers=L,heads=A]
 
 Medians over N runs (each run spawns its own ranks, 1 thread each). A rank generates only the rows of its
 shard (exact: each draw jumped to the slice's first word; exact=False: the counter-based stream at the
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _harness import child, machine, median_of, once, runs
-from bench_materialize import exact_of, make_500m, warm_up
+from bench_materialize import config, exact_of, make_500m, warm_up
 from bench_materialize import make as make_162m
 
 import torchlazy as tl
@@ -41,7 +41,18 @@ TARGET = 0.6  # issue #11: slowest rank / whole model in one process
 if "--model" in sys.argv:
     os.environ["TORCHLAZY_BENCH_FSDP_MODEL"] = sys.argv[sys.argv.index("--model") + 1]
 MODELS = {"162m": make_162m, "500m": make_500m}
-make = MODELS[os.environ.get("TORCHLAZY_BENCH_FSDP_MODEL", "162m")]
+
+
+def _llama_of(spec: str):
+    """`hidden=H,layers=L,heads=A` (any of them; the rest as the 162M Llama's): a Llama of another size."""
+    from transformers import LlamaForCausalLM
+
+    sizes = {key: int(value) for key, value in (item.split("=") for item in spec.split(","))}
+    return lambda: LlamaForCausalLM(config(**sizes))
+
+
+_chosen = os.environ.get("TORCHLAZY_BENCH_FSDP_MODEL", "162m")
+make = MODELS[_chosen] if _chosen in MODELS else _llama_of(_chosen)
 THREADS = torch.get_num_threads()
 BASELINES = {
     f"one process, whole model, {THREADS} threads (tl.materialize)": exact_of(make),
@@ -51,7 +62,9 @@ for variant in BASELINES.values():
     variant.setup = warm_up  # type: ignore[attr-defined]
 
 
-def rank_main(rank: int, world: int, port: int, out: str, exact: bool) -> None:
+def rank_main(rank: int, world: int, port: int, out: str, exact: bool | None) -> None:
+    """One rank: deferred construction, `fully_shard`, materialize (`exact=None`: torch's floor instead, the
+    model built on the meta device and sharded there, nothing materialized)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -63,24 +76,32 @@ def rank_main(rank: int, world: int, port: int, out: str, exact: bool) -> None:
     before = psutil.Process().memory_info().rss
     start = time.perf_counter()
     torch.manual_seed(0)
-    with tl.deferred():
+    with tl.deferred() if exact is not None else torch.device("meta"):
         model = make()
     sharding = time.perf_counter()
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     sharded = time.perf_counter()
-    tl.materialize(model, exact=exact)
+    if exact is not None:
+        tl.materialize(model, exact=exact)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     local = sum(p._local_tensor.numel() * p.element_size() for p in model.parameters())
-    result = {"seconds": seconds, "fully_shard": sharded - sharding, "peak": peak, "local": local}
+    result = {
+        "seconds": seconds,
+        "construct": sharding - start,
+        "fully_shard": sharded - sharding,
+        "materialize": seconds - (sharded - start),
+        "peak": peak,
+        "local": local,
+    }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
 
 
-def ranks(exact: bool, world: int = 2) -> list[dict]:
+def ranks(exact: bool | None, world: int = 2) -> list[dict]:
     with tempfile.TemporaryDirectory() as out, socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -104,11 +125,13 @@ if __name__ == "__main__":
     whole_runs: dict[str, list[dict]] = {name: [] for name in BASELINES}
     rank_runs: dict[tuple[bool, int], list[list[dict]]] = {config: [] for config in configs}
     round_ratios: dict[bool, list[float]] = {True: [], False: []}
+    floor_runs: list[list[dict]] = []  # torch's own per-rank floor: meta-device construction and `fully_shard`
     for _ in range(runs()):
         for name in BASELINES:
             whole_runs[name].append(once(__file__, name))
         for exact, world in configs:
             rank_runs[exact, world].append(ranks(exact, world))
+        floor_runs.append(ranks(None, 2))
         one_thread = whole_runs[list(BASELINES)[1]][-1]["seconds"]
         for exact in (True, False):
             round_ratios[exact].append(max(x["seconds"] for x in rank_runs[exact, 2][-1]) / one_thread)
@@ -137,6 +160,18 @@ if __name__ == "__main__":
             )
         if world == 2:
             slowest[exact] = max(res["seconds"] for res in per_rank)
+    # what a rank spends besides its draws, against torch's floor for the same steps on the meta device
+    deferred = [median_of([t[i] for t in rank_runs[True, 2]]) for i in range(2)]
+    meta = [median_of([t[i] for t in floor_runs]) for i in range(2)]
+    slow = max(range(2), key=lambda i: deferred[i]["seconds"])
+    d, m = deferred[slow], meta[slow]
+    print(
+        f"\nslowest exact rank, by phase: deferred construction {d['construct']:.3f} s (torch on meta: "
+        f"{m['construct']:.3f}), fully_shard {d['fully_shard']:.3f} s (on meta: {m['fully_shard']:.3f}), "
+        f"materialize {d['materialize']:.3f} s; with torch's meta floor for the first two it would take "
+        f"{m['construct'] + m['fully_shard'] + d['materialize']:.3f} s = "
+        f"{(m['construct'] + m['fully_shard'] + d['materialize']) / bases[1]:.2f}x one process with 1 thread"
+    )
     print()
     for exact, seconds in slowest.items():
         ratios = ", ".join(f"{x:.2f}" for x in round_ratios[exact])
