@@ -34,6 +34,8 @@ def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> N
     import torchlazy as tl
 
     mesh = init_device_mesh("cpu", (world,))
+    if job == "odd":
+        return odd_shapes(rank, mesh, out)
     exact = not job.endswith("-fast")
     refused = job.endswith("-refused")  # a forward tried (and refused) before materialize
     dtype = torch.bfloat16 if job.endswith("-bf16") else None  # a cast: each parameter a new DTensor
@@ -107,6 +109,31 @@ def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> N
         },
         os.path.join(out, f"rank{rank}.pt"),
     )
+
+
+def odd_shapes(rank: int, mesh: object, out: str) -> None:
+    """Small parameters of odd sizes, each sharded: `normal_` on n >= 16 elements, n not a multiple of 16,
+    draws the last 16 elements again at the end, so a shard that ends among them (the last rank holding fewer
+    than 16) needs that redraw; `uniform_` (Linear) has no such tail. Saves each rank's local tensors and those
+    of the same steps run eagerly on the rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    import torchlazy as tl
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        shapes = [(3, 7), (31, 1), (15, 2), (8, 3), (5, 4), (2, 16), (40, 1)]
+        model = torch.nn.Sequential(*[torch.nn.Embedding(*s) for s in shapes], torch.nn.Linear(7, 5))
+        for child in model:
+            fully_shard(child, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
+    eager_local = {name: p.to_local().detach().clone() for name, p in build().named_parameters()}
+    with tl.deferred():
+        model = build()
+    tl.materialize(model)
+    local = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
+    torch.save({"local": local, "eager_local": eager_local}, os.path.join(out, f"rank{rank}.pt"))
 
 
 def run(rank: int, world: int, port: int, job: str, out: str, checkpoint: str | None) -> None:

@@ -252,6 +252,8 @@ def _local_exact(record: Record, shard: Shard) -> torch.Tensor | None:
     numel = math.prod(ref.size)
     align = max([1, *(d.align for d in draws.values() if d is not None and d.align is not None)])
     start, stop = a // align * align, min(numel, -(-b // align) * align)
+    if numel - align < stop < numel:  # ends among the last `align` elements, which the kernel draws again
+        stop = numel  # last (`normal_` of n % 16 != 0 elements): the piece runs to the end, as `pieces` cut it
     if stop == numel and numel - start < align:  # the ragged last piece holds at least `align` elements
         start = max(0, (numel - align) // align * align)
     values = torch.empty(stop - start, dtype=ref.dtype)
