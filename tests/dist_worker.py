@@ -36,6 +36,8 @@ def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> N
     mesh = init_device_mesh("cpu", (world,))
     if job == "odd":
         return odd_shapes(rank, mesh, out)
+    if job == "collectives":
+        return collectives(rank, mesh, out)
     exact = not job.endswith("-fast")
     refused = job.endswith("-refused")  # a forward tried (and refused) before materialize
     dtype = torch.bfloat16 if job.endswith("-bf16") else None  # a cast: each parameter a new DTensor
@@ -134,6 +136,41 @@ def odd_shapes(rank: int, mesh: object, out: str) -> None:
     tl.materialize(model)
     local = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
     torch.save({"local": local, "eager_local": eager_local}, os.path.join(out, f"rank{rank}.pt"))
+
+
+def collectives(rank: int, mesh: object, out: str) -> None:
+    """Writes to sharded deferred parameters that need communication (a norm, a scatter of a deferred tensor):
+    each is refused at once with a DeferredError, the model left as it was (materialize then gives eager's
+    values). Recorded, the first crashed materialize and the second left garbage."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import torchlazy as tl
+
+    def build() -> tuple[torch.nn.Module, torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 6)
+        replaced = model.weight
+        return fully_shard(model, mesh=mesh), replaced
+
+    eager_local = {name: p.to_local().detach().clone() for name, p in build()[0].named_parameters()}
+    with tl.deferred():
+        model, replaced = build()
+    errors = []
+    writes = [
+        lambda: model.weight.div_(model.weight.norm()),
+        lambda: model.weight.add_(distribute_tensor(replaced.detach(), mesh, [Shard(0)])),
+        lambda: model.weight.full_tensor(),
+    ]
+    for write in writes:
+        try:
+            with torch.no_grad():
+                write()
+        except tl.DeferredError as e:
+            errors.append(str(e))
+    tl.materialize(model)
+    local = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
+    torch.save({"local": local, "eager_local": eager_local, "errors": errors}, os.path.join(out, f"rank{rank}.pt"))
 
 
 def run(rank: int, world: int, port: int, job: str, out: str, checkpoint: str | None) -> None:

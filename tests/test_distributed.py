@@ -80,6 +80,18 @@ def test_fsdp2_odd_sizes_each_rank_exact(tmp_path: Path) -> None:
         assert_same_tensors(result["local"], result["eager_local"])
 
 
+def test_fsdp2_refuses_collectives_on_deferred_shards(tmp_path: Path) -> None:
+    """A write to sharded deferred parameters that needs communication (see `dist_worker.collectives`) is refused
+    at once, naming the collective, and leaves the model as it was: materialize then gives eager's values."""
+    ranks = _spawn("collectives", tmp_path)
+    for result in ranks:
+        assert len(result["errors"]) == 3, result["errors"]
+        assert "_c10d_functional.all_reduce" in result["errors"][0]
+        assert "c10d.scatter_" in result["errors"][1] or "c10d.broadcast_" in result["errors"][1]
+        assert all("tl.materialize(model)" in e for e in result["errors"])
+        assert_same_tensors(result["local"], result["eager_local"])
+
+
 def test_fsdp2_reads_only_its_slices_from_a_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(99)
     source = MODELS["gpt2"]()

@@ -328,6 +328,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         out = self.record_fast(func, args, kwargs)
         if out is not _SLOW:
             return out
+        if getattr(func, "namespace", None) in _COLLECTIVES:
+            self._refuse_collective(func, args, kwargs)
         try:
             out = func(*args, **kwargs)
         except tc.data_dependent_errors():
@@ -340,6 +342,19 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             ) from None
         self._log(func, args, kwargs, out)
         return out
+
+    def _refuse_collective(self, func: Any, args: Any, kwargs: Any) -> None:
+        """Communication between ranks on a deferred tensor: refused before it runs. Its fake kernel would do
+        nothing (no values to send), and a replay cannot talk to the other ranks: recorded, it was replayed on
+        real tensors out of the collective's order (a crash), or dropped (a `scatter_` writes its output with no
+        alias in its schema: the output kept garbage)."""
+        sids = [r.sid for r in map(self._ref_or_none, tc.tree_leaves((args, kwargs))) if r is not None]
+        raise DeferredError(
+            f"`{func}` {self.where(sids[0] if sids else None)} is a collective (it communicates with other ranks; "
+            "a DTensor op that needs the whole tensor: a norm, a mean, `full_tensor()`, `redistribute`, "
+            "`distribute_tensor` of a deferred tensor): a deferred tensor has no values to send, and "
+            "materialization cannot replay communication. Call `tl.materialize(model)` first, then run it."
+        )
 
     def record_fast(self, func: Any, args: Any, kwargs: Any) -> Any:
         """Run and record `func` where `_fast_fake` can run it; `_SLOW` where the fake-tensor mode must."""
@@ -898,6 +913,8 @@ def _by_id(table: dict[Any, Any]) -> dict[int, Any]:
 
 
 _SLOW = object()
+# ops that communicate between ranks (torch.distributed's and DTensor's): refused on deferred tensors
+_COLLECTIVES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"})
 _FACTORIES = _ids({
     _aten.empty.memory_format, _aten.empty_strided.default, _aten.zeros.default, _aten.ones.default,
     _aten.full.default, _aten.arange.default, _aten.arange.start, _aten.arange.start_step,
