@@ -10,6 +10,8 @@ import torch
 from exact import assert_models_identical, assert_same_tensors
 from torch import nn
 
+import torchlazy as tl
+
 
 def test_identical_tensors_and_nans_with_the_same_bits_pass() -> None:
     a = torch.tensor([1.0, float("nan"), -0.0])
@@ -101,3 +103,38 @@ def test_each_kind_of_model_difference_is_caught(change: str) -> None:
         alter(twin)
     with pytest.raises(AssertionError, match=says):
         assert_models_identical(model, twin)
+
+
+def _built_under_float64() -> nn.Module:
+    """A factory that sets the default dtype for its own tensors and restores it (Dinov2 built under float64)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = nn.Module()
+        model.p = nn.Parameter(torch.randn(20))  # a random factory without `dtype=`: 2 words per element
+        model.q = nn.Parameter(torch.arange(4) * 0.5)  # an integer tensor times a float: the default dtype
+        model.register_buffer("b", torch.ones(3) * 2)
+    finally:
+        torch.set_default_dtype(previous)
+    model.r = nn.Parameter(torch.rand(5))  # float32 again
+    return model
+
+
+def test_default_dtype_set_inside_the_block_or_before_materialize() -> None:
+    """Tensors made without `dtype=` follow the default dtype of when they were made, not of materialize: a
+    factory setting float64 inside the block read float32 bytes back as float64 (garbage), and placed the
+    generator as for float32 draws."""
+    torch.manual_seed(0)
+    eager = _built_under_float64()
+    eager_after = torch.rand(3)
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = _built_under_float64()
+    after = torch.rand(3)
+    torch.set_default_dtype(torch.float64)  # another default when materializing: no effect either
+    try:
+        tl.materialize(model)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert_models_identical(model, eager)
+    assert_same_tensors(after, eager_after, "draw after the block")

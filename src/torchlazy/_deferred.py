@@ -476,7 +476,11 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         setattr(storage, _markers.RECORD, (record, sid))
         key = (*self.prefix, self.count)  # `reserve()`, inlined
         self.count += 1
-        record.add(Node(key, func, spec, leaves, ((0, sid),), (), ()))
+        node = Node(key, func, spec, leaves, ((0, sid),), (), ())
+        dtype = torch.get_default_dtype()
+        if dtype is not record.default_dtype:  # `set_default_dtype` inside the block: `torch.zeros(n)` follows it
+            node.default_dtype = dtype
+        record.add(node)
 
     def _log(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         if id(func) in _VIEWS and self._owned(args[0]) is not None:
@@ -543,10 +547,14 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             reads = () if len(reads) == 1 else [r for r in reads if r != overwrites]
         reads = reads if type(reads) is tuple else shared(tuple(reads))
         writes = writes if type(writes) is tuple else shared(tuple(writes))
+        dtype = torch.get_default_dtype()
+        default_dtype = None if dtype is self.record.default_dtype else dtype  # see `Node.default_dtype`
         if not random:
             key = (*self.prefix, self.count)  # `reserve()`, inlined: one node per op
             self.count += 1
-            self.record.add(Node(key, func, spec, leaves, outputs, reads, writes, None, overwrites))
+            node = Node(key, func, spec, leaves, outputs, reads, writes, None, overwrites)
+            node.default_dtype = default_dtype
+            self.record.add(node)
             return
         # generator states come from C++, never through dispatch: no mode needs disabling here
         stream = self.record.stream_for(_generator_arg(func, args, kwargs))
@@ -554,7 +562,9 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if top:
             self._sync(stream)  # a reseed it notes comes before the node
         key = self.reserve()
-        self.record.add(Node(key, func, spec, leaves, outputs, reads, writes, stream, overwrites))
+        node = Node(key, func, spec, leaves, outputs, reads, writes, stream, overwrites)
+        node.default_dtype = default_dtype
+        self.record.add(node)
         if top:
             self._park(stream, key)
 

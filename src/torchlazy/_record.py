@@ -129,6 +129,9 @@ class Node:
     overwrites: int | None = None  # a storage this node rewrites entirely without reading it
     law: tuple[str, dict[str, Any]] | None = None  # for exact=False: the law a whole initializer samples
     draw: Any = field(default=_UNKNOWN, repr=False, compare=False)  # `draw_of(node)`, once asked
+    # torch's default dtype when it ran, where other than its record's (`set_default_dtype` inside the block):
+    # factories without `dtype=` and Python-scalar promotion follow it, so replay runs under it
+    default_dtype: torch.dtype | None = None
 
     @property
     def name(self) -> str:
@@ -501,6 +504,7 @@ class Record:
 
     def __init__(self, *, live: bool = False) -> None:
         self.live = live
+        self.default_dtype = torch.get_default_dtype()  # what replay runs under, whatever it is then
         self.order = 0  # where live records (lazy layers built outside deferred) come in the RNG stream
         self.storages: dict[int, StorageInfo] = {}
         self.names: dict[int, str] = {}  # storage id -> `Class.attribute` that registered it, for messages
@@ -849,7 +853,11 @@ class Record:
         else:
             assert node.spec is not None
             args, kwargs = unflatten(leaves, node.spec)
+            dtype = node.default_dtype or self.default_dtype
+            previous = torch.get_default_dtype()
             try:
+                if dtype is not previous:
+                    torch.set_default_dtype(dtype)
                 out = node.func(*args, **kwargs)
             except Exception as e:
                 raise DeferredError(
@@ -857,6 +865,9 @@ class Record:
                     "deferred construction; if it cannot run on this device, materialize on "
                     "`device='cpu'` and move the model afterwards."
                 ) from e
+            finally:
+                if dtype is not previous:
+                    torch.set_default_dtype(previous)
         flat = tc.tree_leaves(out)
         constants = {
             leaf.value.untyped_storage().data_ptr()
