@@ -138,3 +138,24 @@ def test_default_dtype_set_inside_the_block_or_before_materialize() -> None:
         torch.set_default_dtype(torch.float32)
     assert_models_identical(model, eager)
     assert_same_tensors(after, eager_after, "draw after the block")
+
+
+def test_legacy_weight_norm() -> None:
+    """`nn.utils.weight_norm` (the legacy one) keeps `weight`, computed from `weight_g` and `weight_v` with autograd,
+    as a plain attribute: its graph held the parameters, and materialize failed (torch refused to swap them)."""
+    import warnings
+
+    def make() -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of parametrizations
+            return nn.utils.weight_norm(nn.Linear(4, 3))
+
+    torch.manual_seed(0)
+    eager = make()
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make()
+    tl.materialize(model)
+    assert_models_identical(model, eager)
+    x = torch.randn(2, 4)
+    assert_same_tensors(model(x), eager(x), "forward")

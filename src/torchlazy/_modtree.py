@@ -122,6 +122,10 @@ def swap_all(module: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], 
     object (swapping is then refused), the new tensor takes its place in the model.
     """
     drop_parameter_caches(module)
+    for old, _ in pairs:
+        if old.grad_fn is not None:  # a tensor computed from parameters (legacy `weight_norm`'s `weight`): its
+            tc.detach_in_place(old)  # graph holds theirs, which torch then refuses to swap
+            old.requires_grad_(True)  # as before (now a leaf: replay computes values, not graphs)
     replacements: dict[int, torch.Tensor] = {}
     for old, new in pairs:
         if isinstance(old, nn.Parameter) and not isinstance(new, nn.Parameter):

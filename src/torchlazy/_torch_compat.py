@@ -219,6 +219,12 @@ def run_fake_kernel(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
             mode.in_kernel_invocation = previous
 
 
+def detach_in_place(t: torch.Tensor) -> None:
+    """`t.detach_()` with no dispatch mode or subclass seeing it (a fake tensor's autograd graph let go)."""
+    with torch._C._DisableTorchDispatch():
+        t.detach_()
+
+
 def no_dispatch() -> Any:
     """A context in which no dispatch mode runs: a factory asked for `device="meta"` makes a plain
     meta tensor (what `run_fake_kernel` gives, without its Python context manager)."""
