@@ -135,7 +135,18 @@ def odd_shapes(rank: int, mesh: object, out: str) -> None:
         model = build()
     tl.materialize(model)
     local = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
-    torch.save({"local": local, "eager_local": eager_local}, os.path.join(out, f"rank{rank}.pt"))
+
+    # a sub-module of an FSDP root materialized first, then the root: what is still deferred, said at each step
+    with tl.deferred():
+        pair = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    fully_shard(pair, mesh=mesh)
+    steps = [(tl.is_deferred(pair[0].weight), tl.is_deferred(pair[1].weight), tl.deferred_tensors(pair))]
+    tl.materialize(pair[0])
+    steps.append((tl.is_deferred(pair[0].weight), tl.is_deferred(pair[1].weight), tl.deferred_tensors(pair)))
+    tl.materialize(pair)
+    steps.append((tl.is_deferred(pair[0].weight), tl.is_deferred(pair[1].weight), tl.deferred_tensors(pair)))
+    result = {"local": local, "eager_local": eager_local, "steps": steps}
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 
 
 def collectives(rank: int, mesh: object, out: str) -> None:

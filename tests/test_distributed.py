@@ -78,6 +78,10 @@ def test_fsdp2_odd_sizes_each_rank_exact(tmp_path: Path) -> None:
     ranks = _spawn("odd", tmp_path)
     for result in ranks:
         assert_same_tensors(result["local"], result["eager_local"])
+        # `tl.is_deferred` of a sharded parameter, and `tl.deferred_tensors` once a sub-module of the FSDP root is
+        # materialized (FSDP's own record of the old parameter made it list the materialized ones)
+        everything = ["0.weight", "0.bias", "1.weight", "1.bias"]
+        assert result["steps"] == [(True, True, everything), (False, True, everything[2:]), (False, False, [])]
 
 
 def test_fsdp2_refuses_collectives_on_deferred_shards(tmp_path: Path) -> None:

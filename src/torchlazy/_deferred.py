@@ -228,6 +228,9 @@ def is_deferred(obj: nn.Module | torch.Tensor) -> bool:
     False
     """
     if isinstance(obj, torch.Tensor):
+        DTensor = tc.dtensor_type()
+        if DTensor is not None and isinstance(obj, DTensor):  # sharded by FSDP2: its local tensor is what waits
+            return tc.is_fake(tc.dtensor_local(obj))
         return tc.is_fake(obj)
     if not isinstance(obj, nn.Module):
         raise ArgumentError(f"`tl.is_deferred` takes a torch.nn.Module or a tensor, not {type(obj).__name__}.")
@@ -249,8 +252,12 @@ def deferred_tensors(module: nn.Module) -> list[str]:
     _paths.remember_paths(module)
     paths = [path for path, _, _, t in module_tensors(module) if tc.is_fake(t)]
     # FSDP's sharded parameters with fake local tensors, wherever a forward left its unsharded ones in place
+    DTensor = tc.dtensor_type()
     for owner, name, fsdp_param in tc.fsdp_params(module):
         path = _paths.attribute_path(owner, name)
+        current = owner._parameters.get(name)
+        if current is not fsdp_param.sharded_param and isinstance(current, DTensor) and not is_deferred(current):
+            continue  # a sharded parameter materialized from a sub-module: FSDP takes it at its lazy init
         if tc.is_fake(tc.dtensor_local(fsdp_param.sharded_param)) and path not in paths:
             paths.append(path)
     return paths
