@@ -256,7 +256,10 @@ def deferred_tensors(module: nn.Module) -> list[str]:
     for owner, name, fsdp_param in tc.fsdp_params(module):
         path = _paths.attribute_path(owner, name)
         current = owner._parameters.get(name)
-        if current is not fsdp_param.sharded_param and isinstance(current, DTensor) and not is_deferred(current):
+        materialized = (
+            DTensor is not None and isinstance(current, DTensor) and not tc.is_fake(tc.dtensor_local(current))
+        )
+        if materialized and current is not fsdp_param.sharded_param:
             continue  # a sharded parameter materialized from a sub-module: FSDP takes it at its lazy init
         if tc.is_fake(tc.dtensor_local(fsdp_param.sharded_param)) and path not in paths:
             paths.append(path)
