@@ -72,18 +72,13 @@ def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> N
     if refused:
         try:
             model(input_ids=torch.randint(0, 128, (2, 8)))
-        except tl.DeferredError:
-            pass
+        except tl.DeferredError as e:
+            # FSDP's all-gather, the forward's first collective, is refused before it swaps in unsharded parameters
+            assert "tl.materialize(model)" in str(e), e
         else:
             raise AssertionError("a forward of the deferred model was not refused")
         assert tl.deferred_tensors(model), "the refused forward hid the deferred parameters"
-        try:
-            tl.materialize(model)
-        except tl.DeferredError as e:
-            assert "forward called before materialize" in str(e), e
-        else:
-            raise AssertionError("materialize kept FSDP's uninitialized unsharded parameters")
-        model = build()  # what the error says to do
+        # the model as it was: materialize, and the forward and backward below, proceed as without the refusal
     torch.randn(7)  # RNG used in between
     before = {name: id(p) for name, p in model.named_parameters()}
     tl.materialize(model, checkpoint=checkpoint, exact=exact, dtype=dtype)

@@ -32,9 +32,9 @@ def _spawn(job: str, out: Path, checkpoint: str | None = None) -> list[dict]:
 
 @pytest.mark.parametrize("job", ["gpt2", "llama", "gpt2-refused", "llama-bf16"])
 def test_fsdp2_shards_are_exact_slices_of_eager_init(tmp_path: Path, job: str) -> None:
-    """`-refused`: a forward tried before materialize (refused) leaves FSDP's unsharded parameters, fresh
-    uninitialized tensors, on the modules: materialize took them for real ones and kept garbage; now it refuses
-    with a DeferredError that says what to do (the worker then builds the model again). `-bf16`: materialized
+    """`-refused`: a forward tried before materialize is refused at FSDP's all-gather (a collective on deferred
+    tensors), before FSDP swaps in unsharded parameters: the model is left as it was, and materialize, forward
+    and backward then give eager's values. `-bf16`: materialized
     as bfloat16, eager's values cast. Without a cast each sharded parameter stays the same object (its local
     values given in place, as FSDP's own re-padding does); a cast makes a new DTensor per parameter."""
     ranks = _spawn(job, tmp_path)

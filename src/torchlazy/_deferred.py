@@ -360,10 +360,11 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         alias in its schema: the output kept garbage)."""
         sids = [r.sid for r in map(self._ref_or_none, tc.tree_leaves((args, kwargs))) if r is not None]
         raise DeferredError(
-            f"`{func}` {self.where(sids[0] if sids else None)} is a collective (it communicates with other ranks; "
-            "a DTensor op that needs the whole tensor: a norm, a mean, `full_tensor()`, `redistribute`, "
-            "`distribute_tensor` of a deferred tensor): a deferred tensor has no values to send, and "
-            "materialization cannot replay communication. Call `tl.materialize(model)` first, then run it."
+            f"`{func}` {self.where(sids[0] if sids else None)} is a collective (it communicates with other ranks: "
+            "FSDP's all-gather when a sharded model runs a forward, or a DTensor op that needs the whole tensor, "
+            "such as a norm, a mean, `full_tensor()`, `redistribute`, `distribute_tensor` of a deferred tensor): "
+            "a deferred tensor has no values to send, and materialization cannot replay communication. Call "
+            "`tl.materialize(model)` first, then run it."
         )
 
     def record_fast(self, func: Any, args: Any, kwargs: Any) -> Any:
