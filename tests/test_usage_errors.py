@@ -468,3 +468,38 @@ def test_as_strided_past_the_storage_is_refused_where_eager_refuses(args: tuple[
     assert outcome(lambda: deferred[1:].as_strided(*args)) == outcome(lambda: eager[1:].as_strided(*args))
     with pytest.raises(tl.ShapeError, match="storage"):
         deferred.as_strided((25,), (1,))
+
+
+def test_materialize_refuses_parameters_with_views_alive_and_changes_nothing() -> None:
+    """torch refuses to swap a tensor whose views are alive: materialize swapped the parameters before, then
+    failed with torch's RuntimeError half-way (`0.*` real, `1.*` deferred). Now it asks first, names the
+    parameter, and leaves the model as it was; without the view it materializes exactly."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+    row = model[1].weight[0]
+    with pytest.raises(tl.DeferredError, match=r"`1\.weight`.*view"):
+        tl.materialize(model)
+    assert tl.deferred_tensors(model) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    del row
+    tl.materialize(model)
+    assert_models_identical(model, eager)
+
+
+class _KeepsATranspose(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.wt = self.linear.weight.t()  # a view of its parameter, kept as an attribute
+
+
+def test_materialize_refuses_a_module_attribute_viewing_a_parameter() -> None:
+    """A view of a parameter kept as a plain attribute: torch's own error before (`Can't detach views in-place`,
+    or a use_count), now a DeferredError that says what to do, the model still deferred."""
+    with tl.deferred():
+        model = _KeepsATranspose()
+    with pytest.raises(tl.DeferredError, match=r"`linear\.weight`.*self\.wt = self\.weight\.t\(\)"):
+        tl.materialize(model)
+    assert tl.is_deferred(model.linear.weight)

@@ -24,7 +24,7 @@ from . import _torch_compat as tc
 from ._checkpoint import Checkpoint, KeyPlan, mapper, open_checkpoint, plan_keys
 from ._distributed import Shard, materialize_shards, sharded_targets
 from ._errors import ArgumentError, CheckpointError, DeferredError
-from ._modtree import Placement, module_tensors, swap_all
+from ._modtree import Placement, module_tensors, release_graphs, swap_all, unswappable
 from ._record import GENERATOR_LOCK, Record
 
 __all__ = ["materialize"]
@@ -330,6 +330,18 @@ def _swap_in(module: nn.Module, targets: list[_Target], values: dict[int, torch.
     fakes = [t for t in targets if tc.is_fake(t.tensor)]
     for mode in {id(m): m for m in (tc.fake_mode_of(t.tensor) for t in fakes)}.values():
         tc.forget_fake_conversions(mode, [t.tensor for t in targets])  # their weak references block swaps
+    olds = [t.tensor for t in targets]
+    release_graphs(olds)
+    held = unswappable(olds)
+    if held:
+        paths = [targets[i].path for i in held]
+        raise DeferredError(
+            f"`tl.materialize`: {len(paths)} parameters ({', '.join(f'`{p}`' for p in paths[:3])}"
+            f"{', ...' if len(paths) > 3 else ''}) cannot take their values in place: something else holds their "
+            "tensor, a view of it kept in a variable (`row = model.layer.weight[0]`) or as a module attribute "
+            "(`self.wt = self.weight.t()`), and torch refuses to swap a tensor whose views are alive. Drop such "
+            "views before `tl.materialize` and make them afterwards (or in `forward`); the model is unchanged."
+        )
     swap_all(module, [(t.tensor, values[id(t.tensor)]) for t in targets], _deferred.fake_attrs())
     for sub in module.modules():
         if _deferred.has_guard(sub) and not any(

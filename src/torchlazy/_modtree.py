@@ -23,7 +23,9 @@ __all__ = [
     "drop_parameter_caches",
     "module_tensors",
     "refresh_parameter_caches",
+    "release_graphs",
     "swap_all",
+    "unswappable",
 ]
 
 
@@ -122,10 +124,6 @@ def swap_all(module: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], 
     object (swapping is then refused), the new tensor takes its place in the model.
     """
     drop_parameter_caches(module)
-    for old, _ in pairs:
-        if old.grad_fn is not None:  # a tensor computed from parameters (legacy `weight_norm`'s `weight`): its
-            tc.detach_in_place(old)  # graph holds theirs, which torch then refuses to swap
-            old.requires_grad_(True)  # as before (now a leaf: replay computes values, not graphs)
     replacements: dict[int, torch.Tensor] = {}
     for old, new in pairs:
         if isinstance(old, nn.Parameter) and not isinstance(new, nn.Parameter):
@@ -142,6 +140,34 @@ def swap_all(module: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], 
     if replacements:
         _replace_references(module, replacements)
     refresh_parameter_caches(module)
+
+
+def release_graphs(tensors: list[torch.Tensor]) -> None:
+    """Tensors computed from parameters with autograd (legacy `weight_norm`'s plain `weight` attribute) keep a
+    graph that holds those parameters, and torch refuses to swap a tensor held so: they let go of it (a leaf
+    now, still requiring grad: replay computes values, not graphs). Views cannot, and are left as they are."""
+    for t in tensors:
+        if t.grad_fn is not None and not tc.is_view(t):
+            tc.detach_in_place(t)
+            t.requires_grad_(True)
+
+
+def unswappable(tensors: list[torch.Tensor]) -> list[int]:
+    """Indices of the parameters `torch.utils.swap_tensors` would refuse: something else holds their tensor (a
+    view of it, alive in a variable or as a module attribute), beyond the object itself and its gradient
+    accumulator. Asked before any swap, so that a refusal changes nothing."""
+    refused = []
+    for i, t in enumerate(tensors):
+        if not isinstance(t, nn.Parameter):
+            continue  # a buffer or attribute torch refuses is put in place by reference instead
+        if t.requires_grad and t.is_leaf:
+            torch.autograd.graph.get_gradient_edge(t)  # its accumulator, as the swap would make it
+            allowed = 2
+        else:
+            allowed = 1
+        if tc.use_count(t) > allowed:
+            refused.append(i)
+    return refused
 
 
 def _swapped(old: torch.Tensor, new: torch.Tensor) -> bool:

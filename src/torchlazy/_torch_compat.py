@@ -219,6 +219,16 @@ def run_fake_kernel(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
             mode.in_kernel_invocation = previous
 
 
+def use_count(t: torch.Tensor) -> int:
+    """How many owners `t`'s tensor has (its Python object, its gradient accumulator, views, graphs): what
+    `torch.utils.swap_tensors` checks."""
+    return int(t._use_count())  # type: ignore[attr-defined]
+
+
+def is_view(t: torch.Tensor) -> bool:
+    return bool(t._is_view())
+
+
 def detach_in_place(t: torch.Tensor) -> None:
     """`t.detach_()` with no dispatch mode or subclass seeing it (a fake tensor's autograd graph let go)."""
     with torch._C._DisableTorchDispatch():
