@@ -191,3 +191,37 @@ def test_sub_module_by_sub_module_from_a_whole_model_checkpoint(tmp_path: Path) 
     tl.materialize(model.model.norm, checkpoint=tmp_path / "whole.safetensors")  # by its recorded path
     tl.materialize(model, checkpoint=tmp_path / "whole.safetensors")
     assert_models_identical(model, reference)
+
+
+def test_state_dict_in_memory_is_copied_never_taken() -> None:
+    """`checkpoint=` a state dict in memory: its tensors are copied into the model, as `load_state_dict` copies.
+    They were taken as they were, then swapped: the caller's tensor became the deferred one, and the model's
+    parameters shared memory with the caller's dict (an in-place op on the model changed the dict)."""
+    source = {k: v + 1 for k, v in nn.BatchNorm1d(3).state_dict().items()}
+    kept = {k: v.clone() for k, v in source.items()}
+    with tl.deferred():
+        model = nn.BatchNorm1d(3)
+    tl.materialize(model, checkpoint=source)
+    real = nn.BatchNorm1d(3)
+    tl.materialize(real, checkpoint=source)  # real tensors load the checkpoint too
+    with torch.no_grad():
+        model.weight.mul_(0)
+        real.weight.mul_(0)
+    assert_same_tensors(source, kept)  # the caller's dict untouched, its tensors real
+    assert not any(tl.is_deferred(v) for v in source.values())
+    assert_same_tensors(model.running_mean, kept["running_mean"])
+
+
+def test_state_dict_of_deferred_tensors_is_refused() -> None:
+    """A state dict of a deferred model (no values) as `checkpoint=`: it 'loaded', leaving the model deferred and
+    a second materialize failed with an AttributeError; now a CheckpointError at once, the model unchanged."""
+    with tl.deferred():
+        source = nn.Linear(2, 2)
+        model = nn.Linear(2, 2)
+    with pytest.raises(tl.CheckpointError, match=r"`weight` is deferred.*tl\.materialize\(source\)"):
+        tl.materialize(model, checkpoint=source.state_dict())
+    with pytest.raises(tl.CheckpointError, match="meta device"):
+        tl.materialize(model, checkpoint=nn.Linear(2, 2, device="meta").state_dict())
+    assert tl.deferred_tensors(model) == ["weight", "bias"]
+    tl.materialize(model)  # still materializes from its record
+    assert not tl.is_deferred(model)

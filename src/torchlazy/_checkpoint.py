@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import _paths
+from . import _torch_compat as tc
 from ._errors import ArgumentError, CheckpointError, ShapeError
 
 __all__ = ["Checkpoint", "CheckpointShapeError", "KeyPlan", "mapper", "open_checkpoint", "plan_keys"]
@@ -126,8 +127,13 @@ def _pickle_entries(path: Path) -> dict[str, _Entry]:
     return _mapping_entries(data, str(path))
 
 
-def _mapping_entries(data: Mapping[str, torch.Tensor], where: str) -> dict[str, _Entry]:
+def _mapping_entries(data: Mapping[str, torch.Tensor], where: str, copy: bool = False) -> dict[str, _Entry]:
+    """Entries over the tensors of `data`; `copy`: each read is a copy (the caller's tensors are theirs: a model
+    that took them would share their memory, and materialize swaps the objects it fills)."""
+
     def reader(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+        if copy:
+            return lambda: t.detach().clone(memory_format=torch.contiguous_format)
         return lambda: t
 
     return {k: _Entry(tuple(v.shape), v.dtype, reader(v), where) for k, v in data.items()}
@@ -159,7 +165,15 @@ def open_checkpoint(path: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -
                 f"`checkpoint=` got a mapping whose entries are not all name -> tensor (first: `{bad[0]!r}`); "
                 "pass `model.state_dict()`-like dicts, or a path."
             )
-        return Checkpoint(_mapping_entries(path, "<state dict>"), "<state dict>")
+        empty = [k for k, v in path.items() if v.is_meta or tc.is_fake_or_fake_shard(v)]
+        if empty:
+            raise CheckpointError(
+                f"`checkpoint=` got a state dict whose tensors have no values (`{empty[0]}` is "
+                f"{'on the meta device' if path[empty[0]].is_meta else 'deferred'}"
+                f"{f', and {len(empty) - 1} more' if len(empty) > 1 else ''}): materialize the model it came from "
+                "first (`tl.materialize(source)`), or pass a saved file. The model is unchanged."
+            )
+        return Checkpoint(_mapping_entries(path, "<state dict>", copy=True), "<state dict>")
     if not isinstance(path, (str, os.PathLike)):
         raise ArgumentError(
             f"`checkpoint=` takes a path (safetensors, .pt/.bin, a folder or an index) or a state dict, "

@@ -228,10 +228,7 @@ def is_deferred(obj: nn.Module | torch.Tensor) -> bool:
     False
     """
     if isinstance(obj, torch.Tensor):
-        DTensor = tc.dtensor_type()
-        if DTensor is not None and isinstance(obj, DTensor):  # sharded by FSDP2: its local tensor is what waits
-            return tc.is_fake(tc.dtensor_local(obj))
-        return tc.is_fake(obj)
+        return tc.is_fake_or_fake_shard(obj)  # sharded by FSDP2: its local tensor is what waits
     if not isinstance(obj, nn.Module):
         raise ArgumentError(f"`tl.is_deferred` takes a torch.nn.Module or a tensor, not {type(obj).__name__}.")
     unshaped = any(m.__dict__.get(_markers.SLOT) is not None for m in obj.modules())  # lazy, made under deferred

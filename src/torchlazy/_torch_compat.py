@@ -172,6 +172,14 @@ def _fake_type_now() -> type:
     return _FAKE_TYPE
 
 
+def is_fake_or_fake_shard(t: Any) -> bool:
+    """Whether `t` is a fake tensor, or a DTensor (FSDP2's sharded parameter) whose local tensor is one."""
+    DTensor = dtensor_type()
+    if DTensor is not None and isinstance(t, DTensor):
+        return is_fake(dtensor_local(t))
+    return is_fake(t)
+
+
 def fake_mode_of(t: Any) -> Any:
     return t.fake_mode
 
