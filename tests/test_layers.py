@@ -243,3 +243,17 @@ def test_sizes_the_class_rejects_give_a_shape_error_and_leave_it_unbuilt() -> No
         norm(torch.randn(2, 6, 3))
     assert not tl.is_built(norm)
     assert norm(torch.randn(2, 8, 3)).shape == (2, 8, 3)
+
+
+def test_dtype_set_before_the_build_is_honoured_by_build_as_by_a_first_call() -> None:
+    """`.double()` / `.to(dtype)` on an unbuilt lazy layer: the first call built float64 parameters, `tl.build` built
+    float32 ones (its next forward then failed with torch's dtype error), also through a container."""
+    x = torch.randn(2, 4, dtype=torch.float64)
+    torch.manual_seed(0)
+    called = tl.nn.Linear(3).double()
+    called(x)
+    torch.manual_seed(0)
+    built = tl.build(torch.nn.Sequential(tl.nn.Linear(3)).to(torch.float64), x)[0]
+    assert called.weight.dtype == built.weight.dtype == torch.float64
+    assert torch.equal(called.weight, built.weight) and torch.equal(called.bias, built.bias)
+    assert built(x).dtype == torch.float64

@@ -712,12 +712,13 @@ class _LazyLayer:
         me: nn.Module = self  # type: ignore[assignment]
         kwargs = dict(values)
         accepts = _parameters_of(self._tl_cls)
+        dtype = self._tl_dtype()  # the placeholders': `.double()` / `.to(dtype)` before the build counts
+        if "dtype" in accepts and self._tl_args.get("dtype") is None and dtype is not None:
+            if not deferred or dtype is not torch.get_default_dtype():  # recorded: only a dtype set by the user
+                kwargs["dtype"] = dtype
         if not deferred:
-            dtype = self._tl_dtype()
             if "device" in accepts and self._tl_args.get("device") is None:
                 kwargs["device"] = device
-            if "dtype" in accepts and self._tl_args.get("dtype") is None and dtype is not None:
-                kwargs["dtype"] = dtype
             with torch.device(device):
                 real = self._tl_construct(kwargs, meta=False)
         else:
