@@ -225,3 +225,23 @@ def test_state_dict_of_deferred_tensors_is_refused() -> None:
     assert tl.deferred_tensors(model) == ["weight", "bias"]
     tl.materialize(model)  # still materializes from its record
     assert not tl.is_deferred(model)
+
+
+def test_malformed_indexes_keys_and_paths_get_torchlazy_errors(tmp_path: Path) -> None:
+    """Each was a raw AttributeError, TypeError or SafetensorError from inside; the model stays deferred."""
+    import json
+
+    with tl.deferred():
+        model = nn.Linear(2, 2)
+    (tmp_path / "list.index.json").write_text(json.dumps({"weight_map": ["weight"]}))
+    (tmp_path / "int.index.json").write_text(json.dumps({"weight_map": {"weight": 3}}))
+    torch.save({1: torch.zeros(2)}, tmp_path / "int_keys.pt")
+    for name in ("list.index.json", "int.index.json", "int_keys.pt"):
+        with pytest.raises(tl.CheckpointError):
+            tl.materialize(model, checkpoint=tmp_path / name)
+    with pytest.raises(tl.ArgumentError, match="key_map"):
+        tl.materialize(model, checkpoint={"weight": torch.zeros(2, 2)}, key_map={1: ""})
+    assert tl.deferred_tensors(model) == ["weight", "bias"]
+    tl.materialize(model)
+    with pytest.raises(tl.ArgumentError, match="folder"):
+        tl.save(model, tmp_path)

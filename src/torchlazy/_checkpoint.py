@@ -122,7 +122,9 @@ def _pickle_entries(path: Path) -> dict[str, _Entry]:
         ) from None
     if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
         data = data["state_dict"]
-    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+    if not isinstance(data, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
         raise CheckpointError(f"`{path}` does not hold a state dict (a mapping of names to tensors).")
     return _mapping_entries(data, str(path))
 
@@ -144,6 +146,11 @@ def _from_index(index: Path) -> dict[str, _Entry]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"`{index}` is not a checkpoint index (JSON with a `weight_map`): {e}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"`{index}`: its `weight_map` must map each tensor name to a file name (a JSON object of strings), "
+            f"got {type(weight_map).__name__}{' with other values' if isinstance(weight_map, dict) else ''}."
+        )
     entries: dict[str, _Entry] = {}
     opened: dict[str, dict[str, _Entry]] = {}
     for key, file in weight_map.items():
@@ -212,6 +219,13 @@ def mapper(key_map: KeyMap) -> Callable[[str], str | None]:
         return lambda k: k
     if callable(key_map):
         return key_map
+    if not isinstance(key_map, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in key_map.items()
+    ):
+        raise ArgumentError(
+            "`key_map=` takes a mapping of checkpoint key prefixes to model key prefixes (strings, e.g. "
+            f"`{{'module.': ''}}`) or a function of a key; got {key_map!r}."
+        )
     rules = sorted(key_map.items(), key=lambda kv: -len(kv[0]))
 
     def by_prefix(key: str) -> str | None:

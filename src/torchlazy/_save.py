@@ -63,6 +63,11 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
     tensors = [(k, t.contiguous().cpu()) for k, t in _unique_state(module)]
     out = Path(path)
     if max_shard_size is None:
+        if out.is_dir():
+            raise ArgumentError(
+                f"`tl.save(model, '{out}')`: that is a folder; name a file (`{out / 'model.safetensors'}`), or pass "
+                "`max_shard_size=` to write numbered shards and an index into the folder."
+            )
         out.parent.mkdir(parents=True, exist_ok=True)
         save_file(dict(tensors), str(out), metadata={"format": "pt"})
         return [out]
