@@ -223,6 +223,9 @@ def test_cli_materialize_writes_exact_seed_checkpoint(tmp_path: Path) -> None:
         (("summary", "zoo:missing"), 3, "no attribute"),
         (("summary", "zoo:broken"), 4, "always fails"),
         (("materialize", "zoo:cnn", "--out", "x.safetensors"), 2, "pass --input"),
+        (("materialize", "zoo:cnn_eager", "--out", "x", "--max-shard-size", "0"), 2, "--max-shard-size `0`"),
+        (("materialize", "zoo:cnn_eager", "--out", "x.safetensors", "--seed", str(2**70)), 2, "--seed"),
+        (("materialize", "zoo:cnn_eager", "--out", "/proc/no/such/x.safetensors"), 4, "FileNotFoundError"),
     ],
 )
 def test_cli_errors(args: tuple[str, ...], code: int, message: str) -> None:

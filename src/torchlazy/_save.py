@@ -28,7 +28,10 @@ def parse_size(size: int | str) -> int:
     if match is None:
         raise ArgumentError(f"`max_shard_size={size!r}`: expected bytes as an int or a string such as '2GB'.")
     scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[match.group(2)]
-    return int(float(match.group(1)) * scale)
+    nbytes = int(float(match.group(1)) * scale)
+    if nbytes <= 0:
+        raise ArgumentError(f"`max_shard_size={size!r}`: a shard must hold at least one byte, e.g. '2GB'.")
+    return nbytes
 
 
 def _unique_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

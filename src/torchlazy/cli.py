@@ -191,6 +191,10 @@ def cmd_materialize(args: argparse.Namespace) -> int:
                 f"--out `{args.out}` with --max-shard-size: shards are safetensors files in a folder; "
                 "give a folder name, or drop --max-shard-size to write one torch.save file"
             )
+    if not -(2**63) <= args.seed < 2**64:
+        raise UsageError(
+            f"--seed {args.seed}: expected an integer from -2**63 to 2**64 - 1 (what torch.manual_seed takes)"
+        )
     torch.manual_seed(args.seed)
     model = _construct(args)
     if positional or keywords:
@@ -271,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportFailure as e:
         print(f"torchlazy: error: {e}", file=sys.stderr)
         return 3
-    except (LazyError, ValueError, TypeError, RuntimeError) as e:
+    except (LazyError, ValueError, TypeError, RuntimeError, OSError) as e:  # OSError: the output not writable
         hint = " (on the command line: --concretize)" if "concretize=True" in str(e) else ""
         print(f"torchlazy: error: {type(e).__name__}: {e}{hint}", file=sys.stderr)
         return 4
