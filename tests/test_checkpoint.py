@@ -245,3 +245,20 @@ def test_malformed_indexes_keys_and_paths_get_torchlazy_errors(tmp_path: Path) -
     tl.materialize(model)
     with pytest.raises(tl.ArgumentError, match="folder"):
         tl.save(model, tmp_path)
+
+
+def test_save_a_buffer_viewing_another(tmp_path: Path) -> None:
+    """A buffer registered as a view of another: safetensors refused the shared memory (its own RuntimeError);
+    each is now stored with its own bytes, and loads back as eager's values."""
+
+    class Views(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("full", torch.arange(6.0))
+            self.register_buffer("part", self.full[2:5])
+
+    tl.save(Views(), tmp_path / "v.safetensors")
+    from safetensors.torch import load_file
+
+    loaded = load_file(tmp_path / "v.safetensors")
+    assert_same_tensors(loaded, {"full": torch.arange(6.0), "part": torch.arange(2.0, 5.0)})

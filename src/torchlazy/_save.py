@@ -63,7 +63,14 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
         raise CheckpointError(
             "the model is still deferred: call `tl.materialize(model)` (or `tl.build`) before `tl.save`."
         )
-    tensors = [(k, t.contiguous().cpu()) for k, t in _unique_state(module)]
+    tensors = []
+    storages: set[int] = set()
+    for key, t in _unique_state(module):
+        t = t.contiguous().cpu()
+        if t.numel() and t.untyped_storage().data_ptr() in storages:
+            t = t.clone()  # a view of a tensor saved already (a buffer over another's memory): its own bytes
+        storages.add(t.untyped_storage().data_ptr())
+        tensors.append((key, t))
     out = Path(path)
     if max_shard_size is None:
         if out.is_dir():
