@@ -308,10 +308,9 @@ class Stream:
             if pending:
                 state, pending = _rng.jump(state, pending), 0
             self.before[key] = state
-            self.generator.set_state(state)
             record = self._record()
             assert record is not None  # a stream is reached through its record
-            record.run_on_scratch(node)
+            record.run_on_scratch(node, self.generator, state)
             state = self.after[key] = _generator_state(self.generator)
         if pending:
             state = _rng.jump(state, pending)
@@ -696,8 +695,10 @@ class Record:
                 for futures in pending.values():  # on failure: let workers finish before memory goes
                     wait(futures)
 
-    def run_on_scratch(self, node: Node) -> None:
-        """Run a random node only for its draws: inputs it overwrites are scratch."""
+    def run_on_scratch(self, node: Node, generator: torch.Generator, state: torch.Tensor) -> None:
+        """Run a random node only for its draws, from `state` on `generator`: inputs it overwrites are scratch.
+        Its other inputs are made first (a random input draws from the generator itself: `bernoulli(p)` of a
+        `p = rand(n)`), then the generator is set."""
         inputs = [s for s in node.reads if s not in node.writes]
         env = self.evaluate(inputs, bound=node.key) if inputs else {}
         adopted, adoptable = self._adopt if self._adopt is not None else ({}, set())
@@ -709,6 +710,7 @@ class Record:
                 env[sid] = self._scratch_storage(nbytes)
             else:
                 env[sid] = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+        generator.set_state(state)
         with torch.no_grad():
             self._call(node, env, torch.device("cpu"))
 
