@@ -41,6 +41,7 @@ from ._record import (
     Stream,
     TRef,
     contiguous_strides,
+    explicit_generators_kept,
     law_marker,
     register_layout,
     shared,
@@ -338,7 +339,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if getattr(func, "namespace", None) in _COLLECTIVES:
             self._refuse_collective(func, args, kwargs)
         try:
-            out = func(*args, **kwargs)
+            out = func(*args, **_for_fake_kernel(func, kwargs))
         except tc.data_dependent_errors():
             return self._needs_values(func, args, kwargs)
         except tc.unsupported_operator_error():
@@ -776,7 +777,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         """Real values of the recorded tensors in `flat`, as they are now."""
         refs = {id(x): self._ref(x, "reading values") for x in flat if isinstance(x, torch.Tensor)}
         sids = {r.sid for r in refs.values() if isinstance(r, TRef)}
-        with GENERATOR_LOCK:
+        with GENERATOR_LOCK, explicit_generators_kept([self.record]):  # replay sets the generators' states
             saved = torch.default_generator.get_state()
             try:
                 env = self.record.evaluate(sids, bound=self.next_key())
@@ -931,6 +932,10 @@ def _by_id(table: dict[Any, Any]) -> dict[int, Any]:
 
 
 _SLOW = object()
+# in-place draws whose fake kernels refuse `generator=` ("generator is not supported in refs")
+_DRAWS_WITHOUT_GENERATOR_REFS = _ids({
+    _aten.exponential_.default, _aten.cauchy_.default, _aten.geometric_.default, _aten.log_normal_.default,
+})  # fmt: skip
 # ops that communicate between ranks (torch.distributed's and DTensor's): refused on deferred tensors
 _COLLECTIVES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"})
 _FACTORIES = _ids({
@@ -1273,12 +1278,20 @@ def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
         if strided is None:
             return _SLOW  # the fake mode gives torch's error
         func, args, kwargs = _aten.as_strided.default, strided, {}
-    out = tc.run_fake_kernel(mode, func, args, kwargs)
+    out = tc.run_fake_kernel(mode, func, args, _for_fake_kernel(func, kwargs))
     if id(func) in _IN_PLACE:
         return self
     if isinstance(out, torch.Tensor):
         return tc.wrap_fake(mode, out, device)
     return [tc.wrap_fake(mode, t, device) for t in out]  # `split`: a list of views
+
+
+def _for_fake_kernel(func: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` for `func`'s fake kernel: draws whose kernels (Python references) refuse `generator=`, which
+    changes no shape, run without it for shapes and argument checks (the record keeps the call as made)."""
+    if kwargs.get("generator") is not None and id(func) in _DRAWS_WITHOUT_GENERATOR_REFS:
+        return {k: v for k, v in kwargs.items() if k != "generator"}
+    return kwargs
 
 
 def _copies_into(self: torch.Tensor, src: torch.Tensor) -> bool:

@@ -39,6 +39,7 @@ from ._record import (
     counter_key,
     counter_law,
     draw_of,
+    explicit_generators_kept,
     unflatten,
 )
 
@@ -147,7 +148,7 @@ def materialize_shards(
     by_record: dict[int, list[Shard]] = {}
     for shard in todo:
         by_record.setdefault(id(shard.record), []).append(shard)
-    with GENERATOR_LOCK:
+    with GENERATOR_LOCK, explicit_generators_kept(shard.record for shard in todo):
         _replay_shards(by_record, local, placement.device, exact)
     _install(module, shards, local, placement)
 

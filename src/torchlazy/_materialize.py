@@ -25,7 +25,7 @@ from ._checkpoint import Checkpoint, KeyPlan, mapper, open_checkpoint, plan_keys
 from ._distributed import Shard, materialize_shards, sharded_targets
 from ._errors import ArgumentError, CheckpointError, DeferredError
 from ._modtree import Placement, module_tensors, release_graphs, swap_all, unswappable
-from ._record import GENERATOR_LOCK, Record
+from ._record import GENERATOR_LOCK, Record, explicit_generators_kept
 
 __all__ = ["materialize"]
 
@@ -252,7 +252,7 @@ def _replay(
         records[id(t.record)] = t.record
     order = sorted(records.values(), key=lambda r: getattr(r, "order", 0))
     bar = _Bar(len(targets), sum(t.tensor.nbytes for t in targets), progress)
-    with GENERATOR_LOCK:
+    with GENERATOR_LOCK, explicit_generators_kept(order):
         return _replay_locked(order, by_record, placement, exact, bar)
 
 

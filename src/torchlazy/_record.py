@@ -20,10 +20,11 @@ bit as the whole would, and draws can run in parallel, each on its own generator
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -979,6 +980,26 @@ def _real(leaf: Any, env: dict[int, torch.UntypedStorage], device: torch.device)
     if isinstance(leaf, torch.device):
         return device
     return leaf
+
+
+@contextlib.contextmanager
+def explicit_generators_kept(records: Iterable[Record]) -> Iterator[None]:
+    """Replay sets the states of the `torch.Generator` objects construction drew from; they are put back where
+    they were (where the block left them: eager's after construction), so materialize never moves them. Live
+    records (lazy layers built eagerly) draw as eager code would: theirs move."""
+    gens = {
+        id(s.generator): s.generator
+        for r in records
+        if not r.live
+        for s in r.streams.values()
+        if s.generator is not torch.default_generator
+    }
+    states = {k: g.get_state() for k, g in gens.items()}
+    try:
+        yield
+    finally:
+        for k, g in gens.items():
+            g.set_state(states[k])
 
 
 def default_generator(device: torch.device) -> torch.Generator:
