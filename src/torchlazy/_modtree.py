@@ -156,18 +156,8 @@ def unswappable(tensors: list[torch.Tensor]) -> list[int]:
     """Indices of the parameters `torch.utils.swap_tensors` would refuse: something else holds their tensor (a
     view of it, alive in a variable or as a module attribute), beyond the object itself and its gradient
     accumulator. Asked before any swap, so that a refusal changes nothing."""
-    refused = []
-    for i, t in enumerate(tensors):
-        if not isinstance(t, nn.Parameter):
-            continue  # a buffer or attribute torch refuses is put in place by reference instead
-        if t.requires_grad and t.is_leaf:
-            torch.autograd.graph.get_gradient_edge(t)  # its accumulator, as the swap would make it
-            allowed = 2
-        else:
-            allowed = 1
-        if tc.use_count(t) > allowed:
-            refused.append(i)
-    return refused
+    # a buffer or attribute torch refuses is put in place by reference instead
+    return [i for i, t in enumerate(tensors) if isinstance(t, nn.Parameter) and tc.swap_refused(t)]
 
 
 def _swapped(old: torch.Tensor, new: torch.Tensor) -> bool:

@@ -227,10 +227,17 @@ def run_fake_kernel(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
             mode.in_kernel_invocation = previous
 
 
-def use_count(t: torch.Tensor) -> int:
-    """How many owners `t`'s tensor has (its Python object, its gradient accumulator, views, graphs): what
-    `torch.utils.swap_tensors` checks."""
-    return int(t._use_count())  # type: ignore[attr-defined]
+def swap_refused(t: torch.Tensor) -> bool:
+    """Whether `torch.utils.swap_tensors` would refuse `t`: its tensor has owners besides its Python object and
+    its gradient accumulator (a view of it alive, a graph). Asked as the swap asks, with no dispatch (a fake
+    tensor's `view_as` would reach its fake mode, which another thread may be using)."""
+    with torch._C._DisableTorchDispatch():
+        if t.requires_grad and t.is_leaf:
+            node = torch.autograd.graph.get_gradient_edge(t).node  # held, as the swap holds it while it checks
+            refused = t._use_count() > 2  # type: ignore[attr-defined]
+            del node
+            return bool(refused)
+        return bool(t._use_count() > 1)  # type: ignore[attr-defined]
 
 
 def is_view(t: torch.Tensor) -> bool:
