@@ -231,13 +231,18 @@ def swap_refused(t: torch.Tensor) -> bool:
     """Whether `torch.utils.swap_tensors` would refuse `t`: its tensor has owners besides its Python object and
     its gradient accumulator (a view of it alive, a graph). Asked as the swap asks, with no dispatch (a fake
     tensor's `view_as` would reach its fake mode, which another thread may be using)."""
+    count = t._use_count()  # type: ignore[attr-defined]
+    if count <= 1:
+        return False
+    if count > 2 or not (t.requires_grad and t.is_leaf):
+        return True
+    # one more owner: the swap accepts it if that is the gradient accumulator. Asked as the swap asks, with
+    # the accumulator held; rare (its `get_gradient_edge` imports torch.distributed.tensor, ~0.8 s)
     with torch._C._DisableTorchDispatch():
-        if t.requires_grad and t.is_leaf:
-            node = torch.autograd.graph.get_gradient_edge(t).node  # held, as the swap holds it while it checks
-            refused = t._use_count() > 2  # type: ignore[attr-defined]
-            del node
-            return bool(refused)
-        return bool(t._use_count() > 1)  # type: ignore[attr-defined]
+        node = torch.autograd.graph.get_gradient_edge(t).node
+        refused = t._use_count() > 2  # type: ignore[attr-defined]
+        del node
+    return bool(refused)
 
 
 def is_view(t: torch.Tensor) -> bool:
