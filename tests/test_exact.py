@@ -215,3 +215,31 @@ def test_an_explicit_generator_ends_where_eager_leaves_it_and_materialize_never_
     tl.materialize(model)
     assert_same_tensors(g.get_state(), eager_state, "the generator after materialize")
     assert_models_identical(model, eager)
+
+
+def _thread_sensitive() -> nn.Module:
+    model = nn.Module()
+    w = torch.randn(4_000_003)
+    model.w = nn.Parameter(w / w.sum())  # a large reduction: its bits depend on the thread count
+    model.q = nn.Parameter(torch.empty(64, 64))
+    nn.init.orthogonal_(model.q)  # a QR: so do these
+    return model
+
+
+def test_recorded_compute_replays_on_the_blocks_thread_count() -> None:
+    """Materialize on another thread count than the block's: recorded reductions and linear algebra gave other
+    bits than eager construction (on the block's count); draws never depended on it."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        eager = _thread_sensitive()
+        torch.manual_seed(0)
+        with tl.deferred():
+            model = _thread_sensitive()
+        torch.set_num_threads(1)
+        tl.materialize(model)
+        assert torch.get_num_threads() == 1  # the caller's count, as it was
+    finally:
+        torch.set_num_threads(before)
+    assert_models_identical(model, eager)

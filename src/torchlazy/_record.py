@@ -505,6 +505,9 @@ class Record:
     def __init__(self, *, live: bool = False) -> None:
         self.live = live
         self.default_dtype = torch.get_default_dtype()  # what replay runs under, whatever it is then
+        # and the thread count: torch's reductions and linear algebra (`orthogonal_`'s QR) give other bits on
+        # other thread counts, so recorded compute replays on the block's (draws do not depend on it)
+        self.threads = torch.get_num_threads()
         self.order = 0  # where live records (lazy layers built outside deferred) come in the RNG stream
         self.storages: dict[int, StorageInfo] = {}
         self.names: dict[int, str] = {}  # storage id -> `Class.attribute` that registered it, for messages
@@ -858,9 +861,12 @@ class Record:
             args, kwargs = unflatten(leaves, node.spec)
             dtype = node.default_dtype or self.default_dtype
             previous = torch.get_default_dtype()
+            threads = torch.get_num_threads()
             try:
                 if dtype is not previous:
                     torch.set_default_dtype(dtype)
+                if threads != self.threads:
+                    torch.set_num_threads(self.threads)
                 out = node.func(*args, **kwargs)
             except Exception as e:
                 raise DeferredError(
@@ -871,6 +877,8 @@ class Record:
             finally:
                 if dtype is not previous:
                     torch.set_default_dtype(previous)
+                if threads != self.threads:
+                    torch.set_num_threads(threads)
         flat = tc.tree_leaves(out)
         constants = {
             leaf.value.untyped_storage().data_ptr()
