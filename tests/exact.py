@@ -11,7 +11,7 @@ differing key and what differs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -110,3 +110,16 @@ def assert_models_identical(model_a: nn.Module, model_b: nn.Module) -> None:
     assert ties(a) == ties(b), f"ties differ: {ties(a)} != {ties(b)}"
     keys_a, keys_b = list(model_a.state_dict()), list(model_b.state_dict())
     assert keys_a == keys_b, "state_dict " + _key_message(dict.fromkeys(keys_a), dict.fromkeys(keys_b))
+
+
+def eager_and_deferred(make: Callable[[], nn.Module], seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """`make()` built eagerly, and under `tl.deferred()` then materialized, each after `torch.manual_seed(seed)`."""
+    import torchlazy as tl
+
+    torch.manual_seed(seed)
+    eager = make()
+    torch.manual_seed(seed)
+    with tl.deferred():
+        model = make()
+    tl.materialize(model)
+    return eager, model

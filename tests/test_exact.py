@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from exact import assert_models_identical, assert_same_tensors
+from exact import assert_models_identical, assert_same_tensors, eager_and_deferred
 from torch import nn
 
 import torchlazy as tl
@@ -150,12 +150,7 @@ def test_legacy_weight_norm() -> None:
             warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of parametrizations
             return nn.utils.weight_norm(nn.Linear(4, 3))
 
-    torch.manual_seed(0)
-    eager = make()
-    torch.manual_seed(0)
-    with tl.deferred():
-        model = make()
-    tl.materialize(model)
+    eager, model = eager_and_deferred(make)
     assert_models_identical(model, eager)
     x = torch.randn(2, 4)
     assert_same_tensors(model(x), eager(x), "forward")
