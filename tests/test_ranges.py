@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from exact import assert_models_identical
+from torch import nn
 
 import torchlazy as tl
 from torchlazy._record import Record
@@ -247,3 +248,27 @@ def test_trunc_normal_with_tensor_parameters_is_exact() -> None:
         fast = make()
     tl.materialize(fast, exact=False)
     assert fast[0].weight.abs().max() <= 2.0 and fast[1].weight.abs().max() <= 1.5
+
+
+def test_trunc_normal_after_the_block_on_a_slice_of_a_rejecting_init() -> None:
+    """A rejecting `trunc_normal_` leaves a law node on its tensor; a later `trunc_normal_` on a slice of it (FSDP2's
+    rank-1 shard, written after `fully_shard`) asked the range rules for that node's op name, which a law node
+    has not: AttributeError (and on FSDP, ranks on different paths: a collective mismatch)."""
+
+    class Rejecting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(33, 21))
+            nn.init.trunc_normal_(self.w, std=1.0, a=-0.5, b=0.5)  # its rejection loop runs
+
+    torch.manual_seed(0)
+    eager = Rejecting()
+    with torch.no_grad():
+        nn.init.trunc_normal_(eager.w[17:], std=0.02)
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = Rejecting()
+    with torch.no_grad():
+        nn.init.trunc_normal_(model.w[17:], std=0.02)
+    tl.materialize(model)
+    assert_models_identical(model, eager)

@@ -148,7 +148,10 @@ def _read(x: Any, ranges: dict[int, Range | None]) -> Range | None:
 
 
 def _name(node: Node) -> str:
-    return node.func.overloadpacket.__name__  # type: ignore[no-any-return,union-attr]
+    """The op's name (`uniform_`); "" for a node whose function is not an op (`law_marker`: a law noted after
+    an initializer's ops, which no rule reads)."""
+    packet = getattr(node.func, "overloadpacket", None)
+    return packet.__name__ if packet is not None else ""  # type: ignore[no-any-return]
 
 
 def _unchanged(leaf: Any) -> torch.Tensor | None:
