@@ -372,3 +372,28 @@ def test_cli_markdown_and_transformers_config(tmp_path: Path, capsys: pytest.Cap
 def test_cli_bad_arguments_exit_2(args: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(capsys, "summary", "zoo:cnn", *args)
     assert code == 2 and message in err and err.startswith("torchlazy: error:")
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+        self.b = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return self.b(checkpoint(self.a, x, use_reentrant=True))
+
+
+def test_reentrant_checkpointing_leaves_the_model_alone_and_counts_its_gradients() -> None:
+    """A reentrant checkpoint's backward runs its module again: with the model's own parameters back in place by
+    then, the estimate put fake gradients on them (a later real step silently trained other weights) and missed
+    those gradients and their optimizer state."""
+    model = _Checkpointed()
+    x = torch.randn(32, 64, requires_grad=True)  # a reentrant checkpoint gives gradients only then, as in eager
+    estimate = tl.estimate_memory(model, x)
+    assert all(p.grad is None for p in model.parameters()) and x.grad is None
+    assert estimate.grads == sum(p.numel() * p.element_size() for p in model.parameters())
+    tl.summary(model, x, flops=True)
+    assert all(p.grad is None for p in model.parameters())

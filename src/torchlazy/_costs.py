@@ -78,8 +78,7 @@ class _Session:
     paths: dict[int, str]
 
     def forward(self) -> Any:
-        tensors = {**self.params, **self.buffers}
-        return torch.func.functional_call(self.module, tensors, self.args, self.kwargs, tie_weights=True, strict=False)
+        return self.module(*self.args, **self.kwargs)  # the session's fake tensors are in place
 
     def trainable(self) -> list[torch.Tensor]:
         return list({id(p): p for p in self.params.values() if p.requires_grad}.values())
@@ -120,8 +119,16 @@ def _session(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         buffers = {name: fake(b) for name, b in named_buffers}
         fargs, fkwargs = to_fake((args, kwargs), mode)
         paths = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
-        with mode, FoldConstants(mode):
-            yield _Session(module, mode, params, buffers, fargs, fkwargs, paths)
+        grads = {id(p): (p, p.grad) for _, p in named_params}
+        try:
+            # the fake tensors stay in place for the whole step: a reentrant checkpoint's backward runs the
+            # module again, and with the model's own parameters back it put fake gradients on them
+            with tc.tensors_in_place(module, {**params, **buffers}), mode, FoldConstants(mode):
+                yield _Session(module, mode, params, buffers, fargs, fkwargs, paths)
+        finally:
+            for p, grad in grads.values():
+                if p.grad is not grad:
+                    p.grad = grad  # nothing the estimate did stays on the model
 
 
 @contextlib.contextmanager

@@ -227,6 +227,15 @@ def run_fake_kernel(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
             mode.in_kernel_invocation = previous
 
 
+def tensors_in_place(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Any:
+    """A context in which `module`'s parameters and buffers (by name, tied ones together) are `tensors`:
+    what `torch.func.functional_call` does around one call, here around a whole training step, whose backward
+    may run the module again (reentrant activation checkpointing recomputes its forward then)."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    return _reparametrize_module(module, tensors, tie_weights=True, strict=False)
+
+
 def swap_refused(t: torch.Tensor) -> bool:
     """Whether `torch.utils.swap_tensors` would refuse `t`: its tensor has owners besides its Python object and
     its gradient accumulator (a view of it alive, a graph). Asked as the swap asks, with no dispatch (a fake
