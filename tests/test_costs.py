@@ -397,3 +397,27 @@ def test_reentrant_checkpointing_leaves_the_model_alone_and_counts_its_gradients
     assert estimate.grads == sum(p.numel() * p.element_size() for p in model.parameters())
     tl.summary(model, x, flops=True)
     assert all(p.grad is None for p in model.parameters())
+
+
+class _KeepsItsLastOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        self.last = y.detach()  # kept for logging
+        return y
+
+
+def test_what_the_forward_keeps_on_the_model_does_not_stay() -> None:
+    """A forward that keeps a tensor on the module left a fake tensor there after an estimate (`torch.save(model)`
+    then failed on it); the model is left as it was."""
+    import io
+
+    model = _KeepsItsLastOutput()
+    tl.estimate_memory(model, torch.randn(2, 8))
+    tl.summary(model, torch.randn(2, 8), flops=True)
+    assert model.last is None
+    torch.save(model, io.BytesIO())

@@ -120,6 +120,7 @@ def _session(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         fargs, fkwargs = to_fake((args, kwargs), mode)
         paths = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
         grads = {id(p): (p, p.grad) for _, p in named_params}
+        attributes = [(m, dict(m.__dict__)) for m in {id(m): m for m in module.modules()}.values()]
         try:
             # the fake tensors stay in place for the whole step: a reentrant checkpoint's backward runs the
             # module again, and with the model's own parameters back it put fake gradients on them
@@ -129,6 +130,11 @@ def _session(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
             for p, grad in grads.values():
                 if p.grad is not grad:
                     p.grad = grad  # nothing the estimate did stays on the model
+            for m, before in attributes:  # nor what its forward kept (`self.last = y`: a fake tensor)
+                now = m.__dict__
+                if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
+                    m.__dict__.clear()
+                    m.__dict__.update(before)
 
 
 @contextlib.contextmanager
