@@ -421,3 +421,15 @@ def test_what_the_forward_keeps_on_the_model_does_not_stay() -> None:
     tl.summary(model, torch.randn(2, 8), flops=True)
     assert model.last is None
     torch.save(model, io.BytesIO())
+
+
+def test_optimizer_and_loss_failures_are_cost_errors_not_shape_errors() -> None:
+    """Errors past the forward (the optimizer's arguments or step, the loss) were reported as the examples'
+    shapes (ShapeError naming the model's root)."""
+    model, x = nn.Linear(4, 2), torch.randn(3, 4)
+    with pytest.raises(tl.CostError, match="rejects the optimizer arguments"):
+        tl.estimate_memory(model, x, optimizer="sgd", optimizer_kwargs={"lr": -1.0})
+    with pytest.raises(tl.CostError, match=r"`LBFGS.step\(\)`"):
+        tl.estimate_memory(model, x, optimizer=torch.optim.LBFGS)
+    with pytest.raises(tl.CostError, match="the backward of the loss"):
+        tl.estimate_memory(model, x, loss=lambda out: out.detach().sum())

@@ -501,6 +501,20 @@ def estimate_memory(
     )
 
 
+@contextlib.contextmanager
+def _failing_step(what: str) -> Iterator[None]:
+    """An error of a training step past the forward is the step's, not the examples' shapes: a CostError."""
+    try:
+        yield
+    except LazyError:
+        raise
+    except Exception as e:
+        raise CostError(
+            f"{what} failed during the estimated training step: {type(e).__name__}: {e}. The forward ran; check the "
+            "loss and the optimizer (`optimizer=`, `optimizer_kwargs=`), or estimate `mode='inference'`."
+        ) from e
+
+
 def _train_steps(
     s: _Session,
     tracker: _LiveBytes,
@@ -518,7 +532,7 @@ def _train_steps(
         )
     try:
         opt = opt_cls(trainable, **optimizer_kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise CostError(f"`{opt_cls.__name__}` rejects the optimizer arguments {optimizer_kwargs}: {e}") from None
     hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.recategorize(p.grad, "grads")) for p in trainable]
     by_module: dict[str, int] = {}
@@ -531,15 +545,20 @@ def _train_steps(
             tracker.phase, tracker.category = "forward", "activations"
             with _autocast(autocast, device):
                 out = s.forward()
-                value = _loss_of(loss, out)
+                with _failing_step("the loss (`loss=`, or the output's own `.loss`)"):
+                    value = _loss_of(loss, out)
             if measured:
                 by_module = tracker.live_by_owner("activations")
             del out
             tracker.phase, tracker.category = "backward", "temporary"
-            value.backward()
+            with _failing_step("the backward of the loss"):
+                value.backward()
             del value
             tracker.phase = "optimizer step"
-            opt.step()
+            with _failing_step(
+                f"`{opt_cls.__name__}.step()` (an optimizer that needs a closure, or sparse gradients?)"
+            ):
+                opt.step()
             for state in opt.state.values():
                 for t in state.values():
                     if isinstance(t, torch.Tensor):
