@@ -239,6 +239,14 @@ def test_reading_values_during_construction_is_a_deferred_error(how: str) -> Non
     assert "tl.deferred" in str(info.value)
 
 
+def test_numpy_after_the_block_is_a_deferred_error() -> None:
+    """After the block torch said only ".numpy() is not supported for tensor subclasses"."""
+    with tl.deferred():
+        model = nn.Linear(3, 2)
+    with pytest.raises(tl.DeferredError, match=r"`\.numpy\(\)` on `Linear\.weight`.*tl\.materialize"):
+        model.weight.detach().numpy()
+
+
 def test_concretize_computes_values_exactly() -> None:
     torch.manual_seed(0)
     with tl.deferred(concretize=True):

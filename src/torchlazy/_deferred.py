@@ -1400,6 +1400,13 @@ def _install_value_guard() -> None:
                     "`tl.deferred()` tensors have shapes but no values. Print `t.shape` instead, or "
                     "look at the values after `tl.materialize(model)`."
                 )
+            owner = storage_of(self) if name == "numpy" and not _local.quiet else None
+            if owner is not None:  # after its block: torch's own error says only "tensor subclasses"
+                label = owner[0].names.get(owner[1])
+                raise DeferredError(
+                    f"`.numpy()` on {f'`{label}`, ' if label else ''}a deferred tensor after its `tl.deferred()` "
+                    "block: it has a shape but no values until `tl.materialize(model)`. Materialize the model first."
+                )
             return original(self, *args, **kwargs)
 
         return method
