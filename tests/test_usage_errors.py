@@ -503,3 +503,15 @@ def test_materialize_refuses_a_module_attribute_viewing_a_parameter() -> None:
     with pytest.raises(tl.DeferredError, match=r"`linear\.weight`.*self\.wt = self\.weight\.t\(\)"):
         tl.materialize(model)
     assert tl.is_deferred(model.linear.weight)
+
+
+def test_a_weakly_referenced_parameter_with_a_view_alive_is_put_in_place_not_refused() -> None:
+    """What `swap_all` does not swap (a weakly referenced parameter, put in place by reference) is not asked
+    about either: the check refused it (a regression of the check)."""
+    import weakref
+
+    with tl.deferred():
+        model = _KeepsATranspose()
+    watcher = weakref.ref(model.linear.weight)
+    tl.materialize(model)
+    assert not tl.is_deferred(model) and watcher is not None

@@ -120,7 +120,10 @@ def _session(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         fargs, fkwargs = to_fake((args, kwargs), mode)
         paths = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
         grads = {id(p): (p, p.grad) for _, p in named_params}
-        attributes = [(m, dict(m.__dict__)) for m in {id(m): m for m in module.modules()}.values()]
+        modules = {id(m): m for m in module.modules()}.values()
+        attributes: list[tuple[dict[str, Any], dict[str, Any]]] = [
+            (held, dict(held)) for m in modules for held in (m.__dict__, m._parameters, m._buffers)
+        ]
         try:
             # the fake tensors stay in place for the whole step: a reentrant checkpoint's backward runs the
             # module again, and with the model's own parameters back it put fake gradients on them
@@ -130,11 +133,11 @@ def _session(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
             for p, grad in grads.values():
                 if p.grad is not grad:
                     p.grad = grad  # nothing the estimate did stays on the model
-            for m, before in attributes:  # nor what its forward kept (`self.last = y`: a fake tensor)
-                now = m.__dict__
-                if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
-                    m.__dict__.clear()
-                    m.__dict__.update(before)
+            # nor what its forward kept (`self.last = y`, a buffer registered on a first call: fake tensors)
+            for now, then in attributes:
+                if now.keys() != then.keys() or any(now[k] is not v for k, v in then.items()):
+                    now.clear()
+                    now.update(then)
 
 
 @contextlib.contextmanager

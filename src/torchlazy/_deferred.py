@@ -359,10 +359,10 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         sids = [r.sid for r in map(self._ref_or_none, tc.tree_leaves((args, kwargs))) if r is not None]
         raise DeferredError(
             f"`{func}` {self.where(sids[0] if sids else None)} is a collective (it communicates with other ranks: "
-            "FSDP's all-gather when a sharded model runs a forward, or a DTensor op that needs the whole tensor, "
-            "such as a norm, a mean, `full_tensor()`, `redistribute`, `distribute_tensor` of a deferred tensor): "
-            "a deferred tensor has no values to send, and materialization cannot replay communication. Call "
-            "`tl.materialize(model)` first, then run it."
+            "FSDP's all-gather when a sharded model runs a forward, a DTensor op that needs the whole tensor, such "
+            "as a norm, a mean, `full_tensor()`, `redistribute`, `distribute_tensor` of a deferred tensor, or a "
+            "`dist.barrier()` inside the block): deferred tensors have no values to send, and materialization "
+            "cannot replay communication. Run it outside the block, on the model after `tl.materialize(model)`."
         )
 
     def record_fast(self, func: Any, args: Any, kwargs: Any) -> Any:
@@ -937,7 +937,9 @@ _DRAWS_WITHOUT_GENERATOR_REFS = _ids({
     _aten.exponential_.default, _aten.cauchy_.default, _aten.geometric_.default, _aten.log_normal_.default,
 })  # fmt: skip
 # ops that communicate between ranks (torch.distributed's and DTensor's): refused on deferred tensors
-_COLLECTIVES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"})
+_COLLECTIVES = frozenset({
+    "c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd", "_dtensor", "symm_mem",
+})  # fmt: skip
 _FACTORIES = _ids({
     _aten.empty.memory_format, _aten.empty_strided.default, _aten.zeros.default, _aten.ones.default,
     _aten.full.default, _aten.arange.default, _aten.arange.start, _aten.arange.start_step,

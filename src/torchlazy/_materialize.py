@@ -336,7 +336,8 @@ def _swap_in(module: nn.Module, targets: list[_Target], values: dict[int, torch.
     if held:
         paths = [targets[i].path for i in held]
         raise DeferredError(
-            f"`tl.materialize`: {len(paths)} parameters ({', '.join(f'`{p}`' for p in paths[:3])}"
+            f"`tl.materialize`: {len(paths)} parameter{'s' if len(paths) > 1 else ''} "
+            f"({', '.join(f'`{p}`' for p in paths[:3])}"
             f"{', ...' if len(paths) > 3 else ''}) cannot take their values in place: something else holds their "
             "tensor, a view of it kept in a variable (`row = model.layer.weight[0]`) or as a module attribute "
             "(`self.wt = self.weight.t()`), and torch refuses to swap a tensor whose views are alive. Drop such "

@@ -156,8 +156,13 @@ def unswappable(tensors: list[torch.Tensor]) -> list[int]:
     """Indices of the parameters `torch.utils.swap_tensors` would refuse: something else holds their tensor (a
     view of it, alive in a variable or as a module attribute), beyond the object itself and its gradient
     accumulator. Asked before any swap, so that a refusal changes nothing."""
-    # a buffer or attribute torch refuses is put in place by reference instead
-    return [i for i, t in enumerate(tensors) if isinstance(t, nn.Parameter) and tc.swap_refused(t)]
+    # a buffer or attribute torch refuses, and anything weakly referenced (`swap_all` does not swap those),
+    # is put in place by reference instead
+    return [
+        i
+        for i, t in enumerate(tensors)
+        if isinstance(t, nn.Parameter) and weakref.getweakrefcount(t) == 0 and tc.swap_refused(t)
+    ]
 
 
 def _swapped(old: torch.Tensor, new: torch.Tensor) -> bool:
