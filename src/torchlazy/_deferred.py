@@ -485,11 +485,13 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         setattr(storage, _markers.RECORD, (record, sid))
         key = (*self.prefix, self.count)  # `reserve()`, inlined
         self.count += 1
-        node = Node(key, func, spec, leaves, ((0, sid),), (), ())
+        record.add(Node(key, func, spec, leaves, ((0, sid),), (), (), default_dtype=self._default_dtype()))
+
+    def _default_dtype(self) -> torch.dtype | None:
+        """torch's default dtype now, where a `set_default_dtype` inside the block made it other than the
+        record's (`Node.default_dtype`: `torch.zeros(n)` follows it); else None."""
         dtype = torch.get_default_dtype()
-        if dtype is not record.default_dtype:  # `set_default_dtype` inside the block: `torch.zeros(n)` follows it
-            node.default_dtype = dtype
-        record.add(node)
+        return None if dtype is self.record.default_dtype else dtype
 
     def _log(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         if id(func) in _VIEWS and self._owned(args[0]) is not None:
@@ -556,14 +558,13 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             reads = () if len(reads) == 1 else [r for r in reads if r != overwrites]
         reads = reads if type(reads) is tuple else shared(tuple(reads))
         writes = writes if type(writes) is tuple else shared(tuple(writes))
-        dtype = torch.get_default_dtype()
-        default_dtype = None if dtype is self.record.default_dtype else dtype  # see `Node.default_dtype`
+        dtype = self._default_dtype()
         if not random:
             key = (*self.prefix, self.count)  # `reserve()`, inlined: one node per op
             self.count += 1
-            node = Node(key, func, spec, leaves, outputs, reads, writes, None, overwrites)
-            node.default_dtype = default_dtype
-            self.record.add(node)
+            self.record.add(
+                Node(key, func, spec, leaves, outputs, reads, writes, None, overwrites, default_dtype=dtype)
+            )
             return
         # generator states come from C++, never through dispatch: no mode needs disabling here
         stream = self.record.stream_for(_generator_arg(func, args, kwargs))
@@ -571,9 +572,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if top:
             self._sync(stream)  # a reseed it notes comes before the node
         key = self.reserve()
-        node = Node(key, func, spec, leaves, outputs, reads, writes, stream, overwrites)
-        node.default_dtype = default_dtype
-        self.record.add(node)
+        self.record.add(Node(key, func, spec, leaves, outputs, reads, writes, stream, overwrites, default_dtype=dtype))
         if top:
             self._park(stream, key)
 
