@@ -282,3 +282,28 @@ def test_build_without_examples_says_what_to_pass() -> None:
     with pytest.raises(TypeError, match="torch.nn.Module"):
         tl.materialize("model")  # type: ignore[arg-type]
     assert tl.build(nn.Linear(2, 2)) is not None  # nothing lazy: nothing needed
+
+
+def test_summary_copies_no_tensor_a_module_keeps_in_a_dict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The meta twin deep-copied real tensors kept in dict attributes (a 400 MB lookup table: 400 MB more)."""
+
+    class Tables(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+            self.tables = {"lut": torch.ones(4)}
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x)
+
+    model = Tables()
+    copied: list[torch.Tensor] = []
+    original = torch.Tensor.__deepcopy__
+
+    def watched(t: torch.Tensor, memo: dict[int, object]) -> torch.Tensor:
+        copied.append(t)
+        return original(t, memo)
+
+    monkeypatch.setattr(torch.Tensor, "__deepcopy__", watched)
+    tl.summary(model, torch.randn(2, 8))
+    assert not any(t is model.tables["lut"] for t in copied)

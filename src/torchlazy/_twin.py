@@ -69,6 +69,9 @@ def _meta_twin(module: nn.Module) -> nn.Module:
     tensors = [t for _, _, _, t in module_tensors(module)]
     for sub in module.modules():
         tensors += _deferred.origins(sub)
+        for name, value in sub.__dict__.items():  # tensors kept in dicts (lookup tables): not copied either
+            if isinstance(value, dict) and value and name not in ("_parameters", "_buffers", "_modules"):
+                tensors += [t for t in tc.tree_leaves(value) if isinstance(t, torch.Tensor)]
     with tc.disable_torch_function_subclass():
         for t in tensors:
             if id(t) not in memo:
