@@ -257,3 +257,17 @@ def test_dtype_set_before_the_build_is_honoured_by_build_as_by_a_first_call() ->
     assert called.weight.dtype == built.weight.dtype == torch.float64
     assert torch.equal(called.weight, built.weight) and torch.equal(called.bias, built.bias)
     assert built(x).dtype == torch.float64
+
+
+def test_a_state_dict_missing_or_adding_keys_still_shapes_an_unbuilt_layer() -> None:
+    """The keys a state dict has decide the sizes, and `load_state_dict` reports the rest as eager does; it said no
+    size fits (`in_features=3` fits `weight` (4, 3)). Keys that decide nothing are refused as such."""
+    source = nn.Linear(3, 4).state_dict()
+    layer = tl.nn.Linear(4)
+    keys = layer.load_state_dict({"weight": source["weight"]}, strict=False)
+    assert keys.missing_keys == ["bias"] and layer.in_features == 3
+    assert torch.equal(layer.weight, source["weight"])
+    extra = tl.nn.Linear(4).load_state_dict({**source, "extra": torch.zeros(1)}, strict=False)
+    assert extra.unexpected_keys == ["extra"]
+    with pytest.raises(tl.ShapeError, match="fit more than one value of `in_features`"):
+        tl.nn.Linear(4).load_state_dict({"bias": source["bias"]}, strict=False)

@@ -765,6 +765,7 @@ class _LazyLayer:
             else:
                 optional = rule.probes() == (None,)
                 choices.append([None, *sizes] if optional else list(sizes))
+        partial: list[dict[str, Any]] = []  # fitting the keys both have (a state dict missing some, or with more)
         for combo in itertools.product(*choices):
             values = dict(zip(self._tl_rules, combo))
             skeleton = self._tl_skeleton(values)
@@ -773,7 +774,19 @@ class _LazyLayer:
             expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
             if expected.keys() == mine.keys() and all(expected[k] == tuple(mine[k].shape) for k in mine):
                 return values
+            common = expected.keys() & mine.keys()
+            if common and all(expected[k] == tuple(mine[k].shape) for k in common) and values not in partial:
+                partial.append(values)
         seen = {k: tuple(v.shape) for k, v in mine.items()}
+        if len(partial) == 1:  # the keys it has decide the sizes; `load_state_dict` reports the rest
+            return partial[0]
+        if partial:
+            raise ShapeError(
+                f"`{prefix.rstrip('.') or type(self).__qualname__}` ({type(self).__qualname__}): the state dict's "
+                f"tensors {seen} fit more than one value of {', '.join(f'`{n}`' for n in self._tl_rules)} (it lacks "
+                "tensors that would decide them). Load a state dict with all of the layer's tensors, or build the "
+                "layer first (`tl.build(model, example)`)."
+            )
         raise ShapeError(
             f"`{prefix.rstrip('.') or type(self).__qualname__}` ({type(self).__qualname__}): no "
             f"value of {', '.join(f'`{n}`' for n in self._tl_rules)} gives the tensors {seen} of "
