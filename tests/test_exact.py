@@ -238,3 +238,36 @@ def test_recorded_compute_replays_on_the_blocks_thread_count() -> None:
     finally:
         torch.set_num_threads(before)
     assert_models_identical(model, eager)
+
+
+class _Symmetric(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.triu() + x.triu(1).transpose(-1, -2)
+
+
+class _Scale(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.rand(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.s[:, None]
+
+
+def _stacked() -> nn.Module:
+    from torch.nn.utils import parametrizations, parametrize
+
+    first = nn.Linear(4, 6)
+    parametrizations.weight_norm(first)
+    parametrizations.spectral_norm(first)
+    second = nn.Linear(4, 4)
+    parametrize.register_parametrization(second, "weight", _Symmetric())
+    parametrize.register_parametrization(second, "weight", _Scale(4))  # with a parameter of its own
+    return nn.Sequential(first, second)
+
+
+def test_stacked_parametrizations() -> None:
+    """A parametrization registered on top of another is run by `register_parametrization` itself (not through
+    the list's forward): the guard against running deferred modules refused it during construction."""
+    eager, model = eager_and_deferred(_stacked)
+    assert_models_identical(model, eager)

@@ -1626,8 +1626,8 @@ def _track_modules(record: Record) -> list[Any]:
 def _forward_guard(module: nn.Module, args: Any) -> None:
     if _local.quiet or isinstance(module, parametrize.ParametrizationList):
         return  # a parametrization computes a tensor (`conv.weight`): recorded, like any op
-    if _paths.frames_include((parametrize.ParametrizationList.forward.__code__,)):
-        return  # one step of it (`_SpectralNorm`, with its own deferred buffers)
+    if _paths.frames_include((parametrize.ParametrizationList.forward.__code__, *_REGISTERS)):
+        return  # one step of it (`_SpectralNorm`, with its own deferred buffers), or of a stacked one registering
     raise DeferredError(
         f"`{_paths.module_path(module)}` ({type(module).__name__}) was constructed under "
         "`tl.deferred()` and has no values yet. Call `tl.materialize(model)` (or "
