@@ -515,3 +515,27 @@ def test_a_weakly_referenced_parameter_with_a_view_alive_is_put_in_place_not_ref
     watcher = weakref.ref(model.linear.weight)
     tl.materialize(model)
     assert not tl.is_deferred(model) and watcher is not None
+
+
+def test_writing_a_deferred_value_into_a_real_tensor_is_refused() -> None:
+    """`real.add_(deferred)`, `real.copy_(deferred)`, `real[0] = deferred[0]`: the write ran on fake stand-ins and the
+    real tensor silently kept its old values (eager changes them). Refused, the real tensor untouched."""
+    with tl.deferred():
+        model = nn.Linear(3, 3)
+    real = torch.zeros(3, 3)
+    writes = [
+        lambda: real.add_(model.weight),
+        lambda: real.copy_(model.weight),
+        lambda: real.__setitem__(0, model.weight[0]),
+    ]
+    for write in writes:
+        with torch.no_grad(), pytest.raises(tl.DeferredError, match="writes into a real tensor"):
+            write()
+    assert not real.any()
+    table = torch.zeros(3)
+    with pytest.raises(tl.DeferredError, match="during deferred construction"):
+        with tl.deferred():
+            layer = nn.Linear(3, 3)
+            with torch.no_grad():
+                table.copy_(layer.weight[0])  # a module-level tensor, registered as a buffer after
+    assert not table.any()

@@ -351,6 +351,18 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         self._log(func, args, kwargs, out)
         return out
 
+    def _refuse_real_target(self, func: Any, target: torch.Tensor, args: Any, kwargs: Any) -> None:
+        """An op that writes into a real tensor while it records (`real.add_(deferred)`, `real.copy_(deferred)`,
+        `real[0] = deferred[0]`): the write ran on fake stand-ins, so the real tensor would silently keep its old
+        values, where eager changes them. Refused; nothing was written."""
+        sids = [r.sid for r in map(self._ref_or_none, tc.tree_leaves((args, kwargs))) if r is not None]
+        raise DeferredError(
+            f"`{func}` {self.where(sids[0] if sids else None)}: it writes into a real tensor of shape "
+            f"{tuple(target.shape)} (one not made under `tl.deferred()`: a module-level constant, or a materialized "
+            "one): it cannot hold a deferred value and would keep its old one. Write into a deferred tensor "
+            "instead (make it inside the block, or `t.clone()` it there), or do this after `tl.materialize(model)`."
+        )
+
     def _refuse_collective(self, func: Any, args: Any, kwargs: Any) -> None:
         """Communication between ranks on a deferred tensor: refused before it runs. Its fake kernel would do
         nothing (no values to send), and a replay cannot talk to the other ranks: recorded, it was replayed on
@@ -500,10 +512,12 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         written: set[int] = set()
         for i, name in info.written:
             value = args[i] if i < len(args) else kwargs.get(name)
-            if isinstance(value, torch.Tensor):
-                written.add(id(value))
-            else:
-                written.update(id(t) for t in tc.tree_leaves(value) if isinstance(t, torch.Tensor))
+            targets = [value] if isinstance(value, torch.Tensor) else tc.tree_leaves(value)
+            for t in targets:
+                if isinstance(t, torch.Tensor):
+                    if not tc.is_fake(t):
+                        self._refuse_real_target(func, t, args, kwargs)
+                    written.add(id(t))
         flat, spec = _flatten(args, kwargs)
         leaves: list[Any] = []
         reads: list[int] = []
