@@ -755,3 +755,18 @@ def test_writes_and_reads_through_conjugated_and_negated_views_replay_as_eagers(
         return m
 
     assert_exact(build)
+
+
+def test_a_gradient_set_before_materialize_is_kept() -> None:
+    """`p.grad = g` on a deferred parameter was dropped by materialize (eager keeps it); cast with the parameter."""
+    with tl.deferred():
+        model = nn.Linear(3, 2)
+    grad = torch.ones(2, 3)
+    model.weight.grad = grad
+    tl.materialize(model)
+    assert model.weight.grad is grad
+    with tl.deferred():
+        half = nn.Linear(3, 2)
+    half.weight.grad = grad
+    tl.materialize(half, dtype=torch.bfloat16)
+    assert half.weight.grad is not None and half.weight.grad.dtype == torch.bfloat16

@@ -84,11 +84,15 @@ class TensorState:
     requires_grad: bool
     attrs: dict[str, Any]
     hooks: dict[str, Any]
+    grad: torch.Tensor | None = None  # a real gradient the user set (`p.grad = g` before materialize)
 
     @classmethod
     def of(cls, t: torch.Tensor, internal: frozenset[str] | set[str] = frozenset()) -> TensorState:
         attrs = {k: v for k, v in t.__dict__.items() if k not in internal}
-        return cls(bool(t.requires_grad), attrs, tc.tensor_hooks(t))
+        with tc.disable_torch_function_subclass():
+            grad = t.grad if t.is_leaf else None  # a computed tensor's `.grad` is never set (torch warns)
+        real = isinstance(grad, torch.Tensor) and not tc.is_fake(grad) and not grad.is_meta
+        return cls(bool(t.requires_grad), attrs, tc.tensor_hooks(t), grad if real else None)
 
     def give(self, t: torch.Tensor, requires_grad: bool = True) -> None:
         """Give this state to `t` (its own attributes stay unless these name them too)."""
@@ -96,6 +100,8 @@ class TensorState:
             t.requires_grad_(self.requires_grad)
         t.__dict__.update(self.attrs)
         tc.set_tensor_hooks(t, self.hooks)
+        if self.grad is not None and t.grad is None and self.grad.shape == t.shape:
+            t.grad = self.grad.to(t.device, t.dtype)  # cast and moved with it, as `Module.to` moves gradients
 
 
 def _replace_references(module: nn.Module, new: dict[int, torch.Tensor]) -> None:
