@@ -359,8 +359,9 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         raise DeferredError(
             f"`{func}` {self.where(sids[0] if sids else None)}: it writes into a real tensor of shape "
             f"{tuple(target.shape)} (one not made under `tl.deferred()`: a module-level constant, or a materialized "
-            "one): it cannot hold a deferred value and would keep its old one. Write into a deferred tensor "
-            "instead (make it inside the block, or `t.clone()` it there), or do this after `tl.materialize(model)`."
+            "one). Ops that involve deferred tensors, or run inside the block, run on shape-only stand-ins, so the "
+            "real tensor would silently keep its old values. Write into a tensor made in the block instead "
+            "(`t.clone()` it there), or do this outside the block, after `tl.materialize(model)`."
         )
 
     def _refuse_collective(self, func: Any, args: Any, kwargs: Any) -> None:
