@@ -113,13 +113,16 @@ def assert_models_identical(model_a: nn.Module, model_b: nn.Module) -> None:
 
 
 def eager_and_deferred(make: Callable[[], nn.Module], seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    """`make()` built eagerly, and under `tl.deferred()` then materialized, each after `torch.manual_seed(seed)`."""
+    """`make()` built eagerly, and under `tl.deferred()` then materialized, each after `torch.manual_seed(seed)`;
+    asserts that the block leaves the global generator where eager construction does."""
     import torchlazy as tl
 
     torch.manual_seed(seed)
     eager = make()
+    eager_state = torch.get_rng_state()
     torch.manual_seed(seed)
     with tl.deferred():
         model = make()
+    assert_same_tensors(torch.get_rng_state(), eager_state, "the generator after the block")
     tl.materialize(model)
     return eager, model

@@ -170,14 +170,7 @@ def test_unmodelled_draws_whose_input_is_drawn() -> None:
     """Unmodelled draws are run on scratch memory to move the generator past them; their random input was made
     after the generator had been set for them, so from the second on they drew from the wrong state (the state
     after the block wrong from two such draws, the values from three)."""
-    torch.manual_seed(0)
-    eager = _draws_from_a_drawn_input()
-    eager_state = torch.get_rng_state()
-    torch.manual_seed(0)
-    with tl.deferred():
-        model = _draws_from_a_drawn_input()
-    assert_same_tensors(torch.get_rng_state(), eager_state, "generator after the block")
-    tl.materialize(model)
+    eager, model = eager_and_deferred(_draws_from_a_drawn_input)
     assert_models_identical(model, eager)
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from exact import assert_models_identical
+from exact import assert_models_identical, eager_and_deferred
 from torch import nn
 
 import torchlazy as tl
@@ -40,15 +40,7 @@ def _inits(dtype: torch.dtype) -> Callable[[], torch.nn.Module]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_trunc_normal_generates_nothing_when_the_law_decides(dtype: torch.dtype, evaluations: list[int]) -> None:
-    make = _inits(dtype)
-    torch.manual_seed(0)
-    eager = make()
-    after_eager = torch.get_rng_state()
-    torch.manual_seed(0)
-    with tl.deferred():
-        model = make()
-    assert torch.equal(torch.get_rng_state(), after_eager)
-    tl.materialize(model)
+    eager, model = eager_and_deferred(_inits(dtype))
     assert_models_identical(model, eager)
     # its two bounds are constants, its test follows from the law: nothing is computed; a narrow law's test is
     with tl.deferred():
