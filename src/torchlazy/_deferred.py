@@ -254,9 +254,7 @@ def deferred_tensors(module: nn.Module) -> list[str]:
     for owner, name, fsdp_param in tc.fsdp_params(module):
         path = _paths.attribute_path(owner, name)
         current = owner._parameters.get(name)
-        materialized = (
-            DTensor is not None and isinstance(current, DTensor) and not tc.is_fake(tc.dtensor_local(current))
-        )
+        materialized = DTensor is not None and isinstance(current, DTensor) and not tc.is_fake_or_fake_shard(current)
         if materialized and current is not fsdp_param.sharded_param:
             continue  # a sharded parameter materialized from a sub-module: FSDP takes it at its lazy init
         if tc.is_fake(tc.dtensor_local(fsdp_param.sharded_param)) and path not in paths:
@@ -318,6 +316,11 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         what = f"`{name}`, a deferred tensor" if name else "a deferred tensor"
         return f"on {what} after its `tl.deferred()` block"
 
+    def _where_of(self, args: Any, kwargs: Any) -> str:
+        """`where()` for an op: named by the first of its arguments that is this record's tensor."""
+        ref = next(filter(None, map(self._ref_or_none, tc.tree_leaves((args, kwargs)))), None)
+        return self.where(ref.sid if ref is not None else None)
+
     def next_key(self) -> Key:
         return (*self.prefix, self.count)
 
@@ -355,9 +358,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         """An op that writes into a real tensor while it records (`real.add_(deferred)`, `real.copy_(deferred)`,
         `real[0] = deferred[0]`): the write ran on fake stand-ins, so the real tensor would silently keep its old
         values, where eager changes them. Refused; nothing was written."""
-        sids = [r.sid for r in map(self._ref_or_none, tc.tree_leaves((args, kwargs))) if r is not None]
         raise DeferredError(
-            f"`{func}` {self.where(sids[0] if sids else None)}: it writes into a real tensor of shape "
+            f"`{func}` {self._where_of(args, kwargs)}: it writes into a real tensor of shape "
             f"{tuple(target.shape)} (one not made under `tl.deferred()`: a module-level constant, or a materialized "
             "one). Ops that involve deferred tensors, or run inside the block, run on shape-only stand-ins, so the "
             "real tensor would silently keep its old values. Write into a tensor made in the block instead "
@@ -369,9 +371,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         nothing (no values to send), and a replay cannot talk to the other ranks: recorded, it was replayed on
         real tensors out of the collective's order (a crash), or dropped (a `scatter_` writes its output with no
         alias in its schema: the output kept garbage)."""
-        sids = [r.sid for r in map(self._ref_or_none, tc.tree_leaves((args, kwargs))) if r is not None]
         raise DeferredError(
-            f"`{func}` {self.where(sids[0] if sids else None)} is a collective (it communicates with other ranks: "
+            f"`{func}` {self._where_of(args, kwargs)} is a collective (it communicates with other ranks: "
             "FSDP's all-gather when a sharded model runs a forward, a DTensor op that needs the whole tensor, such "
             "as a norm, a mean, `full_tensor()`, `redistribute`, `distribute_tensor` of a deferred tensor, or a "
             "`dist.barrier()` inside the block): deferred tensors have no values to send, and materialization "
@@ -735,9 +736,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             if func is not _LOCAL_SCALAR:
                 what = f"`{func}` (its output shape depends on tensor values)"
             if self.closed:
-                sids = [r.sid for r in map(self._ref_or_none, tc.tree_leaves((args, kwargs))) if r is not None]
                 raise DeferredError(
-                    f"{what} {self.where(sids[0] if sids else None)}: it has a shape but no value until "
+                    f"{what} {self._where_of(args, kwargs)}: it has a shape but no value until "
                     "`tl.materialize(model)`. Materialize the model first, then read the value."
                 )
             raise DeferredError(

@@ -52,7 +52,7 @@ class Shard:
     owners: list[tuple[nn.Module, str]]
     param: Any  # the DTensor parameter FSDP registered
     record: Record
-    ref: TRef  # the full tensor it stands for
+    ref: TRef  # the full tensor it is a slice of (`whole`: the local tensor itself)
 
     layouts: dict[Any, tuple[slice, ...]] = field(default_factory=dict)  # slices by layout, shared by one call's shards
     whole: bool = False  # `ref` is the local tensor itself, not the full parameter it is a slice of
