@@ -138,7 +138,10 @@ def _mapping_entries(data: Mapping[str, torch.Tensor], where: str, copy: bool = 
             return lambda: t.detach().clone(memory_format=torch.contiguous_format)
         return lambda: t
 
-    return {k: _Entry(tuple(v.shape), v.dtype, reader(v), where) for k, v in data.items()}
+    def slicer(t: torch.Tensor) -> Callable[[tuple[slice, ...]], torch.Tensor]:
+        return lambda index: t.detach()[index].clone()  # the slice's own copy, not one of the whole tensor first
+
+    return {k: _Entry(tuple(v.shape), v.dtype, reader(v), where, slicer(v)) for k, v in data.items()}
 
 
 def _from_index(index: Path) -> dict[str, _Entry]:
