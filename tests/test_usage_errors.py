@@ -62,6 +62,25 @@ def test_compile_of_an_unbuilt_lazy_module_builds_at_the_first_call() -> None:
     assert torch.equal(compiled(x), block(x))
 
 
+@_DYNAMO_GRAD_WARNING
+def test_compile_of_a_deferred_model_is_a_deferred_error_then_runs_once_materialized() -> None:
+    # the forward guard walks frames to name the module, which dynamo's tracer cannot follow: the call failed
+    # inside dynamo with an AssertionError instead of the DeferredError an eager call gets
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(2, 4)
+    with pytest.raises(tl.DeferredError, match=r"`Linear` \(Linear\) was constructed under `tl.deferred\(\)`"):
+        compiled(x)
+    assert tl.is_deferred(model)
+    tl.materialize(model)
+    assert_models_identical(model, eager)
+    assert torch.equal(compiled(x), eager(x))
+
+
 # -- 2. a first call under inference_mode builds normal, trainable parameters ------------------
 
 

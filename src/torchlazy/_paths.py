@@ -13,6 +13,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 _known: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
@@ -37,9 +38,18 @@ def attribute_path(owner: nn.Module, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _outer_frame(depth: int) -> Any:
+    """The frame `depth` levels above the caller of this function; None under `torch.compile`, whose tracer
+    cannot walk frames (a forward of a deferred model compiled with it failed inside dynamo): the walks
+    below then find nothing and the messages fall back to the paths last walked from a model's root."""
+    if torch.compiler.is_compiling():
+        return None
+    return sys._getframe(depth + 2)
+
+
 def _modules_on_stack() -> list[nn.Module]:
     found: list[nn.Module] = []
-    frame = sys._getframe(1)
+    frame = _outer_frame(0)
     while frame is not None:
         owner = frame.f_locals.get("self")
         if isinstance(owner, nn.Module) and (not found or found[-1] is not owner):
@@ -64,7 +74,7 @@ def module_path(module: nn.Module) -> str:
 
 def constructing_module() -> str:
     """Describe the innermost module whose `__init__` is running, if any."""
-    frame = sys._getframe(1)
+    frame = _outer_frame(0)
     while frame is not None:
         if frame.f_code.co_name == "__init__":
             owner = frame.f_locals.get("self")
@@ -85,7 +95,7 @@ def innermost_frame(codes: Iterable[object]) -> Any:
     wanted = set(map(id, codes))
     if not wanted:
         return None
-    frame = sys._getframe(1)
+    frame = _outer_frame(0)
     while frame is not None:
         if id(frame.f_code) in wanted:
             return frame
