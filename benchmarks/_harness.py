@@ -58,6 +58,24 @@ def child(variants: dict[str, Callable[[], Any]]) -> None:
     print("RESULT " + json.dumps({"seconds": seconds, "peak_growth": max(_peak() - before, 0), **extra}))
 
 
+def warm_host(nbytes: int) -> float:
+    """Touch `nbytes` of fresh memory once in this process, then free it; returns the seconds it took.
+
+    On a virtual machine whose host backs guest memory lazily (and takes freed memory back), the first
+    touch of memory the guest has not used recently costs several times a plain page fault: 16 GiB took
+    7.1 s on the 2-core VM of the README against 2.3 s right after. Without this, whichever variant runs
+    first in a bench pays it, and two ranks faulting at once contend (a 1-thread baseline read 1.01 s in
+    one run and 0.71 s in the next). Called once in the parent before the rounds, it puts every variant
+    of the run on memory the host already backs. It changes nothing on a machine without that behaviour.
+    """
+    import torch
+
+    start = time.perf_counter()
+    n = max(nbytes // 4, 1)
+    torch.empty(n, dtype=torch.float32).fill_(0.0)
+    return time.perf_counter() - start
+
+
 def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The median of every numeric field over runs, plus `min`/`max` of the times and `n`."""
     out: dict[str, Any] = dict(results[0])

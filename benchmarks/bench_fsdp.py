@@ -29,7 +29,7 @@ import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _harness import child, machine, median_of, once, runs
+from _harness import child, machine, median_of, once, runs, warm_host
 from bench_materialize import config, exact_of, make_500m, warm_up
 from bench_materialize import make as make_162m
 
@@ -110,6 +110,11 @@ def ranks(exact: bool | None, world: int = 2) -> list[dict]:
         return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
 
 
+def _meta_model() -> torch.nn.Module:
+    with torch.device("meta"):
+        return make()
+
+
 def _ratios(seconds: float, bases: list[float]) -> str:
     return " ".join(f"{seconds / base:>15.2f}x" for base in bases)
 
@@ -126,6 +131,10 @@ if __name__ == "__main__":
     rank_runs: dict[tuple[bool, int], list[list[dict]]] = {config: [] for config in configs}
     round_ratios: dict[bool, list[float]] = {True: [], False: []}
     floor_runs: list[list[dict]] = []  # torch's own per-rank floor: meta-device construction and `fully_shard`
+    # memory for every process of a round at once (two baselines, two ranks) and a margin, capped by what is free
+    full_bytes = 4 * sum(p.numel() for p in _meta_model().parameters())
+    warmed = min(max(6 * full_bytes, 8 * 2**30), int(0.6 * psutil.virtual_memory().available))
+    warm_seconds = warm_host(warmed)
     for _ in range(runs()):
         for name in BASELINES:
             whole_runs[name].append(once(__file__, name))
@@ -138,7 +147,8 @@ if __name__ == "__main__":
     whole = {name: median_of(results) for name, results in whole_runs.items()}
     bases = [r["seconds"] for r in whole.values()]
     params = rank_runs[True, 1][0][0]["local"]  # the bytes of the whole model: one rank holds them all
-    print(f"FSDP2, ranks x 1 thread, Llama {params / 4 / 1e6:.0f}M float32  ({machine()})\n")
+    print(f"FSDP2, ranks x 1 thread, Llama {params / 4 / 1e6:.0f}M float32  ({machine()})")
+    print(f"host memory warmed first: {warmed / 2**30:.1f} GiB touched once in {warm_seconds:.1f} s\n")
     head = (
         f"{'variant':<58} {'time (s)':>9} {'fully_shard':>11} {f'vs {THREADS} threads':>16} {'vs 1 thread':>16}"
         f" {'peak RSS growth':>16} {'/ full params':>14}"
