@@ -64,6 +64,31 @@ def test_work_after_the_block_is_replayed_as_eager_ran_it(after: Callable[[nn.Mo
     _both(_net, after)
 
 
+def _pretrained() -> torch.Tensor:
+    return torch.arange(12.0).reshape(4, 3)
+
+
+@pytest.mark.parametrize("case", ["in_block", "after_block", "after_block_new_shape_and_dtype"])
+def test_assigning_a_real_tensor_to_data_gives_its_values(case: str) -> None:
+    # `p.data = real` swaps storages without dispatch: the recorder never saw it; the parameter then held a
+    # real storage under the fake class, refused at materialize (after the block) or at the next read of it
+    # (in the block) with messages about other things
+    real = [_pretrained(), _pretrained()]  # made before the block, as a loader would: one per run
+
+    def constructor() -> nn.Module:
+        net = _net()
+        net[0].weight.data = real.pop()
+        net[0].weight.data.mul_(2)
+        return net
+
+    if case == "in_block":
+        _both(constructor)
+    elif case == "after_block":
+        _both(_net, lambda m: setattr(m[0].weight, "data", real.pop()))
+    else:
+        _both(_net, lambda m: setattr(m[3].weight, "data", torch.ones(5, 4, dtype=torch.float64)))
+
+
 def test_requires_grad_after_the_block_is_kept() -> None:
     with tl.deferred():
         model = _net()

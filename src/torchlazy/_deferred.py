@@ -155,7 +155,19 @@ def _install_dispatch_shortcut() -> None:
         return original_detach(self)
 
     detach.__doc__ = original_detach.__doc__
-    tc.override_fake_methods({"__torch_dispatch__": classmethod(dispatch), "detach": detach})
+    original_data: Any = torch.Tensor.data  # the C descriptor: `__get__` reads, `__set__` is `set_data`
+
+    def set_data(self: Any, value: Any) -> None:
+        # `p.data = real` swaps the tensor's storage for the real one's without any dispatch: the recorder never
+        # saw it, and the parameter held a real storage under a fake class (refused later, under another name).
+        # As eager means it: `p` takes `real`'s values (a copy, as a view of an outside tensor is), recorded.
+        if isinstance(value, torch.Tensor) and not tc.is_fake(value) and storage_of(self) is not None:
+            with torch.no_grad():
+                value = self.new_empty(value.shape, dtype=value.dtype).copy_(value)
+        original_data.__set__(self, value)
+
+    data = property(original_data.__get__, set_data, doc=original_data.__doc__)
+    tc.override_fake_methods({"__torch_dispatch__": classmethod(dispatch), "detach": detach, "data": data})
 
 
 def _shortcut(func: Any, types: Any, args: Any, kwargs: Any) -> Any:
