@@ -174,6 +174,13 @@ def collectives(rank: int, mesh: object, out: str) -> None:
                 write()
         except tl.DeferredError as e:
             errors.append(str(e))
+    try:  # `fully_shard` inside the block, then a write: DTensor dispatches below the recorder (was a message
+        with tl.deferred():  # about a "real tensor")
+            inside, _ = build()
+            with torch.no_grad():
+                torch.nn.init.constant_(inside.weight, 3.0)
+    except tl.DeferredError as e:
+        errors.append(str(e))
     tl.materialize(model)
     local = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
     torch.save({"local": local, "eager_local": eager_local, "errors": errors}, os.path.join(out, f"rank{rank}.pt"))

@@ -86,12 +86,14 @@ def test_fsdp2_odd_sizes_each_rank_exact(tmp_path: Path) -> None:
 
 def test_fsdp2_refuses_collectives_on_deferred_shards(tmp_path: Path) -> None:
     """A write to sharded deferred parameters that needs communication (see `dist_worker.collectives`) is refused
-    at once, naming the collective, and leaves the model as it was: materialize then gives eager's values."""
+    at once, naming the collective, and leaves the model as it was: materialize then gives eager's values. A write
+    to parameters sharded inside the block is refused as such."""
     ranks = _spawn("collectives", tmp_path)
     for result in ranks:
-        assert len(result["errors"]) == 3, result["errors"]
+        assert len(result["errors"]) == 4, result["errors"]
         assert "_c10d_functional.all_reduce" in result["errors"][0]
         assert "c10d.scatter_" in result["errors"][1] or "c10d.broadcast_" in result["errors"][1]
+        assert "writes into a sharded tensor" in result["errors"][3] and "Shard after the block" in result["errors"][3]
         assert all("tl.materialize(model)" in e for e in result["errors"])
         assert_same_tensors(result["local"], result["eager_local"])
 

@@ -370,6 +370,13 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         """An op that writes into a real tensor while it records (`real.add_(deferred)`, `real.copy_(deferred)`,
         `real[0] = deferred[0]`): the write ran on fake stand-ins, so the real tensor would silently keep its old
         values, where eager changes them. Refused; nothing was written."""
+        if tc.is_fake_or_fake_shard(target):  # a DTensor over a deferred tensor: DTensor dispatches below us
+            raise DeferredError(
+                f"`{func}` {self._where_of(args, kwargs)}: it writes into a sharded tensor (a DTensor of shape "
+                f"{tuple(target.shape)}, as `fully_shard` or `distribute_tensor` make) inside the `tl.deferred()` "
+                "block, where writes to sharded tensors cannot be recorded. Shard after the block: construct and "
+                "initialize the model under `tl.deferred()`, then call `fully_shard`, then `tl.materialize(model)`."
+            )
         raise DeferredError(
             f"`{func}` {self._where_of(args, kwargs)}: it writes into a real tensor of shape "
             f"{tuple(target.shape)} (one not made under `tl.deferred()`: a module-level constant, or a materialized "
