@@ -181,9 +181,33 @@ def collectives(rank: int, mesh: object, out: str) -> None:
                 torch.nn.init.constant_(inside.weight, 3.0)
     except tl.DeferredError as e:
         errors.append(str(e))
+    # a refusal found after the shards were installed left them materialized, the rest deferred
+    torch.manual_seed(0)
+    with tl.deferred():
+        pair = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Linear(6, 2))
+    fully_shard(pair[0], mesh=mesh)
+    held = pair[1].weight[0]
+    try:
+        tl.materialize(pair)
+    except tl.DeferredError as e:
+        errors.append(str(e))
+    untouched = tl.is_deferred(pair[0].weight) and tl.is_deferred(pair[1].weight)
+    del held
+    tl.materialize(pair)
     tl.materialize(model)
     local = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
-    torch.save({"local": local, "eager_local": eager_local, "errors": errors}, os.path.join(out, f"rank{rank}.pt"))
+    local.update({f"pair.{name}": _local_of(p) for name, p in pair.named_parameters()})
+    torch.manual_seed(0)
+    eager_pair = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Linear(6, 2))
+    fully_shard(eager_pair[0], mesh=mesh)
+    eager_local.update({f"pair.{name}": _local_of(p) for name, p in eager_pair.named_parameters()})
+    result = {"local": local, "eager_local": eager_local, "errors": errors, "untouched": untouched}
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+
+
+def _local_of(p: torch.Tensor) -> torch.Tensor:
+    """This rank's values of a parameter, sharded (a DTensor) or not."""
+    return (p.to_local() if hasattr(p, "to_local") else p).detach().clone()
 
 
 def run(rank: int, world: int, port: int, job: str, out: str, checkpoint: str | None) -> None:

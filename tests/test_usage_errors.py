@@ -310,6 +310,17 @@ def _deferred_linear() -> nn.Module:
             lambda: tl.estimate_memory(nn.Linear(2, 2), tl.Spec(1, 2), autocast=torch.int8),
             id="estimate_memory(autocast=int8)",
         ),
+        pytest.param(
+            lambda: tl.estimate_memory(nn.Linear(2, 2), tl.Spec(1, 2), autocast=torch.float64),
+            id="estimate_memory(autocast=float64)",  # torch switches autocast off for it: the label would be false
+        ),
+        pytest.param(
+            lambda: tl.estimate_memory(nn.Linear(2, 2), tl.Spec(1, 2), example_kwargs=[1]),  # type: ignore[arg-type]
+            id="estimate_memory(example_kwargs=[1])",
+        ),
+        pytest.param(lambda: tl.materialize(_deferred_linear(), device="meta"), id="materialize(device='meta')"),
+        pytest.param(lambda: tl.materialize(_deferred_linear(), device="xla"), id="materialize(device='xla')"),
+        pytest.param(lambda: tl.materialize(_deferred_linear(), device="hpu"), id="materialize(device='hpu')"),
         pytest.param(lambda: tl.lazy(3, x=lambda x: 1), id="lazy(3)"),  # type: ignore[call-overload]
         pytest.param(lambda: tl.lazy(nn.Linear(2, 2), in_features=lambda x: 1), id="lazy(instance)"),  # type: ignore[call-overload]
         pytest.param(lambda: tl.lazy(nn.Linear, in_features=3), id="lazy(rule=3)"),
@@ -331,6 +342,13 @@ def test_bad_arguments_of_every_public_function_are_lazy_errors(
     with pytest.raises(tl.LazyError):
         call()
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.filterwarnings("ignore:In CPU autocast")
+def test_an_autocast_dtype_the_device_does_not_take_is_a_cost_error_not_a_false_label() -> None:
+    # torch warns and switches autocast off for float64 on the CPU: the estimate was labelled "autocast float64"
+    with pytest.raises(tl.CostError, match="switch itself off"):
+        tl.estimate_memory(nn.Linear(2, 2), tl.Spec(1, 2), autocast=torch.float64)
 
 
 # -- 6. tl.build with a Spec agrees with the real first call on dtypes --------------------------

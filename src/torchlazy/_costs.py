@@ -421,7 +421,19 @@ def _autocast(autocast: Any, device: torch.device) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     if not isinstance(autocast, torch.dtype) or not autocast.is_floating_point:
         raise CostError(f"`autocast` must be a floating dtype such as `torch.bfloat16`, or None, not {autocast!r}.")
+    if autocast not in _AUTOCAST_DTYPES.get(device.type, (autocast,)):
+        # torch would warn, switch autocast off and run in full precision: the estimate would be labelled with a
+        # dtype it never used
+        allowed = " or ".join(f"`{d}`" for d in _AUTOCAST_DTYPES[device.type])
+        raise CostError(
+            f"`autocast={autocast}` on {device.type}: torch's autocast there takes {allowed} (it would switch "
+            f"itself off for {autocast} and run in full precision). Pass one of those, or `autocast=None`."
+        )
     return torch.autocast(device.type, dtype=autocast)
+
+
+# the lower-precision dtypes torch's autocast takes, by device type (others: whatever torch says)
+_AUTOCAST_DTYPES = {"cpu": (torch.bfloat16, torch.float16), "cuda": (torch.float16, torch.bfloat16)}
 
 
 def estimate_memory(
@@ -462,6 +474,11 @@ def estimate_memory(
     opt_cls = optimizer_class(optimizer) if train else None
     if loss is not None and not callable(loss):
         raise CostError(f"`loss` must be a callable taking the forward's output, not {type(loss).__name__}.")
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise CostError(
+            f"`example_kwargs` takes a dict of keyword arguments for the model's forward (or None), not "
+            f"{type(example_kwargs).__name__} `{example_kwargs!r}`."
+        )
     kwargs = dict(example_kwargs or {})
     tracker = _LiveBytes()
     gc.collect()

@@ -160,6 +160,7 @@ def materialize(
         if rest:
             values.update(_replay(rest, placement, exact, progress))
         targets = [t for t in everything if values[id(t.tensor)] is not t.tensor]
+        _refuse_held(targets)  # before FSDP's shards are installed: a refusal leaves the whole model as it was
         if shards:
             reader = _shard_reader(plan, strict) if plan is not None else None
             materialize_shards(module, shards, placement, exact, reader)
@@ -325,8 +326,8 @@ def _view(storage: torch.UntypedStorage, like: torch.Tensor) -> torch.Tensor:
     return out.set_(storage, like.storage_offset(), like.shape, like.stride())
 
 
-def _swap_in(module: nn.Module, targets: list[_Target], values: dict[int, torch.Tensor]) -> None:
-    """Put the real tensors into the objects the model holds (all or nothing)."""
+def _refuse_held(targets: list[_Target]) -> None:
+    """Refuse, changing nothing, when torch would refuse to swap a parameter's new value in (a view of it alive)."""
     fakes = [t for t in targets if tc.is_fake(t.tensor)]
     for mode in {id(m): m for m in (tc.fake_mode_of(t.tensor) for t in fakes)}.values():
         tc.forget_fake_conversions(mode, [t.tensor for t in targets])  # their weak references block swaps
@@ -343,6 +344,10 @@ def _swap_in(module: nn.Module, targets: list[_Target], values: dict[int, torch.
             "(`self.wt = self.weight.t()`), and torch refuses to swap a tensor whose views are alive. Drop such "
             "views before `tl.materialize` and make them afterwards (or in `forward`); the model is unchanged."
         )
+
+
+def _swap_in(module: nn.Module, targets: list[_Target], values: dict[int, torch.Tensor]) -> None:
+    """Put the real tensors into the objects the model holds (all or nothing: `_refuse_held` asked first)."""
     swap_all(module, [(t.tensor, values[id(t.tensor)]) for t in targets], _deferred.fake_attrs())
     for sub in module.modules():
         if _deferred.has_guard(sub) and not any(

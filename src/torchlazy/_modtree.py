@@ -218,7 +218,12 @@ def check_device(device: object, caller: str) -> torch.device | None:
         raise ArgumentError(
             f"`{caller}`: `device=` takes a device such as 'cpu' or 'cuda:0'; got `{device!r}` ({e})."
         ) from None
-    backend = getattr(torch, dev.type, None) if dev.type not in ("cpu", "meta") else None
+    if dev.type == "meta":  # a meta tensor holds no values: the record would be used up and the values lost
+        raise ArgumentError(
+            f"`{caller}`: `device='meta'` makes tensors without values. For shapes and sizes only, keep the model "
+            "deferred (`tl.summary(model)` reads it as it is); give a device that holds values, such as 'cpu'."
+        )
+    backend = getattr(torch, dev.type, None) if dev.type != "cpu" else None
     available = getattr(backend, "is_available", None)
     if callable(available) and not available():
         raise ArgumentError(
@@ -229,6 +234,15 @@ def check_device(device: object, caller: str) -> torch.device | None:
         raise ArgumentError(
             f"`{caller}`: `device={device!r}`, but this machine has {torch.cuda.device_count()} CUDA devices."
         )
+    if dev.type != "cpu":
+        try:  # backends with no `is_available` (xla, hpu, privateuseone, ...) or not built into this torch
+            torch.empty(0, device=dev)
+        except Exception as e:  # torch raises RuntimeError, NotImplementedError or ImportError, by backend
+            raise ArgumentError(
+                f"`{caller}`: `device={device!r}`, but this torch cannot make tensors there "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Use `device='cpu'`, or "
+                "install the torch build (or the extension) for that backend."
+            ) from None
     return dev
 
 
