@@ -106,6 +106,12 @@ def test_key_map_for_wrapped_checkpoints(tmp_path: Path) -> None:
     assert_models_identical(found, reference)
     with pytest.raises(tl.CheckpointError, match=r"missing from the checkpoint: `weight`, `bias`"):
         tl.materialize(deferred(lambda: nn.Linear(4, 3)), checkpoint=tmp_path / "w.safetensors", key_map={"x.": ""})
+    # two keys renamed onto one: refused, naming both (the file's order picked one silently, even with strict)
+    both = {"bias": torch.zeros(3), "module.bias": torch.ones(3), "weight": torch.zeros(3, 4)}
+    model = deferred(lambda: nn.Linear(4, 3))
+    with pytest.raises(tl.CheckpointError, match=r"`bias` and `module.bias` both map to the model's `bias`"):
+        tl.materialize(model, checkpoint=both, key_map={"module.": ""})
+    assert tl.is_deferred(model.weight) and tl.is_deferred(model.bias)
 
 
 def test_unbuilt_lazy_model_takes_sizes_from_checkpoint(tmp_path: Path) -> None:

@@ -337,6 +337,12 @@ def plan_keys(module: nn.Module, ckpt: Checkpoint, key_map: KeyMap) -> KeyPlan:
     for key in ckpt.entries:
         new = rename(key)
         if new is not None and new in known:
+            if new in sources:  # the file order would pick one silently
+                raise CheckpointError(
+                    f"checkpoint keys `{sources[new]}` and `{key}` both map to the model's `{new}` (after "
+                    f"`key_map`, or under the prefix found for this sub-module). Make `key_map` tell them apart: "
+                    f"map the one to keep to `{new}` and the other to None (a callable can return None to skip a key)."
+                )
             sources[new] = key
         elif new is not None:
             unexpected.append(key)
