@@ -267,6 +267,18 @@ def test_cli_out_with_a_torch_suffix_writes_a_torch_save_state_dict(
     assert all(torch.equal(state[k], v) for k, v in reference.state_dict().items())
 
 
+def test_a_factory_failing_with_any_exception_exits_4_with_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # only LazyError, ValueError, TypeError, RuntimeError and OSError were caught: a KeyError of the model's own
+    # code (a config lookup) printed a traceback and exited 1, as did an output safetensors could not write
+    (tmp_path / "broken_factory.py").write_text("def make():\n    return {}['hidden_size']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = _cli(capsys, "summary", "broken_factory:make")
+    assert (code, out) == (4, "")
+    assert err == "torchlazy: error: KeyError: 'hidden_size'\n"
+
+
 def test_cli_concretize_flag_is_accepted(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _cli(capsys, "summary", "zoo:cnn", "--input", "1x3x8x8", "--concretize")
     assert code == 0, err

@@ -29,7 +29,7 @@ def config_file(target: str) -> Path | None:
     return None
 
 
-def model_from_config(path: Path) -> nn.Module:
+def model_from_config(path: Path, concretize: bool = False) -> nn.Module:
     try:
         import transformers
     except ImportError:
@@ -45,7 +45,7 @@ def model_from_config(path: Path) -> nn.Module:
         ) from None
     names = getattr(config, "architectures", None) or []
     cls: Any = getattr(transformers, names[0], None) if names else None
-    with deferred():
+    with deferred(concretize=concretize):
         if cls is not None and hasattr(cls, "_from_config"):
             model = cls._from_config(config)
         else:

@@ -116,7 +116,7 @@ def _construct(args: argparse.Namespace) -> torch.nn.Module:
     if config is not None:
         if args.kwargs:
             raise UsageError("--kwargs applies to a MODULE:CALLABLE factory, not to a transformers config")
-        return model_from_config(config)
+        return model_from_config(config, concretize=args.concretize)
     try:
         kwargs = json.loads(args.kwargs) if args.kwargs else {}
     except json.JSONDecodeError as e:
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportFailure as e:
         print(f"torchlazy: error: {e}", file=sys.stderr)
         return 3
-    except (LazyError, ValueError, TypeError, RuntimeError, OSError) as e:  # OSError: the output not writable
+    except Exception as e:  # noqa: BLE001  the model's own code (any exception), torch's, the output not writable
         hint = " (on the command line: --concretize)" if "concretize=True" in str(e) else ""
         print(f"torchlazy: error: {type(e).__name__}: {e}{hint}", file=sys.stderr)
         return 4
