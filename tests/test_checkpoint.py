@@ -268,3 +268,27 @@ def test_save_a_buffer_viewing_another(tmp_path: Path) -> None:
 
     loaded = load_file(tmp_path / "v.safetensors")
     assert_same_tensors(loaded, {"full": torch.arange(6.0), "part": torch.arange(2.0, 5.0)})
+
+
+def test_save_then_load_round_trips_complex_and_unsigned_tensors(tmp_path: Path) -> None:
+    # `tl.save` wrote C64 and U16 entries (safetensors' own names) that the reader refused as dtypes "this
+    # PyTorch cannot hold"
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+            self.register_buffer("codes", torch.full((4,), 7, dtype=torch.uint16))
+
+    source = Mixed()
+    tl.save(source, tmp_path / "mixed.safetensors")
+    loaded = tl.materialize(deferred(Mixed), checkpoint=tmp_path / "mixed.safetensors")
+    assert_models_identical(loaded, source)
+
+
+def test_save_into_an_unwritable_place_is_a_checkpoint_error(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("")  # a file where a folder is needed: neither the file nor the shards can be written
+    with pytest.raises(tl.CheckpointError, match="cannot"):
+        tl.save(nn.Linear(2, 2), target / "model.safetensors")
+    with pytest.raises(tl.CheckpointError, match="cannot create the folder"):
+        tl.save(nn.Linear(2, 2), target / "shards", max_shard_size="1KB")

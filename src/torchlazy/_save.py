@@ -7,11 +7,12 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ._deferred import is_deferred
+from ._deferred import deferred_tensors, is_deferred
 from ._errors import ArgumentError, CheckpointError
 
 __all__ = ["parse_size", "save"]
@@ -60,8 +61,10 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
     if not isinstance(path, (str, os.PathLike)):
         raise ArgumentError(f"`tl.save(model, path)`: `path` is a file name (str or Path), not {type(path).__name__}.")
     if is_deferred(module):
+        left = deferred_tensors(module)
+        named = f" ({', '.join(f'`{p}`' for p in left[:5])}{', ...' if len(left) > 5 else ''})" if left else ""
         raise CheckpointError(
-            "the model is still deferred: call `tl.materialize(model)` (or `tl.build`) before `tl.save`."
+            f"the model is still deferred{named}: call `tl.materialize(model)` (or `tl.build`) before `tl.save`."
         )
     tensors = []
     storages: set[int] = set()
@@ -78,8 +81,8 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
                 f"`tl.save(model, '{out}')`: that is a folder; name a file (`{out / 'model.safetensors'}`), or pass "
                 "`max_shard_size=` to write numbered shards and an index into the folder."
             )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(dict(tensors), str(out), metadata={"format": "pt"})
+        _mkdir(out.parent)
+        _write(save_file, tensors, out)
         return [out]
     limit = parse_size(max_shard_size)
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
@@ -91,14 +94,33 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
             size = 0
         shards[-1].append((key, t))
         size += nbytes
-    out.mkdir(parents=True, exist_ok=True)
+    _mkdir(out)
     files, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(dict(shard), str(out / name), metadata={"format": "pt"})
+        _write(save_file, shard, out / name)
         files.append(out / name)
         weight_map.update({k: name for k, _ in shard})
     total = sum(t.numel() * t.element_size() for _, t in tensors)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return [*files, out / "model.safetensors.index.json"]
+
+
+def _mkdir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(
+            f"`tl.save`: cannot create the folder `{folder}` ({e}). Choose a writable place."
+        ) from None
+
+
+def _write(save_file: Any, tensors: list[tuple[str, torch.Tensor]], file: Path) -> None:
+    """One safetensors file; safetensors' own errors (an unwritable place) as a CheckpointError."""
+    try:
+        save_file(dict(tensors), str(file), metadata={"format": "pt"})
+    except Exception as e:  # noqa: BLE001  safetensors raises its own SafetensorError, not an OSError
+        raise CheckpointError(
+            f"`tl.save`: cannot write `{file}` ({type(e).__name__}: {e}). Choose a writable place."
+        ) from None
