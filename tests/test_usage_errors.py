@@ -330,6 +330,10 @@ def _deferred_linear() -> nn.Module:
             lambda: tl.estimate_memory(nn.Linear(2, 2), tl.Spec(1, 2), example_kwargs=[1]),  # type: ignore[arg-type]
             id="estimate_memory(example_kwargs=[1])",
         ),
+        pytest.param(
+            lambda: tl.estimate_memory(nn.Linear(2, 2), x=tl.Spec(1, 2)),
+            id="estimate_memory(x=Spec)",  # a keyword input sent to the optimizer: refused, naming example_kwargs
+        ),
         pytest.param(lambda: tl.materialize(_deferred_linear(), device="meta"), id="materialize(device='meta')"),
         pytest.param(lambda: tl.materialize(_deferred_linear(), device="xla"), id="materialize(device='xla')"),
         pytest.param(lambda: tl.materialize(_deferred_linear(), device="hpu"), id="materialize(device='hpu')"),

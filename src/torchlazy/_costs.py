@@ -41,7 +41,7 @@ from . import _deferred, _lazy, _paths
 from . import _torch_compat as tc
 from ._errors import LazyError, ShapeError
 from ._infer import FoldConstants, fake_forward, mode_of, tracking_modules
-from ._spec import to_fake
+from ._spec import Spec, to_fake
 
 __all__ = ["CostError", "FlopCounts", "MemoryEstimate", "count_flops", "estimate_memory"]
 
@@ -474,6 +474,13 @@ def estimate_memory(
     opt_cls = optimizer_class(optimizer) if train else None
     if loss is not None and not callable(loss):
         raise CostError(f"`loss` must be a callable taking the forward's output, not {type(loss).__name__}.")
+    inputs = [k for k, v in optimizer_kwargs.items() if isinstance(v, (Spec, torch.Tensor))]
+    if inputs:  # `summary(model, input_ids=...)` takes keyword inputs so; here they would reach the optimizer
+        raise CostError(
+            f"`tl.estimate_memory`: {', '.join(f'`{k}=`' for k in inputs)} look like inputs of the forward, but "
+            "keyword arguments here go to the optimizer. Pass the forward's keyword inputs as "
+            f"`example_kwargs={{{', '.join(repr(k) + ': ...' for k in inputs)}}}`."
+        )
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise CostError(
             f"`example_kwargs` takes a dict of keyword arguments for the model's forward (or None), not "

@@ -112,9 +112,10 @@ def materialize(
 
     `exact=True` reproduces eager construction bit for bit (same seed), on any
     `device`: values are computed on the CPU, then cast to `dtype` (floating
-    tensors only) and moved, one storage at a time. `exact=False` computes on
-    `device` with a seeded generator per operation: same distributions, not
-    the same bits, and no serial random stream. `checkpoint` takes values from
+    tensors only) and moved, one storage at a time. `exact=False` draws each
+    initializer's law from a counter-based stream (Philox) keyed by the seed,
+    the draw's place in the record and the element's index: the same values
+    on any layout, thread count or FSDP2 sharding, not eager's bits. `checkpoint` takes values from
     a file instead (see the checkpoint documentation). Works on a sub-module;
     the rest of the model stays deferred. On failure the model is unchanged.
 
