@@ -150,3 +150,23 @@ def test_truncated_normal_stays_in_its_bounds_whatever_eagers_rejection_loop_did
     w = _one(lambda w: nn.init.trunc_normal_(w, std=1.0, a=-0.5, b=0.5), (1000, 1000), seed)
     assert w.min() >= -0.5 and w.max() <= 0.5
     assert abs(w.mean().item()) < 6 * 0.29 / 1000
+
+
+def test_random_factories_follow_the_seed_with_exact_false() -> None:
+    # draws with no counter-based law (`torch.randn`, `rand`, `randperm`, `sparse_`'s rows) were seeded from
+    # the draw's place alone: every seed gave the same values (a ViT's `cls_token`, Mamba's `dt_proj.bias`)
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cls_token = nn.Parameter(torch.randn(1, 1, 64) * 0.02)
+            self.register_buffer("order", torch.randperm(32))
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        with tl.deferred():
+            model = Tokens()
+        return tl.materialize(model, exact=False)
+
+    a, b, again = build(0), build(12345), build(0)
+    assert not torch.equal(a.cls_token, b.cls_token) and not torch.equal(a.order, b.order)
+    assert torch.equal(a.cls_token, again.cls_token) and torch.equal(a.order, again.order)

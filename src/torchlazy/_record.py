@@ -794,7 +794,9 @@ class Record:
     def seed_for(self, node: Node) -> int:
         """A seed for `node` in non-exact replay (kernels with no counter-based law): from the
         state captured when the record began and the node's place, not from any layout."""
-        return counter_key(self, node)[1] & ((1 << 63) - 1)
+        seed, place = counter_key(self, node)  # both: the place alone gave every seed the same values
+        mixed = hashlib.blake2b(f"{seed}:{place}".encode(), digest_size=8).digest()
+        return int.from_bytes(mixed, "little") & ((1 << 63) - 1)
 
     def _fill_by_counter(
         self,
