@@ -225,7 +225,11 @@ def test_cli_materialize_writes_exact_seed_checkpoint(tmp_path: Path) -> None:
         (("materialize", "zoo:cnn", "--out", "x.safetensors"), 2, "pass --input"),
         (("materialize", "zoo:cnn_eager", "--out", "x", "--max-shard-size", "0"), 2, "--max-shard-size `0`"),
         (("materialize", "zoo:cnn_eager", "--out", "x.safetensors", "--seed", str(2**70)), 2, "--seed"),
-        (("materialize", "zoo:cnn_eager", "--out", "/proc/no/such/x.safetensors"), 4, "cannot create the folder `/proc/no/such`"),
+        (
+            ("materialize", "zoo:cnn_eager", "--out", "/proc/no/such/x.safetensors"),
+            4,
+            "cannot create the folder `/proc/no/such`",
+        ),
     ],
 )
 def test_cli_errors(args: tuple[str, ...], code: int, message: str) -> None:
