@@ -170,3 +170,29 @@ def test_random_factories_follow_the_seed_with_exact_false() -> None:
     a, b, again = build(0), build(12345), build(0)
     assert not torch.equal(a.cls_token, b.cls_token) and not torch.equal(a.order, b.order)
     assert torch.equal(a.cls_token, again.cls_token) and torch.equal(a.order, again.order)
+
+
+def test_seeding_inside_the_block_steers_exact_false_as_in_eager() -> None:
+    # exact=False streams were keyed by the generator state when the block began: `torch.manual_seed(s)` (or
+    # a generator object seeded) inside the block gave the same weights for every s, and the same seed set
+    # twice gave two different layers where eager gives two equal ones
+    def build(seed: int, twice: bool = False) -> nn.Module:
+        torch.manual_seed(0)
+        with tl.deferred():
+            torch.manual_seed(seed)
+            first = nn.Linear(8, 8)
+            if twice:
+                torch.manual_seed(seed)
+            second = nn.Linear(8, 8)
+            extra = nn.Parameter(torch.empty(16))
+            nn.init.normal_(extra, generator=torch.Generator().manual_seed(seed))
+            model = nn.ModuleDict({"first": first, "second": second})
+            model.extra = extra
+        return tl.materialize(model, exact=False)
+
+    one, two, one_again, twice = build(1), build(2), build(1), build(3, twice=True)
+    for name in ("first.weight", "second.bias", "extra"):
+        assert not torch.equal(one.get_parameter(name), two.get_parameter(name)), name
+        assert torch.equal(one.get_parameter(name), one_again.get_parameter(name)), name
+    assert torch.equal(twice.first.weight, twice.second.weight) and torch.equal(twice.first.bias, twice.second.bias)
+    assert not torch.equal(one.first.weight, one.second.weight)  # without the second seed: other draws

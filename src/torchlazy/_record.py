@@ -238,6 +238,29 @@ class Stream:
         if at < self.cursor:
             self._rewind(at)
 
+    def epoch(self, key: Key, record: Record) -> tuple[int, int] | None:
+        """(the seed of the state the program last set before `key`, the draws between), for `counter_key`;
+        None where the program set nothing since the record began on the global generator."""
+        at = bisect.bisect_left(self.keys, key)
+        events = sorted(k for k in self.reseeds if k < key)  # few: bisecting keeps this O(log n) per draw
+        if not events:
+            if self.generator is torch.default_generator or self.entry is None:
+                return None
+            return _hash(self.entry.numpy().tobytes()), at  # a generator object: where it stood at its first draw
+        event = self.reseeds[events[-1]]
+        count = at - bisect.bisect_left(self.keys, event.key) - 1  # draws since the event (none is one)
+        if event.state is not None:
+            return _hash(event.state.numpy().tobytes()), count
+        after = event.after  # a state the record itself had left (`fork_rng`): as the place just after that
+        assert after is not None  # a reseed has a state or a place
+        if after in self.reseeds:
+            base = self.epoch((*after[:-1], after[-1] + 1), record)  # right after that event: from its epoch
+            seed, offset = base if base is not None else (_hash(f"{record.seed}:{after}".encode()), 0)
+        else:
+            seed, offset = counter_key(record, self._node(after))
+            offset += 1
+        return seed, offset + count
+
     def _node(self, key: Key) -> Node:
         node = self.nodes[key]()
         assert node is not None  # its record holds it, and a stream is reached through its record
@@ -795,8 +818,7 @@ class Record:
         """A seed for `node` in non-exact replay (kernels with no counter-based law): from the
         state captured when the record began and the node's place, not from any layout."""
         seed, place = counter_key(self, node)  # both: the place alone gave every seed the same values
-        mixed = hashlib.blake2b(f"{seed}:{place}".encode(), digest_size=8).digest()
-        return int.from_bytes(mixed, "little") & ((1 << 63) - 1)
+        return _hash(f"{seed}:{place}".encode()) & ((1 << 63) - 1)
 
     def _fill_by_counter(
         self,
@@ -933,9 +955,18 @@ def counter_law(node: Node) -> tuple[str, dict[str, Any]] | None:
 
 
 def counter_key(record: Record, node: Node) -> tuple[int, int]:
-    """(the record's seed, the node's place in it): names the node's counter-based stream."""
-    place = hashlib.blake2b(repr(node.key).encode(), digest_size=8).digest()
-    return record.seed, int.from_bytes(place, "little")
+    """(a seed, a place): names the node's counter-based stream. The record's seed and the node's place in it;
+    where the program set its generator inside the record (`torch.manual_seed(s)` in the block, a generator
+    object seeded there), the state it set and the number of draws since, so that another seed gives other
+    values and the same seed set twice gives the same ones, as in eager."""
+    epoch = node.stream.epoch(node.key, record) if node.stream is not None else None
+    if epoch is not None:
+        return epoch
+    return record.seed, _hash(repr(node.key).encode())
+
+
+def _hash(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 # -- worker threads for exact draws ------------------------------------------------------
