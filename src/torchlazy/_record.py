@@ -768,7 +768,9 @@ class Record:
                     pass
             return
         if stream is None:
-            self._call(node, env, device, pending)
+            # exact=False: one thread for every computed value (a QR, a reduction may round otherwise on
+            # another thread count), so that its values do not depend on the constructing process's count
+            self._call(node, env, device, pending, threads=None if exact else 1)
             return
         if exact:
             draw = draw_of(node)
@@ -791,7 +793,7 @@ class Record:
                 return
             gen = default_generator(device) if stream.generator is torch.default_generator else stream.generator
             gen.manual_seed(self.seed_for(node))
-            self._call(node, env, device, pending)
+            self._call(node, env, device, pending, threads=1)
 
     def _draw_in_pieces(
         self,
@@ -873,7 +875,9 @@ class Record:
         env: dict[int, torch.UntypedStorage],
         device: torch.device,
         pending: dict[int, list[Future[None]]] | None = None,
+        threads: int | None = None,
     ) -> None:
+        """Run `node` on real tensors, under its default dtype and `threads` (the block's count by default)."""
         if pending:
             _wait(pending, (*node.reads, *node.writes))
         self._ensure_target(node, env, device)
@@ -885,12 +889,13 @@ class Record:
             args, kwargs = unflatten(leaves, node.spec)
             dtype = node.default_dtype or self.default_dtype
             previous = torch.get_default_dtype()
+            wanted = self.threads if threads is None else threads
             threads = torch.get_num_threads()
             try:
                 if dtype is not previous:
                     torch.set_default_dtype(dtype)
-                if threads != self.threads:
-                    torch.set_num_threads(self.threads)
+                if threads != wanted:
+                    torch.set_num_threads(wanted)
                 out = node.func(*args, **kwargs)
             except Exception as e:
                 raise DeferredError(
@@ -901,7 +906,7 @@ class Record:
             finally:
                 if dtype is not previous:
                     torch.set_default_dtype(previous)
-                if threads != self.threads:
+                if threads != wanted:
                     torch.set_num_threads(threads)
         flat = tc.tree_leaves(out)
         constants = {
