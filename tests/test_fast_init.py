@@ -214,3 +214,24 @@ def test_exact_false_values_do_not_depend_on_the_constructing_thread_count() -> 
         return tl.materialize(layer, exact=False).weight.detach()
 
     assert torch.equal(build(1), build(2))
+
+
+def test_exact_false_refuses_a_model_that_read_drawn_values_while_constructing() -> None:
+    # under concretize=True a value read from the draws steers the recorded program; exact=False replayed that
+    # program against other draws (a weight scaled by its max read back with max 0.895, not 1)
+    def build() -> nn.Module:
+        layer = nn.Linear(64, 64)
+        with torch.no_grad():
+            layer.weight.div_(layer.weight.abs().max().item())
+        return layer
+
+    torch.manual_seed(0)
+    eager = build()
+    torch.manual_seed(0)
+    with tl.deferred(concretize=True):
+        model = build()
+    with pytest.raises(tl.DeferredError, match="read tensor values while constructing"):
+        tl.materialize(model, exact=False)
+    assert tl.is_deferred(model.weight)
+    tl.materialize(model)
+    assert torch.equal(model.weight, eager.weight) and model.weight.abs().max().item() == 1.0

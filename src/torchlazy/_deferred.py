@@ -745,11 +745,13 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return self._force([t])[0]  # type: ignore[no-any-return]
 
     def _check_values_allowed(self, func: Any, args: Any, kwargs: Any) -> None:
-        allowed = (
-            self.concretize
-            or _paths.frames_include((*tc.trunc_normal_codes(), *_REGISTERS))
-            or self._cheap_and_certain(args, kwargs)
+        allowed = _paths.frames_include((*tc.trunc_normal_codes(), *_REGISTERS)) or self._cheap_and_certain(
+            args, kwargs
         )
+        if not allowed and self.concretize:
+            # values that may depend on draws, read for real: exact replay repeats them, exact=False could not
+            self.record.read_values = True
+            allowed = True
         if not allowed:
             what = "reading a tensor's value (`.item()`, `.tolist()`, `bool(t)`)"
             if func is not _LOCAL_SCALAR:

@@ -151,6 +151,8 @@ def materialize(
         _refuse_unsharded(module)
         targets, real = _collect(module)
         shards = sharded_targets(module)
+        if not exact:
+            _refuse_read_values([t.record for t in targets] + [s.record for s in shards])
         plan = plan_keys(module, ckpt, key_map) if ckpt is not None else None
         everything = targets + real
         values, rest = _read_checkpoint(plan, everything, strict, placement) if plan is not None else ({}, everything)
@@ -167,6 +169,19 @@ def materialize(
             materialize_shards(module, shards, placement, exact, reader)
         _swap_in(module, targets, values)
     return module
+
+
+def _refuse_read_values(records: list[Record | None]) -> None:
+    """`exact=False` of a model whose construction read values under `concretize=True` (`w / w.abs().max()
+    .item()`, a rejection loop): those values came from eager's draws and steered the recorded program, which
+    other values would not fit (a max that is not 1, index sizes that no longer match). Refused, unchanged."""
+    if any(r is not None and r.read_values for r in records):
+        raise DeferredError(
+            "`tl.materialize(exact=False)`: this model was constructed under `tl.deferred(concretize=True)` and "
+            "read tensor values while constructing; they came from eager's random draws and shaped what was "
+            "recorded, so other draws would not fit them. Use `exact=True` (eager's values), or construct without "
+            "reading values that depend on random draws."
+        )
 
 
 def _refuse_unsharded(module: nn.Module) -> None:

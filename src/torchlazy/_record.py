@@ -544,6 +544,9 @@ class Record:
         # exact=False streams are keyed by this (the generator when the record began)
         self.seed = int.from_bytes(hashlib.blake2b(seed_state, digest_size=8).digest(), "little")
         self.exit_states: dict[int, torch.Tensor] = {}  # id(generator) -> its state set when the block ended
+        # construction read values that may come from draws (`concretize=True`): exact=False would replay the
+        # program those values steered against other values
+        self.read_values = False
         self._scratch: torch.UntypedStorage | None = None
         self._adopt: tuple[dict[int, torch.UntypedStorage], set[int]] | None = None
         # what records ops on its tensors after its block (`_deferred`'s recorder of the block, which then
