@@ -82,3 +82,15 @@ def test_checkpoint_straight_to_cuda(tmp_path: Path) -> None:
     tl.materialize(model, checkpoint=tmp_path / "m.safetensors", device="cuda")
     assert model[0].weight.device.type == "cuda"
     assert_models_identical(model.cpu(), reference)
+
+
+def test_fast_on_cuda_leaves_the_cuda_generator_where_it_was() -> None:
+    # draws with no counter-based law (`torch.randn`) seed the device's generator in exact=False replay: it was
+    # not put back (the CPU one was)
+    torch.cuda.manual_seed(123)
+    before = torch.cuda.get_rng_state()
+    with tl.deferred():
+        model = nn.Linear(4, 4)
+        model.extra = nn.Parameter(torch.randn(8))
+    tl.materialize(model, device="cuda", exact=False)
+    assert torch.equal(torch.cuda.get_rng_state(), before)

@@ -25,7 +25,7 @@ from ._checkpoint import Checkpoint, KeyPlan, mapper, open_checkpoint, plan_keys
 from ._distributed import Shard, materialize_shards, sharded_targets
 from ._errors import ArgumentError, CheckpointError, DeferredError
 from ._modtree import Placement, module_tensors, release_graphs, swap_all, unswappable
-from ._record import GENERATOR_LOCK, Record, explicit_generators_kept
+from ._record import GENERATOR_LOCK, Record, default_generator, explicit_generators_kept
 
 __all__ = ["materialize"]
 
@@ -282,6 +282,10 @@ def _replay_locked(
 ) -> dict[int, torch.Tensor]:
     values: dict[int, torch.Tensor] = {}
     saved = torch.default_generator.get_state()
+    # exact=False seeds the target device's own generator for draws with no counter-based law: put it back too
+    device = placement.device
+    device_gen = default_generator(device) if device is not None and device.type == "cuda" else None
+    device_saved = device_gen.get_state() if device_gen is not None else None
     try:
         for record in order:
             group = by_record[id(record)]
@@ -295,6 +299,8 @@ def _replay_locked(
                 saved = _add_late_draws(record, stream, saved)
     finally:
         torch.default_generator.set_state(saved)
+        if device_gen is not None and device_saved is not None:
+            device_gen.set_state(device_saved)
         for record in order:
             record.release_scratch()
     return values
