@@ -370,6 +370,27 @@ def test_an_autocast_dtype_the_device_does_not_take_is_a_cost_error_not_a_false_
 # -- 6. tl.build with a Spec agrees with the real first call on dtypes --------------------------
 
 
+@pytest.mark.parametrize(
+    "make",
+    [lambda: tl.nn.GroupNorm(0), lambda: tl.nn.Linear(-3), lambda: tl.nn.Linear("a")],
+    ids=["gn0", "lin-3", "lin-a"],
+)
+def test_constructor_arguments_no_input_can_build_are_an_argument_error(make: Callable[[], nn.Module]) -> None:
+    # the first call blamed the input ("pass an input whose sizes suit the other arguments"), or let torch's
+    # ZeroDivisionError escape (GroupNorm(0))
+    layer = make()
+    with pytest.raises(tl.ArgumentError, match="no input can build it with the arguments it was constructed with"):
+        layer(torch.zeros(2, 8, 6))
+    assert not tl.is_built(layer)
+
+
+def test_an_input_the_arguments_do_not_suit_is_still_a_shape_error() -> None:
+    layer = tl.nn.GroupNorm(3)  # 9 channels would build it: the input is at fault
+    with pytest.raises(tl.ShapeError, match="must be divisible by num_groups"):
+        layer(torch.zeros(2, 8, 6))
+    assert layer(torch.zeros(2, 9, 6)).shape == (2, 9, 6)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.float64], ids=str)
 @pytest.mark.parametrize(
     "first_call",

@@ -642,9 +642,17 @@ class _LazyLayer:
         device = _first_device(args, kwargs)
         try:
             undo = _run_build(self, lambda deferred: self._tl_become(values, device, deferred), _fake(args, kwargs))  # type: ignore[arg-type]
-        except (ValueError, TypeError, AssertionError, RuntimeError) as e:
+        except Exception as e:  # what the real class's constructor raises (GroupNorm(0): a ZeroDivisionError)
             if isinstance(e, LazyError):
                 raise
+            if self._tl_skeleton() is None:  # no size at all builds it: the constructor's own arguments are wrong
+                given = ", ".join(f"{k}={v!r}" for k, v in self._tl_args.items())
+                raise ArgumentError(
+                    f"`{_paths.module_path(self)}` ({type(self).__name__}): no input can build it with the "  # type: ignore[arg-type]
+                    f"arguments it was constructed with ({given}); with {values} from this input, "
+                    f"`{self._tl_cls.__name__}` raised {type(e).__name__}: {e}. Fix those arguments; the layer "
+                    "is still unbuilt."
+                ) from e
             reason = f"`{self._tl_cls.__name__}` cannot be built with it: {e}"
             raise self._tl_unbuilt_error(values, reason, "an input whose sizes suit the other arguments") from e
         return values, undo
