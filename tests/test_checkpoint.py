@@ -292,3 +292,19 @@ def test_save_into_an_unwritable_place_is_a_checkpoint_error(tmp_path: Path) -> 
         tl.save(nn.Linear(2, 2), target / "model.safetensors")
     with pytest.raises(tl.CheckpointError, match="cannot create the folder"):
         tl.save(nn.Linear(2, 2), target / "shards", max_shard_size="1KB")
+
+
+def test_legacy_and_odd_torch_files(tmp_path: Path) -> None:
+    reference = nn.Linear(2, 3)
+    # a pre-1.6 (zip-less) torch.save file, as many old `pytorch_model.bin` are: it was opened with mmap=True,
+    # which only zip files allow, and refused as "truncated or corrupt"
+    torch.save(reference.state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert_models_identical(
+        tl.materialize(deferred(lambda: nn.Linear(2, 3)), checkpoint=tmp_path / "legacy.pt"), reference
+    )
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(tl.CheckpointError, match="is an empty file"):
+        tl.materialize(deferred(lambda: nn.Linear(2, 3)), checkpoint=tmp_path / "empty.pt")
+    torch.save({**reference.state_dict(), "step": 3}, tmp_path / "training.pt")
+    with pytest.raises(tl.CheckpointError, match="not tensors under `step`"):
+        tl.materialize(deferred(lambda: nn.Linear(2, 3)), checkpoint=tmp_path / "training.pt")

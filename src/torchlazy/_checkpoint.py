@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,8 +110,11 @@ def _safetensors_entries(path: Path) -> dict[str, _Entry]:
 def _pickle_entries(path: Path) -> dict[str, _Entry]:
     if not path.exists():
         raise CheckpointError(f"checkpoint file `{path}` does not exist.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"`{path}` is an empty file, not a PyTorch checkpoint.")
+    legacy = not zipfile.is_zipfile(path)  # torch.save(..., _use_new_zipfile_serialization=False): no mmap
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=not legacy)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"`{path}` needs to run code to load ({str(e).splitlines()[0]}); torchlazy only reads "
@@ -123,10 +127,17 @@ def _pickle_entries(path: Path) -> dict[str, _Entry]:
         ) from None
     if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
         data = data["state_dict"]
-    if not isinstance(data, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
-    ):
-        raise CheckpointError(f"`{path}` does not hold a state dict (a mapping of names to tensors).")
+    if not isinstance(data, Mapping):
+        raise CheckpointError(
+            f"`{path}` holds a {type(data).__name__}, not a state dict (a mapping of names to tensors)."
+        )
+    odd = [k for k, v in data.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if odd:
+        raise CheckpointError(
+            f"`{path}` does not hold a state dict (a mapping of names to tensors): not tensors under "
+            f"{_listing([str(k) for k in odd])} (a training checkpoint's step or optimizer state?). Save `model.state_dict()` "
+            "alone, or pass the tensors: `checkpoint={k: v for k, v in torch.load(path).items() if ...}`."
+        )
     return _mapping_entries(data, str(path))
 
 
