@@ -360,6 +360,23 @@ def test_bad_arguments_of_every_public_function_are_lazy_errors(
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        (lambda: tl.build(nn.Sequential(tl.nn.Linear(2)), tl.Spec(1, 3), dtype=torch.int8), "`tl.build`"),
+        (lambda: tl.build(nn.Sequential(tl.nn.Linear(2)), tl.Spec(1, 3), device="meta"), "`tl.build`"),
+        (lambda: tl.save({"a": torch.zeros(1)}, "x.safetensors"), "`tl.save(model, path)` takes a torch.nn.Module"),  # type: ignore[arg-type]
+    ],
+    ids=["build-int8", "build-meta", "save-dict"],
+)
+def test_errors_name_the_function_the_user_called(call: Callable[[], object], named: str) -> None:
+    # `tl.build`'s device/dtype errors said `tl.materialize` (checked late, by the materialize it calls, after
+    # shaping); `tl.save` of a state dict said `tl.is_deferred` takes a module
+    with pytest.raises(tl.ArgumentError) as caught:
+        call()
+    assert str(caught.value).startswith(named)
+
+
 @pytest.mark.filterwarnings("ignore:In CPU autocast")
 def test_an_autocast_dtype_the_device_does_not_take_is_a_cost_error_not_a_false_label() -> None:
     # torch warns and switches autocast off for float64 on the CPU: the estimate was labelled "autocast float64"

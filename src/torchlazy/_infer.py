@@ -20,6 +20,7 @@ from . import _deferred, _lazy, _paths
 from . import _torch_compat as tc
 from ._errors import ArgumentError, DeferredError, LazyError, ShapeError
 from ._materialize import materialize
+from ._modtree import Placement
 from ._spec import CONSTANT_LIMIT, to_fake
 from ._twin import check_kernel_dtypes, run_twin
 
@@ -172,6 +173,7 @@ def build(
             "`tl.build` needs example inputs to shape the lazy layers: pass what the forward takes, "
             "as `tl.Spec(*shape, dtype=...)` or tensors, e.g. `tl.build(model, tl.Spec(8, 3, 224, 224))`."
         )
+    Placement.of(device, dtype, "tl.build")  # checked before anything is shaped: the errors name `tl.build`
     _paths.remember_paths(module)
     with _lazy.transaction():
         examples = bool(example_args or example_kwargs)  # none: nothing lazy, nothing to check

@@ -58,6 +58,11 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
     """
     from safetensors.torch import save_file
 
+    if not isinstance(module, nn.Module):
+        raise ArgumentError(
+            f"`tl.save(model, path)` takes a torch.nn.Module, not {type(module).__name__} (for a state dict: "
+            "`safetensors.torch.save_file(state_dict, path)`)."
+        )
     if not isinstance(path, (str, os.PathLike)):
         raise ArgumentError(f"`tl.save(model, path)`: `path` is a file name (str or Path), not {type(path).__name__}.")
     if is_deferred(module):
