@@ -237,8 +237,23 @@ def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
         (("materialize", "zoo:cnn", "--input", "1x3x8x8", "--dtype", "int8", "--out", "x.st"), "--dtype `int8`"),
         (("materialize", "zoo:cnn", "--input", "1x3x8x8", "--max-shard-size", "2XB", "--out", "d"), "--max-shard-size"),
         (("materialize", "zoo:cnn", "--input", "1x3x8x8", "--max-shard-size", "1KB", "--out", "x.pt"), "--out `x.pt`"),
+        (("summary", "zoo:cnn", "--input", "1x3x8x8", "--depth", "abc"), "argument --depth: invalid int value"),
+        (
+            ("materialize", "zoo:cnn", "--input", "1x3x8x8", "--dtype", "nope", "--out", "x.st"),
+            "--dtype: unknown dtype",
+        ),
+        (("summary", "zoo:cnn", "--input", "1x3x8x8:float99"), "--input `1x3x8x8:float99`: unknown dtype"),
     ],
-    ids=["depth-1", "autocast-int8", "dtype-int8", "shard-2XB", "shards-into-pt"],
+    ids=[
+        "depth-1",
+        "autocast-int8",
+        "dtype-int8",
+        "shard-2XB",
+        "shards-into-pt",
+        "depth-abc",
+        "dtype-nope",
+        "input-dtype",
+    ],
 )
 def test_bad_cli_arguments_exit_2_with_one_line_naming_the_argument(
     args: tuple[str, ...], named: str, capsys: pytest.CaptureFixture[str], tmp_path: Path

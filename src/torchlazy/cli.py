@@ -25,6 +25,7 @@ import importlib
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,15 +62,15 @@ class ImportFailure(Exception):
     """The factory cannot be imported: exit code 3."""
 
 
-def parse_dtype(text: str) -> torch.dtype:
+def parse_dtype(flag: str, text: str) -> torch.dtype:
     dtype = DTYPES.get(text.strip().lower())
     if dtype is None:
-        raise UsageError(f"unknown dtype `{text}`; use one of {', '.join(sorted(DTYPES))}")
+        raise UsageError(f"{flag}: unknown dtype `{text}`; use one of {', '.join(sorted(DTYPES))}")
     return dtype
 
 
 def parse_float_dtype(flag: str, text: str) -> torch.dtype:
-    dtype = parse_dtype(text)
+    dtype = parse_dtype(flag, text)
     if not dtype.is_floating_point:
         raise UsageError(
             f"{flag} `{text}`: parameters are cast to a floating dtype; use float32, bf16, fp16 or float64"
@@ -87,7 +88,7 @@ def parse_input(text: str) -> tuple[str | None, Spec]:
         raise UsageError(f"bad --input `{text}`: expected sizes joined by `x`, like 8x3x224x224[:dtype]") from None
     if any(s < 0 for s in shape):
         raise UsageError(f"bad --input `{text}`: sizes must be non-negative")
-    dtype = parse_dtype(dtype_text) if dtype_text else torch.float32
+    dtype = parse_dtype(f"--input `{text}`", dtype_text) if dtype_text else torch.float32
     return (name or None), Spec(*shape, dtype=dtype)
 
 
@@ -218,8 +219,16 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors (`--depth abc`) as the one line every bad argument gets, exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"torchlazy: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="torchlazy",
         description="Shapes, parameters and exact initialization of PyTorch models, before allocation.",
     )
@@ -266,7 +275,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # argparse's own exits: `--help` (0), a malformed argument (2, one line printed)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return int(args.run(args))
     except UsageError as e:
