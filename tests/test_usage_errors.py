@@ -392,6 +392,28 @@ def test_errors_name_the_function_the_user_called(call: Callable[[], object], na
     assert str(caught.value).startswith(named)
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: tl.build(m, tl.Spec(2, 3)),
+        lambda m: tl.summary(m, tl.Spec(2, 3)),
+        lambda m: tl.estimate_memory(m, tl.Spec(2, 3)),
+    ],
+    ids=["build", "summary", "estimate_memory"],
+)
+def test_torchs_own_lazy_layers_are_refused_pointing_to_tl_nn(call: Callable[[nn.Module], object]) -> None:
+    # shaping them on fake inputs failed inside them with "found at least two devices, cpu and meta"
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU())
+    with pytest.raises(tl.LazyError, match=r"PyTorch's own `LazyLinear`.*Use `tl.nn.Linear`"):
+        call(model)
+    assert model[0].has_uninitialized_params()
+
+
+def test_summary_without_inputs_shows_torchs_lazy_layers_as_unknown() -> None:
+    table = str(tl.summary(nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 2))))  # raised torch's RuntimeError
+    assert "LazyLinear" in table and "Total params: ?" in table
+
+
 @pytest.mark.filterwarnings("ignore:In CPU autocast")
 def test_an_autocast_dtype_the_device_does_not_take_is_a_cost_error_not_a_false_label() -> None:
     # torch warns and switches autocast off for float64 on the CPU: the estimate was labelled "autocast float64"

@@ -40,7 +40,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import _deferred, _lazy, _paths
 from . import _torch_compat as tc
 from ._errors import LazyError, ShapeError
-from ._infer import FoldConstants, fake_forward, mode_of, tracking_modules
+from ._infer import FoldConstants, fake_forward, mode_of, refuse_torch_lazy, tracking_modules
 from ._spec import Spec, to_fake
 
 __all__ = ["CostError", "FlopCounts", "MemoryEstimate", "count_flops", "estimate_memory"]
@@ -468,6 +468,7 @@ def estimate_memory(
     (True, False)
     """
     _check_module(module, "tl.estimate_memory")
+    refuse_torch_lazy(module, "tl.estimate_memory")
     if mode not in ("train", "inference"):
         raise CostError(f"`mode` must be 'train' or 'inference', not {mode!r}.")
     train = mode == "train"

@@ -174,6 +174,7 @@ def build(
             "as `tl.Spec(*shape, dtype=...)` or tensors, e.g. `tl.build(model, tl.Spec(8, 3, 224, 224))`."
         )
     Placement.of(device, dtype, "tl.build")  # checked before anything is shaped: the errors name `tl.build`
+    refuse_torch_lazy(module, "tl.build")
     _paths.remember_paths(module)
     with _lazy.transaction():
         examples = bool(example_args or example_kwargs)  # none: nothing lazy, nothing to check
@@ -184,3 +185,19 @@ def build(
     if device is not None or dtype is not None:
         module.to(device=device, dtype=dtype)
     return module
+
+
+def refuse_torch_lazy(module: nn.Module, caller: str) -> None:
+    """PyTorch's own unshaped `nn.Lazy*` modules: shaping on fake inputs fails inside them (a device mismatch
+    between cpu and meta). Refused up front, pointing to the torchlazy layer of the same name."""
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    for path, m in module.named_modules():
+        lazy: Any = m  # PyTorch types the mixin's methods against a protocol
+        if isinstance(m, LazyModuleMixin) and not _lazy.is_lazy_layer(lazy) and lazy.has_uninitialized_params():
+            name = type(m).__name__
+            raise LazyError(
+                f"`{caller}`: `{path or name}` is PyTorch's own `{name}`, which `{caller}` cannot shape (it initializes "
+                f"on a first real input only). Use `tl.nn.{name.removeprefix('Lazy')}` (the same arguments), or "
+                "call the model once on a real input first."
+            )

@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from . import _lazy
 from . import _torch_compat as tc
 from ._costs import FlopCounts, count_flops
 from ._errors import ArgumentError
-from ._infer import fake_forward
+from ._infer import fake_forward, refuse_torch_lazy
 from ._twin import run_twin
 
 __all__ = ["Row", "Summary", "summary"]
@@ -190,7 +191,7 @@ def _bytes(n: int | None) -> str:
 
 
 def _shape_of(t: torch.Tensor) -> Shape | None:
-    if _lazy.is_placeholder(t):
+    if _lazy.is_placeholder(t) or is_lazy(t):  # torchlazy's placeholders, PyTorch's own uninitialized tensors
         return None
     return tuple(int(s) for s in t.shape)
 
@@ -230,6 +231,8 @@ def summary(
         )
     if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 0):
         raise ArgumentError(f"`tl.summary`: `depth=` takes a whole number >= 0 (or None for all), not `{depth!r}`.")
+    if example_args or example_kwargs:
+        refuse_torch_lazy(module, "tl.summary")
     if flops:
         return _with_flops(summary(module, *example_args, depth=depth, **example_kwargs),
                            count_flops(module, example_args, example_kwargs))  # fmt: skip
