@@ -616,6 +616,34 @@ def test_materialize_refuses_parameters_with_views_alive_and_changes_nothing() -
     assert_models_identical(model, eager)
 
 
+class _BufferViews(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.arange(6.0))
+        self.register_buffer("window", self.table[2:4])  # the model's own view of its buffer: kept a view
+
+
+def test_a_view_of_a_buffer_held_outside_the_model_is_refused_the_models_own_views_are_kept() -> None:
+    # a user-held view of a buffer was accepted: afterwards it still read the deferred tensor's values (ones
+    # after `running_var.fill_(5)`), where eager's view follows the buffer
+    with tl.deferred():
+        norm = nn.BatchNorm1d(4)
+    row = norm.running_var[0:2]
+    with pytest.raises(tl.DeferredError, match=r"`running_var`.*view"):
+        tl.materialize(norm)
+    assert tl.is_deferred(norm.running_var)
+    del row
+    tl.materialize(norm)
+    views = tl.materialize(_deferred_of(_BufferViews))
+    views.table.fill_(5.0)
+    assert views.window.tolist() == [5.0, 5.0]
+
+
+def _deferred_of(make: Callable[[], nn.Module]) -> nn.Module:
+    with tl.deferred():
+        return make()
+
+
 class _KeepsATranspose(nn.Module):
     def __init__(self) -> None:
         super().__init__()

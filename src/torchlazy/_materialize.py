@@ -349,7 +349,7 @@ def _view(storage: torch.UntypedStorage, like: torch.Tensor) -> torch.Tensor:
 
 
 def _refuse_held(targets: list[_Target]) -> None:
-    """Refuse, changing nothing, when torch would refuse to swap a parameter's new value in (a view of it alive)."""
+    """Refuse, changing nothing, where a view of a parameter or buffer is alive outside the model."""
     fakes = [t for t in targets if tc.is_fake(t.tensor)]
     for mode in {id(m): m for m in (tc.fake_mode_of(t.tensor) for t in fakes)}.values():
         tc.forget_fake_conversions(mode, [t.tensor for t in targets])  # their weak references block swaps
@@ -359,7 +359,7 @@ def _refuse_held(targets: list[_Target]) -> None:
     if held:
         paths = [targets[i].path for i in held]
         raise DeferredError(
-            f"`tl.materialize`: {len(paths)} parameter{'s' if len(paths) > 1 else ''} "
+            f"`tl.materialize`: {len(paths)} tensor{'s' if len(paths) > 1 else ''} "
             f"({', '.join(f'`{p}`' for p in paths[:3])}"
             f"{', ...' if len(paths) > 3 else ''}) cannot take their values in place: something else holds their "
             "tensor, a view of it kept in a variable (`row = model.layer.weight[0]`) or as a module attribute "

@@ -162,12 +162,17 @@ def unswappable(tensors: list[torch.Tensor]) -> list[int]:
     """Indices of the parameters `torch.utils.swap_tensors` would refuse: something else holds their tensor (a
     view of it, alive in a variable or as a module attribute), beyond the object itself and its gradient
     accumulator. Asked before any swap, so that a refusal changes nothing."""
-    # a buffer or attribute torch refuses, and anything weakly referenced (`swap_all` does not swap those),
-    # is put in place by reference instead
+    # anything weakly referenced (`swap_all` does not swap those) is put in place by reference instead, and so
+    # is a buffer whose views are the model's own (a buffer registered as a view of another): they are replaced
+    # too. A buffer viewed from outside the model (`row = bn.running_var[0:2]`) is refused: the view would keep
+    # the deferred tensor's stale values
+    bases = {id(t._base) for t in tensors if t._base is not None}
     return [
         i
         for i, t in enumerate(tensors)
-        if isinstance(t, nn.Parameter) and weakref.getweakrefcount(t) == 0 and tc.swap_refused(t)
+        if weakref.getweakrefcount(t) == 0
+        and (isinstance(t, nn.Parameter) or id(t) not in bases)
+        and tc.swap_refused(t)
     ]
 
 
