@@ -308,3 +308,47 @@ def test_legacy_and_odd_torch_files(tmp_path: Path) -> None:
     torch.save({**reference.state_dict(), "step": 3}, tmp_path / "training.pt")
     with pytest.raises(tl.CheckpointError, match="not tensors under `step`"):
         tl.materialize(deferred(lambda: nn.Linear(2, 3)), checkpoint=tmp_path / "training.pt")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_loaded_values_are_the_models_own_memory_not_the_files(tmp_path: Path, suffix: str) -> None:
+    # with no cast, a loaded tensor was the checkpoint's memory map: rewriting the file changed the model (and a
+    # torch.save over it truncated the mapping: a bus error); two keys sharing a storage in a .pt stayed shared
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    if suffix == ".pt":
+        source[1].weight = source[0].weight  # saved as one storage under two keys by torch.save
+    path = tmp_path / f"model{suffix}"
+    if suffix == ".pt":
+        torch.save(source.state_dict(), path)
+    else:
+        tl.save(source, path)
+    model = tl.materialize(deferred(lambda: nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))), checkpoint=path)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    zeros = {k: torch.zeros_like(v) for k, v in source.state_dict().items()}
+    if suffix == ".pt":
+        torch.save(zeros, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in zeros.items()}, str(path))
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model[0].weight.zero_()
+    assert torch.equal(model[1].weight, want["1.weight"])  # untied in the model, as eager's load leaves it
+
+
+def test_a_checkpoint_loads_through_the_models_dtype_before_dtype_is_applied(tmp_path: Path) -> None:
+    # eager: load_state_dict copies into the bf16 model (rounding), then `.to(float32)`; the fp32 values were
+    # taken as they were
+    source = nn.Linear(8, 8)
+    tl.save(source, tmp_path / "fp32.safetensors")
+
+    def bf16() -> nn.Module:
+        return nn.Linear(8, 8, dtype=torch.bfloat16)
+
+    eager = bf16()
+    eager.load_state_dict(source.state_dict())
+    eager.to(torch.float32)
+    loaded = tl.materialize(deferred(bf16), checkpoint=tmp_path / "fp32.safetensors", dtype=torch.float32)
+    assert_models_identical(loaded, eager)

@@ -141,14 +141,11 @@ def _pickle_entries(path: Path) -> dict[str, _Entry]:
     return _mapping_entries(data, str(path))
 
 
-def _mapping_entries(data: Mapping[str, torch.Tensor], where: str, copy: bool = False) -> dict[str, _Entry]:
-    """Entries over the tensors of `data`; `copy`: each read is a copy (the caller's tensors are theirs: a model
-    that took them would share their memory, and materialize swaps the objects it fills)."""
+def _mapping_entries(data: Mapping[str, torch.Tensor], where: str) -> dict[str, _Entry]:
+    """Entries over the tensors of `data` (a read is the tensor itself: materialize copies what it loads)."""
 
     def reader(t: torch.Tensor) -> Callable[[], torch.Tensor]:
-        if copy:
-            return lambda: t.detach().clone(memory_format=torch.contiguous_format)
-        return lambda: t
+        return lambda: t.detach()
 
     def slicer(t: torch.Tensor) -> Callable[[tuple[slice, ...]], torch.Tensor]:
         return lambda index: t.detach()[index].clone()  # the slice's own copy, not one of the whole tensor first
@@ -195,7 +192,7 @@ def open_checkpoint(path: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -
                 f"{f', and {len(empty) - 1} more' if len(empty) > 1 else ''}): materialize the model it came from "
                 "first (`tl.materialize(source)`), or pass a saved file. The model is unchanged."
             )
-        return Checkpoint(_mapping_entries(path, "<state dict>", copy=True), "<state dict>")
+        return Checkpoint(_mapping_entries(path, "<state dict>"), "<state dict>")
     if not isinstance(path, (str, os.PathLike)):
         raise ArgumentError(
             f"`checkpoint=` takes a path (safetensors, .pt/.bin, a folder or an index) or a state dict, "

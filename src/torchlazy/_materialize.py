@@ -233,8 +233,20 @@ def _read_checkpoint(
     error = plan.mismatch(missing) if strict else None
     if error is not None:
         raise error
-    values = {id(t.tensor): placement.place(plan.ckpt.entries[source].read(), t.tensor) for t, source in reads}
+    values = {id(t.tensor): _as_loaded(plan.ckpt.entries[source].read(), t.tensor, placement) for t, source in reads}
     return values, rest
+
+
+def _as_loaded(value: torch.Tensor, like: torch.Tensor, placement: Placement) -> torch.Tensor:
+    """A checkpoint's tensor as eager's `load_state_dict` then `.to(dtype)` leave it: copied into fresh memory of
+    the model tensor's geometry (never the file's memory map, which a later save over the file would change or
+    truncate under the model, nor memory shared with another key or the caller), rounded to the model's dtype,
+    then cast to `dtype=`."""
+    final = placement.final_dtype(like)
+    if value.dtype != like.dtype and final != like.dtype:
+        value = value.to(like.dtype)  # eager rounds to the model's dtype when it loads, then casts
+    out = torch.empty_strided(tuple(like.shape), like.stride(), dtype=final, device=placement.final_device(like))
+    return out.copy_(value)
 
 
 def _shard_reader(plan: KeyPlan, strict: bool) -> Callable[[Shard, tuple[slice, ...]], torch.Tensor | None]:
@@ -250,7 +262,10 @@ def _shard_reader(plan: KeyPlan, strict: bool) -> Callable[[Shard, tuple[slice, 
                 )
             return None
         key, source = found
-        return plan.check(key, source, tuple(shard.param.shape), shard.param.dtype).slice(index)
+        value = plan.check(key, source, tuple(shard.param.shape), shard.param.dtype).slice(index)
+        if value.dtype != shard.param.dtype:
+            return value.to(shard.param.dtype)  # rounded to the model's dtype, as eager's load: a fresh tensor
+        return value.clone(memory_format=torch.contiguous_format)  # not the file's memory map
 
     return read
 
