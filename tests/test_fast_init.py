@@ -235,3 +235,18 @@ def test_exact_false_refuses_a_model_that_read_drawn_values_while_constructing()
     assert tl.is_deferred(model.weight)
     tl.materialize(model)
     assert torch.equal(model.weight, eager.weight) and model.weight.abs().max().item() == 1.0
+
+
+def test_exact_false_takes_a_model_that_read_only_draw_free_values() -> None:
+    # a large draw-free read (over the cheap limit, so read under concretize=True) is no reason to refuse
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("pos", torch.arange(600_000.0))
+            self.scale = float(self.pos.max())
+            self.proj = nn.Linear(4, 4)
+
+    with tl.deferred(concretize=True):
+        model = Positions()
+    tl.materialize(model, exact=False)
+    assert model.scale == 599_999.0 and torch.equal(model.pos, torch.arange(600_000.0))

@@ -414,6 +414,25 @@ def test_summary_without_inputs_shows_torchs_lazy_layers_as_unknown() -> None:
     assert "LazyLinear" in table and "Total params: ?" in table
 
 
+def test_estimate_memory_takes_mapping_inputs_and_tensor_optimizer_arguments() -> None:
+    # a tokenizer's BatchEncoding (a UserDict) was refused as "not a dict"; `lr=torch.tensor(1e-3)`, which torch's
+    # optimizers take, was read inside the fake step and failed as a ShapeError
+    from types import MappingProxyType
+
+    class Keyed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x)
+
+    plain = tl.estimate_memory(Keyed(), example_kwargs={"x": tl.Spec(2, 4)})
+    assert tl.estimate_memory(Keyed(), example_kwargs=MappingProxyType({"x": tl.Spec(2, 4)})).peak == plain.peak
+    with_tensor = tl.estimate_memory(Keyed(), example_kwargs={"x": tl.Spec(2, 4)}, lr=torch.tensor(1e-3))
+    assert with_tensor.peak == plain.peak
+
+
 @pytest.mark.filterwarnings("ignore:In CPU autocast")
 def test_an_autocast_dtype_the_device_does_not_take_is_a_cost_error_not_a_false_label() -> None:
     # torch warns and switches autocast off for float64 on the CPU: the estimate was labelled "autocast float64"

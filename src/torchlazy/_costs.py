@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -475,19 +476,29 @@ def estimate_memory(
     opt_cls = optimizer_class(optimizer) if train else None
     if loss is not None and not callable(loss):
         raise CostError(f"`loss` must be a callable taking the forward's output, not {type(loss).__name__}.")
-    inputs = [k for k, v in optimizer_kwargs.items() if isinstance(v, (Spec, torch.Tensor))]
+    takes = inspect.signature(opt_cls.__init__).parameters if opt_cls is not None else {}
+    inputs = [  # a tensor under a name the optimizer takes (`lr=torch.tensor(1e-3)`) is the optimizer's
+        k
+        for k, v in optimizer_kwargs.items()
+        if isinstance(v, Spec) or (isinstance(v, torch.Tensor) and k not in takes)
+    ]
     if inputs:  # `summary(model, input_ids=...)` takes keyword inputs so; here they would reach the optimizer
         raise CostError(
             f"`tl.estimate_memory`: {', '.join(f'`{k}=`' for k in inputs)} look like inputs of the forward, but "
             "keyword arguments here go to the optimizer. Pass the forward's keyword inputs as "
             f"`example_kwargs={{{', '.join(repr(k) + ': ...' for k in inputs)}}}`."
         )
-    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):  # a tokenizer's BatchEncoding too
         raise CostError(
-            f"`example_kwargs` takes a dict of keyword arguments for the model's forward (or None), not "
+            f"`example_kwargs` takes a mapping of keyword arguments for the model's forward (or None), not "
             f"{type(example_kwargs).__name__} `{example_kwargs!r}`."
         )
     kwargs = dict(example_kwargs or {})
+    # one-element tensors (`lr=torch.tensor(1e-3)`, `betas=(tensor, tensor)`) as numbers, read here: the step runs
+    # on fake tensors, where reading their value fails; the bytes of the step are the same
+    optimizer_kwargs = tc.tree_map(
+        lambda v: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v, optimizer_kwargs
+    )
     tracker = _LiveBytes()
     gc.collect()
     with _session(module, examples, kwargs) as s, _naming_failures(module):

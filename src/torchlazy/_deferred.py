@@ -724,6 +724,12 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     def _cheap_and_certain(self, args: Any, kwargs: Any) -> bool:
         """Values that depend on no random draw and little data (drop-path rates from a
         `linspace`, say): computing them costs nothing and decides nothing about the model."""
+        drawn, nbytes = self._what_values_need(args, kwargs)
+        return not drawn and nbytes <= _CHEAP_BYTES
+
+    def _what_values_need(self, args: Any, kwargs: Any) -> tuple[bool, int]:
+        """Whether the values of the tensors among `args` depend on a random draw, and the bytes computing them
+        touches."""
         sids = {
             ref.sid
             for t in tc.tree_leaves((args, kwargs))
@@ -733,8 +739,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         }
         nodes = self.record.closure(sids, self.next_key())
         touched = {sid for n in nodes for sid in (*n.reads, *n.writes, *(s for _, s in n.outputs))}
-        small = sum(self.record.storages[sid].nbytes for sid in touched) <= _CHEAP_BYTES
-        return small and all(n.stream is None for n in nodes)
+        return any(n.stream is not None for n in nodes), sum(self.record.storages[sid].nbytes for sid in touched)
 
     def values_of(self, t: torch.Tensor) -> torch.Tensor:
         """The real values of this record's tensor `t` where `.item()` may compute them (see `_needs_values`),
@@ -749,8 +754,9 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             args, kwargs
         )
         if not allowed and self.concretize:
-            # values that may depend on draws, read for real: exact replay repeats them, exact=False could not
-            self.record.read_values = True
+            # read for real; where they depend on draws, exact replay repeats them and exact=False could not
+            if self._what_values_need(args, kwargs)[0]:
+                self.record.read_values = True
             allowed = True
         if not allowed:
             what = "reading a tensor's value (`.item()`, `.tolist()`, `bool(t)`)"

@@ -197,6 +197,7 @@ class Stream:
         # reseed events (keys in `keys` too), the state after each event passed, and
         # the token states the recorder parked the real generator in (digest -> event key)
         self.reseeds: dict[Key, Reseed] = {}
+        self._reseed_keys: list[Key] | None = None  # `reseeds`' keys sorted, for `epoch` (None: to sort again)
         self.tokens: dict[bytes, Key] = {}
         self.parked: torch.Tensor | None = entry
         # the seed of the token the real generator was parked in last (None: parked in `parked`),
@@ -235,6 +236,7 @@ class Stream:
         at = bisect.bisect_left(self.keys, event.key)
         self.keys.insert(at, event.key)
         self.reseeds[event.key] = event
+        self._reseed_keys = None
         if at < self.cursor:
             self._rewind(at)
 
@@ -242,12 +244,14 @@ class Stream:
         """(the seed of the state the program last set before `key`, the draws between), for `counter_key`;
         None where the program set nothing since the record began on the global generator."""
         at = bisect.bisect_left(self.keys, key)
-        events = sorted(k for k in self.reseeds if k < key)  # few: bisecting keeps this O(log n) per draw
-        if not events:
+        if self._reseed_keys is None:  # sorted once per change of the reseeds, then bisected per draw
+            self._reseed_keys = sorted(self.reseeds)
+        before = bisect.bisect_left(self._reseed_keys, key)  # reseeds before `key`
+        if not before:
             if self.generator is torch.default_generator or self.entry is None:
                 return None
             return _hash(self.entry.numpy().tobytes()), at  # a generator object: where it stood at its first draw
-        event = self.reseeds[events[-1]]
+        event = self.reseeds[self._reseed_keys[before - 1]]
         count = at - bisect.bisect_left(self.keys, event.key) - 1  # draws since the event (none is one)
         if event.state is not None:
             return _hash(event.state.numpy().tobytes()), count
@@ -275,6 +279,7 @@ class Stream:
         for k in set(self.keys) - set(kept):
             self.nodes.pop(k, None)
             self.reseeds.pop(k, None)
+        self._reseed_keys = None
         self.keys = kept
 
     def state_before(self, node: Node) -> torch.Tensor:
