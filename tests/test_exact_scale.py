@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from exact import assert_models_identical
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -294,3 +295,22 @@ def test_a_program_around_a_deferred_model_runs_as_eagerly() -> None:
     _same(ours[0], eager[0])
     for a, b in zip(ours[1:], eager[1:]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_seed_set_in_the_block_just_before_a_lazy_layer_steers_its_draws_as_in_eager(seed: int) -> None:
+    # the seed was noted at the next draw, after the lazy layer's construction-order slot: its draws came from
+    # the generator before the seed (every seed gave the same weights, none eager's), and so did the next layer's
+    def make(lazy: bool) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(tl.nn.Linear(4) if lazy else nn.Linear(3, 4), nn.Linear(4, 4))
+
+    torch.manual_seed(0)
+    eager = make(lazy=False)
+    after_eager = torch.get_rng_state()
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make(lazy=True)
+    tl.build(model, tl.Spec(2, 3))
+    assert_models_identical(model, eager)
+    assert torch.equal(torch.get_rng_state(), after_eager)

@@ -342,6 +342,16 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         self.count += 1
         return key
 
+    def reserve_slot(self) -> Key:
+        """A lazy layer's place in construction order; a generator the program set since the last draw
+        (`torch.manual_seed(s)` just before the layer) is noted first, so that the layer's draws, recorded when it
+        is shaped, come after that seed as in eager (the seed was noted only at the next draw, after them)."""
+        if self.prefix == () and not self.record.live:
+            self.record.stream_for(None)  # the global generator's stream, even before any draw
+            for stream in list(self.record.streams.values()):
+                self._sync(stream)
+        return self.reserve()
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is _PRIM_DEVICE and tc.is_fake(args[0]):
             return _device_of(args[0])

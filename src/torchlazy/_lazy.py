@@ -281,7 +281,7 @@ def _snapshot(module: nn.Module) -> Callable[[], None]:
 
 def _slot_for_new_module() -> tuple[Record, tuple[int, ...]] | None:
     recorder = _deferred.current_recorder()
-    return (recorder.record, recorder.reserve()) if recorder is not None else None
+    return (recorder.record, recorder.reserve_slot()) if recorder is not None else None
 
 
 def _undo_now(undo: Callable[[], None]) -> None:
