@@ -314,3 +314,41 @@ def test_a_seed_set_in_the_block_just_before_a_lazy_layer_steers_its_draws_as_in
     tl.build(model, tl.Spec(2, 3))
     assert_models_identical(model, eager)
     assert torch.equal(torch.get_rng_state(), after_eager)
+
+
+def test_materialize_neither_takes_from_nor_sets_back_another_threads_global_generator() -> None:
+    # unmodelled draws (normal_ of fewer than 16 elements) ran on the process-wide generator, set to each draw's
+    # state, and the state at entry was put back at the end: a thread drawing meanwhile (a loader thread) changed
+    # the model's values and got values it had drawn already
+    import threading
+
+    class Many(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.small = nn.ParameterList([nn.Parameter(torch.empty(8)) for _ in range(200)])
+            for p in self.small:
+                nn.init.normal_(p, std=0.02)
+            self.linear = nn.Linear(64, 64)
+
+    torch.manual_seed(0)
+    eager = Many()
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = Many()
+    start = torch.get_rng_state()
+    stop, seen = threading.Event(), []
+
+    def loader() -> None:
+        while not stop.is_set():
+            seen.append(torch.rand(4))
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    try:
+        tl.materialize(model)
+    finally:
+        stop.set()
+        thread.join()
+    assert_models_identical(model, eager)
+    torch.set_rng_state(start)
+    assert all(torch.equal(drawn, torch.rand(4)) for drawn in seen)  # the loader's stream, unbroken

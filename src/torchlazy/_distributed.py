@@ -40,6 +40,7 @@ from ._record import (
     counter_law,
     draw_of,
     explicit_generators_kept,
+    global_sets,
     unflatten,
 )
 
@@ -155,6 +156,7 @@ def materialize_shards(
 
 def _replay_shards(by_record: dict[int, list[Shard]], local: dict[int, torch.Tensor], device: Any, exact: bool) -> None:
     saved = torch.default_generator.get_state()
+    sets = global_sets()
     try:
         for group in by_record.values():
             record = group[0].record
@@ -180,7 +182,8 @@ def _replay_shards(by_record: dict[int, list[Shard]], local: dict[int, torch.Ten
             for sid in order:
                 record.evaluate([sid], device="cpu" if exact else (device or "cpu"), exact=exact, on_ready=on_ready)
     finally:
-        torch.default_generator.set_state(saved)
+        if global_sets() != sets:  # an op with no `generator=` argument ran on the global generator
+            torch.default_generator.set_state(saved)
         for group in by_record.values():
             group[0].record.release_scratch()
 

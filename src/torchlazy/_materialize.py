@@ -25,7 +25,7 @@ from ._checkpoint import Checkpoint, KeyPlan, mapper, open_checkpoint, plan_keys
 from ._distributed import Shard, materialize_shards, sharded_targets
 from ._errors import ArgumentError, CheckpointError, DeferredError
 from ._modtree import Placement, module_tensors, release_graphs, swap_all, unswappable
-from ._record import GENERATOR_LOCK, Record, default_generator, explicit_generators_kept
+from ._record import GENERATOR_LOCK, Record, default_generator, explicit_generators_kept, global_sets
 
 __all__ = ["materialize"]
 
@@ -296,7 +296,8 @@ def _replay_locked(
     bar: _Bar,
 ) -> dict[int, torch.Tensor]:
     values: dict[int, torch.Tensor] = {}
-    saved = torch.default_generator.get_state()
+    start = saved = torch.default_generator.get_state()
+    sets = global_sets()
     # exact=False seeds the target device's own generator for draws with no counter-based law: put it back too
     device = placement.device
     device_gen = default_generator(device) if device is not None and device.type == "cuda" else None
@@ -313,7 +314,10 @@ def _replay_locked(
             elif stream is not None:
                 saved = _add_late_draws(record, stream, saved)
     finally:
-        torch.default_generator.set_state(saved)
+        # put back only what replay moved (an op with no `generator=` argument ran on it) or moves on purpose (past
+        # lazy layers' late draws): another thread drawing meanwhile keeps its place in the stream
+        if saved is not start or global_sets() != sets:
+            torch.default_generator.set_state(saved)
         if device_gen is not None and device_saved is not None:
             device_gen.set_state(device_saved)
         for record in order:

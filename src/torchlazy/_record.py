@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import hashlib
 import threading
 import weakref
@@ -339,8 +340,7 @@ class Stream:
             self.before[key] = state
             record = self._record()
             assert record is not None  # a stream is reached through its record
-            record.run_on_scratch(node, self.generator, state)
-            state = self.after[key] = _generator_state(self.generator)
+            state = self.after[key] = record.run_on_scratch(node, self.generator, state)
         if pending:
             state = _rng.jump(state, pending)
         if target > self.cursor:
@@ -730,10 +730,10 @@ class Record:
                 for futures in pending.values():  # on failure: let workers finish before memory goes
                     wait(futures)
 
-    def run_on_scratch(self, node: Node, generator: torch.Generator, state: torch.Tensor) -> None:
+    def run_on_scratch(self, node: Node, generator: torch.Generator, state: torch.Tensor) -> torch.Tensor:
         """Run a random node only for its draws, from `state` on `generator`: inputs it overwrites are scratch.
         Its other inputs are made first (a random input draws from the generator itself: `bernoulli(p)` of a
-        `p = rand(n)`), then the generator is set."""
+        `p = rand(n)`), then the generator is set. Returns the state after it."""
         inputs = [s for s in node.reads if s not in node.writes]
         env = self.evaluate(inputs, bound=node.key) if inputs else {}
         adopted, adoptable = self._adopt if self._adopt is not None else ({}, set())
@@ -745,9 +745,8 @@ class Record:
                 env[sid] = self._scratch_storage(nbytes)
             else:
                 env[sid] = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
-        generator.set_state(state)
         with torch.no_grad():
-            self._call(node, env, torch.device("cpu"))
+            return self._draw_unmodelled(node, env, torch.device("cpu"), generator, state=state)
 
     def _scratch_storage(self, nbytes: int) -> torch.UntypedStorage:
         """One reusable buffer for draws nobody keeps (no fresh pages, no growth per draw)."""
@@ -790,18 +789,43 @@ class Record:
                 args, kwargs = self._real_arguments(node, env, device, pending)
                 stream.ran(node, run_draw(node.func, args, kwargs, stream.state_before(node)))
                 return
-            gen = stream.generator
-            gen.set_state(stream.state_before(node))
-            self._call(node, env, device, pending)
-            stream.ran(node)
+            after = self._draw_unmodelled(node, env, device, stream.generator, pending, state=stream.state_before(node))
+            stream.ran(node, after)
         else:
             law = counter_law(node)
             if law is not None:
                 self._fill_by_counter(node, law, env, device, pending)
                 return
             gen = default_generator(device) if stream.generator is torch.default_generator else stream.generator
-            gen.manual_seed(self.seed_for(node))
-            self._call(node, env, device, pending, threads=1)
+            self._draw_unmodelled(node, env, device, gen, pending, seed=self.seed_for(node), threads=1)
+
+    def _draw_unmodelled(
+        self,
+        node: Node,
+        env: dict[int, torch.UntypedStorage],
+        device: torch.device,
+        generator: torch.Generator,
+        pending: dict[int, list[Future[None]]] | None = None,
+        *,
+        state: torch.Tensor | None = None,
+        seed: int | None = None,
+        threads: int | None = None,
+    ) -> torch.Tensor:
+        """Run a random node the generator model does not cover, from `state` (or seeded by `seed`) on `generator`;
+        returns the state after it. A process-wide default generator is not touched where the op takes a
+        `generator=` argument: a generator of its own at that state runs it instead (another thread drawing from
+        the global generator meanwhile neither changes these values nor sees its stream set back)."""
+        if _is_default(generator) and _takes_generator(node.func):
+            generator = torch.Generator(device=generator.device)
+        else:
+            _GLOBAL_SETS[0] += 1  # the shared generator set: `materialize` puts it back
+        if state is not None:
+            generator.set_state(state)
+        else:
+            assert seed is not None  # one of the two
+            generator.manual_seed(seed)
+        self._call(node, env, device, pending, threads=threads, generator=generator)
+        return generator.get_state()
 
     def _draw_in_pieces(
         self,
@@ -884,8 +908,10 @@ class Record:
         device: torch.device,
         pending: dict[int, list[Future[None]]] | None = None,
         threads: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
-        """Run `node` on real tensors, under its default dtype and `threads` (the block's count by default)."""
+        """Run `node` on real tensors, under its default dtype and `threads` (the block's count by default);
+        `generator`: the one it draws from, where it differs from the process-wide default it was recorded with."""
         if pending:
             _wait(pending, (*node.reads, *node.writes))
         self._ensure_target(node, env, device)
@@ -895,6 +921,8 @@ class Record:
         else:
             assert node.spec is not None
             args, kwargs = unflatten(leaves, node.spec)
+            if generator is not None and not _is_default(generator):
+                kwargs = {**kwargs, "generator": generator}
             dtype = node.default_dtype or self.default_dtype
             previous = torch.get_default_dtype()
             wanted = self.threads if threads is None else threads
@@ -1054,6 +1082,26 @@ def explicit_generators_kept(records: Iterable[Record]) -> Iterator[None]:
     finally:
         for k, g in gens.items():
             g.set_state(states[k])
+
+
+# how many times replay set a process-wide default generator (an op with no `generator=` argument): `materialize`
+# puts the global generator back only then (or where it moves it on purpose)
+_GLOBAL_SETS = [0]
+
+
+def global_sets() -> int:
+    return _GLOBAL_SETS[0]
+
+
+def _is_default(generator: torch.Generator) -> bool:
+    if generator is torch.default_generator:
+        return True
+    return generator.device.type == "cuda" and generator in torch.cuda.default_generators
+
+
+@functools.cache
+def _takes_generator(func: Any) -> bool:
+    return "generator" in tc.op_argument_names(func)
 
 
 def default_generator(device: torch.device) -> torch.Generator:

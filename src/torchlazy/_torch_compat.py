@@ -210,6 +210,12 @@ def fake_device(t: Any) -> torch.device:
     return t.fake_device  # type: ignore[no-any-return]
 
 
+def op_argument_names(func: Any) -> frozenset[str]:
+    """The argument names of an op overload's schema (empty for anything without one)."""
+    schema = getattr(func, "_schema", None)
+    return frozenset(a.name for a in schema.arguments) if schema is not None else frozenset()
+
+
 def run_fake_kernel(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
     """`func` run with the fake tensors of `mode` seen as plain meta tensors (their meta kernel).
 
