@@ -352,3 +352,25 @@ def test_a_checkpoint_loads_through_the_models_dtype_before_dtype_is_applied(tmp
     eager.to(torch.float32)
     loaded = tl.materialize(deferred(bf16), checkpoint=tmp_path / "fp32.safetensors", dtype=torch.float32)
     assert_models_identical(loaded, eager)
+
+
+def test_strict_names_the_keys_of_lazy_layers_the_checkpoint_lacks_and_changes_nothing() -> None:
+    # unbuilt placeholders were not counted: strict=True returned with the layer still unbuilt
+    source = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4))
+    partial = {k: v for k, v in source.state_dict().items() if k.startswith("0.")}
+    model = deferred(lambda: nn.Sequential(tl.nn.Linear(16), nn.ReLU(), tl.nn.Linear(4)))
+    with pytest.raises(tl.CheckpointError, match=r"missing from the checkpoint: `2.weight`, `2.bias`, of lazy layers"):
+        tl.materialize(model, checkpoint=partial)
+    assert not tl.is_built(model[0]) and not tl.is_built(model[2])  # the first layer's build undone too
+
+
+def test_a_lazy_sub_module_takes_its_sizes_from_a_whole_models_checkpoint_under_the_found_prefix() -> None:
+    # the prefix was found for reading values but not for shaping: nothing loaded, the layers left unbuilt
+    source = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4))
+    outer = nn.Module()
+    outer.enc = source
+    with tl.deferred():
+        model = nn.Module()
+        model.enc = nn.Sequential(tl.nn.Linear(16), nn.ReLU(), tl.nn.Linear(4))
+    tl.materialize(model.enc, checkpoint=outer.state_dict())
+    assert_models_identical(model.enc, source)

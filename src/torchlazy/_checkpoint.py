@@ -336,6 +336,14 @@ class KeyPlan:
         )
 
 
+def renamer(module: nn.Module, ckpt: Checkpoint, key_map: KeyMap) -> Callable[[str], str | None]:
+    """Checkpoint key -> model key: by `key_map`, or under the prefix found for a sub-module's checkpoint."""
+    if key_map is not None:
+        return mapper(key_map)
+    known = {k for ks in _model_keys(module).values() for k in ks}
+    return mapper(_sub_module_prefix(module, known, ckpt))
+
+
 def plan_keys(module: nn.Module, ckpt: Checkpoint, key_map: KeyMap) -> KeyPlan:
     """Match the checkpoint's keys to the model's (renamed by `key_map`, or found under a prefix)."""
     model_keys = _model_keys(module)

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import _deferred, _lazy, _paths
 from . import _torch_compat as tc
-from ._checkpoint import Checkpoint, KeyPlan, mapper, open_checkpoint, plan_keys
+from ._checkpoint import Checkpoint, KeyPlan, open_checkpoint, plan_keys, renamer
 from ._distributed import Shard, materialize_shards, sharded_targets
 from ._errors import ArgumentError, CheckpointError, DeferredError
 from ._modtree import Placement, module_tensors, release_graphs, swap_all, unswappable
@@ -147,7 +147,7 @@ def materialize(
         ckpt = None
         if checkpoint is not None:
             ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
-            _build_lazy_from_checkpoint(module, ckpt, mapper(key_map))
+            _build_lazy_from_checkpoint(module, ckpt, renamer(module, ckpt, key_map), strict)
         _refuse_unsharded(module)
         targets, real = _collect(module)
         shards = sharded_targets(module)
@@ -199,8 +199,11 @@ def _refuse_unsharded(module: nn.Module) -> None:
         )
 
 
-def _build_lazy_from_checkpoint(module: nn.Module, ckpt: Checkpoint, rename: Callable[[str], str | None]) -> None:
-    """Shape unbuilt lazy layers from the checkpoint's tensor shapes (no data read)."""
+def _build_lazy_from_checkpoint(
+    module: nn.Module, ckpt: Checkpoint, rename: Callable[[str], str | None], strict: bool
+) -> None:
+    """Shape unbuilt lazy layers from the checkpoint's tensor shapes (no data read); with `strict`, a layer the
+    checkpoint has no keys for is missing from it (it stayed unbuilt, and nothing said so)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for key, entry in ckpt.entries.items():
         new = rename(key)
@@ -212,6 +215,15 @@ def _build_lazy_from_checkpoint(module: nn.Module, ckpt: Checkpoint, rename: Cal
             mine = {k[len(prefix) :]: torch.empty(s, device="meta") for k, s in shapes.items() if k.startswith(prefix)}
             if mine:
                 _lazy.build_from_state(sub, mine, prefix, deferred=True)
+    if strict:
+        unbuilt = [k for k, t in (*module.named_parameters(), *module.named_buffers()) if _lazy.is_placeholder(t)]
+        if unbuilt:
+            listed = ", ".join(f"`{k}`" for k in unbuilt[:8]) + (", ..." if len(unbuilt) > 8 else "")
+            raise CheckpointError(
+                f"`{ckpt.path}` does not match the model (missing from the checkpoint: {listed}, of lazy layers "
+                "that take their sizes from it). Use `strict=False` to leave them unbuilt, or shape them first "
+                "with `tl.build(model, example)`."
+            )
 
 
 def _read_checkpoint(
