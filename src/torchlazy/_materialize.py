@@ -162,6 +162,7 @@ def materialize(
         rest = [t for t in rest if t.record is not None]
         if rest:
             values.update(_replay(rest, placement, exact, progress))
+        _late_draws_only({id(t.record): t.record for t in everything if t.record is not None}, rest)
         targets = [t for t in everything if values[id(t.tensor)] is not t.tensor]
         _refuse_held(targets)  # before FSDP's shards are installed: a refusal leaves the whole model as it was
         if shards:
@@ -335,6 +336,22 @@ def _replay_locked(
         for record in order:
             record.release_scratch()
     return values
+
+
+def _late_draws_only(records: dict[int, Record], replayed: list[_Target]) -> None:
+    """Records whose every tensor came from a checkpoint (nothing replayed): the generator still moves past
+    their lazy layers' late draws, as it does when something is replayed (eager drew them at construction)."""
+    left = [r for key, r in records.items() if not r.live and key not in {id(t.record) for t in replayed}]
+    if not left:
+        return
+    with GENERATOR_LOCK:
+        start = saved = torch.default_generator.get_state()
+        for record in sorted(left, key=lambda r: getattr(r, "order", 0)):
+            stream = record.streams.get(id(torch.default_generator))
+            if stream is not None:
+                saved = _add_late_draws(record, stream, saved)
+        if saved is not start:
+            torch.default_generator.set_state(saved)
 
 
 def _add_late_draws(record: Record, stream: Any, now: torch.Tensor) -> torch.Tensor:
