@@ -89,6 +89,14 @@ def test_assigning_a_real_tensor_to_data_gives_its_values(case: str) -> None:
         _both(_net, lambda m: setattr(m[3].weight, "data", torch.ones(5, 4, dtype=torch.float64)))
 
 
+def test_assigning_a_meta_tensor_to_data_is_a_deferred_error() -> None:
+    with tl.deferred():
+        net = _net()
+    with pytest.raises(tl.DeferredError, match="a meta tensor"):  # torch's "incompatible tensor type" before
+        net[0].weight.data = torch.empty(4, 3, device="meta")
+    assert tl.is_deferred(net[0].weight)
+
+
 def test_requires_grad_after_the_block_is_kept() -> None:
     with tl.deferred():
         model = _net()

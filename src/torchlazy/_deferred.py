@@ -162,6 +162,13 @@ def _install_dispatch_shortcut() -> None:
         # saw it, and the parameter held a real storage under a fake class (refused later, under another name).
         # As eager means it: `p` takes `real`'s values (a copy, as a view of an outside tensor is), recorded.
         if isinstance(value, torch.Tensor) and not tc.is_fake(value) and storage_of(self) is not None:
+            if value.is_meta:
+                raise DeferredError(
+                    f"`.data = ` a meta tensor of shape {tuple(value.shape)} on a deferred tensor of shape "
+                    f"{tuple(self.shape)}: it would hold no values, and materialize could not give it any. Assign a "
+                    "tensor with values (it is copied in), or a deferred one (`p.new_empty(shape)`), or assign after "
+                    "`tl.materialize(model)`."
+                )
             with torch.no_grad():
                 value = self.new_empty(value.shape, dtype=value.dtype).copy_(value)
         original_data.__set__(self, value)
