@@ -42,6 +42,11 @@ class _Entry:
     read: Callable[[], torch.Tensor]
     where: str
     read_slice: Callable[[tuple[slice, ...]], torch.Tensor] | None = None
+    # a read may become the model's tensor as it is: a safetensors file's memory map (pages read on first use, as
+    # `from_pretrained` and `load_state_dict(assign=True)` leave them; safetensors' writers replace a file, they
+    # never write into it). Otherwise (a caller's tensors; a `torch.load` map, which `torch.save` to the same path
+    # truncates under the model; keys sharing one storage) materialize copies it
+    mapped: bool = False
 
     def slice(self, index: tuple[slice, ...]) -> torch.Tensor:
         """Only the bytes of `index` (memory-mapped files read no more)."""
@@ -103,7 +108,7 @@ def _safetensors_entries(path: Path) -> dict[str, _Entry]:
         def read_slice(index: tuple[slice, ...], key: str = key) -> torch.Tensor:
             return handle.get_slice(key)[index]
 
-        entries[key] = _Entry(tuple(info.get_shape()), dtype, read, str(path), read_slice)
+        entries[key] = _Entry(tuple(info.get_shape()), dtype, read, str(path), read_slice, mapped=True)
     return entries
 
 

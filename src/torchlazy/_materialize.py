@@ -246,19 +246,26 @@ def _read_checkpoint(
     error = plan.mismatch(missing) if strict else None
     if error is not None:
         raise error
-    values = {id(t.tensor): _as_loaded(plan.ckpt.entries[source].read(), t.tensor, placement) for t, source in reads}
+    values = {}
+    for t, source in reads:
+        entry = plan.ckpt.entries[source]
+        values[id(t.tensor)] = _as_loaded(entry.read(), t.tensor, placement, entry.mapped)
     return values, rest
 
 
-def _as_loaded(value: torch.Tensor, like: torch.Tensor, placement: Placement) -> torch.Tensor:
-    """A checkpoint's tensor as eager's `load_state_dict` then `.to(dtype)` leave it: copied into fresh memory of
-    the model tensor's geometry (never the file's memory map, which a later save over the file would change or
-    truncate under the model, nor memory shared with another key or the caller), rounded to the model's dtype,
-    then cast to `dtype=`."""
-    final = placement.final_dtype(like)
+def _as_loaded(value: torch.Tensor, like: torch.Tensor, placement: Placement, mapped: bool) -> torch.Tensor:
+    """A checkpoint's tensor as eager's `load_state_dict` then `.to(dtype)` leave its values: rounded to the model's
+    dtype, then cast to `dtype=`, in memory of the model tensor's geometry. Where nothing is to change, a safetensors
+    memory map is kept as it is (`mapped`); anything else is copied into the model's own memory: a caller's tensor,
+    a `torch.load` map (a `torch.save` to the same path truncated it under the model: a bus error), keys sharing
+    one storage (they stayed shared)."""
+    final, device = placement.final_dtype(like), placement.final_device(like)
     if value.dtype != like.dtype and final != like.dtype:
         value = value.to(like.dtype)  # eager rounds to the model's dtype when it loads, then casts
-    out = torch.empty_strided(tuple(like.shape), like.stride(), dtype=final, device=placement.final_device(like))
+        mapped = False
+    if mapped and value.dtype == final and value.device == device and value.stride() == like.stride():
+        return value
+    out = torch.empty_strided(tuple(like.shape), like.stride(), dtype=final, device=device)
     return out.copy_(value)
 
 
