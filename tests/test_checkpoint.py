@@ -392,3 +392,15 @@ def test_loading_lazy_layers_leaves_the_generator_where_eager_construction_does(
         model = nn.Sequential(tl.nn.Linear(16), nn.ReLU(), tl.nn.Linear(4))
     tl.materialize(model, checkpoint=state, strict=False)
     assert torch.equal(torch.get_rng_state(), after_eager)
+
+
+def test_strict_false_with_a_checkpoint_none_of_whose_keys_match_is_refused() -> None:
+    # strict=False loaded nothing and said nothing (a sub-module's prefix not found, a wrapper's prefix): every
+    # tensor came from the record while the user believed the checkpoint was loaded
+    source = nn.ModuleDict({"encoder": nn.Linear(4, 3)})
+    model = deferred(lambda: nn.Linear(4, 3))
+    with pytest.raises(tl.CheckpointError, match=r"none of the model's tensors is in"):
+        tl.materialize(model, checkpoint={f"x.{k}_": v for k, v in source.state_dict().items()}, strict=False)
+    assert tl.is_deferred(model.weight)
+    partial = {"weight": source["encoder"].weight.detach()}  # one key matching is a partial load, as before
+    assert torch.equal(tl.materialize(model, checkpoint=partial, strict=False).weight, partial["weight"])

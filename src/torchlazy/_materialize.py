@@ -246,6 +246,14 @@ def _read_checkpoint(
     error = plan.mismatch(missing) if strict else None
     if error is not None:
         raise error
+    if not reads and missing and plan.ckpt.entries:  # strict=False, and nothing at all came from the checkpoint
+        raise CheckpointError(
+            f"none of the model's tensors is in `{plan.ckpt.path}` (the model's keys look like "
+            f"{', '.join(f'`{k}`' for k in missing[:2])}, the checkpoint's like "
+            f"{', '.join(f'`{k}`' for k in list(plan.ckpt.entries)[:2])}): with `strict=False` every tensor would "
+            "come from the record, the checkpoint ignored. Pass `key_map=` to rename its keys (a callable, or prefix "
+            "rules such as {'module.': ''}), or materialize without `checkpoint=`."
+        )
     values = {}
     for t, source in reads:
         entry = plan.ckpt.entries[source]
