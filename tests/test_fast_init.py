@@ -186,12 +186,14 @@ def test_seeding_inside_the_block_steers_exact_false_as_in_eager() -> None:
             second = nn.Linear(8, 8)
             extra = nn.Parameter(torch.empty(16))
             nn.init.normal_(extra, generator=torch.Generator().manual_seed(seed))
+            token = nn.Parameter(torch.empty(64))
+            nn.init.trunc_normal_(token, std=0.02)  # its law node was keyed by the block's entry: every seed alike
             model = nn.ModuleDict({"first": first, "second": second})
-            model.extra = extra
+            model.extra, model.token = extra, token
         return tl.materialize(model, exact=False)
 
     one, two, one_again, twice = build(1), build(2), build(1), build(3, twice=True)
-    for name in ("first.weight", "second.bias", "extra"):
+    for name in ("first.weight", "second.bias", "extra", "token"):
         assert not torch.equal(one.get_parameter(name), two.get_parameter(name)), name
         assert torch.equal(one.get_parameter(name), one_again.get_parameter(name)), name
     assert torch.equal(twice.first.weight, twice.second.weight) and torch.equal(twice.first.bias, twice.second.bias)

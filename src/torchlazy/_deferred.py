@@ -310,7 +310,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         self.count = 0
         self.concretize = concretize
         self.closed = False  # the block has ended: ops come from the program after it
-        self.law_call: tuple[Any, TRef, dict[str, float]] | None = None  # a running trunc_normal_ (frame, target, law)
+        # a running trunc_normal_: (frame, target, law, the stream it draws from)
+        self.law_call: tuple[Any, TRef, dict[str, float], Stream] | None = None
 
     def let_go(self) -> None:
         """The block has ended: see the record through a weak reference from now on, so that the record and
@@ -643,7 +644,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             ref = self._ref(target, "trunc_normal_") if isinstance(target, torch.Tensor) else None
             numbers = {name: self._number(frame.f_locals.get(name)) for name in ("mean", "std", "a", "b")}
             if isinstance(ref, TRef) and None not in numbers.values():
-                self.law_call = (frame, ref, numbers)  # type: ignore[assignment]
+                stream = self.record.stream_for(frame.f_locals.get("generator"))
+                self.law_call = (frame, ref, numbers, stream)  # type: ignore[assignment]
 
     def _number(self, x: Any) -> float | None:
         """A law's parameter as a float: a number, a real tensor's value, or a recorded constant's; None where
@@ -669,7 +671,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         self.flush_law()
         with torch.no_grad():
             tensor.normal_(mean, std, generator=generator)
-        self.law_call = (None, ref, {"mean": float(mean), "std": float(std), "a": float(a), "b": float(b)})
+        law = {"mean": float(mean), "std": float(std), "a": float(a), "b": float(b)}
+        self.law_call = (None, ref, law, self.record.stream_for(generator))
         self.flush_law()
         return True
 
@@ -677,10 +680,13 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         """The running `trunc_normal_` call has returned: note its law after its ops."""
         if self.law_call is None:
             return
-        _, ref, law = self.law_call
+        _, ref, law, stream = self.law_call
         self.law_call = None
         spec = _one_tensor_spec()
-        node = Node(self.reserve(), law_marker, spec, [ref], [], (ref.sid,), (ref.sid,), law=("truncated_normal", law))
+        node = Node(
+            self.reserve(), law_marker, spec, [ref], [], (ref.sid,), (ref.sid,), law=("truncated_normal", law),
+            law_stream=stream,
+        )  # fmt: skip
         self.record.add(node)
 
     # -- the program's own seeding -------------------------------------------------

@@ -130,6 +130,7 @@ class Node:
     stream: Stream | None = None
     overwrites: int | None = None  # a storage this node rewrites entirely without reading it
     law: tuple[str, dict[str, Any]] | None = None  # for exact=False: the law a whole initializer samples
+    law_stream: Stream | None = None  # for a law: the stream its initializer drew from (`counter_key` follows it)
     draw: Any = field(default=_UNKNOWN, repr=False, compare=False)  # `draw_of(node)`, once asked
     # torch's default dtype when it ran, where other than its record's (`set_default_dtype` inside the block):
     # factories without `dtype=` and Python-scalar promotion follow it, so replay runs under it
@@ -1000,7 +1001,8 @@ def counter_key(record: Record, node: Node) -> tuple[int, int]:
     where the program set its generator inside the record (`torch.manual_seed(s)` in the block, a generator
     object seeded there), the state it set and the number of draws since, so that another seed gives other
     values and the same seed set twice gives the same ones, as in eager."""
-    epoch = node.stream.epoch(node.key, record) if node.stream is not None else None
+    stream = node.stream if node.stream is not None else node.law_stream
+    epoch = stream.epoch(node.key, record) if stream is not None else None
     if epoch is not None:
         return epoch
     return record.seed, _hash(repr(node.key).encode())
