@@ -352,3 +352,23 @@ def test_materialize_neither_takes_from_nor_sets_back_another_threads_global_gen
     assert_models_identical(model, eager)
     torch.set_rng_state(start)
     assert all(torch.equal(drawn, torch.rand(4)) for drawn in seen)  # the loader's stream, unbroken
+
+
+def test_a_draw_made_during_materialize_right_after_the_block_is_not_handed_out_again() -> None:
+    # with nothing drawn between the block and materialize, the move past (no) late draws made a new state
+    # tensor, taken for a move: the generator was set back, and a draw another thread made meanwhile repeated
+    import threading
+
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    seen: list[torch.Tensor] = []
+
+    def progress(*_: object) -> None:  # runs inside materialize: another thread draws there, deterministically
+        if not seen:
+            thread = threading.Thread(target=lambda: seen.append(torch.rand(4)))
+            thread.start()
+            thread.join()
+
+    tl.materialize(model, progress=progress)
+    assert seen and not torch.equal(torch.rand(4), seen[0])

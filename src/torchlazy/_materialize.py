@@ -378,6 +378,8 @@ def _add_late_draws(record: Record, stream: Any, now: torch.Tensor) -> torch.Ten
     if left is None or not torch.equal(left, now):
         return now
     final = stream.finish()
+    if torch.equal(final, now):  # no late draws: nothing to move (the caller then leaves the generator alone)
+        return now
     record.exit_states[key] = final
     return final
 
