@@ -328,6 +328,10 @@ def test_materialize_neither_takes_from_nor_sets_back_another_threads_global_gen
             self.small = nn.ParameterList([nn.Parameter(torch.empty(8)) for _ in range(200)])
             for p in self.small:
                 nn.init.normal_(p, std=0.02)
+            # recorded as overloads without `generator=` (aten.randn.default, randperm.default): run through
+            # their overloads that take one
+            self.tokens = nn.ParameterList([nn.Parameter(torch.randn(3)) for _ in range(100)])
+            self.register_buffer("order", torch.randperm(10))
             self.linear = nn.Linear(64, 64)
 
     torch.manual_seed(0)

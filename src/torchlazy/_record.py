@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import functools
 import hashlib
 import threading
 import weakref
@@ -816,16 +815,19 @@ class Record:
         returns the state after it. A process-wide default generator is not touched where the op takes a
         `generator=` argument: a generator of its own at that state runs it instead (another thread drawing from
         the global generator meanwhile neither changes these values nor sees its stream set back)."""
-        if _is_default(generator) and _takes_generator(node.func):
-            generator = torch.Generator(device=generator.device)
-        else:
-            _GLOBAL_SETS[0] += 1  # the shared generator set: `materialize` puts it back
+        func = None
+        if _is_default(generator):
+            func = tc.with_generator(node.func)
+            if func is not None:
+                generator = torch.Generator(device=generator.device)
+            else:
+                _GLOBAL_SETS[0] += 1  # the shared generator set: `materialize` puts it back
         if state is not None:
             generator.set_state(state)
         else:
             assert seed is not None  # one of the two
             generator.manual_seed(seed)
-        self._call(node, env, device, pending, threads=threads, generator=generator)
+        self._call(node, env, device, pending, threads=threads, generator=generator, func=func)
         return generator.get_state()
 
     def _draw_in_pieces(
@@ -910,9 +912,11 @@ class Record:
         pending: dict[int, list[Future[None]]] | None = None,
         threads: int | None = None,
         generator: torch.Generator | None = None,
+        func: Any = None,
     ) -> None:
         """Run `node` on real tensors, under its default dtype and `threads` (the block's count by default);
-        `generator`: the one it draws from, where it differs from the process-wide default it was recorded with."""
+        `generator`: the one it draws from, where it differs from the process-wide default it was recorded with,
+        through `func` (the op, or its overload that takes `generator=`)."""
         if pending:
             _wait(pending, (*node.reads, *node.writes))
         self._ensure_target(node, env, device)
@@ -933,7 +937,7 @@ class Record:
                     torch.set_default_dtype(dtype)
                 if threads != wanted:
                     torch.set_num_threads(wanted)
-                out = node.func(*args, **kwargs)
+                out = (func or node.func)(*args, **kwargs)
             except Exception as e:
                 raise DeferredError(
                     f"replaying `{node.name}` on {device} failed: {e}. The operation ran during "
@@ -1099,11 +1103,6 @@ def _is_default(generator: torch.Generator) -> bool:
     if generator is torch.default_generator:
         return True
     return generator.device.type == "cuda" and generator in torch.cuda.default_generators
-
-
-@functools.cache
-def _takes_generator(func: Any) -> bool:
-    return "generator" in tc.op_argument_names(func)
 
 
 def default_generator(device: torch.device) -> torch.Generator:

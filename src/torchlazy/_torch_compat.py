@@ -210,10 +210,25 @@ def fake_device(t: Any) -> torch.device:
     return t.fake_device  # type: ignore[no-any-return]
 
 
-def op_argument_names(func: Any) -> frozenset[str]:
-    """The argument names of an op overload's schema (empty for anything without one)."""
+def _argument_names(func: Any) -> tuple[str, ...]:
     schema = getattr(func, "_schema", None)
-    return frozenset(a.name for a in schema.arguments) if schema is not None else frozenset()
+    return tuple(a.name for a in schema.arguments) if schema is not None else ()
+
+
+@functools.cache
+def with_generator(func: Any) -> Any:
+    """`func` if its schema takes `generator=`, else its sibling overload that does with the same other arguments
+    (`aten.randn.default` -> `aten.randn.generator`, `randint.low` -> `randint.low_generator`); None if neither."""
+    names = _argument_names(func)
+    if "generator" in names:
+        return func
+    packet = getattr(func, "overloadpacket", None)
+    for name in packet.overloads() if packet is not None else ():
+        other = getattr(packet, name)
+        theirs = _argument_names(other)
+        if "generator" in theirs and tuple(n for n in theirs if n != "generator") == names:
+            return other
+    return None
 
 
 def run_fake_kernel(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
