@@ -65,14 +65,15 @@ def warm_host(nbytes: int) -> float:
     touch of memory the guest has not used recently costs several times a plain page fault: 16 GiB took
     7.1 s on the 2-core VM of the README against 2.3 s right after. Without this, whichever variant runs
     first in a bench pays it, and two ranks faulting at once contend (a 1-thread baseline read 1.01 s in
-    one run and 0.71 s in the next). Called once in the parent before the rounds, it puts every variant
+    one run and 0.71 s in the next). Called once before the rounds (in a child process), it puts every variant
     of the run on memory the host already backs. It changes nothing on a machine without that behaviour.
     """
-    import torch
-
+    # in a process of its own: Linux keeps a process's peak RSS across fork and exec, so touching the memory here
+    # would be every later child's "peak RSS" too
     start = time.perf_counter()
     n = max(nbytes // 4, 1)
-    torch.empty(n, dtype=torch.float32).fill_(0.0)
+    code = f"import torch; torch.empty({n}, dtype=torch.float32).fill_(0.0)"
+    subprocess.run([sys.executable, "-c", code], check=True)
     return time.perf_counter() - start
 
 
