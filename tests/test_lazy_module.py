@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import pickle
@@ -116,3 +117,54 @@ def test_lazy_lstm_from_design_example() -> None:
     lstm = LazyLSTM(hidden_size=6, batch_first=True)
     out, _ = lstm(torch.randn(2, 5, 3))
     assert type(lstm) is nn.LSTM and out.shape == (2, 5, 6) and lstm.input_size == 3
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["first_call", "deferred_build"])
+def test_a_lazy_layer_cast_before_its_build_draws_in_its_constructed_dtype_then_casts(deferred: bool) -> None:
+    # `.double()` before the build made the layer draw in float64 (other generator words): it and every layer
+    # after it differed from the eager program with explicit sizes, which draws in float32 and then casts
+    def make(lazy: bool) -> nn.Module:
+        first = tl.nn.Linear(4) if lazy else nn.Linear(3, 4)
+        # a real first call draws in call order (as PyTorch's lazy layers): a layer after it only when deferred
+        return nn.Sequential(first, nn.Linear(4, 5)) if deferred else nn.Sequential(first)
+
+    torch.manual_seed(0)
+    eager = make(lazy=False).double()
+    after = torch.get_rng_state()
+    torch.manual_seed(0)
+    with tl.deferred() if deferred else contextlib.nullcontext():
+        model = make(lazy=True)
+    model.double()
+    if deferred:
+        tl.build(model, tl.Spec(2, 3, dtype=torch.float64))
+    else:
+        model(torch.zeros(2, 3, dtype=torch.float64))
+    assert_models_identical(model, eager)
+    if deferred:
+        assert torch.equal(torch.get_rng_state(), after)
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["first_call", "deferred_build"])
+def test_a_weight_tied_into_an_unbuilt_lazy_layer_stays_tied(deferred: bool) -> None:
+    # the build replaced every parameter with the real class's, dropping `head.weight = wte.weight`
+    class Tied(nn.Module):
+        def __init__(self, lazy: bool) -> None:
+            super().__init__()
+            self.wte = nn.Embedding(10, 6)
+            self.head = tl.nn.Linear(10, bias=False) if lazy else nn.Linear(6, 10, bias=False)
+            self.head.weight = self.wte.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.wte(ids))
+
+    torch.manual_seed(0)
+    eager = Tied(lazy=False)
+    torch.manual_seed(0)
+    with tl.deferred() if deferred else contextlib.nullcontext():
+        model = Tied(lazy=True)
+    if deferred:
+        tl.build(model, tl.Spec(2, 3, dtype=torch.int64))
+    else:
+        model(torch.zeros(2, 3, dtype=torch.int64))
+    assert model.head.weight is model.wte.weight
+    assert_models_identical(model, eager)

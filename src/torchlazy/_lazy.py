@@ -720,10 +720,7 @@ class _LazyLayer:
         me: nn.Module = self  # type: ignore[assignment]
         kwargs = dict(values)
         accepts = _parameters_of(self._tl_cls)
-        dtype = self._tl_dtype()  # the placeholders': `.double()` / `.to(dtype)` before the build counts
-        if "dtype" in accepts and self._tl_args.get("dtype") is None and dtype is not None:
-            if not deferred or dtype is not torch.get_default_dtype():  # recorded: only a dtype set by the user
-                kwargs["dtype"] = dtype
+        wanted = self._tl_dtype()  # the placeholders': `.double()` / `.to(dtype)` before the build counts
         if not deferred:
             if "device" in accepts and self._tl_args.get("device") is None:
                 kwargs["device"] = device
@@ -731,6 +728,14 @@ class _LazyLayer:
                 real = self._tl_construct(kwargs, meta=False)
         else:
             real = self._tl_construct(kwargs, meta=False)
+        # built in the dtype given at construction (or the default), then cast, as the eager program with
+        # explicit sizes does (`nn.Linear(3, 4).double()` draws in float32: drawn in float64, it took other
+        # words from the generator, and every layer after it differed)
+        built = next(
+            (t.dtype for t in itertools.chain(real.parameters(), real.buffers()) if t.is_floating_point()), None
+        )
+        if wanted is not None and built is not None and built != wanted:
+            real.to(wanted)
         real.train(me.training)
         _take_over(me, real, reuse_placeholders=not deferred)
 
@@ -839,15 +844,21 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
     the tensor that takes its place: the placeholder object itself where it can be reused (so
     optimizers and other holders of it follow), else the new tensor.
     """
-    placeholders = {
-        path: t for path, t in itertools.chain(me.named_parameters(), me.named_buffers()) if isinstance(t, _Placeholder)
-    }
+    held = dict(itertools.chain(me.named_parameters(remove_duplicate=False), me.named_buffers(remove_duplicate=False)))
+    placeholders = {path: t for path, t in held.items() if isinstance(t, _Placeholder)}
+    # tensors the user put in a placeholder's place before the build (`head.weight = wte.weight`: a tie) stay,
+    # as in eager, where the assignment came after construction
+    assigned = {path: t for path, t in held.items() if not isinstance(t, _Placeholder)}
     if reuse_placeholders:
         drop_parameter_caches(real)
     for prefix, owner in real.named_modules():
         for slots in (owner._parameters, owner._buffers):
             for name, t in list(slots.items()):
-                ph = placeholders.get(f"{prefix}.{name}" if prefix else name)
+                path = f"{prefix}.{name}" if prefix else name
+                if path in assigned:
+                    slots[name] = assigned[path]  # type: ignore[assignment]
+                    continue
+                ph = placeholders.get(path)
                 if t is None or ph is None:
                     continue
                 carried = TensorState.of(ph, internal={_markers.WHERE})
