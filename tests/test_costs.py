@@ -435,3 +435,18 @@ def test_optimizer_and_loss_failures_are_cost_errors_not_shape_errors() -> None:
         tl.estimate_memory(model, x, optimizer=torch.optim.LBFGS)
     with pytest.raises(tl.CostError, match="the backward of the loss"):
         tl.estimate_memory(model, x, loss=lambda out: out.detach().sum())
+
+
+def test_sparse_gradients_do_not_crash_the_estimate() -> None:
+    # the gradient hook read `p.grad.untyped_storage()` unguarded: a sparse gradient (Embedding(sparse=True))
+    # failed the backward as a CostError
+    model = nn.Sequential(nn.Embedding(1000, 64, sparse=True), nn.Linear(64, 4))
+    estimate = tl.estimate_memory(model, tl.Spec(8, 16, dtype=torch.int64), optimizer=torch.optim.SGD, lr=0.1)
+    assert estimate.peak > estimate.params > 0
+
+
+def test_a_forward_reading_a_value_is_a_cost_error_saying_so() -> None:
+    # BatchNorm(momentum=None) reads num_batches_tracked: a ShapeError told the user to check the input shapes
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None))
+    with pytest.raises(tl.CostError, match="reads a tensor's value in its forward"):
+        tl.estimate_memory(model, tl.Spec(2, 3, 8, 8))
