@@ -168,3 +168,25 @@ def test_a_weight_tied_into_an_unbuilt_lazy_layer_stays_tied(deferred: bool) -> 
         model(torch.zeros(2, 3, dtype=torch.int64))
     assert model.head.weight is model.wte.weight
     assert_models_identical(model, eager)
+
+
+def test_tl_lazy_passes_options_a_constructor_takes_as_kwargs_and_refuses_positional_only_ones() -> None:
+    # `**kwargs` came to the class as one argument literally named `kwargs` (the option silently dropped);
+    # `*args` failed at the first call as "no input can build it"
+    class Options(nn.Module):
+        def __init__(self, dim: int, **kwargs: int) -> None:
+            super().__init__()
+            self.linear = nn.Linear(dim, kwargs.get("hidden", 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x)
+
+    layer = tl.lazy(Options, dim=lambda x: x.shape[-1])(hidden=3)
+    assert layer(torch.zeros(2, 6)).shape == (2, 3)
+
+    class Sizes(nn.Module):
+        def __init__(self, dim: int, *sizes: int) -> None:
+            super().__init__()
+
+    with pytest.raises(tl.ArgumentError, match=r"takes 'sizes' positionally only"):
+        tl.lazy(Sizes, dim=lambda x: x.shape[-1])

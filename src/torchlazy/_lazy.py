@@ -478,6 +478,9 @@ class _LazyLayer:
         except TypeError as e:
             raise _bad_construction(type(self), args, kwargs, e) from None
         given = dict(bound.arguments)
+        for p in self._tl_signature.parameters.values():
+            if p.kind is p.VAR_KEYWORD:  # `**kwargs`: its names are the class's arguments (they came as one dict)
+                given.update(given.pop(p.name, {}))
         self._tl_options = {k: given.pop(k, v) for k, v in self._tl_defaults.items()}
         self._tl_args = given
         self.__dict__[_markers.ORDER] = next(_order)
@@ -972,6 +975,14 @@ def make_lazy(cls: type[M], rules: dict[str, Rule], name: str, module: str) -> t
         raise ArgumentError(
             f"`tl.lazy({cls.__name__}, ...)`: {', '.join(map(repr, unknown))} is not an argument of "
             f"`{cls.__name__}.__init__` (it takes {', '.join(params)})."
+        )
+    passed_apart = [n for n, p in params.items() if n not in rules and p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY)]
+    if passed_apart:  # the lazy class passes every argument by name when it builds
+        raise ArgumentError(
+            f"`tl.lazy({cls.__name__}, ...)`: `{cls.__name__}.__init__` takes {', '.join(map(repr, passed_apart))} "
+            "positionally only (`*args` or before `/`), and the lazy class passes every argument by name when it "
+            f"builds. Wrap `{cls.__name__}` in a module whose constructor takes named arguments, or use "
+            "`tl.LazyModule` and build it in `build()`."
         )
     # Arguments with a default are keyword-only: the inferred ones are gone, so eager's positional
     # order (`nn.Linear(3, 4)`) would shift every value into the wrong argument (`bias=4`).
