@@ -190,3 +190,12 @@ def test_tl_lazy_passes_options_a_constructor_takes_as_kwargs_and_refuses_positi
 
     with pytest.raises(tl.ArgumentError, match=r"takes 'sizes' positionally only"):
         tl.lazy(Sizes, dim=lambda x: x.shape[-1])
+
+
+@pytest.mark.parametrize("cls", [tl.nn.RNN, tl.nn.LSTM, tl.nn.GRU], ids=["RNN", "LSTM", "GRU"])
+def test_an_unbuilt_recurrent_layer_can_be_cast_and_moved(cls: type[nn.Module]) -> None:
+    # RNNBase._apply reads `_flat_weights_names`, which its constructor (not run yet) sets: AttributeError on
+    # `.double()`, `.cpu()`, and `model.to(device)` of any model holding one
+    model = nn.Sequential(cls(5, batch_first=True)).cpu().double()
+    out, _ = model[0](torch.zeros(2, 3, 4, dtype=torch.float64))
+    assert out.shape == (2, 3, 5) and model[0].weight_ih_l0.dtype == torch.float64

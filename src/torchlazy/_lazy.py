@@ -819,6 +819,11 @@ class _LazyLayer:
         parts += [f"{k}={v!r}" for k, v in self._tl_options.items() if v != self._tl_defaults[k]]
         return ", ".join(parts)
 
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
+        """`.to()`, `.half()`, `.cpu()` on the unbuilt layer: the placeholders, as `nn.Module` casts them (the real
+        class's own `_apply`, RNNs' among them, reads state its constructor sets, which has not run)."""
+        return nn.Module._apply(self, fn, recurse)  # type: ignore[arg-type]
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state[_markers.SLOT] = None
