@@ -199,3 +199,36 @@ def test_an_unbuilt_recurrent_layer_can_be_cast_and_moved(cls: type[nn.Module]) 
     model = nn.Sequential(cls(5, batch_first=True)).cpu().double()
     out, _ = model[0](torch.zeros(2, 3, 4, dtype=torch.float64))
     assert out.shape == (2, 3, 5) and model[0].weight_ih_l0.dtype == torch.float64
+
+
+def test_a_lazy_modules_build_draws_after_the_layers_its_constructor_made_deferred_or_not() -> None:
+    # its construction-order place was taken in `LazyModule.__init__`, before the subclass's own layers: under
+    # `tl.deferred()` `build`'s draws came first, where a real first call puts them after
+    class Block(tl.LazyModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre = nn.Linear(2, 2)
+
+        def build(self, x: torch.Tensor) -> None:
+            self.proj = nn.Linear(x.shape[-1], 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    class Eager(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre = nn.Linear(2, 2)
+            self.proj = nn.Linear(6, 5)
+
+    torch.manual_seed(0)
+    eager = Eager()
+    torch.manual_seed(0)
+    called = Block()
+    called(torch.zeros(2, 6))
+    torch.manual_seed(0)
+    with tl.deferred():
+        deferred = Block()
+    tl.build(deferred, tl.Spec(2, 6))
+    assert_models_identical(called, eager)
+    assert_models_identical(deferred, eager)

@@ -22,6 +22,7 @@ constructed, so deferred models stay exact.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import re
@@ -1028,6 +1029,9 @@ class _NoBuild(LazyError, NotImplementedError):
     """A `tl.LazyModule` subclass without `build`."""
 
 
+_INIT_DEPTH = "_tl_init_depth"  # how deep a `LazyModule` subclass's constructors run (the slot waits for 0)
+
+
 class LazyModule(nn.Module):
     """A module that creates its state from its first inputs: implement `build`.
 
@@ -1055,10 +1059,34 @@ class LazyModule(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.__dict__[_markers.ORDER] = next(_order)
-        self.__dict__[_markers.SLOT] = _slot_for_new_module()
+        if not self.__dict__.get(_INIT_DEPTH):  # constructed directly: its place in construction order is now
+            self.__dict__[_markers.SLOT] = _slot_for_new_module()
         self.__dict__[_markers.BUILD_HOOK] = self.register_forward_pre_hook(
             _build_lazy_module, with_kwargs=True, prepend=True
         )
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's `__init__` takes its place in construction order when it returns (its own layers first,
+        then `build`'s, as a real first call orders them): under `tl.deferred()`, `build`'s draws came before the
+        layers the constructor made after `super().__init__()`."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def __init__(self: LazyModule, *args: Any, **kw: Any) -> None:
+            depth = self.__dict__.get(_INIT_DEPTH, 0)
+            self.__dict__[_INIT_DEPTH] = depth + 1
+            try:
+                init(self, *args, **kw)
+            finally:
+                self.__dict__[_INIT_DEPTH] = depth
+            if depth == 0:  # the outermost constructor returned
+                del self.__dict__[_INIT_DEPTH]
+                self.__dict__[_markers.SLOT] = _slot_for_new_module()
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
 
     def build(self, *args: Any, **kwargs: Any) -> None:
         raise _NoBuild(
