@@ -754,6 +754,9 @@ class _LazyLayer:
             # nothing to take sizes from (no state, or an unbuilt layer's placeholders): the layer
             # stays unbuilt and torch matches the keys, as it does for its own lazy layers
             return nn.Module._load_from_state_dict(self, state_dict, prefix, *args)  # type: ignore[arg-type]
+        if self.__dict__.get(_markers.SLOT) is not None:  # made under `tl.deferred()`: shaped there, then the
+            self._tl_build_from_state(mine, prefix)  # load is recorded onto its deferred tensors (was refused)
+            return self._load_from_state_dict(state_dict, prefix, *args)
         values = self._tl_solve(mine, prefix)
         device = next((p.device for p in nn.Module.parameters(self)), torch.get_default_device())  # type: ignore[arg-type]
         _run_build(self, lambda deferred: self._tl_become(values, device, deferred), False)  # type: ignore[arg-type]
