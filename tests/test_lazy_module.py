@@ -250,3 +250,15 @@ def test_load_state_dict_into_a_deferred_model_with_unbuilt_lazy_layers() -> Non
     tl.materialize(model)
     assert_models_identical(model, eager)
     assert torch.equal(torch.get_rng_state(), after)
+
+
+@pytest.mark.parametrize("drop", ["out_proj.bias", "in_proj_bias"])
+def test_multihead_attention_with_kdim_vdim_takes_its_sizes_from_a_state_dict_missing_a_bias(drop: str) -> None:
+    # the kdim=None layout also fitted the keys both had: "fit more than one value", though q/k/v_proj_weight,
+    # which only the kdim/vdim layout has a place for, decide it
+    source = nn.MultiheadAttention(2, 1, kdim=3, vdim=7)
+    state = {k: v for k, v in source.state_dict().items() if k != drop}
+    layer = tl.nn.MultiheadAttention(1)
+    layer.load_state_dict(state, strict=False)
+    assert tl.is_built(layer) and (layer.kdim, layer.vdim) == (3, 7)
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in state.items())

@@ -786,6 +786,7 @@ class _LazyLayer:
                 optional = rule.probes() == (None,)
                 choices.append([None, *sizes] if optional else list(sizes))
         partial: list[dict[str, Any]] = []  # fitting the keys both have (a state dict missing some, or with more)
+        covering: list[dict[str, Any]] = []  # of those, the ones that have a place for every tensor given
         for combo in itertools.product(*choices):
             values = dict(zip(self._tl_rules, combo))
             skeleton = self._tl_skeleton(values)
@@ -797,9 +798,13 @@ class _LazyLayer:
             common = expected.keys() & mine.keys()
             if common and all(expected[k] == tuple(mine[k].shape) for k in common) and values not in partial:
                 partial.append(values)
+                if mine.keys() <= expected.keys():
+                    covering.append(values)
         seen = {k: tuple(v.shape) for k, v in mine.items()}
         if len(partial) == 1:  # the keys it has decide the sizes; `load_state_dict` reports the rest
             return partial[0]
+        if len(covering) == 1:  # only one layout has a place for every tensor given (MultiheadAttention's
+            return covering[0]  # q/k/v_proj_weight decide kdim/vdim, whatever bias is missing)
         if partial:
             raise ShapeError(
                 f"`{prefix.rstrip('.') or type(self).__qualname__}` ({type(self).__qualname__}): the state dict's "
