@@ -376,3 +376,31 @@ def test_a_draw_made_during_materialize_right_after_the_block_is_not_handed_out_
 
     tl.materialize(model, progress=progress)
     assert seen and not torch.equal(torch.rand(4), seen[0])
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda g: torch.poisson(torch.ones(9) * 3, generator=g),
+        lambda g: torch.binomial(torch.ones(9) * 5, torch.ones(9) * 0.5, generator=g),
+    ],
+    ids=["poisson", "binomial"],
+)
+def test_draws_whose_schema_takes_the_generator_positionally_replay_exactly(draw: Callable[[Any], Any]) -> None:
+    # the replay generator was added by name to a call that already passed one in its positional slot: "expected
+    # at most 2 argument(s) but received 3"
+    def make() -> nn.Module:
+        layer = nn.Linear(4, 4)
+        layer.register_buffer("counts", draw(torch.Generator().manual_seed(5)))
+        layer.register_buffer("more", draw(None))
+        return layer
+
+    torch.manual_seed(0)
+    eager = make()
+    after = torch.get_rng_state()
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make()
+    tl.materialize(model)
+    assert_models_identical(model, eager)
+    assert torch.equal(torch.get_rng_state(), after)

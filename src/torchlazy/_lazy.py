@@ -865,7 +865,8 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
     placeholders = {path: t for path, t in held.items() if isinstance(t, _Placeholder)}
     # tensors the user put in a placeholder's place before the build (`head.weight = wte.weight`: a tie) stay,
     # as in eager, where the assignment came after construction
-    assigned = {path: t for path, t in held.items() if not isinstance(t, _Placeholder)}
+    # (a placeholder cast inside a block, `.half()`, is a plain fake tensor of shape (0,): still a placeholder)
+    assigned = {path: t for path, t in held.items() if not isinstance(t, _Placeholder) and tuple(t.shape) != (0,)}
     if reuse_placeholders:
         drop_parameter_caches(real)
     for prefix, owner in real.named_modules():

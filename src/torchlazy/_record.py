@@ -927,7 +927,7 @@ class Record:
             assert node.spec is not None
             args, kwargs = unflatten(leaves, node.spec)
             if generator is not None and not _is_default(generator):
-                kwargs = {**kwargs, "generator": generator}
+                args, kwargs = tc.pass_generator(func or node.func, args, kwargs, generator)
             dtype = node.default_dtype or self.default_dtype
             previous = torch.get_default_dtype()
             wanted = self.threads if threads is None else threads

@@ -215,6 +215,17 @@ def _argument_names(func: Any) -> tuple[str, ...]:
     return tuple(a.name for a in schema.arguments) if schema is not None else ()
 
 
+def pass_generator(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], generator: Any) -> tuple[Any, Any]:
+    """`(args, kwargs)` of a call of `func` with its `generator` argument set to `generator`: in its positional
+    slot where the call passes it there (`aten.poisson(x, g)`), else by name."""
+    schema = getattr(func, "_schema", None)
+    if schema is not None:
+        for i, a in enumerate(schema.arguments):
+            if a.name == "generator" and not a.kwarg_only and i < len(args):
+                return (*args[:i], generator, *args[i + 1 :]), kwargs
+    return args, {**kwargs, "generator": generator}
+
+
 @functools.cache
 def with_generator(func: Any) -> Any:
     """`func` if its schema takes `generator=`, else its sibling overload that does with the same other arguments
