@@ -201,6 +201,17 @@ def collectives(rank: int, mesh: object, out: str) -> None:
     eager_pair = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Linear(6, 2))
     fully_shard(eager_pair[0], mesh=mesh)
     eager_local.update({f"pair.{name}": _local_of(p) for name, p in eager_pair.named_parameters()})
+    # every parameter sharded, the checkpoint holding only them, strict=False: the buffers (replayed) were the
+    # only targets read up front, so "none of the model's tensors is in the checkpoint" was raised
+    torch.manual_seed(1)
+    source = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    params = {k: v.detach().clone() for k, v in source.named_parameters()}
+    with tl.deferred():
+        normed = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    fully_shard(normed, mesh=mesh)
+    tl.materialize(normed, checkpoint=params, strict=False)
+    local.update({f"normed.{name}": _local_of(p) for name, p in normed.named_parameters()})
+    eager_local.update({f"normed.{k}": torch.chunk(v, 2)[rank].clone() for k, v in params.items()})
     result = {"local": local, "eager_local": eager_local, "errors": errors, "untouched": untouched}
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 

@@ -155,7 +155,11 @@ def materialize(
             _refuse_read_values([t.record for t in targets] + [s.record for s in shards])
         plan = plan_keys(module, ckpt, key_map) if ckpt is not None else None
         everything = targets + real
-        values, rest = _read_checkpoint(plan, everything, strict, placement) if plan is not None else ({}, everything)
+        if plan is not None:
+            sharded_found = any(plan.find(shard.param) is not None for shard in shards)  # read later, per rank
+            values, rest = _read_checkpoint(plan, everything, strict, placement, sharded_found)
+        else:
+            values, rest = {}, everything
         for t in rest:
             if t.record is None:  # real, not in the checkpoint: cast and move only
                 values[id(t.tensor)] = placement.place(t.tensor, t.tensor)
@@ -228,7 +232,7 @@ def _build_lazy_from_checkpoint(
 
 
 def _read_checkpoint(
-    plan: KeyPlan, targets: list[_Target], strict: bool, placement: Placement
+    plan: KeyPlan, targets: list[_Target], strict: bool, placement: Placement, sharded_found: bool = False
 ) -> tuple[dict[int, torch.Tensor], list[_Target]]:
     """Values read from the checkpoint, and the targets left for the record (all checked before any read)."""
     rest: list[_Target] = []
@@ -246,7 +250,7 @@ def _read_checkpoint(
     error = plan.mismatch(missing) if strict else None
     if error is not None:
         raise error
-    if not reads and missing and plan.ckpt.entries:  # strict=False, and nothing at all came from the checkpoint
+    if not reads and missing and plan.ckpt.entries and not sharded_found:  # strict=False, nothing at all matched
         raise CheckpointError(
             f"none of the model's tensors is in `{plan.ckpt.path}` (the model's keys look like "
             f"{', '.join(f'`{k}`' for k in missing[:2])}, the checkpoint's like "
