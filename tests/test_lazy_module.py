@@ -193,6 +193,8 @@ def test_tl_lazy_passes_options_a_constructor_takes_as_kwargs_and_refuses_positi
 
     with pytest.raises(tl.ArgumentError, match=r"takes 'sizes' positionally only"):
         tl.lazy(Sizes, dim=lambda x: x.shape[-1])
+    with pytest.raises(tl.ArgumentError, match=r"`dim` is inferred from the first input"):
+        tl.lazy(Options, dim=lambda x: x.shape[-1])(dim=4)  # it went into **kwargs and was ignored
 
 
 @pytest.mark.parametrize("cls", [tl.nn.RNN, tl.nn.LSTM, tl.nn.GRU], ids=["RNN", "LSTM", "GRU"])

@@ -481,7 +481,14 @@ class _LazyLayer:
         given = dict(bound.arguments)
         for p in self._tl_signature.parameters.values():
             if p.kind is p.VAR_KEYWORD:  # `**kwargs`: its names are the class's arguments (they came as one dict)
-                given.update(given.pop(p.name, {}))
+                extra = given.pop(p.name, {})
+                inferred = [k for k in extra if k in self._tl_rules]
+                if inferred:
+                    raise ArgumentError(
+                        f"`{type(self).__qualname__}`: {', '.join(f'`{k}`' for k in inferred)} is inferred from the "
+                        "first input; do not pass it."
+                    )
+                given.update(extra)
         self._tl_options = {k: given.pop(k, v) for k, v in self._tl_defaults.items()}
         self._tl_args = given
         self.__dict__[_markers.ORDER] = next(_order)
@@ -991,7 +998,10 @@ def make_lazy(cls: type[M], rules: dict[str, Rule], name: str, module: str) -> t
             f"`tl.lazy({cls.__name__}, ...)`: {', '.join(map(repr, unknown))} is not an argument of "
             f"`{cls.__name__}.__init__` (it takes {', '.join(params)})."
         )
-    passed_apart = [n for n, p in params.items() if n not in rules and p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY)]
+    passed_apart = [
+        n for n, p in params.items()
+        if p.kind is p.POSITIONAL_ONLY or (n not in rules and p.kind is p.VAR_POSITIONAL)
+    ]  # fmt: skip
     if passed_apart:  # the lazy class passes every argument by name when it builds
         raise ArgumentError(
             f"`tl.lazy({cls.__name__}, ...)`: `{cls.__name__}.__init__` takes {', '.join(map(repr, passed_apart))} "
