@@ -267,3 +267,18 @@ def test_multihead_attention_with_kdim_vdim_takes_its_sizes_from_a_state_dict_mi
     layer.load_state_dict(state, strict=False)
     assert tl.is_built(layer) and (layer.kdim, layer.vdim) == (3, 7)
     assert all(torch.equal(layer.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["first_call", "deferred_build"])
+def test_tensors_registered_on_an_unbuilt_lazy_layer_survive_its_build(deferred: bool) -> None:
+    # the build took the real class's state whole: a parameter or buffer added to the unbuilt layer was dropped
+    with tl.deferred() if deferred else contextlib.nullcontext():
+        layer = tl.nn.Linear(4)
+        layer.scale = nn.Parameter(torch.full((4,), 2.0))
+        layer.register_buffer("mask", torch.ones(4), persistent=False)
+    if deferred:
+        tl.build(layer, tl.Spec(2, 3))
+    else:
+        layer(torch.zeros(2, 3))
+    assert list(layer.state_dict()) == ["weight", "bias", "scale"]
+    assert torch.equal(layer.scale, torch.full((4,), 2.0)) and torch.equal(layer.mask, torch.ones(4))

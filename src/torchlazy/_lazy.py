@@ -893,6 +893,17 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
                     ph.__dict__.pop(_markers.WHERE, None)
                     slots[name] = t = ph  # type: ignore[assignment]
                 carried.give(t)
+    # tensors the user registered on the unbuilt layer that the real class does not have (`layer.scale =
+    # nn.Parameter(...)`): kept, as in eager, where they were added after construction (the build dropped them)
+    theirs = dict(
+        itertools.chain(real.named_parameters(remove_duplicate=False), real.named_buffers(remove_duplicate=False))
+    )
+    for path, t in assigned.items():
+        if path not in theirs and "." not in path:
+            if isinstance(t, nn.Parameter):
+                real.register_parameter(path, t)
+            else:
+                real.register_buffer(path, t, persistent=path not in me._non_persistent_buffers_set)
     guarded = _deferred.has_guard(real)
     _deferred.drop_guard(real)
     state = dict(real.__dict__)
