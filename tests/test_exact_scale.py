@@ -383,8 +383,12 @@ def test_a_draw_made_during_materialize_right_after_the_block_is_not_handed_out_
     [
         lambda g: torch.poisson(torch.ones(9) * 3, generator=g),
         lambda g: torch.binomial(torch.ones(9) * 5, torch.ones(9) * 0.5, generator=g),
+        # the global generator passed by name reaches the recorder as another Python object: it made a stream of
+        # its own, and its draws differed from eager's
+        lambda g: torch.poisson(torch.ones(9) * 3, generator=torch.default_generator),
+        lambda g: torch.empty(40).normal_(generator=torch.default_generator),
     ],
-    ids=["poisson", "binomial"],
+    ids=["poisson", "binomial", "poisson_global_generator", "normal_global_generator"],
 )
 def test_draws_whose_schema_takes_the_generator_positionally_replay_exactly(draw: Callable[[Any], Any]) -> None:
     # the replay generator was added by name to a call that already passed one in its positional slot: "expected

@@ -569,7 +569,7 @@ class Record:
         return sid
 
     def stream_for(self, generator: torch.Generator | None) -> Stream:
-        gen = torch.default_generator if generator is None else generator
+        gen = torch.default_generator if generator is None or _is_global_cpu(generator) else generator
         stream = self.streams.get(id(gen))
         if stream is None:
             entry = self._default_entry if gen is torch.default_generator else None
@@ -1097,6 +1097,24 @@ _GLOBAL_SETS = [0]
 
 def global_sets() -> int:
     return _GLOBAL_SETS[0]
+
+
+def _is_global_cpu(generator: torch.Generator) -> bool:
+    """Whether `generator` is torch's global CPU generator under another Python object (an op's `generator=`
+    argument reaches dispatch as a new wrapper of it): set the global one's seed and see whether it follows."""
+    if generator is torch.default_generator:
+        return True
+    if generator.device.type != "cpu":
+        return False
+    glob = torch.default_generator
+    if generator.initial_seed() != glob.initial_seed():
+        return False
+    saved = glob.get_state()
+    probe = glob.initial_seed() ^ 0x5DEECE66D
+    glob.manual_seed(probe)
+    same = generator.initial_seed() == probe
+    glob.set_state(saved)
+    return same
 
 
 def _is_default(generator: torch.Generator) -> bool:
