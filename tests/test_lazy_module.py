@@ -239,19 +239,22 @@ def test_a_lazy_modules_build_draws_after_the_layers_its_constructor_made_deferr
     assert_models_identical(deferred, eager)
 
 
-def test_load_state_dict_into_a_deferred_model_with_unbuilt_lazy_layers() -> None:
-    # it was refused ("got a real input"): the layers take their sizes from the state dict, the load is recorded
+@pytest.mark.parametrize("assign", [False, True])
+def test_load_state_dict_into_a_deferred_model_with_unbuilt_lazy_layers(assign: bool) -> None:
+    # it was refused ("got a real input"): the layers take their sizes from the state dict, the load is recorded;
+    # with assign=True every tensor is the caller's and nothing was replayed: the generator was left before the
+    # lazy layers' construction-order draws
     torch.manual_seed(3)
     source = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 3))
     state = {k: v.clone() for k, v in source.state_dict().items()}
     torch.manual_seed(0)
     eager = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 3))
-    eager.load_state_dict(state)
+    eager.load_state_dict(state, assign=assign)
     after = torch.get_rng_state()
     torch.manual_seed(0)
     with tl.deferred():
         model = nn.Sequential(tl.nn.Linear(4), nn.Linear(4, 2), tl.nn.Linear(3))
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)
     tl.materialize(model)
     assert_models_identical(model, eager)
     assert torch.equal(torch.get_rng_state(), after)

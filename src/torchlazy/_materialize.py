@@ -166,7 +166,13 @@ def materialize(
         rest = [t for t in rest if t.record is not None]
         if rest:
             values.update(_replay(rest, placement, exact, progress))
-        _late_draws_only({id(t.record): t.record for t in everything if t.record is not None}, rest)
+        records = {id(t.record): t.record for t in everything if t.record is not None}
+        for sub in module.modules():  # tensors replaced wholesale (`load_state_dict(assign=True)`): their records
+            for origin in _deferred.origins(sub):
+                owner = _deferred.storage_of(origin)
+                if owner is not None:
+                    records.setdefault(id(owner[0]), owner[0])
+        _late_draws_only(records, rest)
         targets = [t for t in everything if values[id(t.tensor)] is not t.tensor]
         _refuse_held(targets)  # before FSDP's shards are installed: a refusal leaves the whole model as it was
         if shards:
