@@ -869,11 +869,20 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
     optimizers and other holders of it follow), else the new tensor.
     """
     held = dict(itertools.chain(me.named_parameters(remove_duplicate=False), me.named_buffers(remove_duplicate=False)))
-    placeholders = {path: t for path, t in held.items() if isinstance(t, _Placeholder)}
-    # tensors the user put in a placeholder's place before the build (`head.weight = wte.weight`: a tie) stay,
-    # as in eager, where the assignment came after construction
-    # (a placeholder cast inside a block, `.half()`, is a plain fake tensor of shape (0,): still a placeholder)
-    assigned = {path: t for path, t in held.items() if not isinstance(t, _Placeholder) and tuple(t.shape) != (0,)}
+    theirs = set(
+        dict(itertools.chain(real.named_parameters(remove_duplicate=False), real.named_buffers(remove_duplicate=False)))
+    )
+
+    def stands_in(path: str, t: torch.Tensor) -> bool:
+        # a placeholder, or one cast inside a block (`.half()`: a plain fake tensor of shape (0,)) where the real
+        # class has a tensor
+        return isinstance(t, _Placeholder) or (path in theirs and tc.is_fake(t) and tuple(t.shape) == (0,))
+
+    placeholders = {path: t for path, t in held.items() if stands_in(path, t)}
+    # tensors the user put in a placeholder's place before the build (`head.weight = wte.weight`: a tie), or
+    # registered on the unbuilt layer (`layer.scale = nn.Parameter(...)`), stay: in eager they came after
+    # construction
+    assigned = {path: t for path, t in held.items() if not stands_in(path, t)}
     if reuse_placeholders:
         drop_parameter_caches(real)
     for prefix, owner in real.named_modules():
@@ -886,24 +895,28 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
                 ph = placeholders.get(path)
                 if t is None or ph is None:
                     continue
-                carried = TensorState.of(ph, internal={_markers.WHERE})
-                if reuse_placeholders and not (weakref.getweakrefcount(t) or weakref.getweakrefcount(ph)):
-                    with tc.disable_torch_function_subclass():
-                        torch.utils.swap_tensors(ph, t)  # the placeholder object becomes the tensor
-                    ph.__dict__.pop(_markers.WHERE, None)
-                    slots[name] = t = ph  # type: ignore[assignment]
+                # (a fake tensor's own attributes, `constant` among them, stay its own)
+                carried = TensorState.of(ph, internal={_markers.WHERE, *_deferred.fake_attrs()})
+                if reuse_placeholders and isinstance(ph, _Placeholder):
+                    if not (weakref.getweakrefcount(t) or weakref.getweakrefcount(ph)):
+                        with tc.disable_torch_function_subclass():
+                            torch.utils.swap_tensors(ph, t)  # the placeholder object becomes the tensor
+                        ph.__dict__.pop(_markers.WHERE, None)
+                        slots[name] = t = ph  # type: ignore[assignment]
                 carried.give(t)
-    # tensors the user registered on the unbuilt layer that the real class does not have (`layer.scale =
-    # nn.Parameter(...)`): kept, as in eager, where they were added after construction (the build dropped them)
-    theirs = dict(
-        itertools.chain(real.named_parameters(remove_duplicate=False), real.named_buffers(remove_duplicate=False))
-    )
-    for path, t in assigned.items():
-        if path not in theirs and "." not in path:
-            if isinstance(t, nn.Parameter):
-                real.register_parameter(path, t)
-            else:
-                real.register_buffer(path, t, persistent=path not in me._non_persistent_buffers_set)
+    for path, t in assigned.items():  # the ones the real class does not have: registered where they were
+        if path in theirs:
+            continue
+        owner_path, _, name = path.rpartition(".")
+        try:
+            owner = real.get_submodule(owner_path)
+            source = me.get_submodule(owner_path)
+        except AttributeError:
+            continue
+        if isinstance(t, nn.Parameter):
+            owner.register_parameter(name, t)
+        else:
+            owner.register_buffer(name, t, persistent=name not in source._non_persistent_buffers_set)
     guarded = _deferred.has_guard(real)
     _deferred.drop_guard(real)
     state = dict(real.__dict__)
