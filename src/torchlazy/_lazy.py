@@ -895,8 +895,9 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
                 ph = placeholders.get(path)
                 if t is None or ph is None:
                     continue
-                # (a fake tensor's own attributes, `constant` among them, stay its own)
-                carried = TensorState.of(ph, internal={_markers.WHERE, *_deferred.fake_attrs()})
+                # (a cast placeholder is a fake tensor: its own attributes, `constant` among them, stay its own)
+                fake_own = _deferred.fake_attrs() if not isinstance(ph, _Placeholder) else ()
+                carried = TensorState.of(ph, internal={_markers.WHERE, *fake_own})
                 if reuse_placeholders and isinstance(ph, _Placeholder):
                     if not (weakref.getweakrefcount(t) or weakref.getweakrefcount(ph)):
                         with tc.disable_torch_function_subclass():
