@@ -289,3 +289,16 @@ def test_tensors_registered_on_an_unbuilt_lazy_layer_survive_its_build(deferred:
         layer(torch.zeros(2, 3))
     assert list(layer.state_dict()) == ["weight", "bias", "scale", "cache"]
     assert torch.equal(layer.scale, torch.full((4,), 2.0)) and torch.equal(layer.mask, torch.ones(4))
+
+
+def test_a_partial_state_dict_with_an_extra_tensor_picks_the_layout_that_places_most_of_it() -> None:
+    # kdim=None and kdim=embed_dim build the same tensors (they counted as two answers), and an extra registered
+    # tensor left every layout short of a place for everything: "fits more than one value"
+    source = nn.MultiheadAttention(4, 2)
+    state = {**source.state_dict(), "scale": torch.ones(4)}
+    del state["out_proj.bias"]
+    layer = tl.nn.MultiheadAttention(2)
+    layer.register_buffer("scale", torch.zeros(4))
+    layer.load_state_dict(state, strict=False)
+    assert tl.is_built(layer) and layer.embed_dim == 4 and layer._qkv_same_embed_dim
+    assert torch.equal(layer.in_proj_weight, source.in_proj_weight) and torch.equal(layer.scale, torch.ones(4))

@@ -793,7 +793,8 @@ class _LazyLayer:
                 optional = rule.probes() == (None,)
                 choices.append([None, *sizes] if optional else list(sizes))
         partial: list[dict[str, Any]] = []  # fitting the keys both have (a state dict missing some, or with more)
-        covering: list[dict[str, Any]] = []  # of those, the ones that have a place for every tensor given
+        fitted: list[int] = []  # how many of the given tensors each of those has a place for
+        layouts: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()  # what they build (`kdim=None` == `kdim=E`)
         for combo in itertools.product(*choices):
             values = dict(zip(self._tl_rules, combo))
             skeleton = self._tl_skeleton(values)
@@ -803,15 +804,16 @@ class _LazyLayer:
             if expected.keys() == mine.keys() and all(expected[k] == tuple(mine[k].shape) for k in mine):
                 return values
             common = expected.keys() & mine.keys()
-            if common and all(expected[k] == tuple(mine[k].shape) for k in common) and values not in partial:
+            layout = tuple(sorted(expected.items()))
+            if common and all(expected[k] == tuple(mine[k].shape) for k in common) and layout not in layouts:
+                layouts.add(layout)  # values that build the same tensors are one answer, not two
                 partial.append(values)
-                if mine.keys() <= expected.keys():
-                    covering.append(values)
+                fitted.append(len(common))
         seen = {k: tuple(v.shape) for k, v in mine.items()}
         if len(partial) == 1:  # the keys it has decide the sizes; `load_state_dict` reports the rest
             return partial[0]
-        if len(covering) == 1:  # only one layout has a place for every tensor given (MultiheadAttention's
-            return covering[0]  # q/k/v_proj_weight decide kdim/vdim, whatever bias is missing)
+        if partial and fitted.count(max(fitted)) == 1:  # one layout places more of the given tensors than any other
+            return partial[fitted.index(max(fitted))]  # (MultiheadAttention's q/k/v_proj_weight decide kdim/vdim)
         if partial:
             raise ShapeError(
                 f"`{prefix.rstrip('.') or type(self).__qualname__}` ({type(self).__qualname__}): the state dict's "
