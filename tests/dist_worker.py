@@ -209,6 +209,13 @@ def collectives(rank: int, mesh: object, out: str) -> None:
     with tl.deferred():
         normed = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     fully_shard(normed, mesh=mesh)
+    with tl.deferred():
+        unrelated = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    fully_shard(unrelated, mesh=mesh)  # every parameter sharded, no buffer: nothing matching went unnoticed
+    try:
+        tl.materialize(unrelated, checkpoint={"foo.weight": torch.zeros(2)}, strict=False)
+    except tl.CheckpointError as e:
+        errors.append(str(e))
     tl.materialize(normed, checkpoint=params, strict=False)
     local.update({f"normed.{name}": _local_of(p) for name, p in normed.named_parameters()})
     eager_local.update({f"normed.{k}": torch.chunk(v, 2)[rank].clone() for k, v in params.items()})

@@ -157,7 +157,9 @@ def materialize(
         everything = targets + real
         if plan is not None:
             sharded_found = any(plan.find(shard.param) is not None for shard in shards)  # read later, per rank
-            values, rest = _read_checkpoint(plan, everything, strict, placement, sharded_found)
+            values, rest = _read_checkpoint(
+                plan, everything, strict, placement, sharded_found, [shard.path for shard in shards]
+            )
         else:
             values, rest = {}, everything
         for t in rest:
@@ -238,7 +240,12 @@ def _build_lazy_from_checkpoint(
 
 
 def _read_checkpoint(
-    plan: KeyPlan, targets: list[_Target], strict: bool, placement: Placement, sharded_found: bool = False
+    plan: KeyPlan,
+    targets: list[_Target],
+    strict: bool,
+    placement: Placement,
+    sharded_found: bool = False,
+    sharded: list[str] | None = None,
 ) -> tuple[dict[int, torch.Tensor], list[_Target]]:
     """Values read from the checkpoint, and the targets left for the record (all checked before any read)."""
     rest: list[_Target] = []
@@ -256,10 +263,11 @@ def _read_checkpoint(
     error = plan.mismatch(missing) if strict else None
     if error is not None:
         raise error
-    if not reads and missing and plan.ckpt.entries and not sharded_found:  # strict=False, nothing at all matched
+    wanted = missing + (sharded or [])  # FSDP's sharded parameters are read later, per rank
+    if not reads and wanted and plan.ckpt.entries and not sharded_found:  # strict=False, nothing at all matched
         raise CheckpointError(
             f"none of the model's tensors is in `{plan.ckpt.path}` (the model's keys look like "
-            f"{', '.join(f'`{k}`' for k in missing[:2])}, the checkpoint's like "
+            f"{', '.join(f'`{k}`' for k in wanted[:2])}, the checkpoint's like "
             f"{', '.join(f'`{k}`' for k in list(plan.ckpt.entries)[:2])}): with `strict=False` every tensor would "
             "come from the record, the checkpoint ignored. Pass `key_map=` to rename its keys (a callable, or prefix "
             "rules such as {'module.': ''}), or materialize without `checkpoint=`."
