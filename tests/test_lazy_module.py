@@ -302,3 +302,23 @@ def test_a_partial_state_dict_with_an_extra_tensor_picks_the_layout_that_places_
     layer.load_state_dict(state, strict=False)
     assert tl.is_built(layer) and layer.embed_dim == 4 and layer._qkv_same_embed_dim
     assert torch.equal(layer.in_proj_weight, source.in_proj_weight) and torch.equal(layer.scale, torch.ones(4))
+
+
+def test_an_unbuilt_layer_with_buffers_cast_inside_the_block_builds_like_eager() -> None:
+    # the fake mode refused unbuilt buffers (torch's "Multiple dispatch failed for aten._to_copy"), and a cast
+    # parameter became a plain fake tensor that lost what the user had set on it
+    def make(lazy: bool) -> nn.Module:
+        return nn.Sequential(
+            tl.nn.Linear(4) if lazy else nn.Linear(3, 4), tl.nn.BatchNorm1d() if lazy else nn.BatchNorm1d(4)
+        )
+
+    torch.manual_seed(0)
+    eager = make(lazy=False).double()
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make(lazy=True)
+        model[0].weight.note = "kept"
+        model.double()
+    tl.build(model, tl.Spec(2, 3, dtype=torch.float64))
+    assert_models_identical(model, eager)
+    assert model[0].weight.note == "kept"

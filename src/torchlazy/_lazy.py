@@ -839,8 +839,11 @@ class _LazyLayer:
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
         """`.to()`, `.half()`, `.cpu()` on the unbuilt layer: the placeholders, as `nn.Module` casts them (the real
-        class's own `_apply`, RNNs' among them, reads state its constructor sets, which has not run)."""
-        return nn.Module._apply(self, fn, recurse)  # type: ignore[arg-type]
+        class's own `_apply`, RNNs' among them, reads state its constructor sets, which has not run). Inside a
+        `tl.deferred()` block too they stay placeholders, cast outside its modes (the fake mode refused unbuilt
+        buffers, and made plain fake tensors of the parameters, which lost what the user had set on them)."""
+        with tc.disable_current_modes():
+            return nn.Module._apply(self, fn, recurse)  # type: ignore[arg-type]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
