@@ -322,3 +322,30 @@ def test_an_unbuilt_layer_with_buffers_cast_inside_the_block_builds_like_eager()
     tl.build(model, tl.Spec(2, 3, dtype=torch.float64))
     assert_models_identical(model, eager)
     assert model[0].weight.note == "kept"
+
+
+@pytest.mark.parametrize("how", ["first_call", "deferred_build", "build"])
+def test_a_tie_between_two_unbuilt_lazy_layers_survives_their_build(how: str) -> None:
+    # `b.weight = a.weight` before either was built: `tl.build` gave b a weight of its own (4 parameters, b's
+    # draw) where eager and a first call keep the tie
+    class Two(nn.Module):
+        def __init__(self, lazy: bool) -> None:
+            super().__init__()
+            self.a = tl.nn.Linear(4) if lazy else nn.Linear(3, 4)
+            self.b = tl.nn.Linear(4) if lazy else nn.Linear(3, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) + self.b(x)
+
+    torch.manual_seed(0)
+    eager = Two(lazy=False)
+    torch.manual_seed(0)
+    with tl.deferred() if how == "deferred_build" else contextlib.nullcontext():
+        model = Two(lazy=True)
+    if how == "first_call":
+        model(torch.zeros(2, 3))
+    else:
+        tl.build(model, tl.Spec(2, 3))
+    assert model.b.weight is model.a.weight and len(list(model.parameters())) == 3
+    assert_models_identical(model, eager)

@@ -180,6 +180,7 @@ def build(
         examples = bool(example_args or example_kwargs)  # none: nothing lazy, nothing to check
         if examples and not _shape_on_meta_twin(module, example_args, example_kwargs):
             fake_forward(module, example_args, example_kwargs)
+        _lazy.relink_ties(module)
         if _deferred.is_deferred(module):
             materialize(module, device=device, dtype=dtype)
     if device is not None or dtype is not None:

@@ -55,6 +55,7 @@ __all__ = [
     "is_placeholder",
     "lazy",
     "placeholder_like",
+    "relink_ties",
 ]
 
 M = TypeVar("M", bound=nn.Module)
@@ -855,6 +856,21 @@ class _LazyLayer:
         self.__dict__[_markers.SLOT] = _slot_for_new_module()
 
 
+def relink_ties(root: nn.Module) -> None:
+    """Tensors tied to another lazy layer's placeholder before either was built (`b.weight = a.weight`) take what
+    that layer built in its place. A first call swaps the placeholder object itself into the tensor, so ties
+    follow; a deferred build makes a new tensor, which left the tie holding the stale placeholder."""
+    for owner in root.modules():
+        for slots in (owner._parameters, owner._buffers):
+            for name, t in list(slots.items()):
+                if not (isinstance(t, _Placeholder) and _left_behind(t)):
+                    continue
+                layer, path = t.__dict__[_markers.WHERE][0](), t.__dict__[_markers.WHERE][1]
+                built = dict(itertools.chain(layer.named_parameters(), layer.named_buffers())).get(path)
+                if built is not None and not isinstance(built, _Placeholder):
+                    slots[name] = built  # type: ignore[assignment]
+
+
 def _unbuilt_at(root: nn.Module, path: str) -> nn.Module:
     node = root
     for part in path.split("."):
@@ -879,9 +895,12 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
     )
 
     def stands_in(path: str, t: torch.Tensor) -> bool:
-        # a placeholder, or one cast inside a block (`.half()`: a plain fake tensor of shape (0,)) where the real
-        # class has a tensor
-        return isinstance(t, _Placeholder) or (path in theirs and tc.is_fake(t) and tuple(t.shape) == (0,))
+        # this layer's placeholder (another layer's is a tie: `b.weight = a.weight` before either is built), or
+        # one cast inside a block (a plain fake tensor of shape (0,)) where the real class has a tensor
+        if isinstance(t, _Placeholder):
+            where = t.__dict__.get(_markers.WHERE)
+            return where is None or where[0]() is me
+        return path in theirs and tc.is_fake(t) and tuple(t.shape) == (0,)
 
     placeholders = {path: t for path, t in held.items() if stands_in(path, t)}
     # tensors the user put in a placeholder's place before the build (`head.weight = wte.weight`: a tie), or
