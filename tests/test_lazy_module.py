@@ -349,3 +349,33 @@ def test_a_tie_between_two_unbuilt_lazy_layers_survives_their_build(how: str) ->
         tl.build(model, tl.Spec(2, 3))
     assert model.b.weight is model.a.weight and len(list(model.parameters())) == 3
     assert_models_identical(model, eager)
+
+
+def test_a_lazy_module_whose_layers_come_from_a_mixin_constructor_orders_them_first() -> None:
+    # `class Block(Mixin, tl.LazyModule)` with no constructor of its own: the mixin's `__init__` (first in the MRO)
+    # was not wrapped, so under tl.deferred the slot was taken inside it, before the mixin's own layers
+    class Mixin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre = nn.Linear(2, 2)
+
+    class Block(Mixin, tl.LazyModule):
+        def build(self, x: torch.Tensor) -> None:
+            self.proj = nn.Linear(x.shape[-1], 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    class Eager(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre = nn.Linear(2, 2)
+            self.proj = nn.Linear(6, 5)
+
+    torch.manual_seed(0)
+    eager = Eager()
+    torch.manual_seed(0)
+    with tl.deferred():
+        deferred = Block()
+    tl.build(deferred, tl.Spec(2, 6))
+    assert_models_identical(deferred, eager)

@@ -1139,6 +1139,8 @@ class LazyModule(nn.Module):
         layers the constructor made after `super().__init__()`."""
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
+        if init is None and cls.__init__ is not LazyModule.__init__ and not hasattr(cls.__init__, "__wrapped__"):
+            init = cls.__init__  # a plain mixin's constructor first in the MRO (`class B(Mixin, tl.LazyModule)`)
         if init is None:
             return
 
