@@ -209,37 +209,57 @@ def test_an_unbuilt_recurrent_layer_can_be_cast_and_moved(cls: type[nn.Module]) 
     assert out.shape == (2, 3, 5) and model[0].weight_ih_l0.dtype == torch.float64
 
 
-def test_a_lazy_modules_build_draws_after_the_layers_its_constructor_made_deferred_or_not() -> None:
-    # its construction-order place was taken in `LazyModule.__init__`, before the subclass's own layers: under
-    # `tl.deferred()` `build`'s draws came first, where a real first call puts them after
-    class Block(tl.LazyModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.pre = nn.Linear(2, 2)
+class _PreThenProj(nn.Module):
+    """What the lazy blocks below are, eagerly: the constructor's layer, then the one `build` makes."""
 
-        def build(self, x: torch.Tensor) -> None:
-            self.proj = nn.Linear(x.shape[-1], 5)
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(2, 2)
+        self.proj = nn.Linear(6, 5)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.proj(x)
 
-    class Eager(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.pre = nn.Linear(2, 2)
-            self.proj = nn.Linear(6, 5)
+class _Pre(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(2, 2)
 
+
+class _OwnConstructor(tl.LazyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(2, 2)
+
+    def build(self, x: torch.Tensor) -> None:
+        self.proj = nn.Linear(x.shape[-1], 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class _MixinConstructor(_Pre, tl.LazyModule):  # no constructor of its own: the mixin's comes first in the MRO
+    def build(self, x: torch.Tensor) -> None:
+        self.proj = nn.Linear(x.shape[-1], 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("cls", [_OwnConstructor, _MixinConstructor], ids=["own_init", "mixin_init"])
+@pytest.mark.parametrize("deferred", [False, True], ids=["first_call", "deferred_build"])
+def test_a_lazy_modules_build_draws_after_the_layers_its_constructor_made(cls: type[nn.Module], deferred: bool) -> None:
+    # its construction-order place was taken in `LazyModule.__init__`, before the layers made after
+    # `super().__init__()` (or in a mixin's constructor): under `tl.deferred()` `build`'s draws came first, where a
+    # real first call (and eager code) puts them after
     torch.manual_seed(0)
-    eager = Eager()
+    eager = _PreThenProj()
     torch.manual_seed(0)
-    called = Block()
-    called(torch.zeros(2, 6))
-    torch.manual_seed(0)
-    with tl.deferred():
-        deferred = Block()
-    tl.build(deferred, tl.Spec(2, 6))
-    assert_models_identical(called, eager)
-    assert_models_identical(deferred, eager)
+    with tl.deferred() if deferred else contextlib.nullcontext():
+        model = cls()
+    if deferred:
+        tl.build(model, tl.Spec(2, 6))
+    else:
+        model(torch.zeros(2, 6))
+    assert_models_identical(model, eager)
 
 
 @pytest.mark.parametrize("assign", [False, True])
@@ -349,33 +369,3 @@ def test_a_tie_between_two_unbuilt_lazy_layers_survives_their_build(how: str) ->
         tl.build(model, tl.Spec(2, 3))
     assert model.b.weight is model.a.weight and len(list(model.parameters())) == 3
     assert_models_identical(model, eager)
-
-
-def test_a_lazy_module_whose_layers_come_from_a_mixin_constructor_orders_them_first() -> None:
-    # `class Block(Mixin, tl.LazyModule)` with no constructor of its own: the mixin's `__init__` (first in the MRO)
-    # was not wrapped, so under tl.deferred the slot was taken inside it, before the mixin's own layers
-    class Mixin(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.pre = nn.Linear(2, 2)
-
-    class Block(Mixin, tl.LazyModule):
-        def build(self, x: torch.Tensor) -> None:
-            self.proj = nn.Linear(x.shape[-1], 5)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.proj(x)
-
-    class Eager(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.pre = nn.Linear(2, 2)
-            self.proj = nn.Linear(6, 5)
-
-    torch.manual_seed(0)
-    eager = Eager()
-    torch.manual_seed(0)
-    with tl.deferred():
-        deferred = Block()
-    tl.build(deferred, tl.Spec(2, 6))
-    assert_models_identical(deferred, eager)
