@@ -744,12 +744,6 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return None
         return sid if _covers(target, self.record.storages[sid].nbytes) else None
 
-    def _cheap_and_certain(self, args: Any, kwargs: Any) -> bool:
-        """Values that depend on no random draw and little data (drop-path rates from a
-        `linspace`, say): computing them costs nothing and decides nothing about the model."""
-        drawn, nbytes = self._what_values_need(args, kwargs)
-        return not drawn and nbytes <= _CHEAP_BYTES
-
     def _what_values_need(self, args: Any, kwargs: Any) -> tuple[bool, int]:
         """Whether the values of the tensors among `args` depend on a random draw, and the bytes computing them
         touches."""
@@ -773,30 +767,30 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return self._force([t])[0]  # type: ignore[no-any-return]
 
     def _check_values_allowed(self, func: Any, args: Any, kwargs: Any) -> None:
-        allowed = _paths.frames_include((*tc.trunc_normal_codes(), *_REGISTERS)) or self._cheap_and_certain(
-            args, kwargs
-        )
-        if not allowed and self.concretize:
+        if _paths.frames_include((*tc.trunc_normal_codes(), *_REGISTERS)):
+            return
+        drawn, nbytes = self._what_values_need(args, kwargs)
+        if not drawn and nbytes <= _CHEAP_BYTES:
+            return  # no draw, little data (drop-path rates from a `linspace`): costs nothing, decides nothing
+        if self.concretize:
             # read for real; where they depend on draws, exact replay repeats them and exact=False could not
-            if self._what_values_need(args, kwargs)[0]:
-                self.record.read_values = True
-            allowed = True
-        if not allowed:
-            what = "reading a tensor's value (`.item()`, `.tolist()`, `bool(t)`)"
-            if func is not _LOCAL_SCALAR:
-                what = f"`{func}` (its output shape depends on tensor values)"
-            if self.closed:
-                raise DeferredError(
-                    f"{what} {self._where_of(args, kwargs)}: it has a shape but no value until "
-                    "`tl.materialize(model)`. Materialize the model first, then read the value."
-                )
+            self.record.read_values = self.record.read_values or drawn
+            return
+        what = "reading a tensor's value (`.item()`, `.tolist()`, `bool(t)`)"
+        if func is not _LOCAL_SCALAR:
+            what = f"`{func}` (its output shape depends on tensor values)"
+        if self.closed:
             raise DeferredError(
-                f"{what} during deferred construction of {_paths.constructing_module()}: under "
-                "`tl.deferred()` tensors have shapes but no values yet. Compute the value from "
-                "Python numbers instead, construct this module outside `tl.deferred()`, or use "
-                "`tl.deferred(concretize=True)` to compute such values for real (exact, but it "
-                "costs the work needed to produce them)."
+                f"{what} {self._where_of(args, kwargs)}: it has a shape but no value until "
+                "`tl.materialize(model)`. Materialize the model first, then read the value."
             )
+        raise DeferredError(
+            f"{what} during deferred construction of {_paths.constructing_module()}: under "
+            "`tl.deferred()` tensors have shapes but no values yet. Compute the value from "
+            "Python numbers instead, construct this module outside `tl.deferred()`, or use "
+            "`tl.deferred(concretize=True)` to compute such values for real (exact, but it "
+            "costs the work needed to produce them)."
+        )
 
     def _needs_values(self, func: Any, args: Any, kwargs: Any) -> Any:
         self._check_values_allowed(func, args, kwargs)
