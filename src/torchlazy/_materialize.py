@@ -174,7 +174,9 @@ def materialize(
                 owner = _deferred.storage_of(origin)
                 if owner is not None:
                     records.setdefault(id(owner[0]), owner[0])
-        _late_draws_only(records, rest)
+        for t in rest:  # replayed: `_replay` moved the generator past their late draws
+            records.pop(id(t.record), None)
+        _late_draws_only(list(records.values()))
         targets = [t for t in everything if values[id(t.tensor)] is not t.tensor]
         _refuse_held(targets)  # before FSDP's shards are installed: a refusal leaves the whole model as it was
         if shards:
@@ -308,10 +310,12 @@ def _shard_reader(plan: KeyPlan, strict: bool) -> Callable[[Shard, tuple[slice, 
                 )
             return None
         key, source = found
-        value = plan.check(key, source, tuple(shard.param.shape), shard.param.dtype).slice(index)
+        entry = plan.check(key, source, tuple(shard.param.shape), shard.param.dtype)
+        value = entry.slice(index)
         if value.dtype != shard.param.dtype:
             return value.to(shard.param.dtype)  # rounded to the model's dtype, as eager's load: a fresh tensor
-        return value.clone(memory_format=torch.contiguous_format)  # not the file's memory map
+        # a safetensors slice is the file's memory map: copied (the other entries' slices are copies already)
+        return value.clone(memory_format=torch.contiguous_format) if entry.mapped else value
 
     return read
 
@@ -371,10 +375,10 @@ def _replay_locked(
     return values
 
 
-def _late_draws_only(records: dict[int, Record], replayed: list[_Target]) -> None:
+def _late_draws_only(records: list[Record]) -> None:
     """Records whose every tensor came from a checkpoint (nothing replayed): the generator still moves past
     their lazy layers' late draws, as it does when something is replayed (eager drew them at construction)."""
-    left = [r for key, r in records.items() if not r.live and key not in {id(t.record) for t in replayed}]
+    left = [r for r in records if not r.live]
     if not left:
         return
     with GENERATOR_LOCK:
