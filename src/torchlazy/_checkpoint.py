@@ -341,11 +341,15 @@ class KeyPlan:
         )
 
 
-def renamer(module: nn.Module, ckpt: Checkpoint, key_map: KeyMap) -> Callable[[str], str | None]:
-    """Checkpoint key -> model key: by `key_map`, or under the prefix found for a sub-module's checkpoint."""
+def renamer(
+    module: nn.Module, ckpt: Checkpoint, key_map: KeyMap, known: set[str] | None = None
+) -> Callable[[str], str | None]:
+    """Checkpoint key -> model key: by `key_map`, or under the prefix found for a sub-module's checkpoint
+    (`known`: the model's keys, where the caller has them)."""
     if key_map is not None:
         return mapper(key_map)
-    known = {k for ks in _model_keys(module).values() for k in ks}
+    if known is None:
+        known = {k for ks in _model_keys(module).values() for k in ks}
     return mapper(_sub_module_prefix(module, known, ckpt))
 
 
@@ -353,7 +357,7 @@ def plan_keys(module: nn.Module, ckpt: Checkpoint, key_map: KeyMap) -> KeyPlan:
     """Match the checkpoint's keys to the model's (renamed by `key_map`, or found under a prefix)."""
     model_keys = _model_keys(module)
     known = {k for ks in model_keys.values() for k in ks}
-    rename = mapper(key_map) if key_map is not None else mapper(_sub_module_prefix(module, known, ckpt))
+    rename = renamer(module, ckpt, key_map, known)
     sources: dict[str, str] = {}
     unexpected: list[str] = []
     for key in ckpt.entries:

@@ -7,7 +7,6 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -56,8 +55,6 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
     >>> [p.name for p in tl.save(torch.nn.ModuleDict(dict(emb=emb, head=head)), path)]
     ['model.safetensors']
     """
-    from safetensors.torch import save_file
-
     if not isinstance(module, nn.Module):
         raise ArgumentError(
             f"`tl.save(model, path)` takes a torch.nn.Module, not {type(module).__name__} (for a state dict: "
@@ -87,7 +84,7 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
                 "`max_shard_size=` to write numbered shards and an index into the folder."
             )
         _mkdir(out.parent)
-        _write(save_file, tensors, out)
+        _write(tensors, out)
         return [out]
     limit = parse_size(max_shard_size)
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
@@ -103,7 +100,7 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
     files, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _write(save_file, shard, out / name)
+        _write(shard, out / name)
         files.append(out / name)
         weight_map.update({k: name for k, _ in shard})
     total = sum(t.numel() * t.element_size() for _, t in tensors)
@@ -121,8 +118,10 @@ def _mkdir(folder: Path) -> None:
         ) from None
 
 
-def _write(save_file: Any, tensors: list[tuple[str, torch.Tensor]], file: Path) -> None:
+def _write(tensors: list[tuple[str, torch.Tensor]], file: Path) -> None:
     """One safetensors file; safetensors' own errors (an unwritable place) as a CheckpointError."""
+    from safetensors.torch import save_file
+
     try:
         save_file(dict(tensors), str(file), metadata={"format": "pt"})
     except Exception as e:  # noqa: BLE001  safetensors raises its own SafetensorError, not an OSError
