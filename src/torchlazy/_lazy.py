@@ -866,9 +866,16 @@ def relink_ties(root: nn.Module) -> None:
                 if not (isinstance(t, _Placeholder) and _left_behind(t)):
                     continue
                 layer, path = t.__dict__[_markers.WHERE][0](), t.__dict__[_markers.WHERE][1]
-                built = dict(itertools.chain(layer.named_parameters(), layer.named_buffers())).get(path)
+                built = _state_tensors(layer).get(path)
                 if built is not None and not isinstance(built, _Placeholder):
                     slots[name] = built  # type: ignore[assignment]
+
+
+def _state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Path -> tensor of every parameter and buffer of `module`, tied ones under each of their paths."""
+    return dict(
+        itertools.chain(module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False))
+    )
 
 
 def _unbuilt_at(root: nn.Module, path: str) -> nn.Module:
@@ -889,10 +896,8 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
     the tensor that takes its place: the placeholder object itself where it can be reused (so
     optimizers and other holders of it follow), else the new tensor.
     """
-    held = dict(itertools.chain(me.named_parameters(remove_duplicate=False), me.named_buffers(remove_duplicate=False)))
-    theirs = set(
-        dict(itertools.chain(real.named_parameters(remove_duplicate=False), real.named_buffers(remove_duplicate=False)))
-    )
+    held = _state_tensors(me)
+    theirs = _state_tensors(real).keys()
 
     def stands_in(path: str, t: torch.Tensor) -> bool:
         # this layer's placeholder (another layer's is a tie: `b.weight = a.weight` before either is built), or

@@ -931,11 +931,11 @@ class Record:
             dtype = node.default_dtype or self.default_dtype
             previous = torch.get_default_dtype()
             wanted = self.threads if threads is None else threads
-            threads = torch.get_num_threads()
+            current = torch.get_num_threads()
             try:
                 if dtype is not previous:
                     torch.set_default_dtype(dtype)
-                if threads != wanted:
+                if current != wanted:
                     torch.set_num_threads(wanted)
                 out = (func or node.func)(*args, **kwargs)
             except Exception as e:
@@ -947,8 +947,8 @@ class Record:
             finally:
                 if dtype is not previous:
                     torch.set_default_dtype(previous)
-                if threads != wanted:
-                    torch.set_num_threads(threads)
+                if current != wanted:
+                    torch.set_num_threads(current)
         flat = tc.tree_leaves(out)
         constants = {
             leaf.value.untyped_storage().data_ptr()
