@@ -27,9 +27,35 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 from torch.nn.utils import parametrize
 
-from . import _markers, _meta_rules, _paths, _ranges
+from . import _markers, _paths, _ranges
 from . import _torch_compat as tc
-from ._errors import ArgumentError, DeferredError, DtypeError, ShapeError
+from ._errors import ArgumentError, DeferredError
+from ._fastops import (
+    CPU,
+    FACTORIES,
+    FILL_SCALAR,
+    FILLS,
+    LEAF_TYPES,
+    META,
+    NORMAL,
+    PLAIN_VIEWS,
+    SLOW,
+    SPECS,
+    TENSOR_OPS,
+    UNIFORM,
+    VIEWS,
+    ZERO,
+    fast_fake,
+    fast_on_fakes,
+    fill_refused,
+    flatten,
+    for_fake_kernel,
+    leaves_of,
+    made_view,
+    normal_ok,
+    op_info,
+    uniform_ok,
+)
 from ._modtree import module_tensors
 from ._record import (
     GENERATOR_LOCK,
@@ -43,7 +69,6 @@ from ._record import (
     contiguous_strides,
     explicit_generators_kept,
     law_marker,
-    register_layout,
     shared,
     view_bits,
 )
@@ -95,8 +120,8 @@ def _open_record_mode() -> type:
                 tail = _tail_of(args, kwargs)
             if tail is None:
                 # torchlazy's own fake forward keeps the fake mode's constant folding
-                out = _SLOW if _local.quiet else _fast_fake(self, func, args, kwargs)
-                return base_dispatch(self, func, types, args, kwargs) if out is _SLOW else out
+                out = SLOW if _local.quiet else fast_fake(self, func, args, kwargs)
+                return base_dispatch(self, func, types, args, kwargs) if out is SLOW else out
             return _after_block(self, tail, func, types, args, kwargs)
 
     return _OpenRecordMode
@@ -104,13 +129,13 @@ def _open_record_mode() -> type:
 
 def _after_block(mode: Any, tail: _Recorder, func: Any, types: Any, args: Any, kwargs: Any, fast: bool = False) -> Any:
     """An op on a closed record's tensors, run and recorded by the block's recorder (`fast`: only where
-    `_fast_fake` runs it, else `_SLOW`)."""
+    `fast_fake` runs it, else `SLOW`)."""
     _local.after_block += 1
     try:
         out = tail.record_fast(func, args, kwargs) if fast else tail.__torch_dispatch__(func, types, args, kwargs)
     finally:
         _local.after_block -= 1
-    if out is not _SLOW:
+    if out is not SLOW:
         # the mode's conversion cache holds weak references that would make
         # `Module._apply` (`.to()`, `.half()`) refuse to swap these tensors
         tc.forget_fake_conversions(mode, (args, kwargs, out))
@@ -124,7 +149,7 @@ def _install_dispatch_shortcut() -> None:
     After a block, an op on its tensors reaches the fake tensor class's dispatch, which enters
     their fake mode and dispatches the op again, only for that mode (`_OpenRecordMode`) to hand it
     to the recorder: twice the cost of recording it. `fully_shard` makes eight such ops of every
-    parameter (chunks, a padded copy, views). The ops `_fast_fake` runs skip that detour; every
+    parameter (chunks, a padded copy, views). The ops `fast_fake` runs skip that detour; every
     other op, any other fake tensor, and any op while a block records or a fake mode is active
     take torch's own dispatch, as before.
     """
@@ -134,9 +159,9 @@ def _install_dispatch_shortcut() -> None:
         if func is _PRIM_DEVICE:
             return _device_of(args[0])
         kwargs = kwargs or {}
-        if id(func) in _TENSOR_OPS:
+        if id(func) in TENSOR_OPS:
             out = _shortcut(func, types, args, kwargs)
-            if out is not _SLOW:
+            if out is not SLOW:
                 return out
         return original(func, types, args, kwargs)
 
@@ -180,17 +205,17 @@ def _install_dispatch_shortcut() -> None:
 def _shortcut(func: Any, types: Any, args: Any, kwargs: Any) -> Any:
     mode = _local.fake_mode
     if mode is None or _local.recorders or _local.quiet or _local.after_block or tc.fake_mode_active():
-        return _SLOW
-    if id(func) in _VIEWS and storage_of(args[0]) is not None:  # a view records nothing: made at once
-        if id(func) in _PLAIN_VIEWS and _alone_of(mode, args, kwargs):  # `fully_shard`'s chunks, views, detach
-            out = _made_view(mode, func, args, kwargs)
+        return SLOW
+    if id(func) in VIEWS and storage_of(args[0]) is not None:  # a view records nothing: made at once
+        if id(func) in PLAIN_VIEWS and _alone_of(mode, args, kwargs):  # `fully_shard`'s chunks, views, detach
+            out = made_view(mode, func, args, kwargs)
         else:
-            out = _fast_on_fakes(mode, func, args, kwargs)
-        if out is not _SLOW:
+            out = fast_on_fakes(mode, func, args, kwargs)
+        if out is not SLOW:
             tc.forget_fake_conversions(mode, (args, kwargs, out))
         return out
     tail = _tail_of(args, kwargs)
-    return _SLOW if tail is None else _after_block(mode, tail, func, types, args, kwargs, fast=True)
+    return SLOW if tail is None else _after_block(mode, tail, func, types, args, kwargs, fast=True)
 
 
 def _alone_of(mode: Any, args: Any, kwargs: Any) -> bool:
@@ -218,7 +243,7 @@ def _refuse_pickle(t: torch.Tensor) -> Any:
 
 
 def _tail_of(args: Any, kwargs: Any) -> _Recorder | None:
-    for t in _leaves(*args, *kwargs.values()):
+    for t in leaves_of(*args, *kwargs.values()):
         if isinstance(t, torch.Tensor):
             owner = storage_of(t)
             if owner is not None:
@@ -367,12 +392,12 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if func is _LOCAL_SCALAR and self._owned(args[0]) is not None and tc.fake_constant(args[0]) is None:
             return self._needs_values(func, args, kwargs)  # what the fake mode would raise for
         out = self.record_fast(func, args, kwargs)
-        if out is not _SLOW:
+        if out is not SLOW:
             return out
         if getattr(func, "namespace", None) in _COLLECTIVES:
             self._refuse_collective(func, args, kwargs)
         try:
-            out = func(*args, **_for_fake_kernel(func, kwargs))
+            out = func(*args, **for_fake_kernel(func, kwargs))
         except tc.data_dependent_errors():
             return self._needs_values(func, args, kwargs)
         except tc.unsupported_operator_error():
@@ -417,20 +442,20 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         )
 
     def record_fast(self, func: Any, args: Any, kwargs: Any) -> Any:
-        """Run and record `func` where `_fast_fake` can run it; `_SLOW` where the fake-tensor mode must."""
+        """Run and record `func` where `fast_fake` can run it; `SLOW` where the fake-tensor mode must."""
         op = id(func)
-        if op in _FILLS:
+        if op in FILLS:
             done = self._fill(func, args, kwargs)
             if done is not None:
                 return done
-        elif op in _PLAIN_VIEWS:
+        elif op in PLAIN_VIEWS:
             done = self._view(func, args, kwargs)
             if done is not None:
                 return done
-        out = _fast_fake(_local.fake_mode, func, args, kwargs)
-        if out is _SLOW:
+        out = fast_fake(_local.fake_mode, func, args, kwargs)
+        if out is SLOW:
             return out
-        if op in _FACTORIES:  # `_fast_fake` made it from sizes and options alone
+        if op in FACTORIES:  # `fast_fake` made it from sizes and options alone
             self._log_new(func, args, kwargs, out)
         else:
             self._log(func, args, kwargs, out)
@@ -448,7 +473,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     def _fill(self, func: Any, args: Any, kwargs: Any) -> Any:
         """The usual fill or draw (`zero_`, `fill_`, `uniform_`, `normal_` by numbers) over this record's
         tensor, checked and recorded in one step: half of construction's ops, so the checks of
-        `_sole_target`, `_flatten` and `_append` are made here inline, for what a fill can hold. None where
+        `_sole_target`, `flatten` and `_append` are made here inline, for what a fill can hold. None where
         the general path must look closer (a tensor or container among the arguments, a law the meta kernel
         must check, a tensor of another record or mode)."""
         target = args[0]
@@ -456,7 +481,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return None
         if tc.fake_constant(target) is not None:
             return None
-        leaf_types = _LEAF_TYPES
+        leaf_types = LEAF_TYPES
         for x in args[1:]:
             if type(x) not in leaf_types:
                 return None
@@ -467,28 +492,28 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if owner is None or owner[0] is not self.record:
             return None
         sid = owner[1]
-        if func is not _ZERO:
-            refused = _fill_refused(func, target, args, contiguous=target.is_contiguous())
+        if func is not ZERO:
+            refused = fill_refused(func, target, args, contiguous=target.is_contiguous())
             if refused is not None:  # what eager's kernel raises at once; replay would only at materialize
                 error, message = refused
                 raise error(f"`{func}` {self.where(sid)}: {message}")
-            if func is _UNIFORM and not _uniform_ok(*args[1:3], **kwargs):
+            if func is UNIFORM and not uniform_ok(*args[1:3], **kwargs):
                 return None
-            if func is _NORMAL and not _normal_ok(*args[1:3], **kwargs):
+            if func is NORMAL and not normal_ok(*args[1:3], **kwargs):
                 return None
         size = shared(tuple(target.shape))
         stride = shared(target.stride())
         offset = target.storage_offset()
         ref = TRef(sid, size, stride, offset, target.dtype, view_bits(target))
         whole = _covers(ref, self.record.storages[sid].nbytes)
-        # every argument a leaf (checked above): `_flatten`'s cache key, without its walk over the values
-        spec = _SPECS.get((len(args), tuple(kwargs), (None,) * (len(args) + len(kwargs))))
+        # every argument a leaf (checked above): `flatten`'s cache key, without its walk over the values
+        spec = SPECS.get((len(args), tuple(kwargs), (None,) * (len(args) + len(kwargs))))
         if spec is None:
-            spec = _flatten(args, kwargs)[1]
+            spec = flatten(args, kwargs)[1]
         leaves = [ref, *args[1:], *kwargs.values()]
         this = shared((sid,))
         overwrites = sid if whole else None
-        if func is _ZERO or func is _FILL_SCALAR:
+        if func is ZERO or func is FILL_SCALAR:
             if self.law_call is None:  # `_append` for an op that draws nothing, inlined
                 key = (*self.prefix, self.count)
                 self.count += 1
@@ -499,10 +524,10 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
     def _view(self, func: Any, args: Any, kwargs: Any) -> Any:
         """A view (`detach`: every `nn.Parameter`) of this record's tensor made directly: it records nothing.
-        None where `_fast_fake` must look (another tensor among the arguments, another mode or record)."""
+        None where `fast_fake` must look (another tensor among the arguments, another mode or record)."""
         if self._sole_target(args, kwargs) is None:
             return None
-        return _made_view(_local.fake_mode, func, args, kwargs)
+        return made_view(_local.fake_mode, func, args, kwargs)
 
     def _owned(self, t: Any) -> tuple[Record, int] | None:
         """(record, storage id) of `t` when it is a tensor of this recorder's record, else None."""
@@ -529,10 +554,10 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
     def _log_new(self, func: Any, args: Any, kwargs: Any, out: torch.Tensor) -> None:
         """A factory's new tensor (`empty`, `zeros`, ... from sizes): one new storage, nothing read."""
-        leaves, spec = _flatten(args, kwargs)
+        leaves, spec = flatten(args, kwargs)
         storage = out.untyped_storage()
         record = self.record
-        sid = record.new_storage(storage, storage.nbytes(), _CPU)  # `_fast_fake` makes factories on the CPU
+        sid = record.new_storage(storage, storage.nbytes(), CPU)  # `fast_fake` makes factories on the CPU
         setattr(storage, _markers.RECORD, (record, sid))
         key = (*self.prefix, self.count)  # `reserve()`, inlined
         self.count += 1
@@ -545,9 +570,9 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         return None if dtype is self.record.default_dtype else dtype
 
     def _log(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
-        if id(func) in _VIEWS and self._owned(args[0]) is not None:
+        if id(func) in VIEWS and self._owned(args[0]) is not None:
             return  # a view of this record's tensor: no storage made or written, nothing to record
-        info = _op_info(func)
+        info = op_info(func)
         written: set[int] = set()
         for i, name in info.written:
             value = args[i] if i < len(args) else kwargs.get(name)
@@ -557,7 +582,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                     if not tc.is_fake(t):
                         self._refuse_real_target(func, t, args, kwargs)
                     written.add(id(t))
-        flat, spec = _flatten(args, kwargs)
+        flat, spec = flatten(args, kwargs)
         leaves: list[Any] = []
         reads: list[int] = []
         writes: list[int] = []
@@ -572,7 +597,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             else:
                 leaves.append(x)
         outputs: list[tuple[int, int]] = []
-        for index, t in enumerate((out,) if isinstance(out, torch.Tensor) else _leaves(out)):
+        for index, t in enumerate((out,) if isinstance(out, torch.Tensor) else leaves_of(out)):
             if tc.is_fake(t):
                 storage = t.untyped_storage()
                 if getattr(storage, _markers.RECORD, None) is None:
@@ -604,7 +629,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     ) -> None:
         """Add the node of an op that makes or writes storages (`overwrites`: the storage it rewrites
         whole without reading it, or None), with its generator stream."""
-        random = _op_info(func).random
+        random = op_info(func).random
         if random or (self.law_call is not None and self.law_call[1].sid in writes):
             self._follow_law(random)
         if overwrites is not None and overwrites in reads:
@@ -735,7 +760,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
     def _full_overwrite(self, func: Any, leaves: list[Any], writes: list[int]) -> int | None:
         """The storage `func` rewrites entirely without reading it (a fill, a draw, a copy into it)."""
-        if not _op_info(func).overwrites or len(set(writes)) != 1:
+        if not op_info(func).overwrites or len(set(writes)) != 1:
             return None
         sid = writes[0]
         refs = [leaf for leaf in leaves if isinstance(leaf, TRef)]
@@ -854,17 +879,10 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         return out
 
 
-_aten = torch.ops.aten
-_OVERWRITES = {
-    _aten.normal_, _aten.uniform_, _aten.zero_, _aten.fill_, _aten.bernoulli_, _aten.random_,
-    _aten.exponential_, _aten.geometric_, _aten.log_normal_, _aten.cauchy_, _aten.copy_,
-}  # fmt: skip
-
-
 @functools.cache
 def _one_tensor_spec() -> Any:
     """The argument spec of an op on one tensor, `((t,), {})`: a law node's (flattened once, not per call)."""
-    _, spec = _flatten((0,), {})
+    _, spec = flatten((0,), {})
     return spec
 
 
@@ -891,323 +909,17 @@ def _covers(ref: TRef, nbytes: int) -> bool:
 
 
 def _generator_arg(func: Any, args: Any, kwargs: Any) -> torch.Generator | None:
-    i = _op_info(func).generator
+    i = op_info(func).generator
     if i is None:
         return None
     gen = args[i] if i < len(args) else kwargs.get("generator")
     return gen if gen is not None and isinstance(gen, torch.Generator) else None  # its isinstance is Python's
 
 
-# -- the hot path: what each op does, read once; the ops construction is made of, run directly
-
-
-class _OpInfo:
-    """What the recorder needs to know of an operator, read from its schema once."""
-
-    __slots__ = ("generator", "overwrites", "random", "written")
-
-    def __init__(self, func: Any) -> None:
-        arguments = tc.op_schema(func).arguments
-        self.written = tuple(
-            (i, a.name) for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write
-        )
-        self.random = torch.Tag.nondeterministic_seeded in func.tags
-        self.generator = next((i for i, a in enumerate(arguments) if a.name == "generator"), None)
-        self.overwrites = func.overloadpacket in _OVERWRITES
-
-
-_OP_INFO: dict[int, _OpInfo] = {}
-
-
-def _op_info(func: Any) -> _OpInfo:
-    info = _OP_INFO.get(id(func))  # by id: an OpOverload hashes in Python; the info keeps `func` alive
-    if info is None:
-        info = _OP_INFO[id(func)] = _OpInfo(func)
-    return info
-
-
-_LEAF_TYPES = frozenset(
-    {int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format}
-)
-_SPECS: dict[Any, Any] = {}
-
-
-_OTHER_LEAVES = (torch.Tensor, torch.Generator)
-
-
-def _shallow(values: tuple[Any, ...]) -> tuple[list[Any], tuple[Any, ...]] | None:
-    """The leaves of `values` and their layout (None for a leaf, (type, n) for a list or tuple of n
-    leaves), when it holds only leaves and flat lists or tuples of them, as nearly all op arguments
-    and outputs do; None for anything deeper."""
-    leaves: list[Any] = []
-    shape: list[Any] = []
-    leaf_types, other_leaves = _LEAF_TYPES, _OTHER_LEAVES  # the hot path: no call per value
-    for x in values:
-        kind = type(x)
-        if kind is list or kind is tuple:
-            for y in x:
-                if type(y) not in leaf_types and not isinstance(y, other_leaves):
-                    return None
-            leaves.extend(x)
-            shape.append((kind, len(x)))
-        elif kind in leaf_types or isinstance(x, other_leaves):
-            leaves.append(x)
-            shape.append(None)
-        else:
-            return None
-    return leaves, tuple(shape)
-
-
-def _leaves(*values: Any) -> list[Any]:
-    """`tree_leaves(values)`, without a pytree walk for the usual shapes of op arguments and outputs."""
-    shallow = _shallow(values)
-    return shallow[0] if shallow is not None else tc.tree_leaves(values)
-
-
-def _flatten(args: Any, kwargs: Any) -> tuple[list[Any], Any]:
-    """`tree_flatten((args, kwargs))` for the usual shapes of op arguments (leaves, flat lists of
-    leaves): the spec is cached by shape, so no pytree walk runs on the hot path."""
-    shallow = _shallow((*args, *kwargs.values()))
-    if shallow is None:
-        return tc.tree_flatten((args, kwargs))  # type: ignore[no-any-return]
-    leaves, shape = shallow
-    key = (len(args), tuple(kwargs), shape)
-    spec = _SPECS.get(key)
-    if spec is None:
-        spec = _SPECS[key] = tc.tree_flatten((args, kwargs))[1]
-        register_layout(spec, len(args), tuple(kwargs), shape)
-    return leaves, spec
-
-
-def _ids(ops: set[Any]) -> frozenset[int]:
-    """Op sets hold ids: an OpOverload hashes in Python (a call per lookup on the hot path), an int in C.
-    Overloads are unique objects that compare by identity, and these sets keep them referenced by torch."""
-    return frozenset(id(op) for op in ops)
-
-
-def _by_id(table: dict[Any, Any]) -> dict[int, Any]:
-    return {id(op): value for op, value in table.items()}
-
-
-_SLOW = object()
-# in-place draws whose fake kernels refuse `generator=` ("generator is not supported in refs")
-_DRAWS_WITHOUT_GENERATOR_REFS = _ids({
-    _aten.exponential_.default, _aten.cauchy_.default, _aten.geometric_.default, _aten.log_normal_.default,
-})  # fmt: skip
 # ops that communicate between ranks (torch.distributed's and DTensor's): refused on deferred tensors
 _COLLECTIVES = frozenset({
     "c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd", "_dtensor", "symm_mem",
 })  # fmt: skip
-_FACTORIES = _ids({
-    _aten.empty.memory_format, _aten.empty_strided.default, _aten.zeros.default, _aten.ones.default,
-    _aten.full.default, _aten.arange.default, _aten.arange.start, _aten.arange.start_step,
-    _aten.linspace.default,
-})  # fmt: skip
-_IN_PLACE = _ids({
-    _aten.uniform_.default, _aten.normal_.default, _aten.fill_.Scalar, _aten.fill_.Tensor, _aten.zero_.default,
-    _aten.copy_.default, _aten.mul_.Tensor, _aten.mul_.Scalar, _aten.add_.Tensor, _aten.add_.Scalar,
-    _aten.sub_.Tensor, _aten.div_.Tensor, _aten.div_.Scalar, _aten.clamp_.default, _aten.erfinv_.default,
-    _aten.bernoulli_.float, _aten.exponential_.default,
-})  # fmt: skip
-# In-place ops that keep shape and dtype: their meta kernels (Python decompositions, the
-# draws' ones importing torch.distributed.tensor and sympy) have nothing to compute.
-_FILLS = _ids({_aten.uniform_.default, _aten.normal_.default, _aten.fill_.Scalar, _aten.zero_.default})
-_ZERO, _FILL_SCALAR, _UNIFORM, _NORMAL = (
-    _aten.zero_.default,
-    _aten.fill_.Scalar,
-    _aten.uniform_.default,
-    _aten.normal_.default,
-)
-
-
-def _made_view(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
-    """A plain view (`_PLAIN_VIEWS`) of the fake tensor `args[0]` of `mode`, no other tensor among the arguments:
-    its meta kernel run on the meta storage, wrapped as a fake tensor on the same device (`detach`: one C++ call)."""
-    target = args[0]
-    if func is _aten.as_strided.default:
-        _check_within_storage(target, args, kwargs)
-    device = tc.fake_device(target)
-    if func is _aten.detach.default and len(args) == 1 and not kwargs:
-        detached = tc.fake_detached(mode, target, device)
-        if detached is not None:
-            return detached
-    out = tc.run_fake_kernel(mode, func, args, kwargs)
-    if isinstance(out, torch.Tensor):
-        return tc.wrap_fake(mode, out, device)
-    return [tc.wrap_fake(mode, t, device) for t in out]  # `split`: a list of views
-
-
-def _check_within_storage(t: torch.Tensor, args: Any, kwargs: Any) -> None:
-    """`as_strided` beyond the end of its storage: eager's check (meta storages are sized, their kernel skips it)."""
-    size = args[1] if len(args) > 1 else kwargs.get("size")
-    stride = args[2] if len(args) > 2 else kwargs.get("stride")
-    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset")
-    offset = t.storage_offset() if offset is None else offset
-    if not all(type(x) is int for x in (*size, *stride, offset)) or len(size) != len(stride) or 0 in size:
-        return  # torch's own checks speak (symbolic, mismatched, or empty: nothing to hold)
-    last = offset + sum((n - 1) * step for n, step in zip(size, stride))
-    need, have = (last + 1) * t.element_size(), t.untyped_storage().nbytes()
-    if need > have:
-        raise ShapeError(
-            f"`as_strided` with sizes {list(size)}, strides {list(stride)} and storage offset {offset} reaches "
-            f"byte {need} of a storage of {have} bytes (a deferred tensor of shape {tuple(t.shape)}). Keep the "
-            "view within the tensor's storage."
-        )
-
-
-def _fill_refused(
-    func: Any, target: torch.Tensor, args: Any, contiguous: bool = False
-) -> tuple[type[Exception], str] | None:
-    """What eager's kernel refuses in a fill or draw that meta kernels let pass, in eager's order: a draw into
-    integers or bools, bounds the dtype cannot hold or in the wrong order, a negative or nan `std`, a draw into
-    a tensor whose elements share memory (an `expand`ed view), a fill value the dtype cannot hold."""
-    dtype = target.dtype
-    if func is _NORMAL or func is _UNIFORM:
-        # eager's uniform_ checks the dtype of any tensor; normal_ only of one with elements
-        if not (dtype.is_floating_point or dtype.is_complex) and (func is _UNIFORM or target.numel() > 0):
-            return DtypeError, (
-                f"it draws floating-point values, but the tensor is {dtype}. Draw into a floating-point tensor "
-                "and convert it (`.to(dtype)`), or use `random_` for integers."
-            )
-        law = _law_refused(func, dtype, args)
-        if law is not None:
-            return DeferredError, law
-        if not contiguous and _overlaps(target):  # a contiguous tensor's elements never share memory
-            return ShapeError, (
-                f"the tensor (shape {tuple(target.shape)}, strides {target.stride()}) has elements that share "
-                "memory (an `expand`ed view), and a draw writes each one. Draw into `.contiguous()` or `.clone()` "
-                "of it, or draw the unexpanded tensor."
-            )
-    elif func is _FILL_SCALAR and len(args) > 1 and type(args[1]) in (int, float, complex):
-        value = args[1]
-        parts: tuple[Any, ...] = (value,)
-        if type(value) is complex:  # a complex dtype takes its parts, a real one a value with no imaginary part
-            if dtype == torch.bool:
-                return None
-            if dtype.is_complex:
-                parts = (value.real, value.imag)
-            elif value.imag == 0:
-                parts = (value.real,)
-            else:
-                return DtypeError, (
-                    f"{value!r} cannot be converted to {dtype} without overflow (it has an imaginary part). "
-                    "Fill with a real value, or make the tensor complex."
-                )
-        low, high, int_low, floating = _limits(dtype)
-        for part in parts:
-            if floating:  # inf and nan are values of the dtype
-                over = part == part and part not in _INF and not low <= part <= high
-            else:
-                over = part != part or not (int_low if type(part) is int else low) <= part <= high
-            if over:
-                return DtypeError, (
-                    f"{value!r} cannot be converted to {dtype} without overflow. Fill with a value in the dtype's "
-                    "range, or make the tensor a wider dtype."
-                )
-    return None
-
-
-def _law_refused(func: Any, dtype: torch.dtype, args: Any) -> str | None:
-    """Eager's checks of a draw's numbers (`uniform_`'s bounds within the dtype and in order, `normal_`'s std
-    at least 0), for any number of elements; None where they pass or are not plain numbers."""
-    first, second = (args[1] if len(args) > 1 else 0.0), (args[2] if len(args) > 2 else 1.0)
-    if type(first) not in (int, float) or type(second) not in (int, float):
-        return None
-    if func is _NORMAL:
-        if not second >= 0.0:
-            return f"`std` must be at least 0 (eager raises here too), got {second}. Pass a std >= 0."
-        return None
-    if not dtype.is_complex:
-        low, high = _limits(dtype)[:2]  # the dtype's finite range (its finfo)
-        for name, bound in (("from", first), ("to", second)):
-            if not low <= bound <= high:
-                return (
-                    f"`{name}`={bound} is out of bounds for {dtype} (eager raises here too). Pass finite bounds "
-                    "the dtype can hold."
-                )
-    if first > second:
-        return (
-            f"it draws from [from, to) = [{first}, {second}), and `from` is above `to` (eager raises here too). "
-            "Pass from <= to."
-        )
-    return None
-
-
-_INF = (math.inf, -math.inf)
-# dtype -> what fill_ takes: (low, high, low for Python ints, whether inf and nan are values)
-_RANGES: dict[torch.dtype, tuple[float, float, float, bool]] = {}
-
-
-def _limits(dtype: torch.dtype) -> tuple[float, float, float, bool]:
-    limits = _RANGES.get(dtype)
-    if limits is None:
-        limits = _RANGES[dtype] = _range_of(dtype)
-    return limits
-
-
-def _range_of(dtype: torch.dtype) -> tuple[float, float, float, bool]:
-    if dtype.is_floating_point or dtype.is_complex:  # a complex dtype's parts
-        high = float(torch.finfo(dtype).max)
-        return -high, high, -high, True
-    if dtype == torch.bool:
-        return -math.inf, math.inf, -math.inf, True
-    info = torch.iinfo(dtype)
-    # torch lets unsigned types take the integers -max..-1 (they wrap), not negative floats
-    return info.min, info.max, (-info.max if info.min == 0 else info.min), False
-
-
-def _uniform_ok(low: float = 0.0, high: float = 1.0, **kwargs: Any) -> bool:
-    return type(low) in (int, float) and type(high) in (int, float) and low <= high
-
-
-def _normal_ok(mean: float = 0.0, std: float = 1.0, **kwargs: Any) -> bool:
-    return type(mean) in (int, float) and type(std) in (int, float) and std >= 0.0
-
-
-_VIEWS = _ids({
-    _aten.detach.default, _aten.view.default, _aten.t.default, _aten.transpose.int, _aten.unsqueeze.default,
-    _aten.squeeze.dim, _aten.select.int, _aten.slice.Tensor, _aten.expand.default, _aten.permute.default,
-    _aten.as_strided.default, _aten.alias.default, _aten.split.Tensor, _aten.split_with_sizes.default,
-})  # fmt: skip
-# Views whose meta kernel is cheap and checks all (`permute`'s imports sympy: it goes as `as_strided`)
-_PLAIN_VIEWS = _VIEWS - _ids({_aten.permute.default})
-_RULED_FACTORIES = _ids({_aten.arange.default, _aten.arange.start, _aten.arange.start_step, _aten.linspace.default})
-# A meta tensor has no values: these factories make what `empty` makes with the same arguments.
-_FILLED = _ids({_aten.zeros.default, _aten.ones.default})
-# Factories from a tensor (`t.new_zeros(size)`: its dtype and device, no read of its values): the
-# factory that makes the same meta tensor, and how many arguments after `self` it takes (sizes).
-_TENSOR_FACTORIES = _by_id({
-    _aten.new_zeros.default: (_aten.empty.memory_format, 1), _aten.new_empty.default: (_aten.empty.memory_format, 1),
-    _aten.new_ones.default: (_aten.empty.memory_format, 1), _aten.new_full.default: (_aten.empty.memory_format, 1),
-    _aten.new_empty_strided.default: (_aten.empty_strided.default, 2),
-})  # fmt: skip
-
-
-def _makes_new_tensor(func: Any) -> bool:
-    """An op of a tensor (its first argument) that writes none of its arguments and returns no view."""
-    arguments = tc.op_schema(func).arguments
-    return (
-        bool(arguments) and str(arguments[0].type) == "Tensor" and not any(a.alias_info is not None for a in arguments)
-    )
-
-
-# Functional ops whose outputs `_meta_rules` makes from the inputs' geometry (its rules are swept against
-# torch's kernels): what rejection samplers run between draws (torch's `trunc_normal_` compares its draws
-# with its bounds, ors the masks, asks `.any()`, makes redraw buffers) and the float arithmetic of buffers
-# computed in constructors. Their meta kernels are Python references that import dynamo and sympy on
-# first use (~0.6 s) and cost ~10x more per call through the fake mode.
-_BY_RULES = _ids(
-    {op for op in _meta_rules.ops() if _makes_new_tensor(op)} - {_aten._unsafe_view.default, _aten.unsafe_split.Tensor}
-)  # their outputs are views
-_IN_PLACE_BY_RULES = _IN_PLACE & _ids(set(_meta_rules.ops()))  # checked by the rules where they answer
-# The ops on fake tensors that `_fast_fake` runs (factories and lifts take none).
-_TENSOR_OPS = frozenset(_VIEWS | _TENSOR_FACTORIES.keys() | _IN_PLACE | _BY_RULES)
-_LIFTS = _ids({_aten.lift_fresh.default, _aten.lift_fresh_copy.default})
-_LIST_OPS = _ids({_aten.cat.default, _aten.stack.default})  # a list of tensors first
-_CPU = torch.device("cpu")
-_META = torch.device("meta")
-
-
 # C++ asks a fake tensor its device through dispatch (`prim.device`: the fake device is a Python
 # attribute), once for every view and new parameter: 1,223 times in `fully_shard` of a 162M Llama.
 # Each dispatch entry of torchlazy answers it first, as the fake tensor's own dispatch would.
@@ -1217,177 +929,7 @@ _LOCAL_SCALAR = tc.local_scalar_op()  # `.item()`, `bool(t)`: a value, which fak
 
 def _device_of(t: Any) -> torch.device:
     """`prim.device` of a fake tensor: meta while a meta kernel runs on it, else the device it reports."""
-    return _META if tc.fake_mode_of(t).in_kernel_invocation else tc.fake_device(t)
-
-
-def _plain_options(kwargs: dict[str, Any], device: torch.device) -> bool:
-    """A factory's options ask for a strided, unpinned tensor on `device` (or leave it implied)."""
-    asked = kwargs.get("device")
-    return (
-        (asked is None or asked == device)
-        and kwargs.get("layout") in (None, torch.strided)
-        and not kwargs.get("pin_memory")
-    )
-
-
-def _made_on_meta(mode: Any, factory: Any, args: Any, kwargs: Any, device: torch.device) -> Any:
-    """A factory's tensor, made on the meta device: a fake tensor of `mode` on `device`."""
-    if id(factory) in _FILLED:  # their meta kernels fill nothing, at twice `empty`'s cost
-        factory = _aten.empty.memory_format
-    with tc.no_dispatch():  # no tensor argument: no fake tensor to unwrap
-        meta = _meta_rules.NOT_HANDLED
-        if id(factory) in _RULED_FACTORIES:  # their meta kernels are Python references (sympy on first use)
-            meta = _meta_rules.outputs(factory, args, {**kwargs, "device": _META})
-        if meta is _meta_rules.NOT_HANDLED:
-            meta = factory(*args, **{**kwargs, "device": _META})
-    return tc.wrap_fake(mode, meta, device)
-
-
-def _fast_fake(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
-    """The op run directly on the meta storage of this thread's fake tensors, for the few ops
-    nearly all construction is made of (factories, in-place fills and draws, views), and those
-    `fully_shard` makes of each parameter (chunks, a zero-padded copy, views).
-
-    The fake-tensor mode would give the same tensor through its cache and checks, at several
-    times the cost (and its first miss imports sympy). Anything unusual (another device, a real
-    tensor argument, a fake constant) returns `_SLOW`: the fake-tensor mode runs it.
-    """
-    if id(func) in _FACTORIES:
-        if not _plain_options(kwargs, _CPU):
-            return _SLOW
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                return _SLOW
-        return _made_on_meta(mode, func, args, kwargs, _CPU)
-    if id(func) in _LIFTS:  # `torch.tensor(...)`: a real tensor becomes a recorded constant
-        real = args[0]
-        if tc.is_fake(real) or real.device != _CPU or real.layout != torch.strided:
-            return _SLOW
-        with tc.no_dispatch():
-            meta = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_META)
-        return tc.wrap_fake(mode, meta, _CPU)
-    if id(func) in _TENSOR_OPS:
-        return _fast_on_fakes(mode, func, args, kwargs)
-    if id(func) in _LIST_OPS:
-        return _fast_on_list(mode, func, args, kwargs)
-    return _SLOW
-
-
-def _fast_on_list(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
-    """`cat` and `stack` of this mode's fake tensors (index tables built in constructors), from `_meta_rules`."""
-    tensors = args[0] if args else None
-    if type(tensors) not in (list, tuple) or not tensors or kwargs:
-        return _SLOW
-    for x in tensors:
-        if not (tc.is_fake(x) and tc.fake_mode_of(x) is mode and tc.fake_constant(x) is None):
-            return _SLOW
-    device = tc.fake_device(tensors[0])
-    if any(tc.fake_device(x) != device for x in tensors):
-        return _SLOW
-    with tc.no_dispatch():
-        out = _meta_rules.outputs(func, ([_stand_in(x) for x in tensors], *args[1:]), kwargs)
-    return tc.wrap_fake(mode, out, device) if isinstance(out, torch.Tensor) else _SLOW
-
-
-def _stand_in(x: Any) -> Any:
-    """A plain meta tensor of a fake tensor's geometry (run under `tc.no_dispatch()`); anything else as it is."""
-    if isinstance(x, torch.Tensor):
-        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=_META)
-    return x
-
-
-def _fast_on_fakes(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
-    """`_fast_fake` for the ops on tensors: new tensors and views wrap a meta tensor, in-place ops
-    return `self` once the kernel has checked their arguments."""
-    self = args[0]
-    for x in (*args, *kwargs.values()):
-        if isinstance(x, torch.Tensor) and not (
-            tc.is_fake(x) and tc.fake_mode_of(x) is mode and tc.fake_constant(x) is None
-        ):
-            return _SLOW
-        if x is not self and isinstance(x, torch.Tensor) and tc.fake_device(x) != tc.fake_device(self):
-            return _SLOW  # the meta kernel sees meta alone: the fake mode checks devices
-    made = _TENSOR_FACTORIES.get(id(func))
-    if made is not None:  # as a plain factory: no meta kernel of the new_* op (a Python decomposition)
-        device = tc.fake_device(self)
-        if not _plain_options(kwargs, device):
-            return _SLOW
-        factory, sizes = made
-        dtype = kwargs.get("dtype") or self.dtype
-        return _made_on_meta(mode, factory, args[1 : 1 + sizes], {**kwargs, "dtype": dtype}, device)
-    if id(func) in _FILLS:  # they keep shape and dtype: nothing to check but their arguments
-        if func is _aten.uniform_.default and not _uniform_ok(*args[1:3], **kwargs):
-            return _SLOW
-        if func is _aten.normal_.default and not _normal_ok(*args[1:3], **kwargs):
-            return _SLOW
-        return self
-    if func is _aten.copy_.default and _copies_into(self, args[1]):
-        return self  # nothing to check but the shapes (copy_ casts); its meta kernel imports sympy on first use
-    device = tc.fake_device(self)
-    if id(func) in _BY_RULES:
-        return _by_rules(mode, func, args, kwargs, device)
-    if id(func) in _IN_PLACE_BY_RULES:  # their meta kernels are Python references (sympy on first use)
-        with tc.no_dispatch():
-            checked = _meta_rules.outputs(func, tuple(_stand_in(x) for x in args), kwargs)
-        if checked is not _meta_rules.NOT_HANDLED:
-            return self
-    if func is _aten.as_strided.default:
-        _check_within_storage(self, args, kwargs)
-    if func is _aten.permute.default:
-        strided = _permuted(self, args[1:], kwargs)
-        if strided is None:
-            return _SLOW  # the fake mode gives torch's error
-        func, args, kwargs = _aten.as_strided.default, strided, {}
-    out = tc.run_fake_kernel(mode, func, args, _for_fake_kernel(func, kwargs))
-    if id(func) in _IN_PLACE:
-        return self
-    if isinstance(out, torch.Tensor):
-        return tc.wrap_fake(mode, out, device)
-    return [tc.wrap_fake(mode, t, device) for t in out]  # `split`: a list of views
-
-
-def _for_fake_kernel(func: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`kwargs` for `func`'s fake kernel: draws whose kernels (Python references) refuse `generator=`, which
-    changes no shape, run without it for shapes and argument checks (the record keeps the call as made)."""
-    if kwargs.get("generator") is not None and id(func) in _DRAWS_WITHOUT_GENERATOR_REFS:
-        return {k: v for k, v in kwargs.items() if k != "generator"}
-    return kwargs
-
-
-def _copies_into(self: torch.Tensor, src: torch.Tensor) -> bool:
-    """Whether `self.copy_(src)` is valid: `src` broadcasts to `self`, and no element of `self` shares its memory
-    with another along an expanded dim (torch's one overlap refusal; `x[:, 0] = ...` writes a strided view)."""
-    if src.dim() > self.dim() or _overlaps(self):
-        return False
-    return all(m in (1, n) for m, n in zip(reversed(src.shape), reversed(self.shape)))
-
-
-def _overlaps(t: torch.Tensor) -> bool:
-    """Whether elements of `t` share memory along an expanded dim (stride 0): torch refuses writes into it."""
-    return any(n > 1 and stride == 0 for n, stride in zip(t.shape, t.stride()))
-
-
-def _permuted(self: torch.Tensor, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
-    """`permute`'s view as `as_strided` arguments (its meta kernel imports torch.distributed.tensor and sympy
-    on first use, ~0.5 s); None for anything but a valid permutation."""
-    n = self.dim()
-    if len(rest) != 1 or kwargs or type(rest[0]) not in (list, tuple) or any(type(d) is not int for d in rest[0]):
-        return None
-    dims = [d + n if d < 0 else d for d in rest[0]]
-    if sorted(dims) != list(range(n)):
-        return None
-    return self, [self.shape[d] for d in dims], [self.stride(d) for d in dims], self.storage_offset()
-
-
-def _by_rules(mode: Any, func: Any, args: Any, kwargs: Any, device: torch.device) -> Any:
-    """`func`'s output from `_meta_rules`, given meta stand-ins of its fake tensors (their geometry);
-    `_SLOW` where the rules leave the call to torch (then the fake mode runs it, errors included)."""
-    if kwargs.get("device") not in (None, device):
-        return _SLOW
-    kwargs = {k: v for k, v in kwargs.items() if k != "device"}
-    with tc.no_dispatch():  # plain meta tensors, whatever modes run
-        out = _meta_rules.outputs(func, tuple(_stand_in(x) for x in args), kwargs)
-    return tc.wrap_fake(mode, out, device) if isinstance(out, torch.Tensor) else _SLOW
+    return META if tc.fake_mode_of(t).in_kernel_invocation else tc.fake_device(t)
 
 
 @functools.cache

@@ -394,7 +394,7 @@ class Stream:
 # -- op arguments without a pytree walk ----------------------------------------------------
 
 # The specs of the usual shapes of op arguments (leaves, flat lists or tuples of leaves; see
-# `_deferred._flatten`): id(spec) -> (number of positional arguments, keyword names, per
+# `_fastops.flatten`): id(spec) -> (number of positional arguments, keyword names, per
 # value None for a leaf or (list or tuple, length), the spec itself, kept alive).
 _LAYOUTS: dict[int, tuple[int, tuple[str, ...], tuple[Any, ...], Any]] = {}
 
