@@ -38,9 +38,11 @@ def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> N
         return odd_shapes(rank, mesh, out)
     if job == "collectives":
         return collectives(rank, mesh, out)
+    if job == "again":
+        return again(rank, mesh, out)
     exact = not job.endswith("-fast")
     refused = job.endswith("-refused")  # a forward tried (and refused) before materialize
-    dtype = torch.bfloat16 if job.endswith("-bf16") else None  # a cast: each parameter a new DTensor
+    dtype = torch.bfloat16 if job.endswith("-bf16") else None  # a cast: a new DTensor swapped into each parameter
     written = job.endswith("-written")  # sharded parameters written before materialize (see `write`)
     job = job.removesuffix("-fast").removesuffix("-refused").removesuffix("-bf16").removesuffix("-written")
 
@@ -220,6 +222,127 @@ def collectives(rank: int, mesh: object, out: str) -> None:
     local.update({f"normed.{name}": _local_of(p) for name, p in normed.named_parameters()})
     eager_local.update({f"normed.{k}": torch.chunk(v, 2)[rank].clone() for k, v in params.items()})
     result = {"local": local, "eager_local": eager_local, "errors": errors, "untouched": untouched}
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+
+
+class _Tied(torch.nn.Module):
+    """An embedding tied to the output head, two layers between: one FSDP unit at the root, one on `a`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 8)
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.Linear(16, 8)
+        self.head = torch.nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(self.a(self.emb(ids))))
+
+
+def again(rank: int, mesh: object, out: str) -> None:
+    """Materialize calls on sharded models beyond the first: a checkpoint or a cast for shards already real
+    (they were ignored, silently), parameters kept as the objects an optimizer holds (a cast or a sub-module
+    first made new ones), a model built on the meta device and sharded there (its values from a checkpoint),
+    and what is refused: `tl.save` of shards, a load into FSDP's unsharded parameters, a bad checkpoint."""
+    from torch.distributed.fsdp import fully_shard
+
+    import torchlazy as tl
+
+    torch.manual_seed(7)
+    ckpt = {k: v.detach().clone() for k, v in _Tied().state_dict().items()}
+
+    def sharded(deferred: bool = True, **options: object) -> torch.nn.Module:
+        torch.manual_seed(0)
+        with tl.deferred() if deferred else torch.device("meta"):
+            model = _Tied()
+        fully_shard(model.a, mesh=mesh, **options)
+        fully_shard(model, mesh=mesh, **options)
+        return model
+
+    def full(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: p.full_tensor().detach().clone() for k, p in model.named_parameters()}
+
+    result: dict[str, object] = {"errors": []}
+    errors: list[str] = result["errors"]  # type: ignore[assignment]
+    model = sharded()
+    tl.materialize(model.a)
+    tl.materialize(model, checkpoint=ckpt)  # `a` real already: it takes the checkpoint too
+    result["partly, then checkpoint"] = full(model)
+    tl.materialize(model, checkpoint={k: v * 2 for k, v in ckpt.items()})  # all real: all take it
+    result["real, then checkpoint"] = full(model)
+    for bad in ({"a.weight": torch.zeros(3, 3), "b.bias": torch.zeros(8)}, {"a.weight": ckpt["a.weight"]}):
+        try:
+            tl.materialize(model, checkpoint=bad)
+        except tl.CheckpointError as e:
+            errors.append(str(e))
+    result["after a refused checkpoint"] = full(model)
+    try:
+        tl.save(model, os.path.join(out, f"never{rank}.safetensors"))
+    except tl.CheckpointError as e:
+        errors.append(str(e))
+    result["saved anyway"] = os.path.exists(os.path.join(out, f"never{rank}.safetensors"))
+
+    # a cast, and a sub-module first: the same parameter objects (an optimizer made before holds them), attributes
+    # and the tie kept, values eager's
+    for name, first in (("cast", None), ("sub-module first", "a"), ("tied sub-module first", "emb")):
+        model = sharded()
+        model.a.weight.no_decay = True  # type: ignore[attr-defined]
+        before = {k: id(p) for k, p in model.named_parameters()}
+        if first is not None:
+            tl.materialize(getattr(model, first))
+        tl.materialize(model, dtype=torch.float64 if first is None else None)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss = model(torch.arange(10)).square().mean()
+        loss.backward()
+        optimizer.step()
+        result[name] = {
+            "kept": [k for k, p in model.named_parameters() if id(p) == before[k]],
+            "attribute": getattr(model.a.weight, "no_decay", False),
+            "tied": model.head.weight is model.emb.weight,
+            "full": full(model),
+            "loss": loss.detach(),
+        }
+    # eager, the same steps: what the values and the loss must be
+    for name, cast in (("eager", None), ("eager cast", torch.float64)):
+        torch.manual_seed(0)
+        model = _Tied()
+        fully_shard(model.a, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        if cast is not None:
+            model.to(cast)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss = model(torch.arange(10)).square().mean()
+        loss.backward()
+        optimizer.step()
+        result[name] = {"full": full(model), "loss": loss.detach()}
+
+    # built on the meta device and sharded there: only a checkpoint can give the values
+    model = sharded(deferred=False)
+    try:
+        tl.materialize(model)
+    except tl.DeferredError as e:
+        errors.append(str(e))
+    tl.materialize(model, checkpoint=ckpt)
+    result["meta, checkpoint"] = full(model)
+
+    # FSDP holding the unsharded parameters after a forward: a load would go into tensors it replaces
+    model = sharded(reshard_after_forward=False)
+    tl.materialize(model)
+    model(torch.arange(10))
+    try:
+        tl.materialize(model, checkpoint=ckpt)
+    except tl.ArgumentError as e:
+        errors.append(str(e))
+    for sub in (model, model.a):
+        sub.reshard()  # type: ignore[operator]
+    tl.materialize(model, checkpoint=ckpt)
+    result["resharded, checkpoint"] = full(model)
+    result["resharded, forward"] = model(torch.arange(10)).detach()  # the checkpoint's values, all-gathered
+    reference = _Tied()
+    reference.load_state_dict(ckpt)
+    result["checkpoint, forward"] = reference(torch.arange(10)).detach()
+    result["ckpt"] = ckpt
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 
 

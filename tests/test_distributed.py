@@ -36,7 +36,7 @@ def test_fsdp2_shards_are_exact_slices_of_eager_init(tmp_path: Path, job: str) -
     tensors), before FSDP swaps in unsharded parameters: the model is left as it was, and materialize, forward
     and backward then give eager's values. `-bf16`: materialized
     as bfloat16, eager's values cast. Without a cast each sharded parameter stays the same object (its local
-    values given in place, as FSDP's own re-padding does); a cast makes a new DTensor per parameter."""
+    values given in place, as FSDP's own re-padding does); a cast swaps a new DTensor into each parameter object."""
     ranks = _spawn(job, tmp_path)
     torch.manual_seed(0)
     reference = MODELS[job.removesuffix("-refused").removesuffix("-bf16")]()
@@ -53,7 +53,7 @@ def test_fsdp2_shards_are_exact_slices_of_eager_init(tmp_path: Path, job: str) -
         assert_same_tensors(result["local"], expected)
         assert_same_tensors(result["buffers"], eager_buffers)  # no extra, none missing, non-persistent too
         assert result["deferred"] == []
-        assert result["kept"] == ([] if job.endswith("-bf16") else result["names"])
+        assert result["kept"] == result["names"]  # the same objects, a cast too (swapped in, as `Module._apply`)
         assert result["tied"] == job.startswith("gpt2")  # GPT-2 ties, this Llama does not
     assert_same_tensors(ranks[0]["loss"], ranks[1]["loss"], "loss")  # same parameters, same batch: same bits
 
@@ -132,3 +132,34 @@ def test_fsdp2_not_exact_generates_local_slices_reproducibly(tmp_path: Path) -> 
     weight = one[0]["full"]["transformer.h.0.mlp.c_fc.weight"]
     assert abs(weight.std().item() - eager["transformer.h.0.mlp.c_fc.weight"].std().item()) < 0.005
     assert not torch.equal(weight, eager["transformer.h.0.mlp.c_fc.weight"])  # not eager's bits
+
+
+def test_fsdp2_materialize_again_loads_casts_and_keeps_parameter_objects(tmp_path: Path) -> None:
+    """A second materialize of a sharded model loads `checkpoint=` into shards already real (ignored before,
+    silently, also a bad checkpoint); a cast or a sub-module materialized first keeps each parameter the object
+    an optimizer holds, with its attributes and ties (new objects before: the optimizer trained nothing); a model
+    built on the meta device and sharded there takes a checkpoint; `tl.save` of shards and a load into FSDP's
+    unsharded parameters are refused."""
+    ranks = _spawn("again", tmp_path)
+    for result in ranks:
+        ckpt = result["ckpt"]
+        expected = {k: ckpt[k] for k in result["partly, then checkpoint"]}  # the tied head: one parameter
+        assert_same_tensors(result["partly, then checkpoint"], expected)
+        assert_same_tensors(result["real, then checkpoint"], {k: v * 2 for k, v in expected.items()})
+        assert_same_tensors(result["after a refused checkpoint"], {k: v * 2 for k, v in expected.items()})
+        assert_same_tensors(result["meta, checkpoint"], expected)
+        assert_same_tensors(result["resharded, checkpoint"], expected)
+        errors = result["errors"]
+        assert len(errors) == 5, errors
+        assert "`a.weight`" in errors[0] and "(3, 3)" in errors[0]
+        assert "`emb.weight`" in errors[1] and "`b.weight`" in errors[1]  # every missing key named at once
+        assert "sharded DTensor" in errors[2] and not result["saved anyway"]
+        assert "on the meta device with no record" in errors[3] and "no `checkpoint=` was given" in errors[3]
+        assert "m.reshard()" in errors[4] and "5 sharded ones (`emb.weight`" in errors[4]
+        assert torch.equal(result["resharded, forward"], result["checkpoint, forward"])
+        for name, eager in (("cast", "eager cast"), ("sub-module first", "eager"), ("tied sub-module first", "eager")):
+            run = result[name]
+            assert run["kept"] == list(result["partly, then checkpoint"]), name
+            assert run["attribute"] and run["tied"], name
+            assert_same_tensors(run["full"], result[eager]["full"], name)  # trained: the optimizer held them
+            assert_same_tensors(run["loss"], result[eager]["loss"], name)

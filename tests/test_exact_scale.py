@@ -265,7 +265,7 @@ def test_a_shard_alone_is_the_eager_rows(rows: tuple[int, int]) -> None:
         record, sid = found
         size = tuple(fake.shape)
         start, stop = rows if len(size) > 1 or rows[1] <= size[0] else (0, size[0])
-        shard = _distributed.Shard(name, [], None, record, _record.TRef.of(sid, fake))
+        shard = _distributed.Shard(name, [], None, {}, record=record, ref=_record.TRef.of(sid, fake))
         shard.__dict__["slices"] = (slice(start, stop), *(slice(0, n) for n in size[1:]))
         local = _distributed._local_exact(record, shard)
         assert local is not None, name  # the slice alone, not a full tensor

@@ -72,7 +72,7 @@ def test_a_shard_alone_is_the_whole_tensors_rows(rows: tuple[int, int]) -> None:
         size = tuple(fake.shape)
         stop = min(rows[1], size[0])
         start = min(rows[0], stop)
-        shard = _distributed.Shard(name, [], None, record, _record.TRef.of(sid, fake))
+        shard = _distributed.Shard(name, [], None, {}, record=record, ref=_record.TRef.of(sid, fake))
         shard.__dict__["slices"] = (slice(start, stop), *(slice(0, n) for n in size[1:]))
         local = _distributed._local_only(record, shard, "cpu")
         assert local is not None, name  # only the local rows were made

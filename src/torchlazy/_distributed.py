@@ -25,10 +25,9 @@ from torch import nn
 
 from . import _counter, _rng
 from . import _torch_compat as tc
-from ._deferred import origin_of, storage_of
+from ._deferred import fake_attrs, origin_of, storage_of
 from ._drawkernels import run_draw
-from ._errors import DeferredError
-from ._modtree import Placement
+from ._modtree import Placement, swap_all, unswappable
 from ._record import (
     GENERATOR_LOCK,
     Const,
@@ -48,20 +47,14 @@ __all__ = ["sharded_targets", "materialize_shards"]
 
 
 @dataclass
-class Shard:
+class Sharded:
+    """A DTensor parameter FSDP registered, with no record: already real (to load or cast), or meta (a model
+    built on the meta device, then sharded: only a checkpoint gives its values)."""
+
     path: str
     owners: list[tuple[nn.Module, str]]
     param: Any  # the DTensor parameter FSDP registered
-    record: Record
-    ref: TRef  # the full tensor it is a slice of (`whole`: the local tensor itself)
-
-    layouts: dict[Any, tuple[slice, ...]] = field(default_factory=dict)  # slices by layout, shared by one call's shards
-    whole: bool = False  # `ref` is the local tensor itself, not the full parameter it is a slice of
-
-    @functools.cached_property
-    def kept(self) -> tuple[slice, ...]:
-        """The local values' slices of `ref`: the layout's slices of the full parameter, or all of the local tensor."""
-        return tuple(slice(0, n) for n in self.ref.size) if self.whole else self.slices
+    layouts: dict[Any, tuple[slice, ...]]  # slices by layout, shared by one call's shards
 
     @functools.cached_property
     def slices(self) -> tuple[slice, ...]:
@@ -75,37 +68,51 @@ class Shard:
         return found
 
 
-def sharded_targets(module: nn.Module) -> list[Shard]:
-    """DTensor parameters whose local tensors are still fake (or meta)."""
+@dataclass
+class Shard(Sharded):
+    """A DTensor parameter whose local tensor is deferred: its values come from a record."""
+
+    record: Record = field(kw_only=True)
+    ref: TRef = field(kw_only=True)  # the full tensor it is a slice of (`whole`: the local tensor itself)
+    whole: bool = False  # `ref` is the local tensor itself, not the full parameter it is a slice of
+
+    @functools.cached_property
+    def kept(self) -> tuple[slice, ...]:
+        """The local values' slices of `ref`: the layout's slices of the full parameter, or all of the local tensor."""
+        return tuple(slice(0, n) for n in self.ref.size) if self.whole else self.slices
+
+
+def sharded_targets(module: nn.Module, real: bool = False) -> list[Sharded]:
+    """DTensor parameters whose local tensors are still fake (with their record) or meta (no record: only a
+    checkpoint can give their values); with `real`, those already materialized too (to load or cast)."""
     DTensor = tc.dtensor_type()
     if DTensor is None:
         return []
-    shards: dict[int, Shard] = {}
+    shards: dict[int, Sharded] = {}
     layouts: dict[Any, tuple[slice, ...]] = {}
     for prefix, owner in module.named_modules(remove_duplicate=False):
         for name, p in owner._parameters.items():
             if not isinstance(p, DTensor):
                 continue
             local = tc.dtensor_local(p)
-            if not (local.is_meta or tc.is_fake(local)):
+            waiting = local.is_meta or tc.is_fake(local)
+            if not (waiting or real):
                 continue
             if id(p) in shards:
                 shards[id(p)].owners.append((owner, name))
                 continue
-            original = origin_of(owner, name)
+            original = origin_of(owner, name) if waiting else None
             origin = storage_of(original) if original is not None else None
             path = f"{prefix}.{name}" if prefix else name
-            if original is None or origin is None:
-                raise DeferredError(
-                    f"`{path}` is a sharded parameter with no values and no record: construct the "
-                    "model under `tl.deferred()` before `fully_shard`, or pass `checkpoint=`."
-                )
-            shard = Shard(path, [(owner, name)], p, origin[0], TRef.of(origin[1], original), layouts)
+            if original is None or origin is None:  # real, or meta with nothing recorded: a checkpoint's values
+                shards[id(p)] = Sharded(path, [(owner, name)], p, layouts)
+                continue
+            shard = Shard(path, [(owner, name)], p, layouts, record=origin[0], ref=TRef.of(origin[1], original))
             own = storage_of(local)
             if own is not None and not _copied_untouched(shard, own[0], own[1]):
                 # written since `fully_shard` copied it (or its source written before the copy, after the block):
                 # the local tensor's own record holds its values
-                shard = Shard(path, [(owner, name)], p, own[0], TRef.of(own[1], local), layouts, whole=True)
+                shard = Shard(path, [(owner, name)], p, layouts, record=own[0], ref=TRef.of(own[1], local), whole=True)
             shards[id(p)] = shard
     return list(shards.values())
 
@@ -132,20 +139,22 @@ def _copied_untouched(shard: Shard, record: Record, sid: int) -> bool:
 
 def materialize_shards(
     module: nn.Module,
-    shards: list[Shard],
+    shards: list[Sharded],
     placement: Placement,
     exact: bool,
-    read_slice: Callable[[Shard, tuple[slice, ...]], torch.Tensor | None] | None = None,
+    read_slice: Callable[[Sharded, tuple[slice, ...]], torch.Tensor | None] | None = None,
 ) -> None:
     """Give every shard its local values, then hand them to FSDP."""
     local: dict[int, torch.Tensor] = {}
     todo: list[Shard] = []
     for shard in shards:
         value = read_slice(shard, shard.slices) if read_slice is not None else None
-        if value is None:
-            todo.append(shard)
-        else:
+        if value is not None:
             local[id(shard.param)] = value
+        elif isinstance(shard, Shard):
+            todo.append(shard)
+        else:  # real already (cast or moved only); a meta one without a checkpoint value was refused up front
+            local[id(shard.param)] = tc.dtensor_local(shard.param)
     by_record: dict[int, list[Shard]] = {}
     for shard in todo:
         by_record.setdefault(id(shard.record), []).append(shard)
@@ -303,10 +312,14 @@ _ELEMENTWISE_FILLS = {
 }  # fmt: skip
 
 
-def _install(module: nn.Module, shards: list[Shard], local: dict[int, torch.Tensor], placement: Placement) -> None:
-    """Put each local tensor in place and let FSDP re-pad it at once, so one shard is live twice at most."""
+def _install(module: nn.Module, shards: list[Sharded], local: dict[int, torch.Tensor], placement: Placement) -> None:
+    """Put each local tensor in place and let FSDP re-pad it at once, so one shard is live twice at most. Each
+    parameter stays the object the model, its ties and an optimizer hold: its local tensor replaced in place, or
+    (another dtype or device) a new DTensor swapped into it, its attributes kept, as `Module._apply` does."""
     DTensor: Any = tc.dtensor_type()
+    # FSDP's managers under `module` (a sub-module's parameters managed above it: FSDP re-pads at its lazy init)
     managers = {(id(owner), name): manager for owner, name, manager in tc.fsdp_params(module)}
+    fresh: list[tuple[Sharded, Any, nn.Parameter, Any]] = []  # (shard, parameter, its new value, manager)
     with torch.no_grad():
         for shard in shards:
             p = shard.param
@@ -314,18 +327,28 @@ def _install(module: nn.Module, shards: list[Shard], local: dict[int, torch.Tens
                 placement_here = Placement(torch.device(p.device_mesh.device_type), placement.dtype)
             else:
                 placement_here = placement
-            values = placement_here.place(local.pop(id(p)), p).contiguous()
-            # FSDP's manager of the parameter (the first owner it manages it for)
+            given = local.pop(id(p))
+            values = placement_here.place(given, p).contiguous()
+            if values is tc.dtensor_local(p):
+                continue  # real already, nothing to load, cast or move
+            del given
             manager = next((managers[(id(o), n)] for o, n in shard.owners if (id(o), n) in managers), None)
-            if manager is not None and tc.take_local(p, values):  # the same parameter, its values in place
-                manager.reset_sharded_param()  # re-padded: FSDP's own state follows
+            if tc.take_local(p, values):  # the same parameter, its values in place
+                if manager is not None:
+                    manager.reset_sharded_param()  # re-padded: FSDP's own state follows
                 continue
             new = DTensor.from_local(
                 values, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
             )
             del values
-            param = nn.Parameter(new, requires_grad=p.requires_grad)
-            for owner, name in shard.owners:
-                owner._parameters[name] = param
+            fresh.append((shard, p, nn.Parameter(new, requires_grad=p.requires_grad), manager))
+        if not fresh:
+            return
+        refused = set(unswappable([p for _, p, _, _ in fresh]))  # a view of it held elsewhere: put in by reference
+        swap_all(module, [(p, new) for i, (_, p, new, _) in enumerate(fresh) if i not in refused], fake_attrs())
+        for i, (shard, _, new, manager) in enumerate(fresh):
+            if i in refused:
+                for owner, name in shard.owners:
+                    owner._parameters[name] = new
             if manager is not None:
                 manager.reset_sharded_param()

@@ -22,7 +22,7 @@ from torch import nn
 from . import _deferred, _lazy, _paths
 from . import _torch_compat as tc
 from ._checkpoint import Checkpoint, KeyPlan, open_checkpoint, plan_keys, renamer
-from ._distributed import Shard, materialize_shards, sharded_targets
+from ._distributed import Shard, Sharded, materialize_shards, sharded_targets
 from ._errors import ArgumentError, CheckpointError, DeferredError
 from ._modtree import Placement, module_tensors, release_graphs, swap_all, unswappable
 from ._record import GENERATOR_LOCK, Record, default_generator, explicit_generators_kept, global_sets
@@ -144,22 +144,21 @@ def materialize(
     _paths.remember_paths(module)
     placement = Placement.of(device, dtype, "tl.materialize")
     with _deferred.suspended(), _lazy.transaction(), _deferred.gc_paused():
+        changes = checkpoint is not None or device is not None or dtype is not None  # real tensors take them too
+        _refuse_unsharded(module, changes)  # first: reading a model's keys (`state_dict`) makes FSDP reshard
         ckpt = None
         if checkpoint is not None:
             ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
             _build_lazy_from_checkpoint(module, ckpt, renamer(module, ckpt, key_map), strict)
-        _refuse_unsharded(module)
         targets, real = _collect(module)
-        shards = sharded_targets(module)
+        shards = sharded_targets(module, real=changes)
         if not exact:
-            _refuse_read_values([t.record for t in targets] + [s.record for s in shards])
+            _refuse_read_values([t.record for t in targets] + [s.record for s in shards if isinstance(s, Shard)])
         plan = plan_keys(module, ckpt, key_map) if ckpt is not None else None
+        _refuse_valueless(shards, plan)
         everything = targets + real
         if plan is not None:
-            sharded_found = any(plan.find(shard.param) is not None for shard in shards)  # read later, per rank
-            values, rest = _read_checkpoint(
-                plan, everything, strict, placement, sharded_found, [shard.path for shard in shards]
-            )
+            values, rest = _read_checkpoint(plan, everything, strict, placement, shards)
         else:
             values, rest = {}, everything
         for t in rest:
@@ -199,10 +198,22 @@ def _refuse_read_values(records: list[Record | None]) -> None:
         )
 
 
-def _refuse_unsharded(module: nn.Module) -> None:
+def _refuse_unsharded(module: nn.Module, changes: bool) -> None:
     """A forward tried before materialize left FSDP mid-forward with uninitialized unsharded parameters in place
-    of the deferred shards: materializing would keep those. Refused, the model unchanged."""
-    stale = tc.fsdp_unsharded_deferred(module)
+    of the deferred shards: materializing would keep those. Refused, the model unchanged. So is loading or casting
+    (`changes`) a materialized FSDP model that holds its unsharded parameters (`reshard_after_forward=False`): the
+    values would go into tensors FSDP drops at its next all-gather."""
+    if changes:
+        held = [_paths.attribute_path(owner, name) for owner, name in tc.fsdp_unsharded(module, deferred=False)]
+        if held:
+            raise ArgumentError(
+                f"`tl.materialize`: FSDP holds the unsharded parameters of {len(held)} sharded ones "
+                f"({', '.join(f'`{n}`' for n in held[:3])}{', ...' if len(held) > 3 else ''}), as a forward leaves "
+                "them with `reshard_after_forward=False`: a checkpoint or cast would go into tensors FSDP replaces "
+                "at its next all-gather. Reshard each FSDP module first (`for m in model.modules(): if isinstance(m, "
+                "FSDPModule): m.reshard()`); the model is unchanged."
+            )
+    stale = tc.fsdp_unsharded(module, deferred=True)
     if stale:
         names = [_paths.attribute_path(owner, name) for owner, name in stale]  # paths remembered on entry
         raise DeferredError(
@@ -241,13 +252,27 @@ def _build_lazy_from_checkpoint(
             )
 
 
+def _refuse_valueless(shards: list[Sharded], plan: KeyPlan | None) -> None:
+    """Sharded parameters on the meta device with no record (a model built on meta, then `fully_shard`): only a
+    checkpoint can give them values. Refused up front, the model unchanged, where it does not hold them."""
+    for shard in shards:
+        local = tc.dtensor_local(shard.param)
+        if isinstance(shard, Shard) or not local.is_meta or (plan is not None and plan.find(shard.param)):
+            continue
+        where = f"`{plan.ckpt.path}` has no value for it" if plan is not None else "no `checkpoint=` was given"
+        raise DeferredError(
+            f"`{shard.path}` is a sharded parameter on the meta device with no record of how to make it, and "
+            f"{where}: construct the model under `tl.deferred()` (not `torch.device('meta')`) before "
+            "`fully_shard`, or pass a `checkpoint=` that holds it."
+        )
+
+
 def _read_checkpoint(
     plan: KeyPlan,
     targets: list[_Target],
     strict: bool,
     placement: Placement,
-    sharded_found: bool = False,
-    sharded: list[str] | None = None,
+    shards: list[Sharded],
 ) -> tuple[dict[int, torch.Tensor], list[_Target]]:
     """Values read from the checkpoint, and the targets left for the record (all checked before any read)."""
     rest: list[_Target] = []
@@ -262,10 +287,18 @@ def _read_checkpoint(
         key, source = found
         plan.check(key, source, tuple(target.tensor.shape), target.tensor.dtype)
         reads.append((target, source))
+    sharded_found = False  # FSDP's sharded parameters are read later, per rank: only looked up here
+    for shard in shards:
+        found = plan.find(shard.param)
+        if found is None:
+            missing += plan.keys_of(shard.param)[:1]
+        else:
+            sharded_found = True
+            plan.check(*found, tuple(shard.param.shape), shard.param.dtype)  # a wrong shape: refused before any work
     error = plan.mismatch(missing) if strict else None
     if error is not None:
         raise error
-    wanted = missing + (sharded or [])  # FSDP's sharded parameters are read later, per rank
+    wanted = missing + [shard.path for shard in shards]
     if not reads and wanted and plan.ckpt.entries and not sharded_found:  # strict=False, nothing at all matched
         raise CheckpointError(
             f"none of the model's tensors is in `{plan.ckpt.path}` (the model's keys look like "
@@ -297,10 +330,10 @@ def _as_loaded(value: torch.Tensor, like: torch.Tensor, placement: Placement, ma
     return out.copy_(value)
 
 
-def _shard_reader(plan: KeyPlan, strict: bool) -> Callable[[Shard, tuple[slice, ...]], torch.Tensor | None]:
+def _shard_reader(plan: KeyPlan, strict: bool) -> Callable[[Sharded, tuple[slice, ...]], torch.Tensor | None]:
     """For sharded parameters: read each rank's slice of the checkpoint tensor, nothing more."""
 
-    def read(shard: Shard, index: tuple[slice, ...]) -> torch.Tensor | None:
+    def read(shard: Sharded, index: tuple[slice, ...]) -> torch.Tensor | None:
         found = plan.find(shard.param)
         if found is None:
             if strict:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import _torch_compat as tc
 from ._deferred import deferred_tensors, is_deferred
 from ._errors import ArgumentError, CheckpointError
 
@@ -70,7 +71,16 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
         )
     tensors = []
     storages: set[int] = set()
+    dtensor = tc.dtensor_type()
     for key, t in _unique_state(module):
+        if dtensor is not None and isinstance(t, dtensor):
+            raise CheckpointError(
+                f"`{key}` is a sharded DTensor (FSDP2 or tensor parallel): `tl.save` writes whole tensors from one "
+                "process. Gather them first, on every rank: `sd = get_model_state_dict(model, "
+                "options=StateDictOptions(full_state_dict=True, cpu_offload=True))` (from "
+                "`torch.distributed.checkpoint.state_dict`), then on rank 0 `torch.save(sd, path)` (`checkpoint=` reads it); "
+                "or save the shards with `torch.distributed.checkpoint.save`. Nothing was written."
+            )
         t = t.contiguous().cpu()
         if t.numel() and t.untyped_storage().data_ptr() in storages:
             t = t.clone()  # a view of a tensor saved already (a buffer over another's memory): its own bytes

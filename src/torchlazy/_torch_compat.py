@@ -597,14 +597,19 @@ def local_shape_and_offset(shape: Any, mesh: Any, placements: Any) -> tuple[tupl
     return tuple(local), tuple(offset)
 
 
-def fsdp_unsharded_deferred(module: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(owner, name) of FSDP parameters whose sharded local tensors are still fake (or meta) while FSDP has their
-    unsharded ones registered: a forward began before materialize (FSDP's pre-forward hook all-gathered into
-    fresh, uninitialized tensors before torchlazy's guard refused it, and FSDP's state stayed mid-forward)."""
+def fsdp_unsharded(module: nn.Module, deferred: bool) -> list[tuple[nn.Module, str]]:
+    """(owner, name) of FSDP parameters whose unsharded tensors FSDP has registered in their place. `deferred`:
+    those whose sharded local tensors are still fake (or meta): a forward began before materialize (FSDP's
+    pre-forward hook all-gathered into fresh, uninitialized tensors before torchlazy's guard refused it, and
+    FSDP's state stayed mid-forward). Else the materialized ones (a forward with `reshard_after_forward=False`)."""
     found = []
     for owner, name, fsdp_param in fsdp_params(module):
         local = dtensor_local(fsdp_param.sharded_param)
-        if (is_fake(local) or local.is_meta) and fsdp_param.sharded_state != type(fsdp_param.sharded_state).SHARDED:
+        waiting = is_fake(local) or local.is_meta
+        registered = owner._parameters.get(name) is fsdp_param.sharded_param
+        if waiting == deferred and (
+            not registered or fsdp_param.sharded_state != type(fsdp_param.sharded_state).SHARDED
+        ):
             found.append((owner, name))
     return found
 
