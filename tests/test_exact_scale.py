@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -162,6 +163,42 @@ def test_lazy_layers_built_after_the_block_leave_the_generator_as_eager() -> Non
     eager = _with_lazy_eager()
     assert torch.equal(after, torch.randn(3))
     _same(model, eager)
+
+
+def test_a_block_left_by_an_error_leaves_the_generators_where_eager_construction_failing_left_them() -> None:
+    """A program that catches a bad configuration and carries on draws what eager draws next (the generator was
+    left at a parked position, neither eager's nor the entry's state), an explicit generator too."""
+
+    def build(gen: torch.Generator) -> None:
+        nn.Linear(30, 30)
+        torch.empty(5).normal_(generator=gen)
+        raise ValueError("bad config")
+
+    states = []
+    for deferred in (False, True):
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(3)
+        with pytest.raises(ValueError, match="bad config"):
+            with tl.deferred() if deferred else contextlib.nullcontext():
+                build(gen)
+        states.append((torch.get_rng_state(), gen.get_state(), torch.rand(3)))
+    for eager, deferred in zip(*states):
+        assert torch.equal(eager, deferred)
+
+
+def test_a_generator_state_copied_in_the_block_and_set_back_is_a_deferred_error() -> None:
+    """A copy of a state is a tensor made in the block, without values: `set_rng_state` read its missing memory
+    in C++ and PyTorch's raw RuntimeError escaped; the block's generators still end where eager left them."""
+    torch.manual_seed(0)
+    with pytest.raises(tl.DeferredError, match="reads its memory directly"):
+        with tl.deferred():
+            saved = torch.get_rng_state().clone()
+            nn.Linear(4, 4)
+            torch.set_rng_state(saved)
+    after = torch.rand(2)
+    torch.manual_seed(0)
+    nn.Linear(4, 4)
+    assert torch.equal(after, torch.rand(2))
 
 
 def test_an_explicit_generator_advances_as_eager() -> None:

@@ -536,6 +536,12 @@ FILLS_EAGER_REFUSES: dict[str, Callable[[], object]] = {
     "normal_ std below 0": lambda: torch.empty(3).normal_(0, -1),
     "normal_ std below 0, no elements": lambda: torch.empty(0).normal_(0, -1),
     "normal_ std nan": lambda: torch.empty(3).normal_(0, float("nan")),
+    "bernoulli_ p above 1": lambda: torch.empty(20).bernoulli_(1.5),
+    "bernoulli_ p below 0": lambda: torch.empty(20).bernoulli_(-0.1),
+    "random_ uint8 from below 0": lambda: torch.empty(3, dtype=torch.uint8).random_(-1, 5),
+    "random_ uint8 to past 256": lambda: torch.empty(3, dtype=torch.uint8).random_(0, 300),
+    "random_ from above to": lambda: torch.empty(3).random_(5, 2),
+    "random_ to 0": lambda: torch.empty(3, dtype=torch.int64).random_(0),
 }
 FILLS_EAGER_TAKES: dict[str, Callable[[], object]] = {
     "fill_ uint8 with -1 (wraps)": lambda: torch.empty(3, dtype=torch.uint8).fill_(-1),
@@ -551,6 +557,10 @@ FILLS_EAGER_TAKES: dict[str, Callable[[], object]] = {
     "fill_ complex64 with a complex value": lambda: torch.empty(3, dtype=torch.complex64).fill_(1 + 2j),
     "fill_ int32 with 1+0j": lambda: torch.empty(3, dtype=torch.int32).fill_(1 + 0j),
     "fill_ bool with 1+2j": lambda: torch.empty(3, dtype=torch.bool).fill_(1 + 2j),
+    "bernoulli_ p 1": lambda: torch.empty(20).bernoulli_(1.0),
+    "random_ uint8 to 256": lambda: torch.empty(3, dtype=torch.uint8).random_(0, 256),
+    "random_ bool to 2": lambda: torch.empty(3, dtype=torch.bool).random_(0, 2),
+    "random_ int8 to 5": lambda: torch.empty(3, dtype=torch.int8).random_(5),
 }
 
 

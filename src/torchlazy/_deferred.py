@@ -45,6 +45,7 @@ from ._fastops import (
     UNIFORM,
     VIEWS,
     ZERO,
+    draw_refused,
     fast_fake,
     fast_on_fakes,
     fill_refused,
@@ -630,6 +631,10 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         """Add the node of an op that makes or writes storages (`overwrites`: the storage it rewrites
         whole without reading it, or None), with its generator stream."""
         random = op_info(func).random
+        if random:
+            refused = draw_refused(func, args, kwargs)
+            if refused is not None:  # eager's kernel raises at once; replay would only at materialize
+                raise DeferredError(f"`{func}` {self._where_of(args, kwargs)}: {refused}")
         if random or (self.law_call is not None and self.law_call[1].sid in writes):
             self._follow_law(random)
         if overwrites is not None and overwrites in reads:
@@ -1152,17 +1157,37 @@ def deferred(*, concretize: bool = False) -> Iterator[None]:
         return
     record = Record()
     tc.forget_storage_conversions(fake_mode())  # a real tensor used by an earlier block is converted anew
+    failure: BaseException | None = None
     with recording(record, concretize=concretize) as recorder:
         try:
             yield
-        except RuntimeError as e:
-            if "UninitializedParameter" in str(e) or "UninitializedBuffer" in str(e):
-                raise DeferredError(
-                    f"PyTorch's own lazy modules (`nn.LazyLinear`, ...) cannot be constructed under "
-                    f"`tl.deferred()` ({e}). Use the torchlazy layers instead: `tl.nn.Linear(out_features)` "
-                    "and so on, with the same names without `Lazy`."
-                ) from e
-            raise
+        except BaseException as e:  # the generators still end where eager's construction, failing there, left them
+            failure = e
+    if failure is None:
+        _close(recorder, record)
+        return
+    with contextlib.suppress(Exception):  # the program's own error is the one to see
+        _close(recorder, record)
+    if isinstance(failure, RuntimeError) and (
+        "UninitializedParameter" in str(failure) or "UninitializedBuffer" in str(failure)
+    ):
+        raise DeferredError(
+            f"PyTorch's own lazy modules (`nn.LazyLinear`, ...) cannot be constructed under "
+            f"`tl.deferred()` ({failure}). Use the torchlazy layers instead: `tl.nn.Linear(out_features)` "
+            "and so on, with the same names without `Lazy`."
+        ) from failure
+    if isinstance(failure, RuntimeError) and "data is not allocated yet" in str(failure):
+        raise DeferredError(
+            "a tensor made inside `tl.deferred()` reached code that reads its memory directly (PyTorch said: "
+            f"{str(failure).strip().splitlines()[0]}), such as `torch.set_rng_state(state.clone())`, `Generator.set_state` or a C "
+            "extension: tensors made in the block have no values. Pass a generator state as `get_rng_state()` "
+            "returned it (no `.clone()` or arithmetic), or run that code outside the block."
+        ) from failure
+    raise failure
+
+
+def _close(recorder: _Recorder, record: Record) -> None:
+    """The block's end: its record stays open to ops after it, its generators where eager left them."""
     recorder.flush_law()
     for stream in record.streams.values():  # the program set a generator after its last draw (a seed)
         if stream.keys:

@@ -228,6 +228,38 @@ def fill_refused(
     return None
 
 
+def draw_refused(func: Any, args: Any, kwargs: Any) -> str | None:
+    """What eager's `bernoulli_` and `random_` kernels refuse and their meta kernels let pass (a probability
+    outside [0, 1], integer bounds the dtype cannot hold or in the wrong order): the message, or None."""
+    packet = func.overloadpacket
+    target = args[0] if args else None
+    if not isinstance(target, torch.Tensor):
+        return None
+    if packet is _aten.bernoulli_ and func is not _aten.bernoulli_.Tensor:
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        if type(p) in (int, float) and not 0.0 <= p <= 1.0:
+            return f"`p` must be in [0, 1] (eager raises here too), got {p}. Pass a probability."
+        return None
+    if packet is not _aten.random_ or len(args) < 2:
+        return None
+    low, high = (0, args[1]) if len(args) == 2 else (args[1], args[2])
+    if type(low) is not int or type(high) not in (int, type(None)):
+        return None
+    if high is not None and low >= high:
+        return f"it draws from [from, to) = [{low}, {high}), empty (eager raises here too). Pass from < to."
+    dtype = target.dtype
+    if dtype.is_floating_point or dtype.is_complex:
+        return None
+    info = torch.iinfo(dtype) if dtype is not torch.bool else None
+    least, most = (0, 1) if info is None else (info.min, info.max)
+    if not least <= low <= most or (high is not None and not least <= high - 1 <= most):
+        return (
+            f"[from, to) = [{low}, {high}) is out of bounds for {dtype}, which holds [{least}, {most}] (eager "
+            "raises here too). Pass bounds the dtype can hold."
+        )
+    return None
+
+
 def _law_refused(func: Any, dtype: torch.dtype, args: Any) -> str | None:
     """Eager's checks of a draw's numbers (`uniform_`'s bounds within the dtype and in order, `normal_`'s std
     at least 0), for any number of elements; None where they pass or are not plain numbers."""
