@@ -311,3 +311,26 @@ def test_summary_copies_no_tensor_a_module_keeps_in_a_dict(monkeypatch: pytest.M
     monkeypatch.setattr(torch.Tensor, "__deepcopy__", watched)
     tl.summary(model, torch.randn(2, 8))
     assert not any(t is model.tables["lut"] for t in copied)
+
+
+def test_integer_examples_that_are_views_of_one_another_build_and_summarize() -> None:
+    """A seq2seq call passes `decoder_input_ids=input_ids[:, :5]`: small integer examples keep their values as
+    constants, and torch's converter refused a constant over memory another example shares (a raw
+    AssertionError from `tl.summary`, `tl.estimate_memory` and `tl.build`)."""
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(16, 4)
+            self.out = tl.nn.Linear(3)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.out(self.emb(a)).sum() + self.emb(b).sum()
+
+    ids = torch.randint(0, 16, (2, 8))
+    model = TwoInputs()
+    tl.build(model, ids, ids[:, :5])
+    assert model.out.weight.shape == (3, 4)
+    rows = {row.path: row for row in tl.summary(model, ids, ids[:, :5]).rows}
+    assert rows["out"].outputs is not None and rows["out"].outputs[0] == (2, 8, 3)
+    assert tl.estimate_memory(model, ids, ids[:, :5]).params == sum(p.numel() * 4 for p in model.parameters())

@@ -41,7 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import _deferred, _lazy, _paths
 from . import _torch_compat as tc
 from ._errors import LazyError, ShapeError
-from ._infer import FoldConstants, fake_forward, mode_of, refuse_torch_lazy, tracking_modules
+from ._infer import FoldConstants, attributes_kept, fake_forward, mode_of, refuse_torch_lazy, tracking_modules
 from ._spec import Spec, to_fake
 
 __all__ = ["CostError", "FlopCounts", "MemoryEstimate", "count_flops", "estimate_memory"]
@@ -121,24 +121,17 @@ def _session(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         fargs, fkwargs = to_fake((args, kwargs), mode)
         paths = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
         grads = {id(p): (p, p.grad) for _, p in named_params}
-        modules = {id(m): m for m in module.modules()}.values()
-        attributes: list[tuple[dict[str, Any], dict[str, Any]]] = [
-            (held, dict(held)) for m in modules for held in (m.__dict__, m._parameters, m._buffers)
-        ]
         try:
             # the fake tensors stay in place for the whole step: a reentrant checkpoint's backward runs the
-            # module again, and with the model's own parameters back it put fake gradients on them
-            with tc.tensors_in_place(module, {**params, **buffers}), mode, FoldConstants(mode):
-                yield _Session(module, mode, params, buffers, fargs, fkwargs, paths)
+            # module again, and with the model's own parameters back it put fake gradients on them; nor does
+            # what its forward kept (`self.last = y`, a buffer registered on a first call) stay
+            with attributes_kept(module), tc.tensors_in_place(module, {**params, **buffers}), mode:
+                with FoldConstants(mode):
+                    yield _Session(module, mode, params, buffers, fargs, fkwargs, paths)
         finally:
             for p, grad in grads.values():
                 if p.grad is not grad:
                     p.grad = grad  # nothing the estimate did stays on the model
-            # nor what its forward kept (`self.last = y`, a buffer registered on a first call: fake tensors)
-            for now, then in attributes:
-                if now.keys() != then.keys() or any(now[k] is not v for k, v in then.items()):
-                    now.clear()
-                    now.update(then)
 
 
 @contextlib.contextmanager

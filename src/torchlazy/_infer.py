@@ -76,6 +76,11 @@ class FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             and torch.Tag.nondeterministic_seeded not in func.tags
         )
         if not foldable:
+            if tc.op_schema(func).is_mutable and any(not tc.is_fake(t) for t in tensors):
+                # a write into the model's real tensors (`weight.div_` in an eval-mode forward): the fake mode
+                # runs an op on real tensors alone for real. It goes to their fake copies instead, the model's
+                # values untouched
+                args, kwargs = tc.tree_map(self._fake_of, (args, kwargs))
             return func(*args, **kwargs)
 
         def real(x: Any) -> Any:
@@ -86,6 +91,26 @@ class FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if any(isinstance(t, torch.Tensor) and t.numel() > CONSTANT_LIMIT for t in tc.tree_leaves(out)):
             return func(*args, **kwargs)
         return tc.tree_map(lambda t: tc.make_constant_fake(self.mode, t) if isinstance(t, torch.Tensor) else t, out)
+
+    def _fake_of(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and not tc.is_fake(x):
+            return self.mode.from_tensor(x)  # the same copy each time (the converter's memo): reads see the write
+        return x
+
+
+@contextlib.contextmanager
+def attributes_kept(module: nn.Module) -> Iterator[None]:
+    """Whatever a forward sets on the modules (`self.last = y`, a flag, a buffer registered on a first call) is
+    put back as it was on exit: a run on fake tensors leaves the model as it found it."""
+    modules = {id(m): m for m in module.modules()}.values()
+    attributes = [(held, dict(held)) for m in modules for held in (m.__dict__, m._parameters, m._buffers)]
+    try:
+        yield
+    finally:
+        for now, then in attributes:
+            if now.keys() != then.keys() or any(now[k] is not v for k, v in then.items()):
+                now.clear()
+                now.update(then)
 
 
 def fake_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -179,7 +204,8 @@ def build(
     with _lazy.transaction():
         examples = bool(example_args or example_kwargs)  # none: nothing lazy, nothing to check
         if examples and not _shape_on_meta_twin(module, example_args, example_kwargs):
-            fake_forward(module, example_args, example_kwargs)
+            with torch.no_grad():  # shapes only; a graph kept alive (a custom Function's cycle) held the tensors
+                fake_forward(module, example_args, example_kwargs)
         _lazy.relink_ties(module)
         if _deferred.is_deferred(module):
             materialize(module, device=device, dtype=dtype)

@@ -71,8 +71,9 @@ def to_fake(example: Any, mode: Any) -> Any:
         if isinstance(x, torch.Tensor):
             if not x.is_floating_point() and x.numel() <= CONSTANT_LIMIT and x.device.type == "cpu":
                 # small integer tensors (lengths, indices) keep their values, so forwards that
-                # read them (packed sequences, gathers) still run
-                return tc.make_constant_fake(mode, x)
+                # read them (packed sequences, gathers) still run; each its own copy: torch's converter
+                # refuses a constant over memory another example shares (`decoder_input_ids=ids[:, :5]`)
+                return tc.make_constant_fake(mode, x.clone())
             return mode.from_tensor(x)
         return x
 

@@ -21,7 +21,7 @@ from . import _lazy
 from . import _torch_compat as tc
 from ._costs import FlopCounts, count_flops
 from ._errors import ArgumentError
-from ._infer import fake_forward, refuse_torch_lazy
+from ._infer import attributes_kept, fake_forward, refuse_torch_lazy
 from ._twin import run_twin
 
 __all__ = ["Row", "Summary", "summary"]
@@ -241,12 +241,13 @@ def summary(
             return _summary_of_meta_twin(module, example_args, example_kwargs, depth)
         except Exception:  # noqa: BLE001  (model code that needs fake tensors: the exact path below)
             pass
-    with _lazy.transaction(rollback=True):
+    with _lazy.transaction(rollback=True), attributes_kept(module):
         calls: dict[int, tuple[tuple[Shape, ...], tuple[Shape, ...]]] = {}
         if example_args or example_kwargs:
             hooks = [m.register_forward_hook(_recorder(calls), with_kwargs=True) for m in module.modules()]
             try:
-                fake_forward(module, example_args, example_kwargs)
+                with torch.no_grad():  # shapes only; a graph kept alive (a custom Function's cycle) held the tensors
+                    fake_forward(module, example_args, example_kwargs)
             finally:
                 for h in hooks:
                     h.remove()
