@@ -183,6 +183,28 @@ def test_flops_of_a_deferred_model_and_per_module_attribution() -> None:
     assert tl.is_deferred(model)
 
 
+def test_a_float32_mixture_of_experts_is_counted_as_it_runs_on_the_cpu() -> None:
+    """transformers' MoE layers call `_grouped_mm`, whose meta kernel demands bfloat16 (CUDA's rule) while the CPU
+    kernel takes float32: summaries and estimates of a float32 Mixtral failed with a ShapeError blaming the inputs."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model, ids = MixtralForCausalLM(config), torch.randint(0, 128, (1, 8))
+    with FlopCounterMode(display=False) as counter:
+        logits = model(input_ids=ids).logits
+    assert counter.get_total_flops() > 0
+    s = tl.summary(model, input_ids=ids, flops=True)
+    assert s.total_flops == counter.get_total_flops()
+    rows = {r.path: r for r in s.rows}
+    assert rows["lm_head"].outputs is not None and rows["lm_head"].outputs[0] == tuple(logits.shape)
+    estimate = tl.estimate_memory(model, example_kwargs={"input_ids": ids})
+    assert estimate.params == sum(p.numel() * 4 for p in model.parameters()) and estimate.peak > 3 * estimate.params
+
+
 # -- memory ------------------------------------------------------------------------------------------
 
 

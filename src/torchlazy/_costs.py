@@ -154,7 +154,7 @@ def _naming_failures(module: nn.Module) -> Iterator[None]:
             culprit = stack[-1] if stack else module
             path = _paths.known_path(culprit) or "the model's root"
             raise ShapeError(
-                f"`{path}` ({type(culprit).__name__}) fails on the example inputs: {e}. Check the examples' shapes "
+                f"`{path}` ({type(culprit).__name__}) fails on the example inputs: {str(e).rstrip('.')}. Check the examples' shapes "
                 "and dtypes against what the forward expects (`tl.summary(model, ...)` shows each module's shapes)."
             ) from e
 

@@ -50,6 +50,31 @@ def tracking_modules() -> Iterator[list[nn.Module]]:
             h.remove()
 
 
+def _grouped_mm_off_cuda(func: Any, args: Any, kwargs: Any) -> Any:
+    """`_grouped_mm` (mixture-of-experts layers) of float32 or float16 matrices: its meta kernel demands
+    bfloat16 and CUDA's alignments while the CPU kernel takes them, so a float32 MoE model failed on fake
+    tensors. The output as the CPU kernel makes it: the operands' dtype (or `out_dtype`), contiguous."""
+    mat_a, mat_b = args[0], args[1]
+    if mat_a.dtype is torch.bfloat16 or mat_a.device.type == "cuda":
+        return func(*args, **kwargs)
+    offs = args[2] if len(args) > 2 else kwargs.get("offs")
+    if mat_a.dim() == 2 and mat_b.dim() == 2:  # both jagged along the inner dimension: one product per group
+        groups = offs.size(0) if offs is not None else 1
+        shape: tuple[int, ...] = (groups, mat_a.size(0), mat_b.size(1))
+    elif mat_a.dim() == 2:  # rows of `mat_a` in groups, one matrix of `mat_b` each
+        shape = (mat_a.size(0), mat_b.size(-1))
+    elif mat_b.dim() == 2:
+        shape = (mat_a.size(1), mat_b.size(1))
+    else:  # a batched product
+        shape = (mat_a.size(0), mat_a.size(1), mat_b.size(-1))
+    dtype = kwargs.get("out_dtype") or (args[4] if len(args) > 4 else None) or mat_a.dtype
+    return torch.empty(shape, dtype=dtype, device=mat_a.device)
+
+
+# ops whose meta kernel refuses what the CPU kernel runs: their fake outputs made here
+_META_REFUSES = {id(torch.ops.aten._grouped_mm.default): _grouped_mm_off_cuda}
+
+
 class FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     """Ops whose inputs are all small known constants run for real, so their outputs stay known.
 
@@ -76,6 +101,9 @@ class FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             and torch.Tag.nondeterministic_seeded not in func.tags
         )
         if not foldable:
+            made = _META_REFUSES.get(id(func))
+            if made is not None and any(tc.is_fake(t) for t in tensors):
+                return made(func, args, kwargs)
             if tc.op_schema(func).is_mutable and any(not tc.is_fake(t) for t in tensors):
                 # a write into the model's real tensors (`weight.div_` in an eval-mode forward): the fake mode
                 # runs an op on real tensors alone for real. It goes to their fake copies instead, the model's
