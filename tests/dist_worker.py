@@ -40,6 +40,8 @@ def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> N
         return collectives(rank, mesh, out)
     if job == "again":
         return again(rank, mesh, out)
+    if job == "hsdp":
+        return hsdp(rank, world, out)
     exact = not job.endswith("-fast")
     refused = job.endswith("-refused")  # a forward tried (and refused) before materialize
     dtype = torch.bfloat16 if job.endswith("-bf16") else None  # a cast: a new DTensor swapped into each parameter
@@ -342,6 +344,36 @@ def again(rank: int, mesh: object, out: str) -> None:
     reference = _Tied()
     reference.load_state_dict(ckpt)
     result["checkpoint, forward"] = reference(torch.arange(10)).detach()
+    result["ckpt"] = ckpt
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+
+
+def hsdp(rank: int, world: int, out: str) -> None:
+    """HSDP: 2-D meshes (replicate, shard) of both shapes 2 ranks allow, and a `Shard(1)` placement: the gathered
+    parameters are eager's, exact and checkpointed, and `exact=False` gives the same values on every layout."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    import torchlazy as tl
+
+    def make() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+
+    result: dict[str, dict[str, torch.Tensor]] = {}
+    torch.manual_seed(3)
+    ckpt = {k: v.detach().clone() for k, v in make().state_dict().items()}
+    for shape in ((1, world), (world, 1), None):
+        mesh = init_device_mesh("cpu", shape or (world,), mesh_dim_names=("replicate", "shard") if shape else None)
+        options: dict[str, object] = {} if shape else {"shard_placement_fn": lambda p: Shard(p.dim() - 1)}
+        for how in ("exact", "fast", "checkpoint"):
+            torch.manual_seed(0)
+            with tl.deferred():
+                model = make()
+            fully_shard(model[0], mesh=mesh, **options)
+            fully_shard(model, mesh=mesh, **options)
+            tl.materialize(model, exact=how != "fast", checkpoint=ckpt if how == "checkpoint" else None)
+            result[f"{shape} {how}"] = {k: p.full_tensor().detach().clone() for k, p in model.named_parameters()}
     result["ckpt"] = ckpt
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 

@@ -163,3 +163,21 @@ def test_fsdp2_materialize_again_loads_casts_and_keeps_parameter_objects(tmp_pat
             assert run["attribute"] and run["tied"], name
             assert_same_tensors(run["full"], result[eager]["full"], name)  # trained: the optimizer held them
             assert_same_tensors(run["loss"], result[eager]["loss"], name)
+
+
+def test_hsdp_meshes_and_a_shard_1_placement_are_exact_and_layout_free(tmp_path: Path) -> None:
+    """2-D meshes (replicate, shard) of shapes (1, 2) and (2, 1), and `Shard(1)` on a 1-D mesh: gathered values
+    equal eager's (exact) and the checkpoint's; exact=False gives the same values on every layout and alone."""
+    ranks = _spawn("hsdp", tmp_path)
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))  # noqa: E731
+    eager = {k: p.detach() for k, p in make().named_parameters()}
+    torch.manual_seed(0)
+    with tl.deferred():
+        alone = make()
+    fast = {k: p.detach() for k, p in tl.materialize(alone, exact=False).named_parameters()}
+    for result in ranks:
+        for shape in ("(1, 2)", "(2, 1)", "None"):
+            assert_same_tensors(result[f"{shape} exact"], eager, shape)
+            assert_same_tensors(result[f"{shape} checkpoint"], result["ckpt"], shape)
+            assert_same_tensors(result[f"{shape} fast"], fast, shape)
