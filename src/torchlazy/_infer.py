@@ -72,7 +72,7 @@ def _grouped_mm_off_cuda(func: Any, args: Any, kwargs: Any) -> Any:
 
 
 # ops whose meta kernel refuses what the CPU kernel runs: their fake outputs made here
-_META_REFUSES = {id(torch.ops.aten._grouped_mm.default): _grouped_mm_off_cuda}
+_META_REFUSES = {id(op): made for op, made in ((tc.grouped_mm_op(), _grouped_mm_off_cuda),) if op is not None}
 
 
 class FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]

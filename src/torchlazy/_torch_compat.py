@@ -146,6 +146,12 @@ def local_scalar_op() -> Any:
     return torch.ops.aten._local_scalar_dense.default
 
 
+def grouped_mm_op() -> Any:
+    """The operator of mixture-of-experts layers' grouped matrix products (`F.grouped_mm`), or None before it."""
+    packet = getattr(torch.ops.aten, "_grouped_mm", None)
+    return None if packet is None else packet.default
+
+
 # -- fake tensors --------------------------------------------------------------------
 
 
