@@ -404,3 +404,27 @@ def test_strict_false_with_a_checkpoint_none_of_whose_keys_match_is_refused() ->
     assert tl.is_deferred(model.weight)
     partial = {"weight": source["encoder"].weight.detach()}  # one key matching is a partial load, as before
     assert torch.equal(tl.materialize(model, checkpoint=partial, strict=False).weight, partial["weight"])
+
+
+def test_a_model_built_on_the_meta_device_takes_a_checkpoint_and_nothing_stays_meta() -> None:
+    """A model built under `torch.device("meta")` has no record: a checkpoint gives its values (on the CPU, or
+    `device=`/`dtype=`); they were 'loaded' into meta tensors and stayed meta, silently. With no value for a
+    tensor, a DeferredError names it and the model is unchanged."""
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+
+    source = make().state_dict()
+    with torch.device("meta"):
+        model = make()
+    tl.materialize(model, checkpoint=source)
+    assert all(t.device.type == "cpu" and torch.equal(t, source[k]) for k, t in model.state_dict().items())
+    with torch.device("meta"):
+        model = make()
+    with pytest.raises(tl.DeferredError, match=r"\(`0.bias`\) on the meta device"):
+        tl.materialize(model, checkpoint={k: v for k, v in source.items() if k != "0.bias"}, strict=False)
+    with pytest.raises(tl.DeferredError, match="on the meta device"):
+        tl.materialize(model)
+    assert all(t.is_meta for t in model.state_dict().values())
+    tl.materialize(model, checkpoint=source, dtype=torch.bfloat16)
+    assert model[0].weight.dtype == torch.bfloat16 and torch.equal(model[0].weight, source["0.weight"].bfloat16())

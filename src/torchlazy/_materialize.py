@@ -161,6 +161,7 @@ def materialize(
             values, rest = _read_checkpoint(plan, everything, strict, placement, shards)
         else:
             values, rest = {}, everything
+        _refuse_meta([t for t in rest if t.record is None])
         for t in rest:
             if t.record is None:  # real, not in the checkpoint: cast and move only
                 values[id(t.tensor)] = placement.place(t.tensor, t.tensor)
@@ -250,6 +251,19 @@ def _build_lazy_from_checkpoint(
                 "that take their sizes from it). Use `strict=False` to leave them unbuilt, or shape them first "
                 "with `tl.build(model, example)`."
             )
+
+
+def _refuse_meta(real: list[_Target]) -> None:
+    """Tensors on the meta device (a model built under `torch.device("meta")`) with no value in the checkpoint:
+    nothing can give them values (they stayed meta, silently). Refused up front, the model unchanged."""
+    meta = [t.path for t in real if t.tensor.is_meta]
+    if meta:
+        names = ", ".join(f"`{p}`" for p in meta[:3]) + (", ..." if len(meta) > 3 else "")
+        raise DeferredError(
+            f"`tl.materialize`: {len(meta)} tensor{'s' if len(meta) > 1 else ''} ({names}) on the meta device, with "
+            "no record of how to make them and no value in a checkpoint: construct the model under `tl.deferred()` "
+            "(not `torch.device('meta')`), or pass a `checkpoint=` that holds them."
+        )
 
 
 def _refuse_valueless(shards: list[Sharded], plan: KeyPlan | None) -> None:

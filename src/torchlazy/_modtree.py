@@ -28,6 +28,8 @@ __all__ = [
     "unswappable",
 ]
 
+_CPU = torch.device("cpu")
+
 
 def module_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
     """(path, owner, attribute, tensor) for every tensor the module tree holds.
@@ -271,7 +273,10 @@ class Placement:
         return self.dtype if self.dtype is not None and like.dtype.is_floating_point else like.dtype
 
     def final_device(self, like: torch.Tensor) -> torch.device:
-        return self.device if self.device is not None else like.device
+        """`device=`, else the tensor's own device (the CPU for a meta tensor, which a checkpoint fills)."""
+        if self.device is not None:
+            return self.device
+        return _CPU if like.device.type == "meta" else like.device
 
     def place(self, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """`value` (computed for `like`) on its final device and dtype; no copy when already there."""
