@@ -7,6 +7,7 @@ torchlazy error and that the model is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -351,3 +352,98 @@ def test_pickling_a_deferred_state_dict_is_a_deferred_error(tmp_path: Path) -> N
 def test_bad_arguments_of_public_functions_are_argument_errors(call: Callable[[], object]) -> None:
     with pytest.raises(tl.ArgumentError):
         call()
+
+
+class _SideEffects(nn.Module):
+    """A forward that changes its module: a sub-module and a hook registered on the first call, a counter, a
+    cache, a weight standardized through `.data`, a parameter frozen in the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.calls = 0
+        self.cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "extra"):
+            self.extra = nn.Linear(8, 8)
+            self.lin.register_forward_hook(lambda m, a, out: out * 2)
+        self.calls += 1
+        self.cache = x
+        self.lin.bias.requires_grad_(False)
+        with torch.no_grad():
+            w = self.lin.weight
+            self.lin.weight.data = (w - w.mean()) / w.std()
+        return self.extra(self.lin(x))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: tl.summary(m, tl.Spec(2, 8)),
+        lambda m: tl.summary(m, tl.Spec(2, 8), flops=True),
+        lambda m: tl.estimate_memory(m, tl.Spec(2, 8)),
+        lambda m: tl.estimate_memory(m, tl.Spec(2, 8), mode="inference"),
+        lambda m: tl.build(nn.Sequential(_Head(), m), tl.Spec(2, 8)),  # a LazyModule: build's fake forward
+    ],
+    ids=["summary", "flops", "estimate", "inference", "build"],
+)
+def test_shape_only_forwards_leave_the_model_as_they_found_it(call: Callable[[nn.Module], object]) -> None:
+    """Sub-modules and hooks registered on a first call, attributes, `.data` reassigned and `requires_grad_` in
+    the forward stayed on the model (with fake tensors): a later forward returned a fake tensor, materialize of a
+    deferred model failed, an eager model's weight became meta."""
+    for deferred in (False, True):
+        torch.manual_seed(0)
+        with tl.deferred() if deferred else contextlib.nullcontext():
+            model = _SideEffects()
+        before = {k: v.requires_grad for k, v in model.state_dict(keep_vars=True).items()}
+        values = None if deferred else {k: v.clone() for k, v in model.state_dict().items()}
+        with contextlib.suppress(tl.ShapeError):  # the fake path may refuse `.data = fake`: nothing may stay
+            call(model)
+        assert {k: v.requires_grad for k, v in model.state_dict(keep_vars=True).items()} == before
+        assert model.calls == 0 and model.cache is None and not hasattr(model, "extra")
+        assert not model.lin._forward_hooks
+        if deferred:
+            tl.materialize(model)  # `tl.build` materialized it already: a no-op then
+            torch.manual_seed(0)
+            assert_models_identical(model, _SideEffects())
+        else:
+            assert values is not None and all(torch.equal(values[k], v) for k, v in model.state_dict().items())
+
+
+class _Head(tl.LazyModule):
+    def build(self, x: torch.Tensor) -> None:
+        self.proj = nn.Linear(x.shape[-1], 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def test_materialize_under_inference_mode_gives_trainable_tensors() -> None:
+    """The block ran outside inference mode, so eager's tensors are ordinary ones: under `torch.inference_mode()`
+    materialize made inference tensors, and the next training step failed."""
+    with tl.deferred():
+        model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with torch.inference_mode():
+        tl.materialize(model)
+    assert not any(t.is_inference() for t in model.state_dict().values())
+    model(torch.randn(3, 4)).sum().backward()  # a training step: buffers updated in place, gradients
+
+
+def test_tensors_in_a_dict_attribute_are_materialized() -> None:
+    """`self.table = {"t": torch.randn(8)}`: materialize left the fake tensor there, and nothing said so."""
+
+    class Table(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.table = {"t": torch.randn(8), "n": 3}
+
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = Table()
+    assert "table.t" in tl.deferred_tensors(model)
+    tl.materialize(model)
+    torch.manual_seed(0)
+    eager = Table()
+    assert not tl.is_deferred(model) and torch.equal(model.table["t"], eager.table["t"])

@@ -9,7 +9,7 @@ records of their own. Materialization then allocates each tensor once.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -127,18 +127,29 @@ class FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
 
 @contextlib.contextmanager
-def attributes_kept(module: nn.Module) -> Iterator[None]:
-    """Whatever a forward sets on the modules (`self.last = y`, a flag, a buffer registered on a first call) is
-    put back as it was on exit: a run on fake tensors leaves the model as it found it."""
-    modules = {id(m): m for m in module.modules()}.values()
-    attributes = [(held, dict(held)) for m in modules for held in (m.__dict__, m._parameters, m._buffers)]
+def attributes_kept(module: nn.Module, keep: Callable[[nn.Module], bool] = lambda m: True) -> Iterator[None]:
+    """Whatever a forward sets on the modules (`self.last = y`, a flag, a sub-module, buffer or hook registered on a
+    first call, `p.data = ...`, `p.requires_grad_(False)`) is put back as it was on exit, for every module `keep`
+    accepts: a run on fake tensors leaves the model as it found it."""
+    modules = [m for m in {id(m): m for m in module.modules()}.values() if keep(m)]
+    undo = [_lazy.snapshot(m) for m in modules]
+    held = {id(t): t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}
+    tensors = [(t, t.data, t.untyped_storage(), t.requires_grad) for t in held.values() if _has_storage(t)]
     try:
         yield
     finally:
-        for now, then in attributes:
-            if now.keys() != then.keys() or any(now[k] is not v for k, v in then.items()):
-                now.clear()
-                now.update(then)
+        for put_back in undo:
+            put_back()
+        for t, data, storage, requires_grad in tensors:
+            if t.untyped_storage()._cdata != storage._cdata:  # `.data` reassigned: the real values were let go
+                t.data = data
+            if t.requires_grad != requires_grad and t.is_leaf:
+                t.requires_grad_(requires_grad)
+
+
+def _has_storage(t: torch.Tensor) -> bool:
+    """A plain or fake tensor (not an unbuilt lazy placeholder, not a wrapper subclass such as a DTensor)."""
+    return not _lazy.is_placeholder(t) and (type(t) in (torch.Tensor, nn.Parameter) or tc.is_fake(t))
 
 
 def fake_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -232,7 +243,9 @@ def build(
     with _lazy.transaction():
         examples = bool(example_args or example_kwargs)  # none: nothing lazy, nothing to check
         if examples and not _shape_on_meta_twin(module, example_args, example_kwargs):
-            with torch.no_grad():  # shapes only; a graph kept alive (a custom Function's cycle) held the tensors
+            # what the forward sets on the modules is put back (lazy layers keep what they build); autograd stays
+            # as the caller has it: a `LazyModule.build` computing from its parameters makes what eager makes
+            with attributes_kept(module, lambda m: not (_lazy.is_lazy_layer(m) or _lazy.is_lazy_module(m))):
                 fake_forward(module, example_args, example_kwargs)
         _lazy.relink_ties(module)
         if _deferred.is_deferred(module):

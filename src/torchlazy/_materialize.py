@@ -143,7 +143,9 @@ def materialize(
         )
     _paths.remember_paths(module)
     placement = Placement.of(device, dtype, "tl.materialize")
-    with _deferred.suspended(), _lazy.transaction(), _deferred.gc_paused():
+    # the tensors eager construction made: ordinary ones, trainable, whatever mode the caller materializes under
+    # (under `torch.inference_mode()` they were inference tensors, and the next training step failed)
+    with _deferred.suspended(), _lazy.transaction(), _deferred.gc_paused(), torch.inference_mode(False):
         changes = checkpoint is not None or device is not None or dtype is not None  # real tensors take them too
         _refuse_unsharded(module, changes)  # first: reading a model's keys (`state_dict`) makes FSDP reshard
         ckpt = None

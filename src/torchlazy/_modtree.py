@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _markers
 from . import _torch_compat as tc
 from ._errors import ArgumentError
 
@@ -29,12 +30,13 @@ __all__ = [
 ]
 
 _CPU = torch.device("cpu")
+_MODULE_TABLES = frozenset(nn.Module().__dict__)  # `_parameters`, `_buffers`, `_modules`, the hook tables
 
 
 def module_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
     """(path, owner, attribute, tensor) for every tensor the module tree holds.
 
-    Parameters, buffers, plain tensor attributes, and tensors in list/tuple attributes.
+    Parameters, buffers, plain tensor attributes, and tensors in list, tuple and dict attributes.
     """
     for prefix, owner in module.named_modules(remove_duplicate=False):
         dot = f"{prefix}." if prefix else ""
@@ -51,6 +53,15 @@ def module_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, tor
                 for i, item in enumerate(value):
                     if isinstance(item, torch.Tensor):
                         yield f"{dot}{name}.{i}", owner, name, item
+            elif (
+                isinstance(value, dict)
+                and name not in _MODULE_TABLES
+                and not name.startswith(_markers.PREFIX)
+                and (_holds_tensors(list(value.values())))
+            ):
+                for key, item in value.items():
+                    if isinstance(item, torch.Tensor):
+                        yield f"{dot}{name}.{key}", owner, name, item
 
 
 def _holds_tensors(items: list[Any] | tuple[Any, ...]) -> bool:
