@@ -205,6 +205,30 @@ def test_a_float32_mixture_of_experts_is_counted_as_it_runs_on_the_cpu() -> None
     assert estimate.params == sum(p.numel() * 4 for p in model.parameters()) and estimate.peak > 3 * estimate.params
 
 
+class _Experts(nn.Module):
+    """Two experts as one grouped product, as transformers' MoE layers make it (`weight` sized by the test)."""
+
+    def __init__(self, inner: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, inner, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.grouped_mm(x, self.weight, offs=torch.tensor([3, 6], dtype=torch.int32))
+
+
+def test_a_mis_sized_grouped_product_is_a_shape_error_as_on_the_cpu() -> None:
+    """The fake output of a float32 `_grouped_mm` follows the CPU kernel's checks: experts whose inner size does
+    not match the tokens' fail there, and gave numbers here."""
+    x = torch.randn(6, 8)
+    with FlopCounterMode(display=False) as counter:
+        assert _Experts(8)(x).shape == (6, 4)
+    assert tl.summary(_Experts(8), x, flops=True).total_flops == counter.get_total_flops()
+    with pytest.raises(RuntimeError, match="contraction"):
+        _Experts(12)(x)
+    with pytest.raises(tl.ShapeError, match="contraction"):
+        tl.summary(_Experts(12), x, flops=True)
+
+
 # -- memory ------------------------------------------------------------------------------------------
 
 

@@ -542,6 +542,7 @@ FILLS_EAGER_REFUSES: dict[str, Callable[[], object]] = {
     "random_ uint8 to past 256": lambda: torch.empty(3, dtype=torch.uint8).random_(0, 300),
     "random_ from above to": lambda: torch.empty(3).random_(5, 2),
     "random_ to 0": lambda: torch.empty(3, dtype=torch.int64).random_(0),
+    "random_ float16 to past 65504": lambda: torch.empty(3, dtype=torch.float16).random_(0, 70000),
 }
 FILLS_EAGER_TAKES: dict[str, Callable[[], object]] = {
     "fill_ uint8 with -1 (wraps)": lambda: torch.empty(3, dtype=torch.uint8).fill_(-1),
@@ -561,6 +562,7 @@ FILLS_EAGER_TAKES: dict[str, Callable[[], object]] = {
     "random_ uint8 to 256": lambda: torch.empty(3, dtype=torch.uint8).random_(0, 256),
     "random_ bool to 2": lambda: torch.empty(3, dtype=torch.bool).random_(0, 2),
     "random_ int8 to 5": lambda: torch.empty(3, dtype=torch.int8).random_(5),
+    "random_ empty int32 from -2**63 to its top": lambda: torch.empty(0, dtype=torch.int32).random_(-(2**63), None),
 }
 
 

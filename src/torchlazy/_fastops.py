@@ -248,10 +248,14 @@ def draw_refused(func: Any, args: Any, kwargs: Any) -> str | None:
     if high is not None and low >= high:
         return f"it draws from [from, to) = [{low}, {high}), empty (eager raises here too). Pass from < to."
     dtype = target.dtype
-    if dtype.is_floating_point or dtype.is_complex:
+    if dtype.is_complex or (high is None and target.numel() == 0):  # eager checks `from` alone only with elements
         return None
-    info = torch.iinfo(dtype) if dtype is not torch.bool else None
-    least, most = (0, 1) if info is None else (info.min, info.max)
+    if dtype.is_floating_point:
+        finfo = torch.finfo(dtype)
+        least, most = finfo.min, finfo.max
+    else:
+        info = torch.iinfo(dtype) if dtype is not torch.bool else None
+        least, most = (0, 1) if info is None else (info.min, info.max)
     if not least <= low <= most or (high is not None and not least <= high - 1 <= most):
         return (
             f"[from, to) = [{low}, {high}) is out of bounds for {dtype}, which holds [{least}, {most}] (eager "

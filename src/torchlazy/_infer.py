@@ -52,22 +52,43 @@ def tracking_modules() -> Iterator[list[nn.Module]]:
 
 def _grouped_mm_off_cuda(func: Any, args: Any, kwargs: Any) -> Any:
     """`_grouped_mm` (mixture-of-experts layers) of float32 or float16 matrices: its meta kernel demands
-    bfloat16 and CUDA's alignments while the CPU kernel takes them, so a float32 MoE model failed on fake
-    tensors. The output as the CPU kernel makes it: the operands' dtype (or `out_dtype`), contiguous."""
+    bfloat16 while the CPU kernel takes them, so a float32 MoE model failed on fake tensors. The CPU kernel's
+    checks (dtypes, offsets, matching dimensions, 16-byte strides), then its output: the operands' dtype,
+    contiguous."""
     mat_a, mat_b = args[0], args[1]
     if mat_a.dtype is torch.bfloat16 or mat_a.device.type == "cuda":
         return func(*args, **kwargs)
     offs = args[2] if len(args) > 2 else kwargs.get("offs")
-    if mat_a.dim() == 2 and mat_b.dim() == 2:  # both jagged along the inner dimension: one product per group
-        groups = offs.size(0) if offs is not None else 1
-        shape: tuple[int, ...] = (groups, mat_a.size(0), mat_b.size(1))
-    elif mat_a.dim() == 2:  # rows of `mat_a` in groups, one matrix of `mat_b` each
+    for name, mat in (("mat_a", mat_a), ("mat_b", mat_b)):
+        if mat.dtype not in (torch.float32, torch.float16) or mat.dtype != mat_a.dtype or mat.dim() not in (2, 3):
+            raise RuntimeError(f"grouped_mm: {name} is a {mat.dim()}-D {mat.dtype} matrix; both must be 2-D or 3-D "
+                               f"{mat_a.dtype}, float32, bfloat16 or float16")  # fmt: skip
+        if any(step != 1 and step * mat.element_size() % 16 for step in mat.stride()):
+            raise RuntimeError(f"grouped_mm: strides of {name} should be multiple of 16 bytes, got {mat.stride()}")
+    if (offs is None) != (mat_a.dim() == 3 and mat_b.dim() == 3):
+        raise RuntimeError("grouped_mm: offsets are needed with a 2-D matrix, and none with two 3-D matrices")
+    a2, b2 = mat_a.dim() == 2, mat_b.dim() == 2
+    inner = (mat_a.size(-1), mat_b.size(0) if b2 else mat_b.size(1))
+    groups = (
+        (offs.size(0), mat_b.size(0)) if a2 and not b2 else (offs.size(0), mat_a.size(0)) if b2 and not a2 else None
+    )
+    if inner[0] != inner[1]:
+        raise RuntimeError(f"grouped_mm: contraction dimension of mat_a and mat_b must match, got {inner}")
+    if groups is not None and groups[0] != groups[1]:
+        raise RuntimeError(f"grouped_mm: matrix batch sizes have to match, got {groups}")
+    if not (a2 or b2) and mat_a.size(0) != mat_b.size(0):
+        raise RuntimeError(f"grouped_mm: batched dimension has to match, got {mat_a.size(0)} and {mat_b.size(0)}")
+    if a2 and b2:  # both jagged along the inner dimension: one product per group
+        shape: tuple[int, ...] = (offs.size(0), mat_a.size(0), mat_b.size(1))
+    elif a2:  # rows of `mat_a` in groups, one matrix of `mat_b` each
         shape = (mat_a.size(0), mat_b.size(-1))
-    elif mat_b.dim() == 2:
+    elif b2:
         shape = (mat_a.size(1), mat_b.size(1))
     else:  # a batched product
         shape = (mat_a.size(0), mat_a.size(1), mat_b.size(-1))
     dtype = kwargs.get("out_dtype") or (args[4] if len(args) > 4 else None) or mat_a.dtype
+    if dtype != mat_a.dtype:
+        raise RuntimeError(f"grouped_mm: the output dtype must match mat_a's ({mat_a.dtype}) on the CPU, got {dtype}")
     return torch.empty(shape, dtype=dtype, device=mat_a.device)
 
 
