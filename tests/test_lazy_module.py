@@ -369,3 +369,39 @@ def test_a_tie_between_two_unbuilt_lazy_layers_survives_their_build(how: str) ->
         tl.build(model, tl.Spec(2, 3))
     assert model.b.weight is model.a.weight and len(list(model.parameters())) == 3
     assert_models_identical(model, eager)
+
+
+def test_build_computes_in_the_callers_autograd_mode() -> None:
+    """A `build` that derives a tensor from its parameters makes it with autograd, as eager's first call does
+    (tl.build's fake forward ran under `no_grad` for a while: the derived tensor had no graph)."""
+
+    class Derived(tl.LazyModule):
+        def build(self, x: torch.Tensor) -> None:
+            self.w = nn.Parameter(torch.ones(x.shape[-1]))
+            self.derived = self.w * 2
+            self.grad_enabled = torch.is_grad_enabled()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.w
+
+    eager, built = Derived(), Derived()
+    eager(torch.randn(2, 3))
+    tl.build(built, tl.Spec(2, 3))
+    assert eager.grad_enabled and built.grad_enabled
+    assert built.derived.requires_grad == eager.derived.requires_grad is True
+
+
+def test_summary_of_an_unbuilt_model_whose_forward_reads_values_falls_back_and_builds_nothing() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.a = tl.nn.Linear(5)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            n = int(idx.max().item())  # a value: the meta twin cannot run it, the fake forward can
+            return self.a(self.emb(idx))[:n]
+
+    model = Net()
+    rows = {r.path: r for r in tl.summary(model, torch.tensor([3, 1, 2, 4])).rows}
+    assert rows["a"].outputs == ((4, 5),) and not tl.is_built(model)
