@@ -153,19 +153,36 @@ def attributes_kept(module: nn.Module, keep: Callable[[nn.Module], bool] = lambd
     first call, `p.data = ...`, `p.requires_grad_(False)`) is put back as it was on exit, for every module `keep`
     accepts: a run on fake tensors leaves the model as it found it."""
     modules = [m for m in {id(m): m for m in module.modules()}.values() if keep(m)]
-    undo = [_lazy.snapshot(m) for m in modules]
+    # each module's attributes, and the contents of its tables (parameters, buffers, sub-modules, hooks), put
+    # back into the very objects: something may hold a module's `_parameters`
+    saved = [(m, type(m), dict(m.__dict__), [(t, t.copy()) for t in _tables(m)]) for m in modules]
     held = {id(t): t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}
     tensors = [(t, t.data, t.untyped_storage(), t.requires_grad) for t in held.values() if _has_storage(t)]
     try:
         yield
     finally:
-        for put_back in undo:
-            put_back()
+        for m, cls, attributes, tables in saved:
+            if m.__dict__.keys() != attributes.keys() or any(m.__dict__[k] is not v for k, v in attributes.items()):
+                m.__dict__.clear()
+                m.__dict__.update(attributes)
+            for table, content in tables:
+                table.clear()
+                table.update(content)
+            if type(m) is not cls:
+                m.__class__ = cls
         for t, data, storage, requires_grad in tensors:
             if t.untyped_storage()._cdata != storage._cdata:  # `.data` reassigned: the real values were let go
                 t.data = data
             if t.requires_grad != requires_grad and t.is_leaf:
                 t.requires_grad_(requires_grad)
+
+
+_TABLES = frozenset(k for k, v in nn.Module().__dict__.items() if isinstance(v, (dict, set)))
+
+
+def _tables(module: nn.Module) -> list[Any]:
+    """The module's own tables: parameters, buffers, sub-modules, the non-persistent set, every hook table."""
+    return [v for k, v in module.__dict__.items() if k in _TABLES and isinstance(v, (dict, set))]
 
 
 def _has_storage(t: torch.Tensor) -> bool:

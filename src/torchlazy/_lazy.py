@@ -265,9 +265,7 @@ def transaction(rollback: bool = False) -> Iterator[None]:
         _journal.undo = outer
 
 
-def snapshot(module: nn.Module) -> Callable[[], None]:
-    """An undo that puts back the module's attributes, its parameter, buffer, sub-module and hook tables and its
-    class as they are now."""
+def _snapshot(module: nn.Module) -> Callable[[], None]:
     state = dict(module.__dict__)
     mutable = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", *_HOOK_ATTRS)
     inner = {k: v.copy() for k, v in state.items() if k in mutable and hasattr(v, "copy")}
@@ -297,7 +295,7 @@ def _undo_now(undo: Callable[[], None]) -> None:
 def _run_build(module: nn.Module, build: Callable[[bool], None], fake_inputs: bool) -> Callable[[], None]:
     """Run `build(deferred)` for `module` where it belongs; undo everything if it fails."""
     slot = module.__dict__.get(_markers.SLOT)
-    undo = snapshot(module)
+    undo = _snapshot(module)
     if slot is not None and not fake_inputs:
         raise DeferredError(
             f"`{_paths.module_path(module)}` was constructed under `tl.deferred()` and got a real "
