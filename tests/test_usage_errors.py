@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -726,3 +727,15 @@ def test_writing_a_deferred_value_into_a_real_tensor_is_refused() -> None:
             with torch.no_grad():
                 table.copy_(layer.weight[0])  # a module-level tensor, registered as a buffer after
     assert not table.any()
+
+
+def test_a_forward_failing_on_the_examples_is_one_error_without_torchs_traceback_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The fake-tensor mode logged a traceback for the failing meta kernel before torchlazy's ShapeError."""
+    model = nn.Linear(4, 3)
+    for call in (lambda: tl.summary(model, tl.Spec(2, 5)), lambda: tl.estimate_memory(model, tl.Spec(2, 5))):
+        with caplog.at_level("DEBUG"), pytest.raises(tl.ShapeError, match="fails on the example inputs"):
+            call()
+    assert not [r for r in caplog.records if "meta" in r.getMessage()], caplog.text
+    assert not logging.getLogger("torch._subclasses.fake_tensor").disabled  # put back

@@ -126,7 +126,7 @@ def _session(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
             # module again, and with the model's own parameters back it put fake gradients on them; nor does
             # what its forward kept (`self.last = y`, a buffer registered on a first call) stay
             with attributes_kept(module), tc.tensors_in_place(module, {**params, **buffers}), mode:
-                with FoldConstants(mode):
+                with FoldConstants(mode), tc.quiet_fake_kernel_errors():
                     yield _Session(module, mode, params, buffers, fargs, fkwargs, paths)
         finally:
             for p, grad in grads.values():

@@ -195,7 +195,7 @@ def fake_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     mode = mode_of(module)
     paths = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
     fargs, fkwargs = to_fake((args, kwargs), mode)
-    with tracking_modules() as stack, _deferred.quiet(), mode, FoldConstants(mode):
+    with tracking_modules() as stack, _deferred.quiet(), tc.quiet_fake_kernel_errors(), mode, FoldConstants(mode):
         try:
             return module(*fargs, **fkwargs)
         except LazyError:

@@ -11,8 +11,10 @@ of a torch object.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -144,6 +146,19 @@ def arguments_by_name(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
 def local_scalar_op() -> Any:
     """The operator behind `.item()`/`.tolist()`."""
     return torch.ops.aten._local_scalar_dense.default
+
+
+@contextlib.contextmanager
+def quiet_fake_kernel_errors() -> Iterator[None]:
+    """The fake-tensor mode logs a traceback for every meta kernel that raises, before the error reaches the
+    caller: torchlazy turns that error into its own message, so the log is silenced meanwhile."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    disabled = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 def grouped_mm_op() -> Any:
