@@ -334,3 +334,16 @@ def test_integer_examples_that_are_views_of_one_another_build_and_summarize() ->
     rows = {row.path: row for row in tl.summary(model, ids, ids[:, :5]).rows}
     assert rows["out"].outputs is not None and rows["out"].outputs[0] == (2, 8, 3)
     assert tl.estimate_memory(model, ids, ids[:, :5]).params == sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_summary_of_an_eval_transformer_encoder_with_a_padding_mask() -> None:
+    """Its forward takes PyTorch's nested-tensor fast path when autograd is off, which fake tensors cannot run: a
+    summary run without autograd (to keep a leaked graph off the model's tensors) failed here. It runs on fresh
+    fake tensors in place of the model's own instead, with autograd as the caller has it."""
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 3:] = True
+    s = tl.summary(encoder, tl.Spec(2, 5, 16), src_key_padding_mask=mask)
+    assert s.total_params == sum(p.numel() for p in encoder.parameters())
+    assert {r.path: r for r in s.rows}["layers.0"].outputs == ((2, 5, 16),)

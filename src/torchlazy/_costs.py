@@ -41,7 +41,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import _deferred, _lazy, _paths
 from . import _torch_compat as tc
 from ._errors import LazyError, ShapeError
-from ._infer import FoldConstants, attributes_kept, fake_forward, mode_of, refuse_torch_lazy, tracking_modules
+from ._infer import (
+    FoldConstants,
+    attributes_kept,
+    fake_forward,
+    fresh_fakes,
+    mode_of,
+    refuse_torch_lazy,
+    tracking_modules,
+)
 from ._spec import Spec, to_fake
 
 __all__ = ["CostError", "FlopCounts", "MemoryEstimate", "count_flops", "estimate_memory"]
@@ -99,39 +107,27 @@ def _session(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
             "or tensors, e.g. `tl.estimate_memory(model, tl.Spec(8, 3, 224, 224))`."
         )
     _paths.remember_paths(module)
-    with _lazy.transaction(rollback=True), _deferred.quiet():
+    # nothing the run does stays on the model: what its forwards set (`self.last = y`, a buffer registered on a
+    # first call), lazy layers shaped, gradients
+    with _lazy.transaction(rollback=True), _deferred.quiet(), attributes_kept(module):
         if not _lazy.is_built(module):
             with torch.no_grad():
                 fake_forward(module, args, kwargs)  # shapes the lazy layers (fake), for this block only
         mode = mode_of(module)
-        fresh: dict[int, torch.Tensor] = {}
-
-        def fake(t: torch.Tensor) -> torch.Tensor:
-            if id(t) not in fresh:
-                with mode:
-                    new = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
-                fresh[id(t)] = new.requires_grad_(t.requires_grad) if t.is_floating_point() else new
-            return fresh[id(t)]
-
-        with torch._C.DisableTorchFunctionSubclass():
-            named_params = list(module.named_parameters(remove_duplicate=False))
-            named_buffers = list(module.named_buffers(remove_duplicate=False))
-        params = {name: fake(p) for name, p in named_params}
-        buffers = {name: fake(b) for name, b in named_buffers}
+        params, buffers = fresh_fakes(module, mode)
         fargs, fkwargs = to_fake((args, kwargs), mode)
         paths = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
-        grads = {id(p): (p, p.grad) for _, p in named_params}
+        grads = {id(p): (p, p.grad) for p in module.parameters()}
         try:
             # the fake tensors stay in place for the whole step: a reentrant checkpoint's backward runs the
-            # module again, and with the model's own parameters back it put fake gradients on them; nor does
-            # what its forward kept (`self.last = y`, a buffer registered on a first call) stay
-            with attributes_kept(module), tc.tensors_in_place(module, {**params, **buffers}), mode:
+            # module again, and with the model's own parameters back it put fake gradients on them
+            with tc.tensors_in_place(module, {**params, **buffers}), mode:
                 with FoldConstants(mode), tc.quiet_fake_kernel_errors():
                     yield _Session(module, mode, params, buffers, fargs, fkwargs, paths)
         finally:
             for p, grad in grads.values():
                 if p.grad is not grad:
-                    p.grad = grad  # nothing the estimate did stays on the model
+                    p.grad = grad
 
 
 @contextlib.contextmanager

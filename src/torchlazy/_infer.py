@@ -185,6 +185,25 @@ def _tables(module: nn.Module) -> list[Any]:
     return [v for k, v in module.__dict__.items() if k in _TABLES and isinstance(v, (dict, set))]
 
 
+def fresh_fakes(module: nn.Module, mode: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Fresh fake tensors of `mode` for the module's parameters and buffers, by name (tied ones shared; unbuilt
+    placeholders left out): put in place for a run (`tc.tensors_in_place`), gradients, optimizer state, buffer
+    updates and any graph the run keeps land on those, never on the model's own."""
+    fresh: dict[int, torch.Tensor] = {}
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in fresh:
+            with mode:
+                new = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
+            fresh[id(t)] = new.requires_grad_(t.requires_grad) if t.is_floating_point() else new
+        return fresh[id(t)]
+
+    with torch._C.DisableTorchFunctionSubclass():
+        params = [(n, p) for n, p in module.named_parameters(remove_duplicate=False) if not _lazy.is_placeholder(p)]
+        buffers = [(n, b) for n, b in module.named_buffers(remove_duplicate=False) if not _lazy.is_placeholder(b)]
+    return {name: fake(p) for name, p in params}, {name: fake(b) for name, b in buffers}
+
+
 def _has_storage(t: torch.Tensor) -> bool:
     """A plain or fake tensor (not an unbuilt lazy placeholder, not a wrapper subclass such as a DTensor)."""
     return not _lazy.is_placeholder(t) and (type(t) in (torch.Tensor, nn.Parameter) or tc.is_fake(t))

@@ -21,7 +21,7 @@ from . import _lazy
 from . import _torch_compat as tc
 from ._costs import FlopCounts, count_flops
 from ._errors import ArgumentError
-from ._infer import attributes_kept, fake_forward, refuse_torch_lazy
+from ._infer import attributes_kept, fake_forward, fresh_fakes, mode_of, refuse_torch_lazy
 from ._twin import run_twin
 
 __all__ = ["Row", "Summary", "summary"]
@@ -246,7 +246,10 @@ def summary(
         if example_args or example_kwargs:
             hooks = [m.register_forward_hook(_recorder(calls), with_kwargs=True) for m in module.modules()]
             try:
-                with torch.no_grad():  # shapes only; a graph kept alive (a custom Function's cycle) held the tensors
+                # on fresh fake tensors in place of the model's own: a graph the forward keeps alive (a custom
+                # Function's cycle) holds those, not the model's (which materialize could then not swap)
+                params, buffers = fresh_fakes(module, mode_of(module))
+                with tc.tensors_in_place(module, {**params, **buffers}):
                     fake_forward(module, example_args, example_kwargs)
             finally:
                 for h in hooks:
