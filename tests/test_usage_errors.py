@@ -544,6 +544,7 @@ FILLS_EAGER_REFUSES: dict[str, Callable[[], object]] = {
     "random_ from above to": lambda: torch.empty(3).random_(5, 2),
     "random_ to 0": lambda: torch.empty(3, dtype=torch.int64).random_(0),
     "random_ float16 to past 65504": lambda: torch.empty(3, dtype=torch.float16).random_(0, 70000),
+    "random_ float32 from 2**25 to its top": lambda: torch.empty(3).random_(2**25, None),
 }
 FILLS_EAGER_TAKES: dict[str, Callable[[], object]] = {
     "fill_ uint8 with -1 (wraps)": lambda: torch.empty(3, dtype=torch.uint8).fill_(-1),

@@ -253,6 +253,14 @@ def draw_refused(func: Any, args: Any, kwargs: Any) -> str | None:
     if dtype.is_floating_point:
         finfo = torch.finfo(dtype)
         least, most = finfo.min, finfo.max
+        top = 2 ** (
+            round(-math.log2(finfo.eps)) + 1
+        )  # `to` left open: the draws end at the last integer the dtype holds exactly
+        if high is None and low >= top:
+            return (
+                f"it draws from [{low}, {top}] ({dtype} holds integers exactly up to {top}), empty (eager raises "
+                "here too). Pass `from` below that, or draw into a wider dtype."
+            )
     else:
         info = torch.iinfo(dtype) if dtype is not torch.bool else None
         least, most = (0, 1) if info is None else (info.min, info.max)
