@@ -405,3 +405,64 @@ def test_summary_of_an_unbuilt_model_whose_forward_reads_values_falls_back_and_b
     model = Net()
     rows = {r.path: r for r in tl.summary(model, torch.tensor([3, 1, 2, 4])).rows}
     assert rows["a"].outputs == ((4, 5),) and not tl.is_built(model)
+
+
+class _Stack(tl.LazyModule):
+    """A build that fills a ModuleList made in `__init__` and sets up a plain child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList()
+        self.norm = nn.LayerNorm(4)
+
+    def build(self, x: torch.Tensor) -> None:
+        self.layers.append(nn.Linear(x.shape[-1], 4))
+        self.layers.append(nn.Linear(4, 4))
+        self.norm.weight.requires_grad_(False)
+        self.norm.extra = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
+def test_what_a_build_does_to_its_children_is_kept_and_estimates_repeat() -> None:
+    """tl.build put back what the forward set on modules, the children a `LazyModule.build` fills included (the
+    model lost its layers); a second estimate of an unbuilt LazyModule failed on its build hook."""
+    for deferred in (False, True):
+        torch.manual_seed(0)
+        with tl.deferred() if deferred else contextlib.nullcontext():
+            model = nn.Sequential(_Stack())
+        for _ in range(2):
+            tl.estimate_memory(model, tl.Spec(2, 7))
+            tl.summary(model, tl.Spec(2, 7), flops=True)
+        assert not tl.is_built(model) and len(model[0].layers) == 0
+        tl.build(model, tl.Spec(2, 7))
+        torch.manual_seed(0)
+        eager = nn.Sequential(_Stack())
+        eager(torch.randn(2, 7, generator=torch.Generator().manual_seed(1)))  # no draw from the global one
+        assert [n for n, _ in model.named_parameters()] == [n for n, _ in eager.named_parameters()]
+        assert not model[0].norm.weight.requires_grad
+        assert_models_identical(model, eager)
+
+
+def test_a_summary_that_falls_back_keeps_a_tie_into_a_lazy_layer_and_leaves_no_hook() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.head = tl.nn.Linear(50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, i: torch.Tensor) -> torch.Tensor:
+            n = int(i.max())  # a value: the fake-tensor fallback runs
+            return self.head(self.emb(i))[:, :n]
+
+    model = Tied()
+    for _ in range(3):
+        tl.summary(model, torch.randint(0, 50, (2, 5)))
+    assert model.head.weight is model.emb.weight and type(model.head.weight) is nn.Parameter
+    assert not model.head._forward_hooks
+    tl.build(model, torch.randint(0, 50, (2, 5)))
+    assert model.head.weight is model.emb.weight

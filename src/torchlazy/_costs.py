@@ -109,7 +109,7 @@ def _session(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     _paths.remember_paths(module)
     # nothing the run does stays on the model: what its forwards set (`self.last = y`, a buffer registered on a
     # first call), lazy layers shaped, gradients
-    with _lazy.transaction(rollback=True), _deferred.quiet(), attributes_kept(module):
+    with attributes_kept(module), _lazy.transaction(rollback=True), _deferred.quiet():
         if not _lazy.is_built(module):
             with torch.no_grad():
                 fake_forward(module, args, kwargs)  # shapes the lazy layers (fake), for this block only

@@ -204,6 +204,16 @@ def fresh_fakes(module: nn.Module, mode: Any) -> tuple[dict[str, torch.Tensor], 
     return {name: fake(p) for name, p in params}, {name: fake(b) for name, b in buffers}
 
 
+def _built_by_lazy(module: nn.Module) -> set[int]:
+    """The modules a build may change: unbuilt lazy layers and `LazyModule`s, and everything under them (a
+    `LazyModule.build` fills its own `ModuleList`s and sets up its children)."""
+    ids: set[int] = set()
+    for sub in module.modules():
+        if id(sub) not in ids and (_lazy.is_lazy_layer(sub) or _lazy.is_lazy_module(sub)):
+            ids.update(id(m) for m in sub.modules())
+    return ids
+
+
 def _has_storage(t: torch.Tensor) -> bool:
     """A plain or fake tensor (not an unbuilt lazy placeholder, not a wrapper subclass such as a DTensor)."""
     return not _lazy.is_placeholder(t) and (type(t) in (torch.Tensor, nn.Parameter) or tc.is_fake(t))
@@ -302,7 +312,8 @@ def build(
         if examples and not _shape_on_meta_twin(module, example_args, example_kwargs):
             # what the forward sets on the modules is put back (lazy layers keep what they build); autograd stays
             # as the caller has it: a `LazyModule.build` computing from its parameters makes what eager makes
-            with attributes_kept(module, lambda m: not (_lazy.is_lazy_layer(m) or _lazy.is_lazy_module(m))):
+            built_by_lazy = _built_by_lazy(module)
+            with attributes_kept(module, lambda m: id(m) not in built_by_lazy):
                 fake_forward(module, example_args, example_kwargs)
         _lazy.relink_ties(module)
         if _deferred.is_deferred(module):

@@ -241,7 +241,8 @@ def summary(
             return _summary_of_meta_twin(module, example_args, example_kwargs, depth)
         except Exception:  # noqa: BLE001  (model code that needs fake tensors: the exact path below)
             pass
-    with _lazy.transaction(rollback=True), attributes_kept(module):
+    # the lazy builds are undone first (their undo puts back the tables they saw, fakes in them), then the model
+    with attributes_kept(module), _lazy.transaction(rollback=True):
         calls: dict[int, tuple[tuple[Shape, ...], tuple[Shape, ...]]] = {}
         if example_args or example_kwargs:
             hooks = [m.register_forward_hook(_recorder(calls), with_kwargs=True) for m in module.modules()]
