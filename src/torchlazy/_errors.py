@@ -7,6 +7,7 @@ what was expected, what was seen, and what to do.
 from __future__ import annotations
 
 __all__ = [
+    "listed",
     "ArgumentError",
     "CheckpointError",
     "DeferredError",
@@ -56,3 +57,12 @@ class DeferredError(LazyError, RuntimeError):
 
 class CheckpointError(LazyError, ValueError):
     """A checkpoint is missing, corrupt, unsafe, or does not fit the model."""
+
+
+def listed(names: list[str], most: int = 3) -> str:
+    """Names for a message, in backticks: the first `most`, then `...` if there are more.
+
+    >>> listed(["a.weight", "a.bias", "b.weight", "b.bias"])
+    '`a.weight`, `a.bias`, `b.weight`, ...'
+    """
+    return ", ".join(f"`{n}`" for n in names[:most]) + (", ..." if len(names) > most else "")

@@ -258,8 +258,8 @@ def draw_refused(func: Any, args: Any, kwargs: Any) -> str | None:
         )  # `to` left open: the draws end at the last integer the dtype holds exactly
         if high is None and low >= top:
             return (
-                f"it draws from [{low}, {top}] ({dtype} holds integers exactly up to {top}), empty (eager raises "
-                "here too). Pass `from` below that, or draw into a wider dtype."
+                f"`from`={low} is not below {top}, the largest integer {dtype} holds exactly, where the draws end "
+                "when `to` is left out (eager raises here too). Pass a smaller `from`, or draw into a wider dtype."
             )
     else:
         info = torch.iinfo(dtype) if dtype is not torch.bool else None

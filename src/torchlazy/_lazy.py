@@ -40,7 +40,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_l
 
 from . import _deferred, _markers, _paths
 from . import _torch_compat as tc
-from ._errors import ArgumentError, DeferredError, DtypeError, LazyError, NotBuiltError, ShapeError
+from ._errors import ArgumentError, DeferredError, DtypeError, LazyError, NotBuiltError, ShapeError, listed
 from ._modtree import TensorState, drop_parameter_caches, refresh_parameter_caches
 from ._record import Record
 from ._rules import Inputs, Mismatch, Rule, Trailing, as_rule
@@ -1176,7 +1176,7 @@ class LazyModule(nn.Module):
                 k for k in state_dict if k.startswith(prefix) and k[len(prefix) :].split(".")[0] not in held
             )
             if theirs:
-                shown = ", ".join(f"`{k}`" for k in theirs[:4]) + (", ..." if len(theirs) > 4 else "")
+                shown = listed(theirs, 4)
                 raise NotBuiltError(
                     f"`{_paths.module_path(self)}` ({type(self).__qualname__}) is a `tl.LazyModule` whose "
                     f"`build` has not run, so the state dict's {shown} have no place yet: `build` creates them "

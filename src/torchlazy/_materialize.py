@@ -23,7 +23,7 @@ from . import _deferred, _lazy, _paths
 from . import _torch_compat as tc
 from ._checkpoint import Checkpoint, KeyPlan, open_checkpoint, plan_keys, renamer
 from ._distributed import Shard, Sharded, materialize_shards, sharded_targets
-from ._errors import ArgumentError, CheckpointError, DeferredError
+from ._errors import ArgumentError, CheckpointError, DeferredError, listed
 from ._modtree import Placement, module_tensors, release_graphs, swap_all, unswappable
 from ._record import GENERATOR_LOCK, Record, default_generator, explicit_generators_kept, global_sets
 
@@ -211,7 +211,7 @@ def _refuse_unsharded(module: nn.Module, changes: bool) -> None:
         if held:
             raise ArgumentError(
                 f"`tl.materialize`: FSDP holds the unsharded parameters of {len(held)} sharded ones "
-                f"({', '.join(f'`{n}`' for n in held[:3])}{', ...' if len(held) > 3 else ''}), as a forward leaves "
+                f"({listed(held)}), as a forward leaves "
                 "them with `reshard_after_forward=False`: a checkpoint or cast would go into tensors FSDP replaces "
                 "at its next all-gather. Reshard each FSDP module first (`for m in model.modules(): if isinstance(m, "
                 "FSDPModule): m.reshard()`); the model is unchanged."
@@ -220,8 +220,8 @@ def _refuse_unsharded(module: nn.Module, changes: bool) -> None:
     if stale:
         names = [_paths.attribute_path(owner, name) for owner, name in stale]  # paths remembered on entry
         raise DeferredError(
-            f"`tl.materialize`: {len(names)} FSDP parameters ({', '.join(names[:3])}"
-            f"{', ...' if len(names) > 3 else ''}) were expected sharded with deferred local tensors, but a "
+            f"`tl.materialize`: {len(names)} FSDP parameters ({listed(names)}) were expected sharded with deferred "
+            "local tensors, but a "
             "forward called before materialize (and refused) left FSDP's unsharded parameters, fresh "
             "uninitialized tensors, in their place and FSDP's state mid-forward. Construct the model again "
             "under `tl.deferred()`, `fully_shard` it, and materialize before the first forward."
@@ -247,9 +247,8 @@ def _build_lazy_from_checkpoint(
     if strict:
         unbuilt = [k for k, t in (*module.named_parameters(), *module.named_buffers()) if _lazy.is_placeholder(t)]
         if unbuilt:
-            listed = ", ".join(f"`{k}`" for k in unbuilt[:8]) + (", ..." if len(unbuilt) > 8 else "")
             raise CheckpointError(
-                f"`{ckpt.path}` does not match the model (missing from the checkpoint: {listed}, of lazy layers "
+                f"`{ckpt.path}` does not match the model (missing from the checkpoint: {listed(unbuilt, 8)}, of lazy layers "
                 "that take their sizes from it). Use `strict=False` to leave them unbuilt, or shape them first "
                 "with `tl.build(model, example)`."
             )
@@ -260,9 +259,8 @@ def _refuse_meta(real: list[_Target]) -> None:
     nothing can give them values (they stayed meta, silently). Refused up front, the model unchanged."""
     meta = [t.path for t in real if t.tensor.is_meta]
     if meta:
-        names = ", ".join(f"`{p}`" for p in meta[:3]) + (", ..." if len(meta) > 3 else "")
         raise DeferredError(
-            f"`tl.materialize`: {len(meta)} tensor{'s' if len(meta) > 1 else ''} ({names}) on the meta device, with "
+            f"`tl.materialize`: {len(meta)} tensor{'s' if len(meta) > 1 else ''} ({listed(meta)}) on the meta device, with "
             "no record of how to make them and no value in a checkpoint: construct the model under `tl.deferred()` "
             "(not `torch.device('meta')`), or pass a `checkpoint=` that holds them."
         )
@@ -496,8 +494,7 @@ def _refuse_held(targets: list[_Target]) -> None:
         paths = [targets[i].path for i in held]
         raise DeferredError(
             f"`tl.materialize`: {len(paths)} tensor{'s' if len(paths) > 1 else ''} "
-            f"({', '.join(f'`{p}`' for p in paths[:3])}"
-            f"{', ...' if len(paths) > 3 else ''}) cannot take their values in place: something else holds their "
+            f"({listed(paths)}) cannot take their values in place: something else holds their "
             "tensor, a view of it kept in a variable (`row = model.layer.weight[0]`) or as a module attribute "
             "(`self.wt = self.weight.t()`), and torch refuses to swap a tensor whose views are alive. Drop such "
             "views before `tl.materialize` and make them afterwards (or in `forward`); the model is unchanged."

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import _torch_compat as tc
 from ._deferred import deferred_tensors, is_deferred
-from ._errors import ArgumentError, CheckpointError
+from ._errors import ArgumentError, CheckpointError, listed
 
 __all__ = ["parse_size", "save"]
 
@@ -65,7 +65,7 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
         raise ArgumentError(f"`tl.save(model, path)`: `path` is a file name (str or Path), not {type(path).__name__}.")
     if is_deferred(module):
         left = deferred_tensors(module)
-        named = f" ({', '.join(f'`{p}`' for p in left[:5])}{', ...' if len(left) > 5 else ''})" if left else ""
+        named = f" ({listed(left, 5)})" if left else ""
         raise CheckpointError(
             f"the model is still deferred{named}: call `tl.materialize(model)` (or `tl.build`) before `tl.save`."
         )
