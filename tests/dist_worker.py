@@ -344,6 +344,13 @@ def again(rank: int, mesh: object, out: str) -> None:
     reference = _Tied()
     reference.load_state_dict(ckpt)
     result["checkpoint, forward"] = reference(torch.arange(10)).detach()
+    # after a forward (FSDP set up), a checkpoint into a sub-module that is not an FSDP unit: FSDP's own memory of
+    # the shard must take the values (a new local tensor left FSDP's copy stale: the forward ignored the load)
+    part = {"weight": ckpt["b.weight"] * 3, "bias": ckpt["b.bias"] * 3}
+    tl.materialize(model.b, checkpoint=part)
+    result["sub-module loaded, forward"] = model(torch.arange(10)).detach()
+    reference.b.load_state_dict(part)
+    result["sub-module reference"] = reference(torch.arange(10)).detach()
     result["ckpt"] = ckpt
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 

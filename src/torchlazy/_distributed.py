@@ -312,6 +312,10 @@ _ELEMENTWISE_FILLS = {
 }  # fmt: skip
 
 
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device
+
+
 def _install(module: nn.Module, shards: list[Sharded], local: dict[int, torch.Tensor], placement: Placement) -> None:
     """Put each local tensor in place and let FSDP re-pad it at once, so one shard is live twice at most. Each
     parameter stays the object the model, its ties and an optimizer hold: its local tensor replaced in place, or
@@ -329,9 +333,13 @@ def _install(module: nn.Module, shards: list[Sharded], local: dict[int, torch.Te
                 placement_here = placement
             given = local.pop(id(p))
             values = placement_here.place(given, p).contiguous()
-            if values is tc.dtensor_local(p):
+            current = tc.dtensor_local(p)
+            if values is current:
                 continue  # real already, nothing to load, cast or move
             del given
+            if not (tc.is_fake(current) or current.is_meta) and _same_layout(values, current):
+                current.copy_(values)  # a load into a real shard: in place, as eager's, FSDP's memory still its own
+                continue
             manager = next((managers[(id(o), n)] for o, n in shard.owners if (id(o), n) in managers), None)
             if tc.take_local(p, values):  # the same parameter, its values in place
                 if manager is not None:
