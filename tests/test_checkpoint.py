@@ -428,3 +428,11 @@ def test_a_model_built_on_the_meta_device_takes_a_checkpoint_and_nothing_stays_m
     assert all(t.is_meta for t in model.state_dict().values())
     tl.materialize(model, checkpoint=source, dtype=torch.bfloat16)
     assert model[0].weight.dtype == torch.bfloat16 and torch.equal(model[0].weight, source["0.weight"].bfloat16())
+    with torch.device("meta"):
+        rotary = make()
+        rotary.register_buffer("inv_freq", torch.arange(4.0), persistent=False)  # never in a checkpoint
+    with pytest.raises(tl.DeferredError, match=r"Non-persistent buffers \(`inv_freq`\) are never in a checkpoint"):
+        tl.materialize(rotary, checkpoint=source)
+    rotary.inv_freq = torch.arange(4.0)  # given its values, as the module's init computes them
+    tl.materialize(rotary, checkpoint=source)
+    assert torch.equal(rotary[0].weight, source["0.weight"]) and torch.equal(rotary.inv_freq, torch.arange(4.0))

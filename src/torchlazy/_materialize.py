@@ -163,7 +163,7 @@ def materialize(
             values, rest = _read_checkpoint(plan, everything, strict, placement, shards)
         else:
             values, rest = {}, everything
-        _refuse_meta([t for t in rest if t.record is None])
+        _refuse_meta(module, [t for t in rest if t.record is None])
         for t in rest:
             if t.record is None:  # real, not in the checkpoint: cast and move only
                 values[id(t.tensor)] = placement.place(t.tensor, t.tensor)
@@ -254,16 +254,29 @@ def _build_lazy_from_checkpoint(
             )
 
 
-def _refuse_meta(real: list[_Target]) -> None:
+def _refuse_meta(module: nn.Module, real: list[_Target]) -> None:
     """Tensors on the meta device (a model built under `torch.device("meta")`) with no value in the checkpoint:
     nothing can give them values (they stayed meta, silently). Refused up front, the model unchanged."""
     meta = [t.path for t in real if t.tensor.is_meta]
-    if meta:
-        raise DeferredError(
-            f"`tl.materialize`: {len(meta)} tensor{'s' if len(meta) > 1 else ''} ({listed(meta)}) on the meta device, with "
-            "no record of how to make them and no value in a checkpoint: construct the model under `tl.deferred()` "
-            "(not `torch.device('meta')`), or pass a `checkpoint=` that holds them."
-        )
+    if not meta:
+        return
+    unsaved = {
+        f"{path}.{name}" if path else name
+        for path, sub in module.named_modules()
+        for name in sub._non_persistent_buffers_set
+    }
+    never = [p for p in meta if p in unsaved]
+    hint = (
+        f" Non-persistent buffers ({listed(never)}) are never in a checkpoint: give them values before materialize "
+        "(assign a real tensor, as the module's own init computes it)."
+        if never
+        else ""
+    )
+    raise DeferredError(
+        f"`tl.materialize`: {len(meta)} tensor{'s' if len(meta) > 1 else ''} ({listed(meta)}) on the meta device, "
+        "with no record of how to make them and no value in a checkpoint: construct the model under "
+        f"`tl.deferred()` (not `torch.device('meta')`), or pass a `checkpoint=` that holds them.{hint}"
+    )
 
 
 def _refuse_valueless(shards: list[Sharded], plan: KeyPlan | None) -> None:
