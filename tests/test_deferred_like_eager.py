@@ -356,13 +356,16 @@ def test_bad_arguments_of_public_functions_are_argument_errors(call: Callable[[]
 
 class _SideEffects(nn.Module):
     """A forward that changes its module: a sub-module and a hook registered on the first call, a counter, a
-    cache, a weight standardized through `.data`, a parameter frozen in the forward."""
+    cache, entries in a list and a dict it holds, a weight standardized through `.data`, a parameter frozen in the
+    forward."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(8, 8)
         self.calls = 0
         self.cache: torch.Tensor | None = None
+        self.log: list[torch.Tensor] = []
+        self.seen: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "extra"):
@@ -370,6 +373,8 @@ class _SideEffects(nn.Module):
             self.lin.register_forward_hook(lambda m, a, out: out * 2)
         self.calls += 1
         self.cache = x
+        self.log.append(x)
+        self.seen["x"] = x
         self.lin.bias.requires_grad_(False)
         with torch.no_grad():
             w = self.lin.weight
@@ -402,6 +407,7 @@ def test_shape_only_forwards_leave_the_model_as_they_found_it(call: Callable[[nn
             call(model)
         assert {k: v.requires_grad for k, v in model.state_dict(keep_vars=True).items()} == before
         assert model.calls == 0 and model.cache is None and not hasattr(model, "extra")
+        assert model.log == [] and model.seen == {}
         assert not model.lin._forward_hooks
         if deferred:
             tl.materialize(model)  # `tl.build` materialized it already: a no-op then

@@ -150,12 +150,15 @@ class FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 @contextlib.contextmanager
 def attributes_kept(module: nn.Module, keep: Callable[[nn.Module], bool] = lambda m: True) -> Iterator[None]:
     """Whatever a forward sets on the modules (`self.last = y`, a flag, a sub-module, buffer or hook registered on a
-    first call, `p.data = ...`, `p.requires_grad_(False)`) is put back as it was on exit, for every module `keep`
+    first call, `p.data = ...`, `p.requires_grad_(False)`, an entry in a list or dict the module holds) is put back
+    as it was on exit, for every module `keep`
     accepts: a run on fake tensors leaves the model as it found it."""
     modules = [m for m in {id(m): m for m in module.modules()}.values() if keep(m)]
     # each module's attributes, and the contents of its tables (parameters, buffers, sub-modules, hooks), put
     # back into the very objects: something may hold a module's `_parameters`
     saved = [(m, type(m), dict(m.__dict__), [(t, t.copy()) for t in _tables(m)]) for m in modules]
+    held_lists = [(v, list(v)) for m in modules for k, v in m.__dict__.items() if type(v) is list]
+    held_dicts = [(v, dict(v)) for m in modules for k, v in m.__dict__.items() if type(v) is dict and k not in _TABLES]
     held = {id(t): t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}
     tensors = [(t, t.data, t.untyped_storage(), t.requires_grad) for t in held.values() if _has_storage(t)]
     try:
@@ -170,6 +173,11 @@ def attributes_kept(module: nn.Module, keep: Callable[[nn.Module], bool] = lambd
                 table.update(content)
             if type(m) is not cls:
                 m.__class__ = cls
+        for items, contents in held_lists:  # a list or dict the module holds, appended to or written by the forward
+            items[:] = contents
+        for mapping, entries in held_dicts:
+            mapping.clear()
+            mapping.update(entries)
         for t, data, storage, requires_grad in tensors:
             if t.untyped_storage()._cdata != storage._cdata:  # `.data` reassigned: the real values were let go
                 t.data = data
