@@ -466,3 +466,38 @@ def test_a_summary_that_falls_back_keeps_a_tie_into_a_lazy_layer_and_leaves_no_h
     assert not model.head._forward_hooks
     tl.build(model, torch.randint(0, 50, (2, 5)))
     assert model.head.weight is model.emb.weight
+
+
+def test_what_a_build_registers_in_a_parents_list_stays_and_a_forwards_fake_log_goes() -> None:
+    """A `LazyModule.build` that records names in a list its parent holds (hooks, weight-decay groups) keeps them
+    after `tl.build`, as after an eager first call; a fake tensor a forward appends to a list is not left there."""
+
+    class Child(tl.LazyModule):
+        def __init__(self, registry: list[str]) -> None:
+            super().__init__()
+            self.registry = registry
+
+        def build(self, x: torch.Tensor) -> None:
+            self.proj = nn.Linear(x.shape[-1], 4)
+            self.registry.append("proj")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    class Parent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.registry: list[str] = []
+            self.log: list[torch.Tensor] = []
+            self.child = Child(self.registry)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.child(x)
+            self.log.append(y)
+            return y
+
+    for deferred in (False, True):
+        with tl.deferred() if deferred else contextlib.nullcontext():
+            model = Parent()
+        tl.build(model, tl.Spec(2, 3))
+        assert model.registry == ["proj"] and model.child.registry is model.registry and model.log == []

@@ -9,7 +9,7 @@ records of their own. Materialization then allocates each tensor once.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -148,17 +148,25 @@ class FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
 
 @contextlib.contextmanager
-def attributes_kept(module: nn.Module, keep: Callable[[nn.Module], bool] = lambda m: True) -> Iterator[None]:
+def attributes_kept(
+    module: nn.Module, keep: Callable[[nn.Module], bool] = lambda m: True, builds: bool = False
+) -> Iterator[None]:
     """Whatever a forward sets on the modules (`self.last = y`, a flag, a sub-module, buffer or hook registered on a
     first call, `p.data = ...`, `p.requires_grad_(False)`, an entry in a list or dict the module holds) is put back
-    as it was on exit, for every module `keep`
+    as it was on exit (`builds`: lazy layers build meanwhile, and what they register in a list or dict stays), for every module `keep`
     accepts: a run on fake tensors leaves the model as it found it."""
     modules = [m for m in {id(m): m for m in module.modules()}.values() if keep(m)]
     # each module's attributes, and the contents of its tables (parameters, buffers, sub-modules, hooks), put
     # back into the very objects: something may hold a module's `_parameters`
     saved = [(m, type(m), dict(m.__dict__), [(t, t.copy()) for t in _tables(m)]) for m in modules]
-    held_lists = [(v, list(v)) for m in modules for k, v in m.__dict__.items() if type(v) is list]
-    held_dicts = [(v, dict(v)) for m in modules for k, v in m.__dict__.items() if type(v) is dict and k not in _TABLES]
+    shared = _containers_of(m for m in module.modules() if not keep(m))  # a lazy build may write into those
+    held_lists = [(v, list(v)) for m in modules for v in m.__dict__.values() if type(v) is list and id(v) not in shared]
+    held_dicts = [
+        (v, dict(v))
+        for m in modules
+        for k, v in m.__dict__.items()
+        if type(v) is dict and k not in _TABLES and id(v) not in shared
+    ]
     held = {id(t): t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}
     tensors = [(t, t.data, t.untyped_storage(), t.requires_grad) for t in held.values() if _has_storage(t)]
     try:
@@ -173,11 +181,15 @@ def attributes_kept(module: nn.Module, keep: Callable[[nn.Module], bool] = lambd
                 table.update(content)
             if type(m) is not cls:
                 m.__class__ = cls
-        for items, contents in held_lists:  # a list or dict the module holds, appended to or written by the forward
-            items[:] = contents
+        # a list or dict the module holds, appended to or written by the forward; where lazy layers build
+        # (`builds`), only one left holding fake tensors: what a `LazyModule.build` registers there stays
+        for items, contents in held_lists:
+            if not builds or _holds_fakes(items):
+                items[:] = contents
         for mapping, entries in held_dicts:
-            mapping.clear()
-            mapping.update(entries)
+            if not builds or _holds_fakes(list(mapping.values())):
+                mapping.clear()
+                mapping.update(entries)
         for t, data, storage, requires_grad in tensors:
             if t.untyped_storage()._cdata != storage._cdata:  # `.data` reassigned: the real values were let go
                 t.data = data
@@ -220,6 +232,25 @@ def _built_by_lazy(module: nn.Module) -> set[int]:
         if id(sub) not in ids and (_lazy.is_lazy_layer(sub) or _lazy.is_lazy_module(sub)):
             ids.update(id(m) for m in sub.modules())
     return ids
+
+
+def _holds_fakes(items: list[Any]) -> bool:
+    return any(isinstance(x, torch.Tensor) and tc.is_fake(x) for x in items)
+
+
+def _containers_of(modules: Iterable[nn.Module]) -> set[int]:
+    """Ids of the plain lists and dicts these modules hold, directly or through a module kept as a plain attribute
+    (a parent's registry a `LazyModule` appends to in `build`)."""
+    found: set[int] = set()
+    for m in modules:
+        for k, v in m.__dict__.items():
+            if k in _TABLES:
+                continue
+            if type(v) in (list, dict):
+                found.add(id(v))
+            elif isinstance(v, nn.Module):
+                found.update(id(x) for x in v.__dict__.values() if type(x) in (list, dict))
+    return found
 
 
 def _has_storage(t: torch.Tensor) -> bool:
@@ -321,7 +352,7 @@ def build(
             # what the forward sets on the modules is put back (lazy layers keep what they build); autograd stays
             # as the caller has it: a `LazyModule.build` computing from its parameters makes what eager makes
             built_by_lazy = _built_by_lazy(module)
-            with attributes_kept(module, lambda m: id(m) not in built_by_lazy):
+            with attributes_kept(module, lambda m: id(m) not in built_by_lazy, builds=True):
                 fake_forward(module, example_args, example_kwargs)
         _lazy.relink_ties(module)
         if _deferred.is_deferred(module):
