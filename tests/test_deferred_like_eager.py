@@ -453,3 +453,25 @@ def test_tensors_in_a_dict_attribute_are_materialized() -> None:
     torch.manual_seed(0)
     eager = Table()
     assert not tl.is_deferred(model) and torch.equal(model.table["t"], eager.table["t"])
+
+
+def test_batch_norm_updates_running_statistics_of_deferred_buffers_as_eager() -> None:
+    """`native_batch_norm` (what `F.batch_norm` runs on the CPU) writes the running statistics without its schema
+    saying so: the update was not recorded, and materialize gave the initial statistics."""
+    x = torch.randn(5, 4) * 3 + 1
+    torch.manual_seed(0)
+    eager = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        torch.nn.functional.batch_norm(x, eager.running_mean, eager.running_var, training=True)
+    for inside in (True, False):
+        torch.manual_seed(0)
+        with tl.deferred():
+            model = nn.BatchNorm1d(4)
+            if inside:
+                with torch.no_grad():
+                    torch.nn.functional.batch_norm(x, model.running_mean, model.running_var, training=True)
+        if not inside:
+            with torch.no_grad():
+                torch.nn.functional.batch_norm(x, model.running_mean, model.running_var, training=True)
+        tl.materialize(model)
+        assert_models_identical(model, eager)

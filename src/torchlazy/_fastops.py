@@ -26,6 +26,13 @@ _OVERWRITES = {
 }  # fmt: skip
 
 
+# ops that write arguments their schemas do not mark as written: `native_batch_norm` (what `F.batch_norm` runs on
+# the CPU) updates the running statistics in training mode
+_HIDDEN_WRITES: dict[Any, tuple[tuple[int, str], ...]] = {
+    _aten.native_batch_norm.default: ((3, "running_mean"), (4, "running_var")),
+}
+
+
 class _OpInfo:
     """What the recorder needs to know of an operator, read from its schema once."""
 
@@ -35,7 +42,7 @@ class _OpInfo:
         arguments = tc.op_schema(func).arguments
         self.written = tuple(
             (i, a.name) for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write
-        )
+        ) + _HIDDEN_WRITES.get(func, ())
         self.random = torch.Tag.nondeterministic_seeded in func.tags
         self.generator = next((i for i, a in enumerate(arguments) if a.name == "generator"), None)
         self.overwrites = func.overloadpacket in _OVERWRITES
