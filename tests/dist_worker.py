@@ -351,6 +351,18 @@ def again(rank: int, mesh: object, out: str) -> None:
     result["sub-module loaded, forward"] = model(torch.arange(10)).detach()
     reference.b.load_state_dict(part)
     result["sub-module reference"] = reference(torch.arange(10)).detach()
+    # a lazy model sized in the block by a dry run, then sharded: its parameters kept no origin (materialize did
+    # nothing, silently); FSDP's copies have records of their own
+    torch.manual_seed(0)
+    with tl.deferred():
+        lazy = torch.nn.Sequential(tl.nn.Linear(8), torch.nn.GELU(), tl.nn.Linear(4))
+        lazy(torch.zeros(2, 6))
+    fully_shard(lazy, mesh=mesh)
+    tl.materialize(lazy)
+    result["lazy sized in the block"] = full(lazy)
+    torch.manual_seed(0)
+    explicit = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+    result["explicit sizes"] = {k: p.detach().clone() for k, p in explicit.named_parameters()}
     result["ckpt"] = ckpt
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 

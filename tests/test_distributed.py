@@ -158,6 +158,7 @@ def test_fsdp2_materialize_again_loads_casts_and_keeps_parameter_objects(tmp_pat
         assert "m.reshard()" in errors[4] and "5 sharded ones (`emb.weight`" in errors[4]
         assert torch.equal(result["resharded, forward"], result["checkpoint, forward"])
         assert torch.equal(result["sub-module loaded, forward"], result["sub-module reference"])
+        assert_same_tensors(result["lazy sized in the block"], result["explicit sizes"])
         for name, eager in (("cast", "eager cast"), ("sub-module first", "eager"), ("tied sub-module first", "eager")):
             run = result[name]
             assert run["kept"] == list(result["partly, then checkpoint"]), name

@@ -284,7 +284,7 @@ def _refuse_valueless(shards: list[Sharded], plan: KeyPlan | None) -> None:
     checkpoint can give them values. Refused up front, the model unchanged, where it does not hold them."""
     for shard in shards:
         local = tc.dtensor_local(shard.param)
-        if isinstance(shard, Shard) or not local.is_meta or (plan is not None and plan.find(shard.param)):
+        if isinstance(shard, Shard) or not (local.is_meta or tc.is_fake(local)) or (plan and plan.find(shard.param)):
             continue
         where = f"`{plan.ckpt.path}` has no value for it" if plan is not None else "no `checkpoint=` was given"
         raise DeferredError(
