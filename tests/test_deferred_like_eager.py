@@ -475,3 +475,19 @@ def test_batch_norm_updates_running_statistics_of_deferred_buffers_as_eager() ->
                 torch.nn.functional.batch_norm(x, model.running_mean, model.running_var, training=True)
         tl.materialize(model)
         assert_models_identical(model, eager)
+
+
+def test_a_frozen_eval_mode_module_with_batch_norm_runs_inside_the_block() -> None:
+    """An eval-mode BatchNorm only reads its running statistics: a frozen backbone made outside the block sizing
+    a lazy head inside it was refused as a write into a real tensor."""
+    torch.manual_seed(1)
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten()).eval()
+    stats = backbone[1].running_mean.clone()
+    torch.manual_seed(0)
+    with tl.deferred():
+        head = tl.nn.Linear(10)
+        head(backbone(torch.zeros(2, 3, 6, 6)))
+    tl.materialize(head)
+    torch.manual_seed(0)
+    assert_models_identical(head, nn.Linear(64, 10))
+    assert torch.equal(backbone[1].running_mean, stats)

@@ -575,7 +575,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return  # a view of this record's tensor: no storage made or written, nothing to record
         info = op_info(func)
         written: set[int] = set()
-        for i, name in info.written:
+        for i, name in info.written_by(args, kwargs):
             value = args[i] if i < len(args) else kwargs.get(name)
             targets = [value] if isinstance(value, torch.Tensor) else tc.tree_leaves(value)
             for t in targets:

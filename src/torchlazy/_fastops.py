@@ -26,26 +26,37 @@ _OVERWRITES = {
 }  # fmt: skip
 
 
-# ops that write arguments their schemas do not mark as written: `native_batch_norm` (what `F.batch_norm` runs on
-# the CPU) updates the running statistics in training mode
-_HIDDEN_WRITES: dict[Any, tuple[tuple[int, str], ...]] = {
-    _aten.native_batch_norm.default: ((3, "running_mean"), (4, "running_var")),
+def _training(args: Any, kwargs: Any) -> bool:
+    return bool(args[5] if len(args) > 5 else kwargs.get("training"))
+
+
+# ops that write arguments their schemas do not mark as written, and when: `native_batch_norm` (what `F.batch_norm`
+# runs on the CPU) updates the running statistics in training mode (in eval mode it only reads them)
+_HIDDEN_WRITES: dict[Any, tuple[tuple[tuple[int, str], ...], Any]] = {
+    _aten.native_batch_norm.default: (((3, "running_mean"), (4, "running_var")), _training),
 }
 
 
 class _OpInfo:
     """What the recorder needs to know of an operator, read from its schema once."""
 
-    __slots__ = ("generator", "overwrites", "random", "written")
+    __slots__ = ("generator", "hidden", "overwrites", "random", "written")
 
     def __init__(self, func: Any) -> None:
         arguments = tc.op_schema(func).arguments
         self.written = tuple(
             (i, a.name) for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write
-        ) + _HIDDEN_WRITES.get(func, ())
+        )
+        self.hidden = _HIDDEN_WRITES.get(func)
         self.random = torch.Tag.nondeterministic_seeded in func.tags
         self.generator = next((i for i, a in enumerate(arguments) if a.name == "generator"), None)
         self.overwrites = func.overloadpacket in _OVERWRITES
+
+    def written_by(self, args: Any, kwargs: Any) -> tuple[tuple[int, str], ...]:
+        """The (index, name) of the arguments this call writes: its schema's, and those it writes unsaid."""
+        if self.hidden is None or not self.hidden[1](args, kwargs):
+            return self.written
+        return self.written + self.hidden[0]
 
 
 _OP_INFO: dict[int, _OpInfo] = {}
