@@ -41,15 +41,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import _deferred, _lazy, _paths
 from . import _torch_compat as tc
 from ._errors import LazyError, ShapeError
-from ._infer import (
-    FoldConstants,
-    attributes_kept,
-    fake_forward,
-    fresh_fakes,
-    mode_of,
-    refuse_torch_lazy,
-    tracking_modules,
-)
+from ._infer import FoldConstants, fake_forward, mode_of, refuse_torch_lazy, tracking_modules
+from ._isolate import attributes_kept, fresh_fakes
 from ._spec import Spec, to_fake
 
 __all__ = ["CostError", "FlopCounts", "MemoryEstimate", "count_flops", "estimate_memory"]

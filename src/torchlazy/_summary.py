@@ -21,7 +21,8 @@ from . import _lazy
 from . import _torch_compat as tc
 from ._costs import FlopCounts, count_flops
 from ._errors import ArgumentError
-from ._infer import attributes_kept, fake_forward, fresh_fakes, mode_of, refuse_torch_lazy
+from ._infer import fake_forward, mode_of, refuse_torch_lazy
+from ._isolate import attributes_kept, fresh_fakes
 from ._twin import run_twin
 
 __all__ = ["Row", "Summary", "summary"]
