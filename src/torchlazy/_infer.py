@@ -62,8 +62,8 @@ def _grouped_mm_off_cuda(func: Any, args: Any, kwargs: Any) -> Any:
     offs = args[2] if len(args) > 2 else kwargs.get("offs")
     for name, mat in (("mat_a", mat_a), ("mat_b", mat_b)):
         if mat.dtype not in (torch.float32, torch.float16) or mat.dtype != mat_a.dtype or mat.dim() not in (2, 3):
-            raise RuntimeError(f"grouped_mm: {name} is a {mat.dim()}-D {mat.dtype} matrix; both must be 2-D or 3-D "
-                               f"{mat_a.dtype}, float32, bfloat16 or float16")  # fmt: skip
+            raise RuntimeError(f"grouped_mm: {name} is a {mat.dim()}-D {mat.dtype} matrix; both must be 2-D or 3-D, "
+                               "of one dtype: float32, bfloat16 or float16")  # fmt: skip
         if any(step != 1 and step * mat.element_size() % 16 for step in mat.stride()):
             raise RuntimeError(f"grouped_mm: strides of {name} should be multiple of 16 bytes, got {mat.stride()}")
     if (offs is None) != (mat_a.dim() == 3 and mat_b.dim() == 3):
@@ -167,7 +167,10 @@ def fake_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
             ) from None
         except Exception as e:
             where = _where(stack, paths, module)
-            raise ShapeError(f"{where} fails on the example inputs: {e}") from e
+            raise ShapeError(
+                f"{where} fails on the example inputs: {str(e).rstrip('.')}. Check the examples' shapes and dtypes "
+                "against what the forward expects (`tl.summary(model, ...)` shows each module's shapes)."
+            ) from e
 
 
 def _where(stack: list[nn.Module], paths: dict[int, str], root: nn.Module) -> str:

@@ -274,7 +274,7 @@ def _refuse_meta(module: nn.Module, real: list[_Target]) -> None:
     )
     raise DeferredError(
         f"`tl.materialize`: {len(meta)} tensor{'s' if len(meta) > 1 else ''} ({listed(meta)}) on the meta device, "
-        "with no record of how to make them and no value in a checkpoint: construct the model under "
+        f"with no record of how to make {'them' if len(meta) > 1 else 'it'} and no value in a checkpoint: construct the model under "
         f"`tl.deferred()` (not `torch.device('meta')`), or pass a `checkpoint=` that holds them.{hint}"
     )
 
