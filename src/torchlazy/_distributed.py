@@ -105,20 +105,15 @@ def sharded_targets(module: nn.Module, real: bool = False) -> list[Sharded]:
             origin = storage_of(original) if original is not None else None
             path = f"{prefix}.{name}" if prefix else name
             own = storage_of(local) if waiting else None
-            if origin is None and own is not None:  # no origin kept (a lazy layer sized in the block): FSDP's copy
-                shards[id(p)] = Shard(
-                    path, [(owner, name)], p, layouts, record=own[0], ref=TRef.of(own[1], local), whole=True
-                )
-                continue
-            if original is None or origin is None:  # real, or with nothing recorded: a checkpoint's values
-                shards[id(p)] = Sharded(path, [(owner, name)], p, layouts)
-                continue
-            shard = Shard(path, [(owner, name)], p, layouts, record=origin[0], ref=TRef.of(origin[1], original))
-            if own is not None and not _copied_untouched(shard, own[0], own[1]):
-                # written since `fully_shard` copied it (or its source written before the copy, after the block):
-                # the local tensor's own record holds its values
+            shard: Sharded | None = None
+            if original is not None and origin is not None:
+                shard = Shard(path, [(owner, name)], p, layouts, record=origin[0], ref=TRef.of(origin[1], original))
+            if own is not None and not (isinstance(shard, Shard) and _copied_untouched(shard, own[0], own[1])):
+                # no origin kept (a lazy layer sized in the block), or written since `fully_shard` copied it (or its
+                # source written before the copy, after the block): the local tensor's own record holds its values
                 shard = Shard(path, [(owner, name)], p, layouts, record=own[0], ref=TRef.of(own[1], local), whole=True)
-            shards[id(p)] = shard
+            # real, or with nothing recorded: a checkpoint's values
+            shards[id(p)] = shard if shard is not None else Sharded(path, [(owner, name)], p, layouts)
     return list(shards.values())
 
 
