@@ -157,13 +157,12 @@ def materialize(
         if not exact:
             _refuse_read_values([t.record for t in targets] + [s.record for s in shards if isinstance(s, Shard)])
         plan = plan_keys(module, ckpt, key_map) if ckpt is not None else None
-        _refuse_valueless(shards, plan)
         everything = targets + real
         if plan is not None:
             values, rest = _read_checkpoint(plan, everything, strict, placement, shards)
         else:
             values, rest = {}, everything
-        _refuse_meta(module, [t for t in rest if t.record is None])
+        _refuse_valueless(module, [t for t in rest if t.record is None], shards, plan)
         for t in rest:
             if t.record is None:  # real, not in the checkpoint: cast and move only
                 values[id(t.tensor)] = placement.place(t.tensor, t.tensor)
@@ -254,10 +253,16 @@ def _build_lazy_from_checkpoint(
             )
 
 
-def _refuse_meta(module: nn.Module, real: list[_Target]) -> None:
-    """Tensors on the meta device (a model built under `torch.device("meta")`) with no value in the checkpoint:
-    nothing can give them values (they stayed meta, silently). Refused up front, the model unchanged."""
+def _refuse_valueless(module: nn.Module, real: list[_Target], shards: list[Sharded], plan: KeyPlan | None) -> None:
+    """Tensors on the meta device (a model built under `torch.device("meta")`, sharded by FSDP or not) with no
+    record and no value in the checkpoint: nothing can give them values (they stayed meta, silently). Refused
+    before anything changes, after a strict checkpoint's own missing-key error."""
     meta = [t.path for t in real if t.tensor.is_meta]
+    for shard in shards:
+        local = tc.dtensor_local(shard.param)
+        unrecorded = not isinstance(shard, Shard) and (local.is_meta or tc.is_fake(local))
+        if unrecorded and not (plan is not None and plan.find(shard.param)):
+            meta.append(shard.path)
     if not meta:
         return
     unsaved = {
@@ -272,26 +277,18 @@ def _refuse_meta(module: nn.Module, real: list[_Target]) -> None:
         if never
         else ""
     )
-    raise DeferredError(
-        f"`tl.materialize`: {len(meta)} tensor{'s' if len(meta) > 1 else ''} ({listed(meta)}) on the meta device, "
-        f"with no record of how to make {'them' if len(meta) > 1 else 'it'} and no value in a checkpoint: construct the model under "
-        f"`tl.deferred()` (not `torch.device('meta')`), or pass a `checkpoint=` that holds them.{hint}"
+    one = len(meta) == 1
+    where = (
+        f"`{plan.ckpt.path}` has no value for {'it' if one else 'them'}"
+        if plan is not None
+        else ("no `checkpoint=` was given")
     )
-
-
-def _refuse_valueless(shards: list[Sharded], plan: KeyPlan | None) -> None:
-    """Sharded parameters on the meta device with no record (a model built on meta, then `fully_shard`): only a
-    checkpoint can give them values. Refused up front, the model unchanged, where it does not hold them."""
-    for shard in shards:
-        local = tc.dtensor_local(shard.param)
-        if isinstance(shard, Shard) or not (local.is_meta or tc.is_fake(local)) or (plan and plan.find(shard.param)):
-            continue
-        where = f"`{plan.ckpt.path}` has no value for it" if plan is not None else "no `checkpoint=` was given"
-        raise DeferredError(
-            f"`{shard.path}` is a sharded parameter on the meta device with no record of how to make it, and "
-            f"{where}: construct the model under `tl.deferred()` (not `torch.device('meta')`) before "
-            "`fully_shard`, or pass a `checkpoint=` that holds it."
-        )
+    raise DeferredError(
+        f"`tl.materialize`: {len(meta)} tensor{'' if one else 's'} ({listed(meta)}) on the meta device with no record "
+        f"of how to make {'it' if one else 'them'}, and {where}: construct the model under `tl.deferred()` (not "
+        f"`torch.device('meta')`, before any `fully_shard`), or pass a `checkpoint=` that holds "
+        f"{'it' if one else 'them'}.{hint}"
+    )
 
 
 def _read_checkpoint(
