@@ -18,6 +18,7 @@ from torch import nn
 
 from . import _lazy
 from . import _torch_compat as tc
+from ._modtree import MODULE_TABLES
 
 __all__ = ["attributes_kept", "built_by_lazy", "fresh_fakes"]
 
@@ -40,7 +41,7 @@ def attributes_kept(
         (v, dict(v))
         for m in modules
         for k, v in m.__dict__.items()
-        if type(v) is dict and k not in _TABLES and id(v) not in shared
+        if type(v) is dict and k not in MODULE_TABLES and id(v) not in shared
     ]
     held = {id(t): t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}
     tensors = [(t, t.data, t.untyped_storage(), t.requires_grad) for t in held.values() if _has_storage(t)]
@@ -72,12 +73,9 @@ def attributes_kept(
                 t.requires_grad_(requires_grad)
 
 
-_TABLES = frozenset(k for k, v in nn.Module().__dict__.items() if isinstance(v, (dict, set)))
-
-
 def _tables(module: nn.Module) -> list[Any]:
     """The module's own tables: parameters, buffers, sub-modules, the non-persistent set, every hook table."""
-    return [v for k, v in module.__dict__.items() if k in _TABLES and isinstance(v, (dict, set))]
+    return [v for k, v in module.__dict__.items() if k in MODULE_TABLES and isinstance(v, (dict, set))]
 
 
 def fresh_fakes(module: nn.Module, mode: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -119,7 +117,7 @@ def _containers_of(modules: Iterable[nn.Module]) -> set[int]:
     found: set[int] = set()
     for m in modules:
         for k, v in m.__dict__.items():
-            if k in _TABLES:
+            if k in MODULE_TABLES:
                 continue
             if type(v) in (list, dict):
                 found.add(id(v))

@@ -41,7 +41,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_l
 from . import _deferred, _markers, _paths
 from . import _torch_compat as tc
 from ._errors import ArgumentError, DeferredError, DtypeError, LazyError, NotBuiltError, ShapeError, listed
-from ._modtree import TensorState, drop_parameter_caches, refresh_parameter_caches
+from ._modtree import MODULE_TABLES, TensorState, drop_parameter_caches, refresh_parameter_caches
 from ._record import Record
 from ._rules import Inputs, Mismatch, Rule, Trailing, as_rule
 
@@ -267,8 +267,7 @@ def transaction(rollback: bool = False) -> Iterator[None]:
 
 def _snapshot(module: nn.Module) -> Callable[[], None]:
     state = dict(module.__dict__)
-    mutable = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", *_HOOK_ATTRS)
-    inner = {k: v.copy() for k, v in state.items() if k in mutable and hasattr(v, "copy")}
+    inner = {k: v.copy() for k, v in state.items() if k in MODULE_TABLES and hasattr(v, "copy")}
     cls = type(module)
 
     def undo() -> None:

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 _CPU = torch.device("cpu")
-_MODULE_TABLES = frozenset(nn.Module().__dict__)  # `_parameters`, `_buffers`, `_modules`, the hook tables
+MODULE_TABLES = frozenset(nn.Module().__dict__)  # `_parameters`, `_buffers`, `_modules`, the hook tables
 
 
 def module_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
@@ -55,7 +55,7 @@ def module_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, tor
                         yield f"{dot}{name}.{i}", owner, name, item
             elif (
                 isinstance(value, dict)
-                and name not in _MODULE_TABLES
+                and name not in MODULE_TABLES
                 and not name.startswith(_markers.PREFIX)
                 and (_holds_tensors(list(value.values())))
             ):
