@@ -455,6 +455,45 @@ def test_tensors_in_a_dict_attribute_are_materialized() -> None:
     assert not tl.is_deferred(model) and torch.equal(model.table["t"], eager.table["t"])
 
 
+def test_tensors_in_nested_containers_are_materialized() -> None:
+    """A dict of lists, a list of dicts, a named tuple: materialize left their fake tensors in the model, and
+    `tl.deferred_tensors` did not list them."""
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "low high")
+
+    class Tables(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.banks = {"a": [torch.randn(3), 7, torch.randn(2)], "b": ({"c": torch.randn(4)},)}
+            self.levels = [Pair(torch.randn(2), torch.rand(2)), [[torch.randn(5)]]]
+
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = Tables()
+    shared = model.banks["a"]  # a reference held elsewhere: still the model's list afterwards
+    listed = tl.deferred_tensors(model)
+    for path in ("banks.a.0", "banks.a.2", "banks.b.0.c", "levels.0.0", "levels.0.1", "levels.1.0.0"):
+        assert path in listed, (path, listed)
+    tl.materialize(model)
+    torch.manual_seed(0)
+    eager = Tables()
+    assert not tl.is_deferred(model) and not tl.deferred_tensors(model)
+    assert model.banks["a"] is shared and model.banks["a"][1] == 7
+    assert isinstance(model.levels[0], Pair)
+    pairs = [
+        (model.banks["a"][0], eager.banks["a"][0]),
+        (model.banks["a"][2], eager.banks["a"][2]),
+        (model.banks["b"][0]["c"], eager.banks["b"][0]["c"]),
+        (model.levels[0].low, eager.levels[0].low),
+        (model.levels[0].high, eager.levels[0].high),
+        (model.levels[1][0][0], eager.levels[1][0][0]),
+    ]
+    for mine, theirs in pairs:
+        assert not tl.is_deferred(mine) and torch.equal(mine, theirs)
+
+
 def test_batch_norm_updates_running_statistics_of_deferred_buffers_as_eager() -> None:
     """`native_batch_norm` (what `F.batch_norm` runs on the CPU) writes the running statistics without its schema
     saying so: the update was not recorded, and materialize gave the initial statistics."""

@@ -36,7 +36,8 @@ MODULE_TABLES = frozenset(nn.Module().__dict__)  # `_parameters`, `_buffers`, `_
 def module_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
     """(path, owner, attribute, tensor) for every tensor the module tree holds.
 
-    Parameters, buffers, plain tensor attributes, and tensors in list, tuple and dict attributes.
+    Parameters, buffers, plain tensor attributes, and tensors in list, tuple and dict attributes, nested ones
+    too (`self.banks = {"a": [t0, t1]}`: paths `banks.a.0`, `banks.a.1`; `attribute` is the outermost one).
     """
     for prefix, owner in module.named_modules(remove_duplicate=False):
         dot = f"{prefix}." if prefix else ""
@@ -49,25 +50,33 @@ def module_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, tor
         for name, value in owner.__dict__.items():
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
                 yield f"{dot}{name}", owner, name, value
-            elif isinstance(value, (list, tuple)) and name not in ("_forward_hooks",) and _holds_tensors(value):
-                for i, item in enumerate(value):
-                    if isinstance(item, torch.Tensor):
-                        yield f"{dot}{name}.{i}", owner, name, item
-            elif (
-                isinstance(value, dict)
-                and name not in MODULE_TABLES
-                and not name.startswith(_markers.PREFIX)
-                and (_holds_tensors(list(value.values())))
+            elif isinstance(value, (list, tuple)) or (
+                isinstance(value, dict) and name not in MODULE_TABLES and not name.startswith(_markers.PREFIX)
             ):
-                for key, item in value.items():
-                    if isinstance(item, torch.Tensor):
-                        yield f"{dot}{name}.{key}", owner, name, item
+                for path, t in _contained(value, f"{dot}{name}", 0):
+                    yield path, owner, name, t
 
 
-def _holds_tensors(items: list[Any] | tuple[Any, ...]) -> bool:
-    """Whether a list attribute holds any tensor, by its items' types in one C-level pass (modules keep
-    long lists of indices, e.g. LeViT's attention offsets: a Python loop over them cost 60 ms a walk)."""
-    return any(issubclass(t, torch.Tensor) for t in set(map(type, items)))
+_CONTAINERS = (list, tuple, dict)
+_MAX_DEPTH = 8  # containers nested deeper are not searched (nor a container holding itself)
+
+
+def _contained(value: Any, path: str, depth: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(path, tensor) for the tensors in a list, tuple or dict and in the containers it holds."""
+    items = list(value.values()) if isinstance(value, dict) else value
+    if not _holds(items):
+        return
+    for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+        if isinstance(item, torch.Tensor):
+            yield f"{path}.{key}", item
+        elif isinstance(item, _CONTAINERS) and depth < _MAX_DEPTH and item is not value:
+            yield from _contained(item, f"{path}.{key}", depth + 1)
+
+
+def _holds(items: list[Any] | tuple[Any, ...]) -> bool:
+    """Whether a container's items include a tensor or another container, by their types in one C-level pass
+    (modules keep long lists of indices, e.g. LeViT's attention offsets: a Python loop over them cost 60 ms a walk)."""
+    return any(issubclass(t, (torch.Tensor, *_CONTAINERS)) for t in set(map(type, items)))
 
 
 def drop_parameter_caches(module: nn.Module) -> None:
@@ -128,10 +137,34 @@ def _replace_references(module: nn.Module, new: dict[int, torch.Tensor]) -> None
             owner._buffers[name] = real
         elif owner.__dict__.get(name) is t:
             owner.__dict__[name] = real
-        elif isinstance(owner.__dict__.get(name), (list, tuple)):
-            items = owner.__dict__[name]
-            fixed = [new.get(id(x), x) if isinstance(x, torch.Tensor) else x for x in items]
-            owner.__dict__[name] = type(items)(fixed) if isinstance(items, tuple) else fixed
+        elif isinstance(owner.__dict__.get(name), _CONTAINERS):
+            owner.__dict__[name] = _substituted(owner.__dict__[name], new, 0)
+
+
+def _substituted(value: Any, new: dict[int, torch.Tensor], depth: int) -> Any:
+    """`value` with the tensors `new` names replaced at any depth: lists and dicts changed in place (whoever
+    else holds them sees the change), a tuple rebuilt (a named tuple as its own type) where an item changed."""
+
+    def one(item: Any) -> Any:
+        if isinstance(item, torch.Tensor):
+            return new.get(id(item), item)
+        if isinstance(item, _CONTAINERS) and depth < _MAX_DEPTH and item is not value:
+            return _substituted(item, new, depth + 1)
+        return item
+
+    if isinstance(value, dict):
+        for key, item in value.items():
+            fixed = one(item)
+            if fixed is not item:
+                value[key] = fixed
+        return value
+    fixed = [one(item) for item in value]
+    if isinstance(value, list):
+        value[:] = fixed
+        return value
+    if all(a is b for a, b in zip(fixed, value)):
+        return value
+    return type(value)(*fixed) if hasattr(value, "_fields") else type(value)(fixed)
 
 
 def swap_all(module: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], internal: set[str]) -> None:
