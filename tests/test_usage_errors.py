@@ -161,14 +161,29 @@ def test_optional_arguments_are_keyword_only_and_signatures_stay_visible() -> No
         (lambda w: w == 0, "`==`"),
         (lambda w: torch.nn.functional.linear(torch.ones(2, 2), w), r"`linear\(\)`"),
         (lambda w: w._is_view(), r"using it \(PyTorch's internal `_is_view`"),
+        (lambda w: w.copy_(torch.ones(2, 4)), r"`\.copy_\(\)`"),  # torch's own size error before
+        (lambda w: torch.ones(2, 4).copy_(w), r"`\.copy_\(\)`"),
     ],
-    ids=["detach", "getitem", "len", "eq", "F.linear", "_is_view"],
+    ids=["detach", "getitem", "len", "eq", "F.linear", "_is_view", "copy_into", "copy_from"],
 )
 def test_not_built_errors_name_the_users_operation(use: Callable[[torch.Tensor], object], named: str) -> None:
     layer = tl.nn.Linear(3)
-    with pytest.raises(tl.NotBuiltError, match=r"`weight` of .* is not built yet: " + named + ".* needs its shape"):
+    with torch.no_grad(), pytest.raises(tl.NotBuiltError, match=r"`weight` of .* is not built yet: " + named + ".* needs its shape"):
         use(layer.weight)
     assert not tl.is_built(layer)
+
+
+def test_not_built_errors_name_the_path_in_a_model_a_function_was_handed() -> None:
+    """`fully_shard(model)` reads every parameter's shape: the error named `weight` of `Linear(...)`, not where
+    in the model it is (the path is found from the modules the running frames hold, not only their `self`)."""
+
+    def shard_like(module: nn.Module) -> None:
+        for p in module.parameters():
+            p.shape
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(tl.nn.Linear(5)))
+    with pytest.raises(tl.NotBuiltError, match=r"`1\.0\.weight` of Linear\(in_features=\?"):
+        shard_like(model)
 
 
 def _unchanged(model: nn.Module) -> Callable[[], None]:

@@ -144,6 +144,12 @@ class _Placeholder:
         allowed = tc.allowed_placeholder_methods()
         if func is torch.Tensor.size:  # PyTorch answers (0,) here: a size that is not the layer's
             raise _not_built(args[0] if args else None, "`.size()`")
+        if func is torch.Tensor.copy_:  # allowed where torch allows it (a lazy state's load: nothing to copy)
+            try:
+                return super().__torch_function__(func, types, args, kwargs or {})  # type: ignore[misc]
+            except RuntimeError:  # torch's size error about a shape of (0,)
+                target = next(a for a in (*args, *(kwargs or {}).values()) if isinstance(a, _Placeholder))
+                raise _not_built(target, "`.copy_()`") from None
         if func in _SETTINGS:  # what a user sets on the tensor object: kept, and carried to the built one
             with tc.disable_torch_function_subclass():
                 return func(*args, **(kwargs or {}))

@@ -48,14 +48,21 @@ def _outer_frame(depth: int) -> Any:
 
 
 def _modules_on_stack() -> list[nn.Module]:
-    found: list[nn.Module] = []
+    """The modules the running frames hold, innermost first: each method's `self`, and the modules a function
+    was handed (`fully_shard(model)`, `tl.build(model, ...)`: their roots name the paths below them)."""
+    held: list[nn.Module] = []
     frame = _outer_frame(0)
     while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, nn.Module) and (not found or found[-1] is not owner):
-            found.append(owner)
+        local = frame.f_locals
+        held += [value for value in (local.get("self"), *local.values()) if isinstance(value, nn.Module)]
         frame = frame.f_back  # type: ignore[assignment]
-    return found
+    found: list[nn.Module] = []  # each module once, where the outermost frame holds it
+    seen: set[int] = set()
+    for module in reversed(held):
+        if id(module) not in seen:
+            seen.add(id(module))
+            found.append(module)
+    return found[::-1]
 
 
 def module_path(module: nn.Module) -> str:
