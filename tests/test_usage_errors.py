@@ -168,7 +168,10 @@ def test_optional_arguments_are_keyword_only_and_signatures_stay_visible() -> No
 )
 def test_not_built_errors_name_the_users_operation(use: Callable[[torch.Tensor], object], named: str) -> None:
     layer = tl.nn.Linear(3)
-    with torch.no_grad(), pytest.raises(tl.NotBuiltError, match=r"`weight` of .* is not built yet: " + named + ".* needs its shape"):
+    with (
+        torch.no_grad(),
+        pytest.raises(tl.NotBuiltError, match=r"`weight` of .* is not built yet: " + named + ".* needs its shape"),
+    ):
         use(layer.weight)
     assert not tl.is_built(layer)
 
@@ -179,7 +182,7 @@ def test_not_built_errors_name_the_path_in_a_model_a_function_was_handed() -> No
 
     def shard_like(module: nn.Module) -> None:
         for p in module.parameters():
-            p.shape
+            _ = p.shape
 
     model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(tl.nn.Linear(5)))
     with pytest.raises(tl.NotBuiltError, match=r"`1\.0\.weight` of Linear\(in_features=\?"):

@@ -134,6 +134,10 @@ def _left_behind_error(t: Any) -> LazyError:
     )
 
 
+def _placeholder_in(args: Any, kwargs: Any) -> Any:
+    return next((a for a in tc.tree_leaves((args, kwargs)) if isinstance(a, _Placeholder)), None)
+
+
 class _Placeholder:
     """Behaviour shared by unbuilt parameters and buffers."""
 
@@ -148,18 +152,13 @@ class _Placeholder:
             try:
                 return super().__torch_function__(func, types, args, kwargs or {})  # type: ignore[misc]
             except RuntimeError:  # torch's size error about a shape of (0,)
-                target = next(a for a in (*args, *(kwargs or {}).values()) if isinstance(a, _Placeholder))
-                raise _not_built(target, "`.copy_()`") from None
+                raise _not_built(_placeholder_in(args, kwargs), "`.copy_()`") from None
         if func in _SETTINGS:  # what a user sets on the tensor object: kept, and carried to the built one
             with tc.disable_torch_function_subclass():
                 return func(*args, **(kwargs or {}))
         if func in allowed or func.__class__.__name__ == "method-wrapper":
             return super().__torch_function__(func, types, args, kwargs or {})  # type: ignore[misc]
-        target = next(
-            (a for a in tc.tree_leaves((args, kwargs)) if isinstance(a, _Placeholder)),
-            None,
-        )
-        raise _not_built(target, _operation(func))
+        raise _not_built(_placeholder_in(args, kwargs), _operation(func))
 
     @property
     def shape(self) -> torch.Size:
