@@ -770,3 +770,62 @@ def test_a_gradient_set_before_materialize_is_kept() -> None:
     half.weight.grad = grad
     tl.materialize(half, dtype=torch.bfloat16)
     assert half.weight.grad is not None and half.weight.grad.dtype == torch.bfloat16
+
+
+# -- an unbuilt lazy layer's draws come first: nothing after them is given values before it is built ----------
+
+
+def _lazy_in_the_middle(lazy: bool) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(3, 4), tl.nn.Linear(5) if lazy else nn.Linear(4, 5), nn.Linear(5, 6))
+
+
+def test_materialize_before_an_unbuilt_lazy_layer_is_built_is_refused_and_changes_nothing() -> None:
+    """`tl.materialize` of a deferred model whose lazy layer in the middle was not built gave the layers after it
+    values drawn from the wrong place (its draws, which come first, were not known), silently; `tl.build` then
+    failed and the model could not be recovered."""
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = _lazy_in_the_middle(True)
+    before = tl.deferred_tensors(model)
+    with pytest.raises(tl.NotBuiltError, match=r"`1` \(Linear\).*not built.*tl\.build"):
+        tl.materialize(model)
+    assert tl.deferred_tensors(model) == before and not tl.is_built(model)
+    with pytest.raises(tl.NotBuiltError, match=r"`1` \(Linear\)"):
+        tl.materialize(model[2])  # a sub-module drawn after it: the same
+    tl.build(model, tl.Spec(2, 3))
+    torch.manual_seed(0)
+    eager = _lazy_in_the_middle(False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), eager.state_dict().values()))
+
+
+def test_materialize_of_what_comes_before_an_unbuilt_lazy_layer_still_works() -> None:
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = _lazy_in_the_middle(True)
+    tl.materialize(model[0])
+    tl.build(model, tl.Spec(2, 3))
+    torch.manual_seed(0)
+    eager = _lazy_in_the_middle(False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), eager.state_dict().values()))
+
+
+def test_values_read_in_the_block_after_an_unbuilt_lazy_layer_are_refused() -> None:
+    """`.item()` of a draw made after an unbuilt lazy layer (`concretize=True`), and a reachable `trunc_normal_`
+    (its rejection loop reads values): the value came from the wrong place in the stream, silently, and `tl.build`
+    failed later with advice that could not work."""
+
+    def body() -> nn.Module:
+        model = nn.Sequential(tl.nn.Linear(4))
+        x = torch.randn(3)
+        model.scale = float(x.abs().max().item())
+        return model
+
+    torch.manual_seed(0)
+    with pytest.raises(tl.NotBuiltError, match=r"`0` \(Linear\).*not built.*a `randn`.*tl\.build"):
+        with tl.deferred(concretize=True):
+            body()
+    with pytest.raises(tl.NotBuiltError, match=r"Linear.*not built"):
+        with tl.deferred():
+            held = tl.nn.Linear(4)  # one nobody holds never draws: no refusal then
+            nn.init.trunc_normal_(torch.empty(17), a=-0.2, b=0.2)
+    del held

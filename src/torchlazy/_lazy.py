@@ -285,9 +285,22 @@ def _snapshot(module: nn.Module) -> Callable[[], None]:
     return undo
 
 
-def _slot_for_new_module() -> tuple[Record, tuple[int, ...]] | None:
+def _slot_for_new_module(module: Any) -> tuple[Record, tuple[int, ...]] | None:
+    """`module`'s place in the running block's construction order (None outside a block); the record is told
+    the place is taken by a layer whose draws are not known until it is built (`Record.slots`)."""
     recorder = _deferred.current_recorder()
-    return (recorder.record, recorder.reserve_slot()) if recorder is not None else None
+    if recorder is None:
+        return None
+    record, key = recorder.record, recorder.reserve_slot()
+    owner, of_record = weakref.ref(module), weakref.ref(record)  # the record holds this: no cycle through it
+
+    def unbuilt() -> nn.Module | None:
+        m = owner()
+        slot = m.__dict__.get(_markers.SLOT) if m is not None else None
+        return m if slot is not None and slot[1] == key and slot[0] is of_record() else None
+
+    record.slots[key] = unbuilt
+    return record, key
 
 
 def _undo_now(undo: Callable[[], None]) -> None:
@@ -497,7 +510,7 @@ class _LazyLayer:
         self._tl_options = {k: given.pop(k, v) for k, v in self._tl_defaults.items()}
         self._tl_args = given
         self.__dict__[_markers.ORDER] = next(_order)
-        self.__dict__[_markers.SLOT] = _slot_for_new_module()
+        self.__dict__[_markers.SLOT] = _slot_for_new_module(self)
         self._tl_placeholders()
 
     # construction-time skeleton
@@ -857,7 +870,7 @@ class _LazyLayer:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         nn.Module.__setstate__(self, state)  # type: ignore[arg-type]
-        self.__dict__[_markers.SLOT] = _slot_for_new_module()
+        self.__dict__[_markers.SLOT] = _slot_for_new_module(self)
 
 
 def relink_ties(root: nn.Module) -> None:
@@ -1137,7 +1150,7 @@ class LazyModule(nn.Module):
         super().__init__()
         self.__dict__[_markers.ORDER] = next(_order)
         if not self.__dict__.get(_INIT_DEPTH):  # constructed directly: its place in construction order is now
-            self.__dict__[_markers.SLOT] = _slot_for_new_module()
+            self.__dict__[_markers.SLOT] = _slot_for_new_module(self)
         self.__dict__[_markers.BUILD_HOOK] = self.register_forward_pre_hook(
             _build_lazy_module, with_kwargs=True, prepend=True
         )
@@ -1163,7 +1176,7 @@ class LazyModule(nn.Module):
                 self.__dict__[_INIT_DEPTH] = depth
             if depth == 0:  # the outermost constructor returned
                 del self.__dict__[_INIT_DEPTH]
-                self.__dict__[_markers.SLOT] = _slot_for_new_module()
+                self.__dict__[_markers.SLOT] = _slot_for_new_module(self)
 
         cls.__init__ = __init__  # type: ignore[method-assign]
 
@@ -1198,7 +1211,7 @@ class LazyModule(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if _markers.SLOT in state:
-            self.__dict__[_markers.SLOT] = _slot_for_new_module()
+            self.__dict__[_markers.SLOT] = _slot_for_new_module(self)
 
 
 def _build_lazy_module(module: LazyModule, args: Any, kwargs: Any) -> None:
