@@ -436,3 +436,18 @@ def test_a_model_built_on_the_meta_device_takes_a_checkpoint_and_nothing_stays_m
     rotary.inv_freq = torch.arange(4.0)  # given its values, as the module's init computes them
     tl.materialize(rotary, checkpoint=source)
     assert torch.equal(rotary[0].weight, source["0.weight"]) and torch.equal(rotary.inv_freq, torch.arange(4.0))
+
+
+def test_key_map_errors_name_the_keys_it_made() -> None:
+    """A `key_map` renaming keys to names the model lacks: the error listed the checkpoint's own keys as "not in the
+    model" (the model has them); a `key_map` callable that raised, or returned a non-string, let that through raw."""
+    state = nn.Sequential(nn.Linear(3, 4)).state_dict()
+    with tl.deferred():
+        model = nn.Sequential(nn.Linear(3, 4))
+    with pytest.raises(tl.CheckpointError, match=r"not in the model: `0\.weight -> layer0\.weight`"):
+        tl.materialize(model, checkpoint=state, key_map={"0.": "layer0."})
+    with pytest.raises(tl.ArgumentError, match=r"`key_map` raised ZeroDivisionError .*`0\.weight`"):
+        tl.materialize(model, checkpoint=state, key_map=lambda k: k[1 / 0])
+    with pytest.raises(tl.ArgumentError, match=r"`key_map` returned 3 \(int\) for `0\.weight`"):
+        tl.materialize(model, checkpoint=state, key_map=lambda k: 3)
+    assert tl.deferred_tensors(model) == ["0.weight", "0.bias"]

@@ -235,7 +235,7 @@ def mapper(key_map: KeyMap) -> Callable[[str], str | None]:
     if key_map is None:
         return lambda k: k
     if callable(key_map):
-        return key_map
+        return _checked(key_map)
     if not isinstance(key_map, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in key_map.items()
     ):
@@ -252,6 +252,27 @@ def mapper(key_map: KeyMap) -> Callable[[str], str | None]:
         return key
 
     return by_prefix
+
+
+def _checked(key_map: Callable[[str], str | None]) -> Callable[[str], str | None]:
+    """A `key_map` callable whose failures say which key they came from, and that names what it returned."""
+
+    def call(key: str) -> str | None:
+        try:
+            new = key_map(key)
+        except Exception as e:
+            raise ArgumentError(
+                f"`key_map` raised {type(e).__name__} ({e}) for the checkpoint key `{key}`. It is called with every "
+                "key of the checkpoint and returns the model's key, or None to skip the key."
+            ) from e
+        if new is not None and not isinstance(new, str):
+            raise ArgumentError(
+                f"`key_map` returned {new!r} ({type(new).__name__}) for `{key}`: it returns the model's key (a "
+                "string), or None to skip the key."
+            )
+        return new
+
+    return call
 
 
 def _model_keys(module: nn.Module) -> dict[int, list[str]]:
@@ -302,7 +323,7 @@ class KeyPlan:
     ckpt: Checkpoint
     model_keys: dict[int, list[str]]  # id(tensor) -> the state-dict keys naming it (ties have several)
     sources: dict[str, str]  # model key -> checkpoint key
-    unexpected: list[str]  # checkpoint keys the model does not have
+    unexpected: list[str]  # checkpoint keys the model does not have (`key -> renamed` where `key_map` renamed)
 
     def find(self, t: torch.Tensor) -> tuple[str, str] | None:
         """(model key, checkpoint key) for tensor `t`, or None when the checkpoint lacks it."""
@@ -371,7 +392,7 @@ def plan_keys(module: nn.Module, ckpt: Checkpoint, key_map: KeyMap) -> KeyPlan:
                 )
             sources[new] = key
         elif new is not None:
-            unexpected.append(key)
+            unexpected.append(key if new == key else f"{key} -> {new}")  # as `key_map` named it
     return KeyPlan(ckpt, model_keys, sources, unexpected)
 
 
