@@ -758,3 +758,33 @@ def test_a_forward_failing_on_the_examples_is_one_error_without_torchs_traceback
             call()
     assert not [r for r in caplog.records if "meta" in r.getMessage()], caplog.text
     assert not logging.getLogger("torch._subclasses.fake_tensor").disabled  # put back
+
+
+class _Peek(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = tl.nn.Linear(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _ = self.inner.weight.shape
+        return x
+
+
+def test_not_built_errors_name_the_path_in_the_model_whose_forward_runs() -> None:
+    """A module shared by two models: the path is the one in the model running (the forwards' `self` chain comes
+    first), not in another model a frame happens to hold."""
+    shared = _Peek()
+    student = nn.Sequential(shared)
+    teacher = nn.Sequential(nn.Identity(), nn.Sequential(nn.Identity(), shared))
+    with pytest.raises(tl.NotBuiltError, match=r"`0\.inner\.weight`"):
+        student(torch.ones(2, 3))
+    assert teacher[1][1] is shared
+
+
+def test_copy_into_a_placeholder_keeps_torchs_own_errors() -> None:
+    """Only the size error about (0,) becomes a NotBuiltError; torch's in-place-on-a-leaf error stays torch's."""
+    a, b = tl.nn.Linear(3), tl.nn.Linear(3)
+    with pytest.raises(RuntimeError, match="leaf Variable"):
+        a.weight.copy_(b.weight)
+    with torch.no_grad():
+        a.weight.copy_(b.weight)  # placeholder to placeholder: nothing to copy, as torch allows

@@ -74,7 +74,7 @@ def _not_built(t: Any, what: str) -> NotBuiltError:
         name = f"`{where[1]}`" if path == type(owner).__name__ else f"`{path}.{where[1]}`"
         subject = f"{name} of {owner!r}"
     else:
-        subject = "a lazy parameter"
+        subject = "a lazy buffer" if isinstance(t, UninitializedBuffer) else "a lazy parameter"
     return NotBuiltError(
         f"{subject} is not built yet: {what} needs its shape, which depends on the first input. "
         "Run one forward pass, or `tl.build(model, tl.Spec(*input_shape))`, first."
@@ -134,6 +134,21 @@ def _left_behind_error(t: Any) -> LazyError:
     )
 
 
+def _copy_needs_shape(args: Any, kwargs: Any) -> bool:
+    """Whether a `copy_` between a placeholder (shape (0,) to torch) and a real tensor fails only for the shape:
+    torch's error would then be a size mismatch about (0,); copies torch accepts (placeholder to placeholder, a
+    lazy state's load) and its other errors (in-place on a leaf that requires grad) are left to torch."""
+    dst = args[0] if args else kwargs.get("self")
+    src = args[1] if len(args) > 1 else kwargs.get("src")
+    if not isinstance(dst, torch.Tensor) or not isinstance(src, torch.Tensor) or is_lazy(dst) == is_lazy(src):
+        return False
+    dst_shape, src_shape = ((0,) if is_lazy(t) else tuple(t.shape) for t in (dst, src))
+    try:
+        return torch.broadcast_shapes(src_shape, dst_shape) != dst_shape
+    except RuntimeError:
+        return True
+
+
 def _placeholder_in(args: Any, kwargs: Any) -> Any:
     return next((a for a in tc.tree_leaves((args, kwargs)) if isinstance(a, _Placeholder)), None)
 
@@ -148,11 +163,8 @@ class _Placeholder:
         allowed = tc.allowed_placeholder_methods()
         if func is torch.Tensor.size:  # PyTorch answers (0,) here: a size that is not the layer's
             raise _not_built(args[0] if args else None, "`.size()`")
-        if func is torch.Tensor.copy_:  # allowed where torch allows it (a lazy state's load: nothing to copy)
-            try:
-                return super().__torch_function__(func, types, args, kwargs or {})  # type: ignore[misc]
-            except RuntimeError:  # torch's size error about a shape of (0,)
-                raise _not_built(_placeholder_in(args, kwargs), "`.copy_()`") from None
+        if func is torch.Tensor.copy_ and _copy_needs_shape(args, kwargs):  # else torch's own (a lazy state's load)
+            raise _not_built(_placeholder_in(args, kwargs), "`.copy_()`")
         if func in _SETTINGS:  # what a user sets on the tensor object: kept, and carried to the built one
             with tc.disable_torch_function_subclass():
                 return func(*args, **(kwargs or {}))
@@ -285,22 +297,9 @@ def _snapshot(module: nn.Module) -> Callable[[], None]:
     return undo
 
 
-def _slot_for_new_module(module: Any) -> tuple[Record, tuple[int, ...]] | None:
-    """`module`'s place in the running block's construction order (None outside a block); the record is told
-    the place is taken by a layer whose draws are not known until it is built (`Record.slots`)."""
+def _slot_for_new_module() -> tuple[Record, tuple[int, ...]] | None:
     recorder = _deferred.current_recorder()
-    if recorder is None:
-        return None
-    record, key = recorder.record, recorder.reserve_slot()
-    owner, of_record = weakref.ref(module), weakref.ref(record)  # the record holds this: no cycle through it
-
-    def unbuilt() -> nn.Module | None:
-        m = owner()
-        slot = m.__dict__.get(_markers.SLOT) if m is not None else None
-        return m if slot is not None and slot[1] == key and slot[0] is of_record() else None
-
-    record.slots[key] = unbuilt
-    return record, key
+    return (recorder.record, recorder.reserve_slot()) if recorder is not None else None
 
 
 def _undo_now(undo: Callable[[], None]) -> None:
@@ -510,7 +509,7 @@ class _LazyLayer:
         self._tl_options = {k: given.pop(k, v) for k, v in self._tl_defaults.items()}
         self._tl_args = given
         self.__dict__[_markers.ORDER] = next(_order)
-        self.__dict__[_markers.SLOT] = _slot_for_new_module(self)
+        self.__dict__[_markers.SLOT] = _slot_for_new_module()
         self._tl_placeholders()
 
     # construction-time skeleton
@@ -870,7 +869,7 @@ class _LazyLayer:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         nn.Module.__setstate__(self, state)  # type: ignore[arg-type]
-        self.__dict__[_markers.SLOT] = _slot_for_new_module(self)
+        self.__dict__[_markers.SLOT] = _slot_for_new_module()
 
 
 def relink_ties(root: nn.Module) -> None:
@@ -1150,7 +1149,7 @@ class LazyModule(nn.Module):
         super().__init__()
         self.__dict__[_markers.ORDER] = next(_order)
         if not self.__dict__.get(_INIT_DEPTH):  # constructed directly: its place in construction order is now
-            self.__dict__[_markers.SLOT] = _slot_for_new_module(self)
+            self.__dict__[_markers.SLOT] = _slot_for_new_module()
         self.__dict__[_markers.BUILD_HOOK] = self.register_forward_pre_hook(
             _build_lazy_module, with_kwargs=True, prepend=True
         )
@@ -1176,7 +1175,7 @@ class LazyModule(nn.Module):
                 self.__dict__[_INIT_DEPTH] = depth
             if depth == 0:  # the outermost constructor returned
                 del self.__dict__[_INIT_DEPTH]
-                self.__dict__[_markers.SLOT] = _slot_for_new_module(self)
+                self.__dict__[_markers.SLOT] = _slot_for_new_module()
 
         cls.__init__ = __init__  # type: ignore[method-assign]
 
@@ -1211,7 +1210,7 @@ class LazyModule(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if _markers.SLOT in state:
-            self.__dict__[_markers.SLOT] = _slot_for_new_module(self)
+            self.__dict__[_markers.SLOT] = _slot_for_new_module()
 
 
 def _build_lazy_module(module: LazyModule, args: Any, kwargs: Any) -> None:

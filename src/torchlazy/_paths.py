@@ -47,16 +47,24 @@ def _outer_frame(depth: int) -> Any:
     return sys._getframe(depth + 2)
 
 
-def _modules_on_stack() -> list[nn.Module]:
-    """The modules the running frames hold, innermost first: each method's `self`, and the modules a function
-    was handed (`fully_shard(model)`, `tl.build(model, ...)`: their roots name the paths below them)."""
+def _modules_on_stack(handed: bool = False) -> list[nn.Module]:
+    """The modules whose methods are running (each frame's `self`), innermost first; with `handed`, the modules
+    functions were handed instead (`fully_shard(model)`: the locals of function frames, not a script's globals),
+    each once, where the outermost frame holds it."""
     held: list[nn.Module] = []
     frame = _outer_frame(0)
     while frame is not None:
         local = frame.f_locals
-        held += [value for value in (local.get("self"), *local.values()) if isinstance(value, nn.Module)]
+        if not handed:
+            owner = local.get("self")
+            if isinstance(owner, nn.Module) and (not held or held[-1] is not owner):
+                held.append(owner)
+        elif frame.f_code.co_name != "<module>":
+            held += [value for value in local.values() if isinstance(value, nn.Module)]
         frame = frame.f_back  # type: ignore[assignment]
-    found: list[nn.Module] = []  # each module once, where the outermost frame holds it
+    if not handed:
+        return held
+    found: list[nn.Module] = []
     seen: set[int] = set()
     for module in reversed(held):
         if id(module) not in seen:
@@ -66,13 +74,15 @@ def _modules_on_stack() -> list[nn.Module]:
 
 
 def module_path(module: nn.Module) -> str:
-    """The best name for `module`: its path in the model when it can be found."""
-    for outer in reversed(_modules_on_stack()):
-        if outer is module:
-            break
-        for name, sub in outer.named_modules(remove_duplicate=False):
-            if sub is module and name:
-                return name
+    """The best name for `module`: its path in the model when it can be found (from the forwards running, else
+    from the models functions were handed, else from the model last walked from its root)."""
+    for handed in (False, True):
+        for outer in reversed(_modules_on_stack(handed)):
+            if outer is module:
+                break
+            for name, sub in outer.named_modules(remove_duplicate=False):
+                if sub is module and name:
+                    return name
     known = _known.get(module)
     if known:
         return known

@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from . import _counter, _paths, _rng
+from . import _counter, _rng
 from . import _torch_compat as tc
 from ._drawkernels import run_draw
-from ._errors import DeferredError, NotBuiltError
+from ._errors import DeferredError
 
 Key = tuple[int, ...]
 
@@ -212,9 +212,11 @@ class Stream:
         if at < self.committed:
             raise DeferredError(
                 f"`{node.name}` draws random numbers at a place in construction order that "
-                "the record has already replayed past (a lazy layer was shaped after a "
-                "data-dependent initialization ran). Build the lazy layers first "
-                "(`tl.build(model, example)`), or construct this model outside `tl.deferred()`."
+                "the record has already replayed past: a lazy layer shaped after the tensors drawn after it were "
+                "given values (by `tl.materialize` before `tl.build`, by `tl.build` with examples that did not reach "
+                "it, or by a value read in the `tl.deferred()` block after it); until it is built, a lazy layer draws "
+                "nothing. Build every lazy layer before materializing (`tl.build` with examples that reach them all), "
+                "or construct this model outside `tl.deferred()`."
             )
         self.keys.insert(at, node.key)
         self.nodes[node.key] = weakref.ref(node)
@@ -288,7 +290,6 @@ class Stream:
         known = self.before.get(node.key)
         if known is not None:
             return known
-        self._refuse_unbuilt_before(node)
         index = bisect.bisect_left(self.keys, node.key)
         self.committed = max(self.committed, index + 1)  # its values are about to be made for real
         state = self._advance(index) if index >= self.cursor else self._behind(index)
@@ -299,7 +300,6 @@ class Stream:
         """The state `words` into `node`'s draws (where a piece of its result starts): one jump from the
         nearest known state, not one to the node and another into it."""
         if words and node.key not in self.before:
-            self._refuse_unbuilt_before(node)
             index = bisect.bisect_left(self.keys, node.key)
             if index < self.cursor:  # passed: fold the words into the jump from behind
                 self.committed = max(self.committed, index + 1)  # as `state_before`: its values are made for real
@@ -308,24 +308,6 @@ class Stream:
                 return state
         state = self.state_before(node)
         return _rng.jump(state, words) if words else state
-
-    def _refuse_unbuilt_before(self, node: Node) -> None:
-        """Values for `node` need the draws before it: refused while a lazy layer before it has none yet."""
-        record = self._record()
-        layer = record.unbuilt_before(node.key) if record is not None and record.slots else None
-        if layer is None:
-            return
-        path, kind = _paths.module_path(layer), type(layer).__name__
-        named = f"`{path}` ({kind})" if path != kind else f"`{kind}`"
-        sids = [*node.writes, *(sid for _, sid in node.outputs)]
-        op = getattr(getattr(node.func, "overloadpacket", None), "__name__", node.name)  # `randn`
-        target = next((f"`{record.names[s]}`" for s in sids if s in record.names), f"a `{op}`")  # type: ignore[union-attr]
-        raise NotBuiltError(
-            f"{named} is a lazy layer not built yet, and its draws come before those of {target} in construction "
-            f"order: their number depends on its sizes, so where the draws of {target} start is not known. Build the "
-            "lazy layers first (`tl.build(model, example)`; when the `tl.deferred()` block itself needs values, "
-            "build inside it, before this point), or give the layer its sizes."
-        )
 
     def ran(self, node: Node, after: torch.Tensor | None = None) -> None:
         """`node` just ran from `state_before(node)`, leaving the state `after` (default: the
@@ -577,19 +559,6 @@ class Record:
         # what records ops on its tensors after its block (`_deferred`'s recorder of the block, which then
         # sees the record through a weak reference: no cycle)
         self.tail: Any = None
-        # the places of lazy layers made in the block -> the layer while it is not built (None after): their
-        # draws, of a number their sizes decide, come before every draw recorded after them
-        self.slots: dict[Key, Callable[[], Any]] = {}
-
-    def unbuilt_before(self, key: Key) -> Any:
-        """A lazy layer not built yet whose place comes before `key` (and does not hold it), or None."""
-        for slot, unbuilt in list(self.slots.items()):
-            layer = unbuilt()
-            if layer is None:
-                del self.slots[slot]
-            elif slot < key and key[: len(slot)] != slot:
-                return layer
-        return None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Record:
         return self  # one program, shared by every tensor (and copy) that came from it
