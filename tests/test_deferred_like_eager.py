@@ -530,3 +530,47 @@ def test_a_frozen_eval_mode_module_with_batch_norm_runs_inside_the_block() -> No
     torch.manual_seed(0)
     assert_models_identical(head, nn.Linear(64, 10))
     assert torch.equal(backbone[1].running_mean, stats)
+
+
+def test_containers_held_twice_or_holding_themselves_list_each_tensor_once() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            inner = [torch.randn(2)]
+            self.fan = [inner, [inner, inner]]
+            loop: list = [torch.randn(3)]
+            loop.append(loop)
+            self.loop = loop
+
+    with tl.deferred():
+        model = Shared()
+    assert tl.deferred_tensors(model) == ["fan.0.0", "loop.0"]
+    tl.materialize(model)
+    assert not tl.deferred_tensors(model) and not tl.is_deferred(model.fan[1][1][0])
+
+
+def test_a_tuple_subclass_with_its_own_constructor_is_rebuilt_with_the_materialized_tensors() -> None:
+    """Where a weak reference keeps a tensor from being swapped in place, the container holding it is rebuilt: a
+    tuple subclass whose `__new__` takes other arguments raised a raw TypeError, the model half materialized."""
+    import weakref
+
+    class Pair(tuple):
+        def __new__(cls, a: torch.Tensor, b: torch.Tensor) -> Pair:
+            return super().__new__(cls, (a, b))
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.pairs = [Pair(torch.randn(2), torch.randn(3))]
+
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = Holder()
+    ref = weakref.ref(model.pairs[0][0])
+    tl.materialize(model)
+    torch.manual_seed(0)
+    eager = Holder()
+    assert type(model.pairs[0]) is Pair and not tl.deferred_tensors(model)
+    assert torch.equal(model.pairs[0][0], eager.pairs[0][0]) and torch.equal(model.pairs[0][1], eager.pairs[0][1])
+    del ref

@@ -9,6 +9,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import torch
@@ -53,30 +54,45 @@ def module_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, tor
             elif isinstance(value, (list, tuple)) or (
                 isinstance(value, dict) and name not in MODULE_TABLES and not name.startswith(_markers.PREFIX)
             ):
-                for path, t in _contained(value, f"{dot}{name}", 0):
+                for path, t in _contained(value, f"{dot}{name}", 0, set()):
                     yield path, owner, name, t
 
 
 _CONTAINERS = (list, tuple, dict)
-_MAX_DEPTH = 8  # containers nested deeper are not searched (nor a container holding itself)
+_MAX_DEPTH = 8  # containers nested deeper are not searched
 
 
-def _contained(value: Any, path: str, depth: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(path, tensor) for the tensors in a list, tuple or dict and in the containers it holds."""
-    items = list(value.values()) if isinstance(value, dict) else value
-    if not _holds(items):
+def _contained(value: Any, path: str, depth: int, seen: set[int]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(path, tensor) for the tensors in a list, tuple or dict and in the containers it holds (each container
+    once: one held twice, or holding itself, is searched where it is first met)."""
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if not _holds(list(value.values()) if isinstance(value, dict) else value, depth):
         return
     for key, item in value.items() if isinstance(value, dict) else enumerate(value):
         if isinstance(item, torch.Tensor):
             yield f"{path}.{key}", item
-        elif isinstance(item, _CONTAINERS) and depth < _MAX_DEPTH and item is not value:
-            yield from _contained(item, f"{path}.{key}", depth + 1)
+        elif isinstance(item, _CONTAINERS) and depth < _MAX_DEPTH:
+            yield from _contained(item, f"{path}.{key}", depth + 1, seen)
 
 
-def _holds(items: list[Any] | tuple[Any, ...]) -> bool:
-    """Whether a container's items include a tensor or another container, by their types in one C-level pass
-    (modules keep long lists of indices, e.g. LeViT's attention offsets: a Python loop over them cost 60 ms a walk)."""
-    return any(issubclass(t, (torch.Tensor, *_CONTAINERS)) for t in set(map(type, items)))
+def _holds(items: Any, depth: int) -> bool:
+    """Whether these items, or the containers among them down to `_MAX_DEPTH`, include a tensor: by their types, a
+    level at a time in C-level passes (modules keep long lists of indices and of index pairs, e.g. LeViT's
+    attention offsets: a Python loop over them cost 60 ms a walk)."""
+    types = set(map(type, items))
+    if any(issubclass(t, torch.Tensor) for t in types):
+        return True
+    if depth >= _MAX_DEPTH or not any(issubclass(t, _CONTAINERS) for t in types):
+        return False
+    if all(issubclass(t, (list, tuple)) for t in types):
+        inner: Any = chain.from_iterable(items)  # lists of tuples: no Python loop over them
+    else:
+        inner = chain.from_iterable(
+            x.values() if isinstance(x, dict) else x for x in items if isinstance(x, _CONTAINERS)
+        )
+    return _holds(list(inner), depth + 1)
 
 
 def drop_parameter_caches(module: nn.Module) -> None:
@@ -149,7 +165,7 @@ def _substituted(value: Any, new: dict[int, torch.Tensor], depth: int) -> Any:
         if isinstance(item, torch.Tensor):
             return new.get(id(item), item)
         if isinstance(item, _CONTAINERS) and depth < _MAX_DEPTH and item is not value:
-            return _substituted(item, new, depth + 1)
+            return _substituted(item, new, depth + 1)  # a container held twice is visited twice: nothing left then
         return item
 
     if isinstance(value, dict):
@@ -164,7 +180,24 @@ def _substituted(value: Any, new: dict[int, torch.Tensor], depth: int) -> Any:
         return value
     if all(a is b for a, b in zip(fixed, value)):
         return value
-    return type(value)(*fixed) if hasattr(value, "_fields") else type(value)(fixed)
+    if hasattr(value, "_fields"):
+        return type(value)(*fixed)  # a named tuple
+    if type(value) is tuple:
+        return tuple(fixed)
+    try:  # a tuple subclass taking its items (torch.return_types)
+        return type(value)(fixed)
+    except Exception:
+        pass
+    try:  # or whatever its constructor takes: made as `copy` makes it (its `__new__` not called)
+        rebuilt = tuple.__new__(type(value), fixed)
+        rebuilt.__dict__.update(getattr(value, "__dict__", {}))
+        return rebuilt
+    except Exception as e:
+        raise ArgumentError(
+            f"a `{type(value).__qualname__}` (a tuple type) held by the model holds tensors this call replaced, and "
+            f"it cannot be rebuilt with them ({type(e).__name__}: {e}). Hold them in a list, a plain "
+            "tuple or a named tuple, or drop the weak references that keep the tensors from being swapped in place."
+        ) from e
 
 
 def swap_all(module: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], internal: set[str]) -> None:
