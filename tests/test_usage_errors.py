@@ -746,6 +746,11 @@ def test_writing_a_deferred_value_into_a_real_tensor_is_refused() -> None:
             with torch.no_grad():
                 table.copy_(layer.weight[0])  # a module-level tensor, registered as a buffer after
     assert not table.any()
+    with pytest.raises(tl.DeferredError, match="writes into a real tensor"):
+        with tl.deferred():
+            nn.Linear(3, 3)
+            table.add_(1)  # real tensors alone: the fake mode ran it for real, then it was refused
+    assert not table.any()
 
 
 def test_a_forward_failing_on_the_examples_is_one_error_without_torchs_traceback_log(

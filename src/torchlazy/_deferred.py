@@ -397,6 +397,9 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return out
         if getattr(func, "namespace", None) in _COLLECTIVES:
             self._refuse_collective(func, args, kwargs)
+        for t in self._written(func, args, kwargs):
+            if not tc.is_fake(t):  # refused before it runs: with only real tensors, the fake mode runs it for real
+                self._refuse_real_target(func, t, args, kwargs)
         try:
             out = func(*args, **for_fake_kernel(func, kwargs))
         except tc.data_dependent_errors():
@@ -409,6 +412,16 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             ) from None
         self._log(func, args, kwargs, out)
         return out
+
+    @staticmethod
+    def _written(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:
+        """The tensors `func` writes (its schema's mutated arguments, and those it writes unsaid)."""
+        found: list[torch.Tensor] = []
+        for i, name in op_info(func).written_by(args, kwargs):
+            value = args[i] if i < len(args) else kwargs.get(name)
+            targets = [value] if isinstance(value, torch.Tensor) else tc.tree_leaves(value)
+            found += [t for t in targets if isinstance(t, torch.Tensor)]
+        return found
 
     def _refuse_real_target(self, func: Any, target: torch.Tensor, args: Any, kwargs: Any) -> None:
         """An op that writes into a real tensor while it records (`real.add_(deferred)`, `real.copy_(deferred)`,
@@ -573,16 +586,11 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     def _log(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         if id(func) in VIEWS and self._owned(args[0]) is not None:
             return  # a view of this record's tensor: no storage made or written, nothing to record
-        info = op_info(func)
         written: set[int] = set()
-        for i, name in info.written_by(args, kwargs):
-            value = args[i] if i < len(args) else kwargs.get(name)
-            targets = [value] if isinstance(value, torch.Tensor) else tc.tree_leaves(value)
-            for t in targets:
-                if isinstance(t, torch.Tensor):
-                    if not tc.is_fake(t):
-                        self._refuse_real_target(func, t, args, kwargs)
-                    written.add(id(t))
+        for t in self._written(func, args, kwargs):
+            if not tc.is_fake(t):
+                self._refuse_real_target(func, t, args, kwargs)
+            written.add(id(t))
         flat, spec = flatten(args, kwargs)
         leaves: list[Any] = []
         reads: list[int] = []
