@@ -787,9 +787,29 @@ def test_not_built_errors_name_the_path_in_the_model_whose_forward_runs() -> Non
 
 
 def test_copy_into_a_placeholder_keeps_torchs_own_errors() -> None:
-    """Only the size error about (0,) becomes a NotBuiltError; torch's in-place-on-a-leaf error stays torch's."""
+    """Copies between placeholders stay torch's (its in-place-on-a-leaf error too); a real value into one is a
+    NotBuiltError, whatever its shape."""
     a, b = tl.nn.Linear(3), tl.nn.Linear(3)
     with pytest.raises(RuntimeError, match="leaf Variable"):
         a.weight.copy_(b.weight)
     with torch.no_grad():
         a.weight.copy_(b.weight)  # placeholder to placeholder: nothing to copy, as torch allows
+        with pytest.raises(tl.NotBuiltError, match="copy_"):
+            a.bias.copy_(torch.tensor(0.5))  # a scalar broadcasts into torch's (0,): the value was dropped silently
+
+
+def test_not_built_errors_name_the_path_in_the_model_a_function_was_handed_not_a_guess() -> None:
+    """A function handed one model names the path in it; a frame holding two models that share the layer does not
+    say which one is meant: no path is guessed (the teacher's path was given for the student's layer)."""
+    shared = _Peek()
+    student = nn.Sequential(shared)
+    teacher = nn.Sequential(nn.Identity(), nn.Sequential(nn.Identity(), shared))
+
+    def use(model: nn.Module) -> None:
+        _ = model[0].inner.weight.shape
+
+    with pytest.raises(tl.NotBuiltError, match=r"`0\.inner\.weight`"):
+        use(student)
+    with pytest.raises(tl.NotBuiltError, match=r"^`weight` of Linear"):
+        _ = student[0].inner.weight.shape
+    assert teacher[1][1] is shared

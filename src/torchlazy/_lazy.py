@@ -135,16 +135,19 @@ def _left_behind_error(t: Any) -> LazyError:
 
 
 def _copy_needs_shape(args: Any, kwargs: Any) -> bool:
-    """Whether a `copy_` between a placeholder (shape (0,) to torch) and a real tensor fails only for the shape:
-    torch's error would then be a size mismatch about (0,); copies torch accepts (placeholder to placeholder, a
-    lazy state's load) and its other errors (in-place on a leaf that requires grad) are left to torch."""
+    """Whether a `copy_` between a placeholder and a real tensor needs the placeholder's shape: always into it (torch
+    would copy a scalar into its (0,) and drop the value silently), and from it unless torch's own check of its (0,)
+    against the target passes. Placeholder to placeholder, and loads of a lazy layer's state (nothing to copy), are
+    left to torch."""
     dst = args[0] if args else kwargs.get("self")
     src = args[1] if len(args) > 1 else kwargs.get("src")
     if not isinstance(dst, torch.Tensor) or not isinstance(src, torch.Tensor) or is_lazy(dst) == is_lazy(src):
         return False
-    dst_shape, src_shape = ((0,) if is_lazy(t) else tuple(t.shape) for t in (dst, src))
+    if is_lazy(dst):  # but a load of a lazy state (torch's `LazyBatchNorm` keeps a real `num_batches_tracked`)
+        return not _paths.frames_include((nn.Module._load_from_state_dict.__code__,))
+    shape = tuple(dst.shape)
     try:
-        return torch.broadcast_shapes(src_shape, dst_shape) != dst_shape
+        return torch.broadcast_shapes((0,), shape) != shape
     except RuntimeError:
         return True
 

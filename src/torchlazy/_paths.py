@@ -47,46 +47,52 @@ def _outer_frame(depth: int) -> Any:
     return sys._getframe(depth + 2)
 
 
-def _modules_on_stack(handed: bool = False) -> list[nn.Module]:
-    """The modules whose methods are running (each frame's `self`), innermost first; with `handed`, the modules
-    functions were handed instead (`fully_shard(model)`: the locals of function frames, not a script's globals),
-    each once, where the outermost frame holds it."""
+def _modules_on_stack() -> list[nn.Module]:
+    """The modules whose methods are running (each frame's `self`), innermost first."""
     held: list[nn.Module] = []
     frame = _outer_frame(0)
     while frame is not None:
-        local = frame.f_locals
-        if not handed:
-            owner = local.get("self")
-            if isinstance(owner, nn.Module) and (not held or held[-1] is not owner):
-                held.append(owner)
-        elif frame.f_code.co_name != "<module>":
-            held += [value for value in local.values() if isinstance(value, nn.Module)]
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and (not held or held[-1] is not owner):
+            held.append(owner)
         frame = frame.f_back  # type: ignore[assignment]
-    if not handed:
-        return held
-    found: list[nn.Module] = []
-    seen: set[int] = set()
-    for module in reversed(held):
-        if id(module) not in seen:
-            seen.add(id(module))
-            found.append(module)
-    return found[::-1]
+    return held
+
+
+def _path_in(outer: nn.Module, module: nn.Module) -> str | None:
+    for name, sub in outer.named_modules(remove_duplicate=False):
+        if sub is module and name:
+            return name
+    return None
+
+
+def _handed_path(module: nn.Module) -> str | None:
+    """`module`'s path in a model a running function was handed (`fully_shard(model)`): from the innermost function
+    frame whose locals hold a model containing it, when the models there agree on the path (a frame holding two
+    models that share it does not say which one is meant)."""
+    frame = _outer_frame(0)
+    while frame is not None:
+        if frame.f_code.co_name != "<module>":
+            held = [v for v in frame.f_locals.values() if isinstance(v, nn.Module) and v is not module]
+            paths = {p for p in (_path_in(m, module) for m in held) if p is not None}
+            roots = {p for p in paths if not any(q.endswith("." + p) for q in paths)}  # a sub-model's path: a suffix
+            if roots:
+                return roots.pop() if len(roots) == 1 else None
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
 
 
 def module_path(module: nn.Module) -> str:
     """The best name for `module`: its path in the model when it can be found (from the forwards running, else
-    from the models functions were handed, else from the model last walked from its root)."""
-    for handed in (False, True):
-        for outer in reversed(_modules_on_stack(handed)):
-            if outer is module:
-                break
-            for name, sub in outer.named_modules(remove_duplicate=False):
-                if sub is module and name:
-                    return name
-    known = _known.get(module)
-    if known:
-        return known
-    return type(module).__name__
+    from a model a running function was handed, else from the model last walked from its root)."""
+    for outer in reversed(_modules_on_stack()):
+        if outer is module:
+            break
+        path = _path_in(outer, module)
+        if path is not None:
+            return path
+    path = _handed_path(module) or _known.get(module)
+    return path if path else type(module).__name__
 
 
 def constructing_module() -> str:
