@@ -558,19 +558,50 @@ def test_a_tuple_subclass_with_its_own_constructor_is_rebuilt_with_the_materiali
         def __new__(cls, a: torch.Tensor, b: torch.Tensor) -> Pair:
             return super().__new__(cls, (a, b))
 
-    class Holder(nn.Module):
+    class Defaulted(tuple):  # `Defaulted(items)` "works" and gives ([a, b], None): checked, not trusted
+        def __new__(cls, a: torch.Tensor, b: torch.Tensor | None = None) -> Defaulted:
+            return super().__new__(cls, (a, b))
+
+    class Slotted(tuple):
+        __slots__ = ()
+
+        def __new__(cls, a: torch.Tensor, b: torch.Tensor) -> Slotted:
+            return super().__new__(cls, (a, b))
+
+    for kind in (Pair, Defaulted, Slotted):
+
+        class Holder(nn.Module):
+            def __init__(self, kind: type = kind) -> None:
+                super().__init__()
+                self.lin = nn.Linear(2, 2)
+                self.pairs = [kind(torch.randn(2), torch.randn(3))]
+
+        torch.manual_seed(0)
+        with tl.deferred():
+            model = Holder()
+        ref = weakref.ref(model.pairs[0][0])
+        tl.materialize(model)
+        torch.manual_seed(0)
+        eager = Holder()
+        assert type(model.pairs[0]) is kind and not tl.deferred_tensors(model)
+        assert torch.equal(model.pairs[0][0], eager.pairs[0][0]) and torch.equal(model.pairs[0][1], eager.pairs[0][1])
+        del ref
+
+
+def test_a_parameter_a_container_also_holds_is_named_by_its_own_path() -> None:
+    """An optimizer-style group (`self.groups = [{"params": [...]}]`) in a parent: messages and `deferred_tensors`
+    named the parameter `groups.0.params.0` (the parent's container came before the child's parameters)."""
+
+    class Grouped(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.lin = nn.Linear(2, 2)
-            self.pairs = [Pair(torch.randn(2), torch.randn(3))]
+            self.groups = [{"params": [self.lin.weight, self.lin.bias]}]
 
-    torch.manual_seed(0)
+    with torch.device("meta"):
+        meta = Grouped()
+    with pytest.raises(tl.DeferredError, match=r"`lin\.weight`, `lin\.bias`"):
+        tl.materialize(meta)
     with tl.deferred():
-        model = Holder()
-    ref = weakref.ref(model.pairs[0][0])
-    tl.materialize(model)
-    torch.manual_seed(0)
-    eager = Holder()
-    assert type(model.pairs[0]) is Pair and not tl.deferred_tensors(model)
-    assert torch.equal(model.pairs[0][0], eager.pairs[0][0]) and torch.equal(model.pairs[0][1], eager.pairs[0][1])
-    del ref
+        model = Grouped()
+    assert tl.deferred_tensors(model) == ["lin.weight", "lin.bias"]

@@ -293,7 +293,15 @@ def deferred_tensors(module: nn.Module) -> list[str]:
     if not isinstance(module, nn.Module):
         raise ArgumentError(f"`tl.deferred_tensors` takes a torch.nn.Module, not {type(module).__name__}.")
     _paths.remember_paths(module)
-    paths = [path for path, _, _, t in module_tensors(module) if tc.is_fake(t)]
+    paths: list[str] = []
+    listed: set[int] = set()
+    for path, owner, name, t in module_tensors(module):
+        if not tc.is_fake(t):
+            continue
+        own = owner._parameters.get(name) is t or owner._buffers.get(name) is t or owner.__dict__.get(name) is t
+        if own or id(t) not in listed:  # tied tensors under each name; one a container also holds, once
+            paths.append(path)
+            listed.add(id(t))
     # FSDP's sharded parameters with fake local tensors, wherever a forward left its unsharded ones in place
     DTensor = tc.dtensor_type()
     for owner, name, fsdp_param in tc.fsdp_params(module):

@@ -37,10 +37,13 @@ MODULE_TABLES = frozenset(nn.Module().__dict__)  # `_parameters`, `_buffers`, `_
 def module_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
     """(path, owner, attribute, tensor) for every tensor the module tree holds.
 
-    Parameters, buffers, plain tensor attributes, and tensors in list, tuple and dict attributes, nested ones
-    too (`self.banks = {"a": [t0, t1]}`: paths `banks.a.0`, `banks.a.1`; `attribute` is the outermost one).
+    Parameters, buffers and plain tensor attributes of every module first, then tensors in list, tuple and dict
+    attributes, nested ones too (`self.banks = {"a": [t0, t1]}`: paths `banks.a.0`, `banks.a.1`; `attribute` is
+    the outermost one): a parameter a container also holds (an optimizer-style group) is named by its own path
+    first.
     """
-    for prefix, owner in module.named_modules(remove_duplicate=False):
+    modules = list(module.named_modules(remove_duplicate=False))
+    for prefix, owner in modules:
         dot = f"{prefix}." if prefix else ""
         for name, p in owner._parameters.items():
             if p is not None:
@@ -51,7 +54,10 @@ def module_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, tor
         for name, value in owner.__dict__.items():
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
                 yield f"{dot}{name}", owner, name, value
-            elif isinstance(value, (list, tuple)) or (
+    for prefix, owner in modules:
+        dot = f"{prefix}." if prefix else ""
+        for name, value in owner.__dict__.items():
+            if isinstance(value, (list, tuple)) or (
                 isinstance(value, dict) and name not in MODULE_TABLES and not name.startswith(_markers.PREFIX)
             ):
                 for path, t in _contained(value, f"{dot}{name}", 0, set()):
@@ -79,20 +85,20 @@ def _contained(value: Any, path: str, depth: int, seen: set[int]) -> Iterator[tu
 
 def _holds(items: Any, depth: int) -> bool:
     """Whether these items, or the containers among them down to `_MAX_DEPTH`, include a tensor: by their types, a
-    level at a time in C-level passes (modules keep long lists of indices and of index pairs, e.g. LeViT's
-    attention offsets: a Python loop over them cost 60 ms a walk)."""
+    level at a time in C-level passes, each container of a level once (modules keep long lists of indices and of
+    index pairs, e.g. LeViT's attention offsets: a Python loop over them cost 60 ms a walk; shared sub-lists and
+    graphs of dicts would be expanded again at every level)."""
     types = set(map(type, items))
     if any(issubclass(t, torch.Tensor) for t in types):
         return True
     if depth >= _MAX_DEPTH or not any(issubclass(t, _CONTAINERS) for t in types):
         return False
     if all(issubclass(t, (list, tuple)) for t in types):
-        inner: Any = chain.from_iterable(items)  # lists of tuples: no Python loop over them
+        containers: Any = items
     else:
-        inner = chain.from_iterable(
-            x.values() if isinstance(x, dict) else x for x in items if isinstance(x, _CONTAINERS)
-        )
-    return _holds(list(inner), depth + 1)
+        containers = [x.values() if isinstance(x, dict) else x for x in items if isinstance(x, _CONTAINERS)]
+    unique = dict(zip(map(id, containers), containers)).values()  # each container once (C-level)
+    return _holds(list(chain.from_iterable(unique)), depth + 1)
 
 
 def drop_parameter_caches(module: nn.Module) -> None:
@@ -180,24 +186,38 @@ def _substituted(value: Any, new: dict[int, torch.Tensor], depth: int) -> Any:
         return value
     if all(a is b for a, b in zip(fixed, value)):
         return value
-    if hasattr(value, "_fields"):
-        return type(value)(*fixed)  # a named tuple
-    if type(value) is tuple:
-        return tuple(fixed)
-    try:  # a tuple subclass taking its items (torch.return_types)
-        return type(value)(fixed)
-    except Exception:
-        pass
-    try:  # or whatever its constructor takes: made as `copy` makes it (its `__new__` not called)
-        rebuilt = tuple.__new__(type(value), fixed)
-        rebuilt.__dict__.update(getattr(value, "__dict__", {}))
-        return rebuilt
-    except Exception as e:
-        raise ArgumentError(
-            f"a `{type(value).__qualname__}` (a tuple type) held by the model holds tensors this call replaced, and "
-            f"it cannot be rebuilt with them ({type(e).__name__}: {e}). Hold them in a list, a plain "
-            "tuple or a named tuple, or drop the weak references that keep the tensors from being swapped in place."
-        ) from e
+    error: Exception | None = None
+    for make in (_as_named_tuple, _as_sequence_of_items, _as_copy):  # each checked: the same items, in order
+        try:
+            rebuilt = make(value, fixed)
+        except Exception as e:
+            error = error or e
+            continue
+        if rebuilt is not None and type(rebuilt) is type(value) and len(rebuilt) == len(fixed):
+            if all(a is b for a, b in zip(rebuilt, fixed)):
+                return rebuilt
+    cause = error or TypeError("no constructor gave back the same items")
+    raise ArgumentError(
+        f"a `{type(value).__qualname__}` (a tuple type) held by the model holds tensors this call replaced, and it "
+        f"cannot be rebuilt with them ({type(cause).__name__}: {cause}). Hold them in a list, a plain tuple or a "
+        "named tuple, or drop the weak references that keep the tensors from being swapped in place."
+    ) from cause
+
+
+def _as_named_tuple(value: Any, items: list[Any]) -> Any:
+    return type(value)(*items) if hasattr(value, "_fields") else None
+
+
+def _as_sequence_of_items(value: Any, items: list[Any]) -> Any:
+    return type(value)(items)  # `tuple`, `torch.return_types`
+
+
+def _as_copy(value: Any, items: list[Any]) -> Any:
+    """As `copy` makes a tuple subclass: its `__new__` not called, its instance attributes carried."""
+    rebuilt = tuple.__new__(type(value), items)
+    if getattr(value, "__dict__", None):
+        rebuilt.__dict__.update(value.__dict__)
+    return rebuilt
 
 
 def swap_all(module: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], internal: set[str]) -> None:
