@@ -813,3 +813,30 @@ def test_not_built_errors_name_the_path_in_the_model_a_function_was_handed_not_a
     with pytest.raises(tl.NotBuiltError, match=r"^`weight` of Linear"):
         _ = student[0].inner.weight.shape
     assert teacher[1][1] is shared
+
+
+def test_handed_paths_are_in_the_widest_model_the_calls_were_handed() -> None:
+    """`shard(model)` calling `fully_shard(layer)` per layer: the path was taken in the layer (`inner.weight`); a layer
+    shared by two unrelated models whose paths happen to end alike got the other model's path."""
+    model = nn.Sequential(nn.Identity(), nn.Sequential(_Peek(), _Peek()))
+
+    def per_layer(layer: nn.Module) -> None:
+        _ = layer.inner.weight.shape
+
+    def shard(model: nn.Module) -> None:
+        for layer in model[1]:
+            per_layer(layer)
+
+    with pytest.raises(tl.NotBuiltError, match=r"`1\.0\.inner\.weight`"):
+        shard(model)
+    shared = tl.nn.Linear(4)
+    student, teacher = nn.Module(), nn.Module()
+    student.proj = shared
+    teacher.enc = nn.Module()
+    teacher.enc.proj = shared
+
+    def step(student: nn.Module, teacher: nn.Module) -> None:
+        _ = student.proj.weight.shape
+
+    with pytest.raises(tl.NotBuiltError, match=r"^`weight` of Linear"):
+        step(student, teacher)

@@ -67,19 +67,29 @@ def _path_in(outer: nn.Module, module: nn.Module) -> str | None:
 
 
 def _handed_path(module: nn.Module) -> str | None:
-    """`module`'s path in a model a running function was handed (`fully_shard(model)`): from the innermost function
-    frame whose locals hold a model containing it, when the models there agree on the path (a frame holding two
-    models that share it does not say which one is meant)."""
+    """`module`'s path in a model a running function was handed (`fully_shard(layer)` called from `shard(model)`):
+    from the innermost function frame whose locals hold a model containing it, each such model then replaced by
+    one an outer frame holds that contains it. None where the models that remain give different paths (a frame
+    holding two models that share the layer does not say which one is meant)."""
+    current: list[nn.Module] = []
     frame = _outer_frame(0)
     while frame is not None:
         if frame.f_code.co_name != "<module>":
-            held = [v for v in frame.f_locals.values() if isinstance(v, nn.Module) and v is not module]
-            paths = {p for p in (_path_in(m, module) for m in held) if p is not None}
-            roots = {p for p in paths if not any(q.endswith("." + p) for q in paths)}  # a sub-model's path: a suffix
-            if roots:
-                return roots.pop() if len(roots) == 1 else None
+            held = {id(v): v for v in frame.f_locals.values() if isinstance(v, nn.Module) and v is not module}
+            holding = [h for h in held.values() if _path_in(h, module) is not None]
+            roots = [h for h in holding if not any(o is not h and _contains(o, h) for o in holding)]
+            if not current:
+                current = roots
+            else:
+                wider = [next((h for h in roots if h is not r and _contains(h, r)), r) for r in current]
+                current = list({id(m): m for m in wider}.values())
         frame = frame.f_back  # type: ignore[assignment]
-    return None
+    paths = {_path_in(m, module) for m in current}
+    return paths.pop() if len(paths) == 1 else None
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
 
 
 def module_path(module: nn.Module) -> str:
