@@ -751,6 +751,21 @@ def test_writing_a_deferred_value_into_a_real_tensor_is_refused() -> None:
             nn.Linear(3, 3)
             table.add_(1)  # real tensors alone: the fake mode ran it for real, then it was refused
     assert not table.any()
+    pretrained = torch.randn(5, 3)
+    kept = pretrained.clone()
+    through_views = [
+        lambda e: e.weight[0].zero_(),  # the write was lost: the model kept the row, eager zeroes it
+        lambda e: e.weight.__setitem__((slice(None), 1), 5.0),
+        lambda e: torch.nn.init.ones_(e.weight.data[1]),
+        lambda e: e.weight.narrow(0, 0, 2).copy_(torch.ones(2, 3)),
+    ]
+    for write in through_views:
+        with pytest.raises(tl.DeferredError, match=r"through a view of shape .* of a real tensor"):
+            with tl.deferred():
+                embedding = nn.Embedding.from_pretrained(pretrained, freeze=False)
+                with torch.no_grad():
+                    write(embedding)
+        assert torch.equal(pretrained, kept)
 
 
 def test_a_forward_failing_on_the_examples_is_one_error_without_torchs_traceback_log(

@@ -421,6 +421,11 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         self._log(func, args, kwargs, out)
         return out
 
+    def _views_real(self, t: torch.Tensor) -> bool:
+        """Whether `t` stands for a view of a real tensor made before the block (a write to it would be lost)."""
+        owner = storage_of(t)
+        return owner is not None and owner[1] in owner[0].real_views
+
     @staticmethod
     def _written(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:
         """The tensors `func` writes (its schema's mutated arguments, and those it writes unsaid)."""
@@ -435,16 +440,18 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         """An op that writes into a real tensor while it records (`real.add_(deferred)`, `real.copy_(deferred)`,
         `real[0] = deferred[0]`): the write ran on fake stand-ins, so the real tensor would silently keep its old
         values, where eager changes them. Refused; nothing was written."""
-        if tc.is_fake_or_fake_shard(target):  # a DTensor over a deferred tensor: DTensor dispatches below us
+        if tc.is_fake_or_fake_shard(target) and not tc.is_fake(target):  # a DTensor over a deferred tensor
             raise DeferredError(
                 f"`{func}` {self._where_of(args, kwargs)}: it writes into a sharded tensor (a DTensor of shape "
                 f"{tuple(target.shape)}, as `fully_shard` or `distribute_tensor` make) inside the `tl.deferred()` "
                 "block, where writes to sharded tensors cannot be recorded. Shard after the block: construct and "
                 "initialize the model under `tl.deferred()`, then call `fully_shard`, then `tl.materialize(model)`."
             )
+        what = "through a view of shape" if tc.is_fake(target) else "into a real tensor of shape"
         raise DeferredError(
-            f"`{func}` {self._where_of(args, kwargs)}: it writes into a real tensor of shape "
-            f"{tuple(target.shape)} (one not made under `tl.deferred()`: a module-level constant, or a materialized "
+            f"`{func}` {self._where_of(args, kwargs)}: it writes {what} {tuple(target.shape)}"
+            f"{' of a real tensor' if tc.is_fake(target) else ''}"
+            " (one not made under `tl.deferred()`: a module-level constant, or a materialized "
             "one). Ops that involve deferred tensors, or run inside the block, run on shape-only stand-ins, so the "
             "real tensor would silently keep its old values. Write into a tensor made in the block instead "
             "(`t.clone()` it there), or do this outside the block, after `tl.materialize(model)`."
@@ -514,6 +521,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if owner is None or owner[0] is not self.record:
             return None
         sid = owner[1]
+        if sid in self.record.real_views:
+            self._refuse_real_target(func, target, args, kwargs)
         if func is not ZERO:
             refused = fill_refused(func, target, args, contiguous=target.is_contiguous())
             if refused is not None:  # what eager's kernel raises at once; replay would only at materialize
@@ -596,7 +605,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return  # a view of this record's tensor: no storage made or written, nothing to record
         written: set[int] = set()
         for t in self._written(func, args, kwargs):
-            if not tc.is_fake(t):
+            if not tc.is_fake(t) or self._views_real(t):
                 self._refuse_real_target(func, t, args, kwargs)
             written.add(id(t))
         flat, spec = flatten(args, kwargs)
@@ -622,6 +631,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                     sid = self.record.new_storage(storage, storage.nbytes(), device)
                     setattr(storage, _markers.RECORD, (self.record, sid))
                     outputs.append((index, sid))
+                    if id(func) in VIEWS and isinstance(args[0], torch.Tensor) and not tc.is_fake(args[0]):
+                        self.record.real_views.add(sid)  # `r[0]` of a real `r`: its stand-in takes no writes
         if not outputs and not writes:
             return
         for sid in writes:  # `resize_` grows a storage: what covers it whole, and what replay allocates

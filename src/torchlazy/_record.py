@@ -559,6 +559,9 @@ class Record:
         # what records ops on its tensors after its block (`_deferred`'s recorder of the block, which then
         # sees the record through a weak reference: no cycle)
         self.tail: Any = None
+        # storages that stand for a view of a real tensor made before the block (`r[0]`): a write there would
+        # not reach the real tensor, as eager's does
+        self.real_views: set[int] = set()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Record:
         return self  # one program, shared by every tensor (and copy) that came from it
