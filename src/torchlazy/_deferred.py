@@ -451,8 +451,9 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         raise DeferredError(
             f"`{func}` {self._where_of(args, kwargs)}: it writes {what} {tuple(target.shape)}"
             f"{' of a real tensor' if tc.is_fake(target) else ''}"
-            " (one not made under `tl.deferred()`: a module-level constant, or a materialized "
-            "one). Ops that involve deferred tensors, or run inside the block, run on shape-only stand-ins, so the "
+            " (one the block does not record: a module-level constant, a materialized one, or one made from memory "
+            "such as `torch.from_numpy`). Ops that involve deferred tensors, or run inside the block, run on "
+            "shape-only stand-ins, so the "
             "real tensor would silently keep its old values. Write into a tensor made in the block instead "
             "(`t.clone()` it there), or do this outside the block, after `tl.materialize(model)`."
         )
