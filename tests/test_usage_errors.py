@@ -758,6 +758,9 @@ def test_writing_a_deferred_value_into_a_real_tensor_is_refused() -> None:
         lambda e: e.weight.__setitem__((slice(None), 1), 5.0),
         lambda e: torch.nn.init.ones_(e.weight.data[1]),
         lambda e: e.weight.narrow(0, 0, 2).copy_(torch.ones(2, 3)),
+        lambda e: e.weight.unbind(0)[0].zero_(),  # views the first version did not know (any op whose output
+        lambda e: e.weight.diagonal().zero_(),  # aliases its input, by its schema)
+        lambda e: e.weight.view(torch.int32)[0].zero_(),
     ]
     for write in through_views:
         with pytest.raises(tl.DeferredError, match=r"through a view of shape .* of a real tensor"):
@@ -855,3 +858,39 @@ def test_handed_paths_are_in_the_widest_model_the_calls_were_handed() -> None:
 
     with pytest.raises(tl.NotBuiltError, match=r"^`weight` of Linear"):
         step(student, teacher)
+
+
+def test_writes_through_data_of_an_unbuilt_placeholder_in_a_block_are_dropped_as_torch_drops_them() -> None:
+    """transformers' `_init_weights` writes `m.weight.data.normal_()` into every Linear, lazy ones included: the
+    refusal of writes through views of real tensors took the placeholder's `.data` for one."""
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = tl.nn.Linear(4)
+            self.norm = tl.nn.LayerNorm()
+            for m in (self.proj, self.norm):
+                m.weight.data.normal_(0, 0.02) if m is self.proj else m.weight.data.fill_(1.0)
+                m.bias.data.zero_()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.proj(x))
+
+    with tl.deferred():
+        model = Head()
+    tl.build(model, tl.Spec(2, 3))
+    assert not tl.is_deferred(model) and model.proj.weight.shape == (4, 3)
+
+
+def test_handed_paths_are_not_guessed_from_the_order_of_local_variables() -> None:
+    """A layer two models in one outer frame hold at different paths: the first model defined gave the path."""
+    shared = nn.Sequential(tl.nn.Linear(3))
+    teacher = nn.Sequential(shared)
+    student = nn.Sequential(nn.Identity(), nn.Sequential(shared))
+
+    def touch(module: nn.Module) -> None:
+        _ = module[0].weight.shape
+
+    with pytest.raises(tl.NotBuiltError, match=r"^`weight` of Linear"):
+        touch(student[1][0])
+    assert teacher[0] is shared

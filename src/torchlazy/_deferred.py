@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from . import _markers, _paths, _ranges
@@ -406,8 +407,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if getattr(func, "namespace", None) in _COLLECTIVES:
             self._refuse_collective(func, args, kwargs)
         for t in self._written(func, args, kwargs):
-            if not tc.is_fake(t):  # refused before it runs: with only real tensors, the fake mode runs it for real
-                self._refuse_real_target(func, t, args, kwargs)
+            if not tc.is_fake(t) and not op_info(func).reshapes:  # before it runs: on real tensors alone, it would
+                self._refuse_real_target(func, t, args, kwargs)  # run for real
         try:
             out = func(*args, **for_fake_kernel(func, kwargs))
         except tc.data_dependent_errors():
@@ -420,6 +421,19 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             ) from None
         self._log(func, args, kwargs, out)
         return out
+
+    @staticmethod
+    def _views_of_real(func: Any, args: Any) -> bool:
+        """Whether `func` makes a view of a real tensor made before the block (not an unbuilt placeholder: a write
+        through its `.data` is dropped, as torch drops it for its own lazy parameters)."""
+        base = args[0] if args else None
+        return (
+            op_info(func).aliases
+            and isinstance(base, torch.Tensor)
+            and not tc.is_fake(base)
+            and not is_lazy(base)
+            and base.numel() > 0
+        )
 
     def _views_real(self, t: torch.Tensor) -> bool:
         """Whether `t` stands for a view of a real tensor made before the block (a write to it would be lost)."""
@@ -605,8 +619,9 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if id(func) in VIEWS and self._owned(args[0]) is not None:
             return  # a view of this record's tensor: no storage made or written, nothing to record
         written: set[int] = set()
+        reshapes = op_info(func).reshapes
         for t in self._written(func, args, kwargs):
-            if not tc.is_fake(t) or self._views_real(t):
+            if not reshapes and (not tc.is_fake(t) or self._views_real(t)):
                 self._refuse_real_target(func, t, args, kwargs)
             written.add(id(t))
         flat, spec = flatten(args, kwargs)
@@ -632,7 +647,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                     sid = self.record.new_storage(storage, storage.nbytes(), device)
                     setattr(storage, _markers.RECORD, (self.record, sid))
                     outputs.append((index, sid))
-                    if id(func) in VIEWS and isinstance(args[0], torch.Tensor) and not tc.is_fake(args[0]):
+                    if self._views_of_real(func, args):
                         self.record.real_views.add(sid)  # `r[0]` of a real `r`: its stand-in takes no writes
         if not outputs and not writes:
             return

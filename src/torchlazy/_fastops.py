@@ -37,16 +37,33 @@ _HIDDEN_WRITES: dict[Any, tuple[tuple[tuple[int, str], ...], Any]] = {
 }
 
 
+# What brings a constant made in the block (`torch.tensor(0)`) into the fake mode: aliased, not a view of a tensor
+_LIFT_PACKETS = frozenset({torch.ops.aten.lift, torch.ops.aten.lift_fresh})
+# In-place ops that change which memory a tensor shows or how, never the values in it (`set_` points a parameter
+# at other memory: `register_parametrization`)
+_RESHAPES_IN_PLACE = frozenset(
+    getattr(torch.ops.aten, name)
+    for name in ("t_", "transpose_", "unsqueeze_", "squeeze_", "as_strided_", "swapdims_", "swapaxes_", "set_")
+)
+
+
 class _OpInfo:
     """What the recorder needs to know of an operator, read from its schema once."""
 
-    __slots__ = ("generator", "hidden", "overwrites", "random", "written")
+    __slots__ = ("aliases", "generator", "hidden", "overwrites", "random", "reshapes", "written")
 
     def __init__(self, func: Any) -> None:
-        arguments = tc.op_schema(func).arguments
+        schema = tc.op_schema(func)
+        arguments = schema.arguments
         self.written = tuple(
             (i, a.name) for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write
         )
+        # a view op (its output aliases an input without writing it: `unbind`, `diagonal`, `select`, ...); a
+        # shape-only in-place op (`t_`, `unsqueeze_`, `set_`: its output aliases what it writes, its data unread)
+        self.aliases = func.overloadpacket not in _LIFT_PACKETS and any(
+            r.alias_info is not None and not r.alias_info.is_write for r in schema.returns
+        )
+        self.reshapes = func.overloadpacket in _RESHAPES_IN_PLACE
         self.hidden = _HIDDEN_WRITES.get(func)
         self.random = torch.Tag.nondeterministic_seeded in func.tags
         self.generator = next((i for i, a in enumerate(arguments) if a.name == "generator"), None)

@@ -81,7 +81,12 @@ def _handed_path(module: nn.Module) -> str | None:
             if not current:
                 current = roots
             else:
-                wider = [next((h for h in roots if h is not r and _contains(h, r)), r) for r in current]
+                wider: list[nn.Module] = []
+                for r in current:
+                    outer = [h for h in roots if h is not r and _contains(h, r)]
+                    if len({_path_in(h, module) for h in outer}) > 1:
+                        return None  # two models an outer frame holds contain it at different paths: no guess
+                    wider.append(outer[0] if outer else r)
                 current = list({id(m): m for m in wider}.values())
         frame = frame.f_back  # type: ignore[assignment]
     paths = {_path_in(m, module) for m in current}
