@@ -812,3 +812,18 @@ def test_a_lazy_layer_built_after_what_comes_after_it_was_materialized_is_refuse
     with pytest.raises(tl.DeferredError, match=r"`tl\.materialize` before `tl\.build`.*draws nothing"):
         tl.build(model, tl.Spec(2, 3))
     assert not tl.is_built(model[1])
+
+
+def test_a_deep_copy_of_a_deferred_model_keeps_the_threads_one_fake_mode() -> None:
+    """`copy.deepcopy` copied each deferred tensor's `fake_mode` attribute, the mode with it: the copy's converter
+    held the same storage weak references as the original's, each freed at exit (a double free: "corrupted
+    double-linked list" or a segfault when the interpreter ended, after an estimate had converted real tensors)."""
+    import copy
+
+    with tl.deferred():
+        model = nn.Linear(4, 4)
+    twin = copy.deepcopy(model)
+    assert twin.weight.fake_mode is model.weight.fake_mode
+    torch.manual_seed(0)
+    tl.materialize(twin)
+    assert twin.weight.shape == (4, 4) and tl.is_deferred(model)

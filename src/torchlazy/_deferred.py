@@ -18,6 +18,7 @@ import gc
 import hashlib
 import math
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -113,6 +114,11 @@ def _open_record_mode() -> type:
         def _should_skip_dynamo(cls) -> bool:  # no dynamo import on first use
             return False
 
+        def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+            # a deep copy of a deferred tensor copies its `fake_mode` attribute: the thread's one mode stays one
+            # (a copied mode duplicated the converter's storage weak references, each freed at exit: a double free)
+            return self
+
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             if func is _PRIM_DEVICE and tc.is_fake(args[0]):
                 return _device_of(args[0])
@@ -201,7 +207,18 @@ def _install_dispatch_shortcut() -> None:
         original_data.__set__(self, value)
 
     data = property(original_data.__get__, set_data, doc=original_data.__doc__)
-    tc.override_fake_methods({"__torch_dispatch__": classmethod(dispatch), "detach": detach, "data": data})
+    original_deepcopy = tc.fake_tensor_type().__deepcopy__  # type: ignore[attr-defined]
+
+    def deepcopy(self: Any, memo: dict[int, Any]) -> Any:
+        # `Tensor.__deepcopy__` asks a subclass its `data_ptr()` (0 for an unallocated one), which torch warns
+        # about for fake tensors (the copy is a fake tensor of the same mode)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+            return original_deepcopy(self, memo)
+
+    tc.override_fake_methods(
+        {"__torch_dispatch__": classmethod(dispatch), "detach": detach, "data": data, "__deepcopy__": deepcopy}
+    )
 
 
 def _shortcut(func: Any, types: Any, args: Any, kwargs: Any) -> Any:
