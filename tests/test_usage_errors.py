@@ -751,6 +751,13 @@ def test_writing_a_deferred_value_into_a_real_tensor_is_refused() -> None:
             nn.Linear(3, 3)
             table.add_(1)  # real tensors alone: the fake mode ran it for real, then it was refused
     assert not table.any()
+    table = torch.arange(6.0).reshape(2, 3)
+    with tl.deferred():
+        holder = nn.Linear(2, 2)
+        table.t_()  # a shape change of a real tensor alone: runs as eager runs it (torch's fake mode asserted)
+        holder.register_buffer("c", table.clone())
+    tl.materialize(holder)
+    assert table.shape == (3, 2) and torch.equal(holder.c, torch.arange(6.0).reshape(2, 3).t())
     pretrained = torch.randn(5, 3)
     kept = pretrained.clone()
     through_views = [

@@ -423,7 +423,11 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return out
         if getattr(func, "namespace", None) in _COLLECTIVES:
             self._refuse_collective(func, args, kwargs)
-        for t in self._written(func, args, kwargs):
+        written = self._written(func, args, kwargs)
+        if written and op_info(func).reshapes and not any(tc.is_fake(t) for t in tc.tree_leaves((args, kwargs))):
+            with tc.disable_current_modes():  # `real.t_()`: a shape change of a real tensor, as eager makes it
+                return func(*args, **kwargs)
+        for t in written:
             if not tc.is_fake(t) and not op_info(func).reshapes:  # before it runs: on real tensors alone, it would
                 self._refuse_real_target(func, t, args, kwargs)  # run for real
         try:
