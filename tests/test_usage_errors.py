@@ -901,3 +901,16 @@ def test_handed_paths_are_not_guessed_from_the_order_of_local_variables() -> Non
     with pytest.raises(tl.NotBuiltError, match=r"^`weight` of Linear"):
         touch(student[1][0])
     assert teacher[0] is shared
+
+
+def test_a_real_tensor_given_a_deferred_ones_memory_by_data_is_named_as_such() -> None:
+    """transformers' `tie_weights` after `load_state_dict(assign=True)` inside a block pads a real bias with
+    `bias.data = F.pad(bias.data, ...)`: the result is deferred, and `.data =` gives its memory to the real tensor
+    without any dispatch. The materialize error said to build the model outside `torch.device('meta')`."""
+    bias = torch.ones(2)
+    with tl.deferred():
+        layer = nn.Linear(2, 2)
+        layer.bias = nn.Parameter(bias)
+        layer.bias.data = torch.nn.functional.pad(layer.bias.data, (0, 0))
+    with pytest.raises(tl.DeferredError, match=r"`bias` took a deferred tensor's memory by `\.data =`"):
+        tl.materialize(layer)

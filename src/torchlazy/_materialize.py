@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _deferred, _lazy, _paths
+from . import _deferred, _lazy, _markers, _paths
 from . import _torch_compat as tc
 from ._checkpoint import Checkpoint, KeyPlan, open_checkpoint, plan_keys, renamer
 from ._distributed import Shard, Sharded, materialize_shards, sharded_targets
@@ -277,6 +277,14 @@ def _refuse_valueless(module: nn.Module, real: list[_Target], shards: list[Shard
         if never
         else ""
     )
+    taken = [t.path for t in real if t.tensor.is_meta and getattr(t.tensor.untyped_storage(), _markers.RECORD, None)]
+    if taken:  # `real.data = f(real.data)` inside the block: the result was a deferred tensor, its memory now theirs
+        hint += (
+            f" {listed(taken)} took a deferred tensor's memory by `.data =` inside the `tl.deferred()` block (as "
+            "transformers' `tie_weights` does to a bias after `load_state_dict(..., assign=True)`): the values they "
+            "held are gone. Load checkpoints with `tl.materialize(model, checkpoint=...)`, or make that assignment "
+            "outside the block."
+        )
     one = len(meta) == 1
     where = (
         f"`{plan.ckpt.path}` has no value for {'it' if one else 'them'}"
