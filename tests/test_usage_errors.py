@@ -914,3 +914,23 @@ def test_a_real_tensor_given_a_deferred_ones_memory_by_data_is_named_as_such() -
         layer.bias.data = torch.nn.functional.pad(layer.bias.data, (0, 0))
     with pytest.raises(tl.DeferredError, match=r"`bias` took a deferred tensor's memory by `\.data =`"):
         tl.materialize(layer)
+
+
+def test_a_real_shape_change_in_a_block_is_seen_by_the_ops_after_it() -> None:
+    """`real.t_()` runs for real; the fake mode's cached stand-in of `real` kept the old shape, and the ops after it
+    used that (a product of shape (2, 3) where eager's is (3, 2), silently)."""
+    table = torch.arange(6.0).reshape(2, 3)
+    with tl.deferred():
+        layer = nn.Linear(2, 3)
+        _ = table * 2  # gives `table` a stand-in
+        table.t_()
+        scaled = table * 1
+        with torch.no_grad():
+            layer.weight.copy_(table)
+    assert scaled.shape == (3, 2)
+    tl.materialize(layer)
+    assert torch.equal(layer.weight, torch.arange(6.0).reshape(2, 3).t())
+    with pytest.raises(tl.DeferredError, match="writes into a real tensor"):
+        with tl.deferred():
+            deferred = torch.zeros(2, 3)
+            table.set_(deferred)  # a real tensor pointed at a deferred one's memory: refused, not torch's assert

@@ -424,9 +424,13 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if getattr(func, "namespace", None) in _COLLECTIVES:
             self._refuse_collective(func, args, kwargs)
         written = self._written(func, args, kwargs)
-        if written and op_info(func).reshapes and not any(tc.is_fake(t) for t in tc.tree_leaves((args, kwargs))):
-            with tc.disable_current_modes():  # `real.t_()`: a shape change of a real tensor, as eager makes it
-                return func(*args, **kwargs)
+        if written and op_info(func).reshapes and not any(tc.is_fake(t) for t in written):
+            if not any(tc.is_fake(t) for t in tc.tree_leaves((args, kwargs))):
+                with tc.disable_current_modes():  # `real.t_()`: a shape change of a real tensor, as eager makes it
+                    out = func(*args, **kwargs)
+                tc.forget_real_conversions(_local.fake_mode, written)  # its stand-in kept the old shape
+                return out
+            self._refuse_real_target(func, written[0], args, kwargs)  # `real.set_(deferred)`
         for t in written:
             if not tc.is_fake(t) and not op_info(func).reshapes:  # before it runs: on real tensors alone, it would
                 self._refuse_real_target(func, t, args, kwargs)  # run for real

@@ -41,6 +41,7 @@ __all__ = [
     "fake_tensor_mode_type",
     "fake_tensor_type",
     "forget_fake_conversions",
+    "forget_real_conversions",
     "forget_storage_conversions",
     "fsdp_params",
     "no_dispatch",
@@ -500,6 +501,16 @@ def forget_fake_conversions(mode: Any, tree: Any) -> None:
     ids = {id(t) for t in tree_leaves(tree)}
     for key in [k for k, v in list(memo.items()) if id(v) in ids]:
         del memo[key]
+
+
+def forget_real_conversions(mode: Any, tensors: list[torch.Tensor]) -> None:
+    """Drop a fake mode's cached stand-ins of these real tensors (after a shape change of them made for real: the
+    stand-in kept the old shape, and later ops on the tensor would reuse it)."""
+    converter = mode.fake_tensor_converter.meta_converter
+    for t in tensors:
+        tid = converter.describer.lookup_tensor.get(t)
+        if tid is not None:
+            converter.tensor_memo.pop(tid, None)
 
 
 def forget_storage_conversions(mode: Any) -> None:
