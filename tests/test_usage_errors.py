@@ -934,3 +934,31 @@ def test_a_real_shape_change_in_a_block_is_seen_by_the_ops_after_it() -> None:
         with tl.deferred():
             deferred = torch.zeros(2, 3)
             table.set_(deferred)  # a real tensor pointed at a deferred one's memory: refused, not torch's assert
+
+
+def test_a_real_tensor_given_other_memory_is_not_read_with_its_old_shape() -> None:
+    """`r.data = other` (no dispatch, no version bump): inside the block, the next op on `r` used the stand-in of
+    its old shape (a (2, 3) result of a 4-element tensor, two values garbage); after the block, replay read the
+    recorded shape over the new, smaller storage (heap garbage). The first now sees the new shape, the second is
+    refused."""
+    r, other = torch.arange(6.0).reshape(2, 3), torch.arange(4.0)
+    with tl.deferred():
+        module = nn.Linear(2, 2)
+        _ = r * 1
+        r.data = other
+        module.register_buffer("y", r * 1)
+    tl.materialize(module)
+    assert torch.equal(module.y, torch.arange(4.0))
+    r = torch.arange(6.0).reshape(2, 3)
+    with tl.deferred():
+        module = nn.Linear(2, 2)
+        module.register_buffer("y", r * 1)
+    r.data = torch.tensor([7.0])
+    with pytest.raises(tl.DeferredError, match="was changed in place"):
+        tl.materialize(module)
+    target = torch.zeros(6)
+    with pytest.raises(tl.DeferredError, match="writes into a real tensor"):
+        with tl.deferred():
+            deferred = torch.zeros(2, 3)
+            target.set_(deferred.untyped_storage(), 0, (6,))  # torch's device error about meta before
+    assert torch.equal(target, torch.zeros(6))

@@ -72,6 +72,7 @@ from ._record import (
     contiguous_strides,
     explicit_generators_kept,
     law_marker,
+    memory_of,
     shared,
     view_bits,
 )
@@ -423,9 +424,16 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return out
         if getattr(func, "namespace", None) in _COLLECTIVES:
             self._refuse_collective(func, args, kwargs)
+        reals = [t for t in tc.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and not tc.is_fake(t)]
+        if reals:  # their stand-ins, made by an earlier op, may show an older shape (`r.data = other` since)
+            tc.forget_stale_conversions(_local.fake_mode, reals)
         written = self._written(func, args, kwargs)
         if written and op_info(func).reshapes and not any(tc.is_fake(t) for t in written):
-            if not any(tc.is_fake(t) for t in tc.tree_leaves((args, kwargs))):
+            deferred_memory = any(  # a fake tensor, or its storage (`real.set_(fake.untyped_storage())`)
+                tc.is_fake(x) or (isinstance(x, torch.UntypedStorage) and x.device.type == "meta")
+                for x in tc.tree_leaves((args, kwargs))
+            )
+            if not deferred_memory:
                 with tc.disable_current_modes():  # `real.t_()`: a shape change of a real tensor, as eager makes it
                     out = func(*args, **kwargs)
                 tc.forget_real_conversions(_local.fake_mode, written)  # its stand-in kept the old shape
@@ -921,7 +929,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                         self.reserve(),
                         None,
                         None,
-                        [Const(real)],
+                        [Const(real, None, memory_of(real))],
                         [(0, sid)],
                         (),
                         (),

@@ -104,14 +104,27 @@ class Const:
 
     value: torch.Tensor
     version: int | None = None
+    memory: tuple[int, int] | None = None  # its storage's address and size: `t.data = other` swaps them unseen
 
     @staticmethod
     def of(t: torch.Tensor) -> Const:
-        return Const(t, tc.tensor_version(t))
+        return Const(t, tc.tensor_version(t), memory_of(t))
 
     def changed(self) -> bool:
-        """Whether the tensor was changed in place since it was recorded."""
+        """Whether the tensor was changed in place since it was recorded, or given other memory (`.data =`, which
+        no version counter sees: replay would read the recorded shape over the new, maybe smaller, storage)."""
+        if self.memory is not None and memory_of(self.value) != self.memory:
+            return True
         return self.version is not None and tc.tensor_version(self.value) != self.version
+
+
+def memory_of(t: Any) -> tuple[int, int] | None:
+    """A tensor's storage address and size, or None for one without a single storage (sparse)."""
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (NotImplementedError, RuntimeError, AttributeError):
+        return None
 
 
 _UNKNOWN: Any = object()

@@ -42,6 +42,7 @@ __all__ = [
     "fake_tensor_type",
     "forget_fake_conversions",
     "forget_real_conversions",
+    "forget_stale_conversions",
     "forget_storage_conversions",
     "fsdp_params",
     "no_dispatch",
@@ -511,6 +512,22 @@ def forget_real_conversions(mode: Any, tensors: list[torch.Tensor]) -> None:
         tid = converter.describer.lookup_tensor.get(t)
         if tid is not None:
             converter.tensor_memo.pop(tid, None)
+
+
+def forget_stale_conversions(mode: Any, tensors: list[torch.Tensor]) -> None:
+    """Drop a fake mode's cached stand-ins of these real tensors where the tensor's shape, strides or offset changed
+    since (`r.data = other`, a shape change made on another thread): the stand-in would be used with the old ones."""
+    converter = mode.fake_tensor_converter.meta_converter
+    memo = converter.tensor_memo
+    if not memo:
+        return
+    for t in tensors:
+        tid = converter.describer.lookup_tensor.get(t)
+        fake = memo.get(tid) if tid is not None else None
+        if fake is not None and (
+            fake.shape != t.shape or fake.stride() != t.stride() or fake.storage_offset() != t.storage_offset()
+        ):
+            del memo[tid]
 
 
 def forget_storage_conversions(mode: Any) -> None:
