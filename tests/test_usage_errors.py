@@ -956,6 +956,13 @@ def test_a_real_tensor_given_other_memory_is_not_read_with_its_old_shape() -> No
     r.data = torch.tensor([7.0])
     with pytest.raises(tl.DeferredError, match="was changed in place"):
         tl.materialize(module)
+    r = torch.arange(6.0).reshape(2, 3)
+    with tl.deferred():
+        module = nn.Linear(2, 2)
+        module.register_buffer("y", r * 1)
+    r.share_memory_()  # other memory, the same layout and values: no change
+    tl.materialize(module)
+    assert torch.equal(module.y, torch.arange(6.0).reshape(2, 3))
     target = torch.zeros(6)
     with pytest.raises(tl.DeferredError, match="writes into a real tensor"):
         with tl.deferred():

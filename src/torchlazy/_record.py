@@ -104,25 +104,25 @@ class Const:
 
     value: torch.Tensor
     version: int | None = None
-    memory: tuple[int, int] | None = None  # its storage's address and size: `t.data = other` swaps them unseen
+    memory: tuple[Any, ...] | None = None  # its shape, strides, offset: `t.data = other` changes them unseen
 
     @staticmethod
     def of(t: torch.Tensor) -> Const:
         return Const(t, tc.tensor_version(t), memory_of(t))
 
     def changed(self) -> bool:
-        """Whether the tensor was changed in place since it was recorded, or given other memory (`.data =`, which
-        no version counter sees: replay would read the recorded shape over the new, maybe smaller, storage)."""
+        """Whether the tensor was changed in place since it was recorded, or given memory of another layout (`.data =`,
+        which no version counter sees: replay would write its new shape into storages sized for the recorded one).
+        A move of the same layout (`share_memory_()`) is no change."""
         if self.memory is not None and memory_of(self.value) != self.memory:
             return True
         return self.version is not None and tc.tensor_version(self.value) != self.version
 
 
-def memory_of(t: Any) -> tuple[int, int] | None:
-    """A tensor's storage address and size, or None for one without a single storage (sparse)."""
+def memory_of(t: Any) -> tuple[Any, ...] | None:
+    """A tensor's layout (shape, strides, offset, storage size), or None for one without strides (sparse)."""
     try:
-        storage = t.untyped_storage()
-        return storage.data_ptr(), storage.nbytes()
+        return tuple(t.shape), t.stride(), t.storage_offset(), t.untyped_storage().nbytes()
     except (NotImplementedError, RuntimeError, AttributeError):
         return None
 
