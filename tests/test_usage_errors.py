@@ -963,6 +963,13 @@ def test_a_real_tensor_given_other_memory_is_not_read_with_its_old_shape() -> No
     r.share_memory_()  # other memory, the same layout and values: no change
     tl.materialize(module)
     assert torch.equal(module.y, torch.arange(6.0).reshape(2, 3))
+    teacher = nn.Linear(3, 2).to(torch.bfloat16)
+    with tl.deferred():
+        student = nn.Linear(3, 2).to(torch.bfloat16)
+        student.load_state_dict(teacher.state_dict())
+    teacher.half()  # the same element size, another dtype: its bytes read as bfloat16 gave garbage
+    with pytest.raises(tl.DeferredError, match="was changed in place"):
+        tl.materialize(student)
     target = torch.zeros(6)
     with pytest.raises(tl.DeferredError, match="writes into a real tensor"):
         with tl.deferred():

@@ -104,7 +104,7 @@ class Const:
 
     value: torch.Tensor
     version: int | None = None
-    memory: tuple[Any, ...] | None = None  # its shape, strides, offset: `t.data = other` changes them unseen
+    memory: tuple[Any, ...] | None = None  # its dtype and layout: `t.data = other` changes them unseen
 
     @staticmethod
     def of(t: torch.Tensor) -> Const:
@@ -120,9 +120,9 @@ class Const:
 
 
 def memory_of(t: Any) -> tuple[Any, ...] | None:
-    """A tensor's layout (shape, strides, offset, storage size), or None for one without strides (sparse)."""
+    """A tensor's layout (dtype, device, shape, strides, offset, storage size), or None for one without strides."""
     try:
-        return tuple(t.shape), t.stride(), t.storage_offset(), t.untyped_storage().nbytes()
+        return t.dtype, t.device, tuple(t.shape), t.stride(), t.storage_offset(), t.untyped_storage().nbytes()
     except (NotImplementedError, RuntimeError, AttributeError):
         return None
 
