@@ -424,14 +424,15 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return out
         if getattr(func, "namespace", None) in _COLLECTIVES:
             self._refuse_collective(func, args, kwargs)
-        reals = [t for t in tc.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and not tc.is_fake(t)]
+        leaves = tc.tree_leaves((args, kwargs))
+        reals = [t for t in leaves if isinstance(t, torch.Tensor) and not tc.is_fake(t)]
         if reals:  # their stand-ins, made by an earlier op, may show an older shape (`r.data = other` since)
-            tc.forget_stale_conversions(_local.fake_mode, reals)
+            tc.forget_real_conversions(_local.fake_mode, reals, stale_only=True)
         written = self._written(func, args, kwargs)
-        if written and op_info(func).reshapes and not any(tc.is_fake(t) for t in written):
+        reshapes = op_info(func).reshapes
+        if written and reshapes and not any(tc.is_fake(t) for t in written):
             deferred_memory = any(  # a fake tensor, or its storage (`real.set_(fake.untyped_storage())`)
-                tc.is_fake(x) or (isinstance(x, torch.UntypedStorage) and x.device.type == "meta")
-                for x in tc.tree_leaves((args, kwargs))
+                tc.is_fake(x) or (isinstance(x, torch.UntypedStorage) and x.device.type == "meta") for x in leaves
             )
             if not deferred_memory:
                 with tc.disable_current_modes():  # `real.t_()`: a shape change of a real tensor, as eager makes it
@@ -440,8 +441,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                 return out
             self._refuse_real_target(func, written[0], args, kwargs)  # `real.set_(deferred)`
         for t in written:
-            if not tc.is_fake(t) and not op_info(func).reshapes:  # before it runs: on real tensors alone, it would
-                self._refuse_real_target(func, t, args, kwargs)  # run for real
+            if not tc.is_fake(t) and not reshapes:  # before it runs: on real tensors alone, it would run for real
+                self._refuse_real_target(func, t, args, kwargs)
         try:
             out = func(*args, **for_fake_kernel(func, kwargs))
         except tc.data_dependent_errors():
@@ -468,7 +469,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             and base.numel() > 0
         )
 
-    def _views_real(self, t: torch.Tensor) -> bool:
+    def _stands_for_real_view(self, t: torch.Tensor) -> bool:
         """Whether `t` stands for a view of a real tensor made before the block (a write to it would be lost)."""
         owner = storage_of(t)
         return owner is not None and owner[1] in owner[0].real_views
@@ -494,10 +495,14 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                 "block, where writes to sharded tensors cannot be recorded. Shard after the block: construct and "
                 "initialize the model under `tl.deferred()`, then call `fully_shard`, then `tl.materialize(model)`."
             )
-        what = "through a view of shape" if tc.is_fake(target) else "into a real tensor of shape"
+        shape = tuple(target.shape)
+        what = (
+            f"through a view of shape {shape} of a real tensor"
+            if tc.is_fake(target)
+            else f"into a real tensor of shape {shape}"
+        )
         raise DeferredError(
-            f"`{func}` {self._where_of(args, kwargs)}: it writes {what} {tuple(target.shape)}"
-            f"{' of a real tensor' if tc.is_fake(target) else ''}"
+            f"`{func}` {self._where_of(args, kwargs)}: it writes {what}"
             " (one the block does not record: a module-level constant, a materialized one, or one made from memory "
             "such as `torch.from_numpy`). Ops that involve deferred tensors, or run inside the block, run on "
             "shape-only stand-ins, so the "
@@ -654,7 +659,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         written: set[int] = set()
         reshapes = op_info(func).reshapes
         for t in self._written(func, args, kwargs):
-            if not reshapes and (not tc.is_fake(t) or self._views_real(t)):
+            if not reshapes and (not tc.is_fake(t) or self._stands_for_real_view(t)):
                 self._refuse_real_target(func, t, args, kwargs)
             written.add(id(t))
         flat, spec = flatten(args, kwargs)

@@ -42,7 +42,6 @@ __all__ = [
     "fake_tensor_type",
     "forget_fake_conversions",
     "forget_real_conversions",
-    "forget_stale_conversions",
     "forget_storage_conversions",
     "fsdp_params",
     "no_dispatch",
@@ -504,19 +503,10 @@ def forget_fake_conversions(mode: Any, tree: Any) -> None:
         del memo[key]
 
 
-def forget_real_conversions(mode: Any, tensors: list[torch.Tensor]) -> None:
+def forget_real_conversions(mode: Any, tensors: list[torch.Tensor], *, stale_only: bool = False) -> None:
     """Drop a fake mode's cached stand-ins of these real tensors (after a shape change of them made for real: the
-    stand-in kept the old shape, and later ops on the tensor would reuse it)."""
-    converter = mode.fake_tensor_converter.meta_converter
-    for t in tensors:
-        tid = converter.describer.lookup_tensor.get(t)
-        if tid is not None:
-            converter.tensor_memo.pop(tid, None)
-
-
-def forget_stale_conversions(mode: Any, tensors: list[torch.Tensor]) -> None:
-    """Drop a fake mode's cached stand-ins of these real tensors where the tensor's shape, strides or offset changed
-    since (`r.data = other`, a shape change made on another thread): the stand-in would be used with the old ones."""
+    stand-in kept the old shape, and later ops on the tensor would reuse it); with `stale_only`, only those whose
+    tensor's shape, strides or offset changed since (`r.data = other`, a shape change made on another thread)."""
     converter = mode.fake_tensor_converter.meta_converter
     memo = converter.tensor_memo
     if not memo:
@@ -525,7 +515,10 @@ def forget_stale_conversions(mode: Any, tensors: list[torch.Tensor]) -> None:
         tid = converter.describer.lookup_tensor.get(t)
         fake = memo.get(tid) if tid is not None else None
         if fake is not None and (
-            fake.shape != t.shape or fake.stride() != t.stride() or fake.storage_offset() != t.storage_offset()
+            not stale_only
+            or fake.shape != t.shape
+            or fake.stride() != t.stride()
+            or fake.storage_offset() != t.storage_offset()
         ):
             del memo[tid]
 
