@@ -605,3 +605,60 @@ def test_a_parameter_a_container_also_holds_is_named_by_its_own_path() -> None:
     with tl.deferred():
         model = Grouped()
     assert tl.deferred_tensors(model) == ["lin.weight", "lin.bias"]
+
+
+class _LoadsInConstructor(nn.Module):
+    """A model that loads part of itself from a file while it is constructed (a frozen table, pretrained rows)."""
+
+    def __init__(self, path: Path, how: str) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+        if how == "torch.load":
+            loaded = torch.load(path / "part.pt")
+        elif how == "torch.load(mmap=True)":
+            loaded = torch.load(path / "part.pt", mmap=True)
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(path / "part.safetensors"), framework="pt") as f:
+                loaded = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        self.proj.load_state_dict({"weight": loaded["weight"], "bias": loaded["bias"]})
+        self.register_buffer("table", loaded["table"])  # the loaded tensor itself, not a copy
+        self.half_scaled = nn.Parameter(loaded["half"].float() * 2)
+        self.head = nn.Linear(3, 2)  # draws after the load: the generator is untouched by it
+
+
+@pytest.mark.parametrize("how", ["torch.load", "torch.load(mmap=True)", "safetensors"])
+def test_a_model_that_loads_files_in_its_constructor_equals_eager(tmp_path: Path, how: str) -> None:
+    from safetensors.torch import save_file
+
+    part = {
+        "weight": torch.randn(3, 4),
+        "bias": torch.randn(3),
+        "table": torch.arange(10.0).reshape(5, 2)[:, 1],  # a view with an offset, as saved
+        "half": torch.randn(2, 2).half(),
+    }
+    torch.save(part, tmp_path / "part.pt")
+    save_file({k: v.contiguous() for k, v in part.items()}, tmp_path / "part.safetensors")
+    torch.manual_seed(0)
+    eager = _LoadsInConstructor(tmp_path, how)
+    eager_state = torch.get_rng_state()
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = _LoadsInConstructor(tmp_path, how)
+    assert torch.equal(torch.get_rng_state(), eager_state)
+    tl.materialize(model)
+    assert_models_identical(model, eager)
+    assert torch.equal(model.table, part["table"])
+    model.table.add_(1)  # the model holds its own memory: the file's is not written through
+    assert torch.equal(_LoadsInConstructor(tmp_path, how).table, part["table"])
+
+
+def test_a_tensor_set_to_the_storage_of_another_equals_eager() -> None:
+    def make() -> nn.Module:
+        model = nn.Linear(2, 3)
+        flat = torch.empty(0).set_(model.weight.untyped_storage(), 1, (4,), (1,))  # a view made by `set_`
+        model.register_buffer("flat", flat)
+        return model
+
+    _both(make)

@@ -67,6 +67,7 @@ from ._record import (
     Node,
     Record,
     Reseed,
+    SRef,
     Stream,
     TRef,
     contiguous_strides,
@@ -443,6 +444,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         for t in written:
             if not tc.is_fake(t) and not reshapes:  # before it runs: on real tensors alone, it would run for real
                 self._refuse_real_target(func, t, args, kwargs)
+        if id(func) in _SETS_STORAGE and len(args) > 1 and _real_storage(args[1]) and self._owned(args[0]):
+            args = (args[0], self._recorded_storage(args[1]), *args[2:])
         try:
             out = func(*args, **for_fake_kernel(func, kwargs))
         except tc.data_dependent_errors():
@@ -618,6 +621,26 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         owner = storage_of(t) if isinstance(t, torch.Tensor) else None
         return owner if owner is not None and owner[0] is self.record else None
 
+    def _owned_storage(self, storage: torch.UntypedStorage) -> int | None:
+        """The storage id of a storage of this recorder's record (`t.set_(w.untyped_storage())`), else None."""
+        owner = getattr(storage, _markers.RECORD, None)
+        return owner[1] if owner is not None and owner[0] is self.record else None
+
+    def _recorded_storage(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
+        """A real storage handed to a tensor of the block (`t.set_(storage, ...)`: `torch.load` and safetensors'
+        `get_tensor` make their tensors so) as a storage of the record holding its bytes, a constant read at
+        materialize (as `torch.tensor(data)` in a block is): the tensor stays deferred, like every tensor made
+        in the block, and the model takes a copy of the bytes."""
+        with tc.disable_current_modes():
+            real = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+        with tc.no_dispatch():
+            meta = torch.empty(storage.nbytes(), dtype=torch.uint8, device="meta")
+        made = tc.wrap_fake(_local.fake_mode, meta, storage.device).untyped_storage()
+        sid = self.record.new_storage(made, made.nbytes(), storage.device)
+        setattr(made, _markers.RECORD, (self.record, sid))
+        self.record.add(Node(self.reserve(), None, None, [Const.of(real)], [(0, sid)], (), ()))
+        return made
+
     def _ref_or_none(self, t: Any) -> TRef | None:
         owner = self._owned(t)
         return TRef.of(owner[1], t) if owner is not None else None
@@ -675,7 +698,10 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                         writes.append(ref.sid)
                 leaves.append(ref)
             else:
-                leaves.append(x)
+                owned = self._owned_storage(x) if isinstance(x, torch.UntypedStorage) else None
+                if owned is not None:  # `t.set_(storage)`: the storage itself, replayed
+                    reads.append(owned)
+                leaves.append(x if owned is None else SRef(owned))
         outputs: list[tuple[int, int]] = []
         for index, t in enumerate((out,) if isinstance(out, torch.Tensor) else leaves_of(out)):
             if tc.is_fake(t):
@@ -1010,6 +1036,16 @@ _COLLECTIVES = frozenset({
 # attribute), once for every view and new parameter: 1,223 times in `fully_shard` of a 162M Llama.
 # Each dispatch entry of torchlazy answers it first, as the fake tensor's own dispatch would.
 _PRIM_DEVICE = torch.ops.prim.device.default
+_SETS_STORAGE = frozenset(
+    id(op) for op in (torch.ops.aten.set_.source_Storage, torch.ops.aten.set_.source_Storage_storage_offset)
+)
+
+
+def _real_storage(x: Any) -> bool:
+    """Whether `x` is a storage with memory (not a fake or meta tensor's)."""
+    return isinstance(x, torch.UntypedStorage) and x.device.type != "meta"
+
+
 _LOCAL_SCALAR = tc.local_scalar_op()  # `.item()`, `bool(t)`: a value, which fake tensors lack
 
 
@@ -1148,6 +1184,7 @@ def recording(record: Record, prefix: Key = (), concretize: bool = False) -> Ite
     _install_value_guard()
     _install_dispatch_shortcut()
     _install_trunc_normal_shortcut()
+    _install_real_loads()
     recorder = _Recorder(record, prefix, concretize)
     _local.recorders.append(recorder)
     hooks = _track_modules(record)
@@ -1158,6 +1195,24 @@ def recording(record: Record, prefix: Key = (), concretize: bool = False) -> Ite
         for h in hooks:
             h.remove()
         _local.recorders.pop()
+
+
+@functools.cache
+def _install_real_loads() -> None:
+    """`torch.load` in a block gives real tensors, as in eager code. Under a fake-tensor mode torch loads shapes
+    only (meta storages: no byte is read), which would leave the model nothing to take its values from; so the
+    load runs outside the recording, and the block takes the loaded tensors as it takes any real tensor
+    (`load_state_dict(torch.load(path))`: read at materialize)."""
+    original = torch.serialization.load
+
+    @functools.wraps(original)
+    def load(*args: Any, **kwargs: Any) -> Any:
+        if not _local.recorders or _local.quiet:
+            return original(*args, **kwargs)
+        with suspended():
+            return original(*args, **kwargs)
+
+    torch.load = torch.serialization.load = load  # type: ignore[assignment]
 
 
 @contextlib.contextmanager

@@ -88,6 +88,13 @@ class TRef:
 CONJ, NEG = 1, 2
 
 
+@dataclass(frozen=True, slots=True)
+class SRef:
+    """A storage argument (`t.set_(storage, ...)`): a recorded storage, handed to the op as a whole."""
+
+    sid: int
+
+
 def view_bits(t: torch.Tensor) -> int:
     """The view bits of `t` a geometry on its storage does not say: writes and reads through it conjugate
     (`t.conj()` of a complex tensor) or negate (its `.imag`)."""
@@ -1075,6 +1082,8 @@ def _wait(pending: dict[int, list[Future[None]]], sids: Iterable[int]) -> None:
 def _real(leaf: Any, env: dict[int, torch.UntypedStorage], device: torch.device) -> Any:
     if isinstance(leaf, TRef):
         return leaf.on(env[leaf.sid])
+    if isinstance(leaf, SRef):
+        return env[leaf.sid]
     if isinstance(leaf, Const):
         if leaf.changed():
             raise DeferredError(
