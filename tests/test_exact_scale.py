@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -218,6 +219,68 @@ def test_an_explicit_generator_advances_as_eager() -> None:
     torch.manual_seed(0)
     eager = make(gen_eager)
     assert torch.equal(after, gen_eager.get_state())
+    _same(model, eager)
+
+
+def _draws_from_a_copy(copy_state: Callable[[], torch.Generator]) -> nn.Module:
+    model = nn.Module()
+    model.first = nn.Linear(4, 3)  # draws from the global generator: its state is now a stand-in
+    model.w = nn.Parameter(torch.randn(6, generator=copy_state()))
+    return model
+
+
+def _explicit_then_global() -> torch.Generator:
+    g = torch.Generator().manual_seed(5)
+    torch.randn(3, generator=g)
+    torch.set_rng_state(g.get_state())
+    return torch.default_generator
+
+
+@pytest.mark.parametrize(
+    "copy_state",
+    [
+        lambda: torch.Generator().set_state(torch.get_rng_state()),
+        lambda: torch.default_generator.clone_state(),
+        lambda: copy.deepcopy(torch.default_generator),
+        _explicit_then_global,
+    ],
+    ids=["set_state", "clone_state", "deepcopy", "explicit_into_global"],
+)
+def test_a_generator_given_a_state_copied_after_a_draw_in_the_block_is_refused(
+    copy_state: Callable[[], torch.Generator],
+) -> None:
+    """Nothing is drawn in a block, so a generator's state there stands for a place in the recorded stream: another
+    generator drawing from a copy of it drew other values than eager's, silently."""
+    torch.manual_seed(0)
+    with pytest.raises(tl.DeferredError, match="state was copied"):
+        with tl.deferred():
+            _draws_from_a_copy(copy_state)
+
+
+def test_generator_copies_that_are_eagers_states_draw_as_eager() -> None:
+    """Copies of a generator that has not drawn in the block (`copy.deepcopy` of a module holding one: a real
+    state tensor copied for real), and of the global generator after the block, are exact."""
+
+    def make() -> nn.Module:
+        holder = nn.Module()
+        holder.gen = torch.Generator().manual_seed(3)
+        twin = copy.deepcopy(holder)
+        model = nn.Linear(4, 3)
+        nn.init.normal_(model.weight, generator=twin.gen)
+        return model
+
+    def after(model: nn.Module) -> None:
+        copied = torch.Generator().set_state(torch.get_rng_state())
+        nn.init.uniform_(model.bias, generator=copied)
+
+    torch.manual_seed(0)
+    eager = make()
+    after(eager)
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make()
+    after(model)
+    tl.materialize(model)
     _same(model, eager)
 
 

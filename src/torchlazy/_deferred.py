@@ -846,12 +846,34 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             now = gen.get_state()
             digest = _digest(now)
             if stream.parked_seed is None and stream.parked is not None and digest == _digest(stream.parked):
+                if not stream.keys:  # a generator's first draw: from a state it was given in the block?
+                    self._refuse_other_token(stream, digest)
                 return
             after = stream.tokens.get(digest)
             if after is None:
-                after = _seed_token(stream, now, digest)
+                after = _seed_token(stream, gen.initial_seed(), digest)
+            if after is None:
+                self._refuse_other_token(stream, digest)
         stream.reseed(Reseed(self.reserve(), None if after is not None else now, after))
         stream.parked, stream.parked_seed = now, None
+
+    def _refuse_other_token(self, stream: Stream, digest: bytes) -> None:
+        """A generator about to draw from a state that stands for a place in another generator's recorded stream
+        (`g.set_state(torch.get_rng_state())`, `clone_state()`, `copy.deepcopy(g)` after a draw in the block): not
+        eager's state, and replay could not tell which it stands for. Refused, not drawn silently other values."""
+        seed = stream.generator.initial_seed()
+        for other in self.record.streams.values():
+            if other is stream or _seed_token(other, seed, digest) is None:  # (exit states are eager's: copies exact)
+                continue
+            which = "the global generator" if other.generator is torch.default_generator else "another generator"
+            raise DeferredError(
+                f"a draw {self.where()} from a generator whose state was copied, inside the `tl.deferred()` block, "
+                f"from {which} after it drew (`get_rng_state()`/`get_state()` set into another generator, "
+                "`clone_state()`, `copy.deepcopy`): under `tl.deferred()` nothing is drawn, so such a state is a "
+                "stand-in for a place in the recorded stream, not eager's state, and the draws would differ from "
+                "eager's. Copy generator states before the block, seed the generator by number "
+                "(`g.manual_seed(n)`), or construct this module outside `tl.deferred()`."
+            )
 
     def _park(self, stream: Stream, key: Key) -> None:
         if self.closed:  # after the block, the program sees eager's generator (a jump; few ops get here)
@@ -1002,9 +1024,9 @@ def _digest(state: torch.Tensor) -> bytes:
     return hashlib.blake2b(state.numpy().tobytes(), digest_size=16).digest()
 
 
-def _seed_token(stream: Stream, state: torch.Tensor, digest: bytes) -> Key | None:
-    """The draw after which the recorder parked the generator in `state`, if it is such a token."""
-    seed = stream.generator.initial_seed()
+def _seed_token(stream: Stream, seed: int, digest: bytes) -> Key | None:
+    """The draw after which the recorder parked the generator of `stream` in the state of `digest` (whose seed
+    is `seed`), if it is such a token."""
     key = stream.seeds.get(seed)
     if key is None:
         return None
@@ -1185,6 +1207,7 @@ def recording(record: Record, prefix: Key = (), concretize: bool = False) -> Ite
     _install_dispatch_shortcut()
     _install_trunc_normal_shortcut()
     _install_real_loads()
+    _install_real_deepcopy()
     recorder = _Recorder(record, prefix, concretize)
     _local.recorders.append(recorder)
     hooks = _track_modules(record)
@@ -1213,6 +1236,23 @@ def _install_real_loads() -> None:
             return original(*args, **kwargs)
 
     torch.load = torch.serialization.load = load  # type: ignore[assignment]
+
+
+@functools.cache
+def _install_real_deepcopy() -> None:
+    """`copy.deepcopy` of a real tensor in a block gives a real copy, as in eager code (a module holding a constant,
+    a generator's state). torch's copy clones the tensor, which in the block would make a deferred stand-in, and
+    then refuses a copy of another class than the original's."""
+    original = torch.Tensor.__deepcopy__
+
+    @functools.wraps(original)
+    def deepcopy(self: torch.Tensor, memo: dict[int, Any]) -> Any:
+        if _local.recorders and not _local.quiet and type(self) is torch.Tensor:
+            with suspended():
+                return original(self, memo)
+        return original(self, memo)
+
+    torch.Tensor.__deepcopy__ = deepcopy  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
