@@ -363,6 +363,24 @@ def again(rank: int, mesh: object, out: str) -> None:
     torch.manual_seed(0)
     explicit = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
     result["explicit sizes"] = {k: p.detach().clone() for k, p in explicit.named_parameters()}
+    # a sharded model's own state dict (DTensors, each rank its slice) as the checkpoint: shard to shard, as
+    # `load_state_dict` copies them (each local tensor became a DTensor itself before, a broken model); into a
+    # model not sharded so, refused (a raw torch error before)
+    teacher = _Tied()
+    teacher.load_state_dict({k: v * 3 for k, v in ckpt.items()})
+    fully_shard(teacher.a, mesh=mesh)
+    fully_shard(teacher, mesh=mesh)
+    model = sharded()
+    tl.materialize(model, checkpoint=teacher.state_dict())
+    result["from a sharded state dict"] = full(model)
+    result["local tensors plain"] = all(type(tc_local(p)) is torch.Tensor for p in model.parameters())
+    with tl.deferred():
+        plain = _Tied()
+    try:
+        tl.materialize(plain, checkpoint=teacher.state_dict())
+    except tl.CheckpointError as e:
+        errors.append(str(e))
+    result["unsharded still deferred"] = all(tl.is_deferred(t) for t in plain.state_dict().values())
     result["ckpt"] = ckpt
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 
@@ -395,6 +413,10 @@ def hsdp(rank: int, world: int, out: str) -> None:
             result[f"{shape} {how}"] = {k: p.full_tensor().detach().clone() for k, p in model.named_parameters()}
     result["ckpt"] = ckpt
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+
+
+def tc_local(p: torch.Tensor) -> torch.Tensor:
+    return p._local_tensor  # type: ignore[attr-defined, no-any-return]
 
 
 def _local_of(p: torch.Tensor) -> torch.Tensor:

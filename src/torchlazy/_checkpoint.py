@@ -155,7 +155,48 @@ def _mapping_entries(data: Mapping[str, torch.Tensor], where: str) -> dict[str, 
     def slicer(t: torch.Tensor) -> Callable[[tuple[slice, ...]], torch.Tensor]:
         return lambda index: t.detach()[index].clone()  # the slice's own copy, not one of the whole tensor first
 
-    return {k: _Entry(tuple(v.shape), v.dtype, reader(v), where, slicer(v)) for k, v in data.items()}
+    DTensor = tc.dtensor_type()
+    return {
+        k: _dtensor_entry(k, v, where)
+        if DTensor is not None and isinstance(v, DTensor)
+        else _Entry(tuple(v.shape), v.dtype, reader(v), where, slicer(v))
+        for k, v in data.items()
+    }
+
+
+def _dtensor_entry(key: str, t: torch.Tensor, where: str) -> _Entry:
+    """A DTensor of a state dict (a sharded model's `state_dict()`): this rank holds only its slice. It gives the
+    slice of a parameter sharded as it is (each rank its own, as `load_state_dict` copies shard to shard), or the
+    whole of a replicated one; anything else would need the other ranks' slices, so it is refused."""
+    mesh, placements = t.device_mesh, t.placements  # type: ignore[attr-defined]
+    shape, offset = tc.local_shape_and_offset(t.shape, mesh, placements)
+    mine = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+    local = tc.dtensor_local(t).detach()
+
+    def refuse(wanted: str) -> CheckpointError:
+        return CheckpointError(
+            f"`{key}` in `checkpoint=` {where} is a DTensor ({tuple(placements)} over a mesh of "
+            f"{mesh.size()} ranks) of which this rank holds rows {_rows(mine)}, but {wanted}. Pass a full state dict "
+            "(`torch.distributed.checkpoint.state_dict.get_model_state_dict(source, options=StateDictOptions("
+            "full_state_dict=True))`, or `{k: v.full_tensor() for k, v in sd.items()}` on every rank), or shard "
+            "this model as the source is sharded. The model is unchanged."
+        )
+
+    def read() -> torch.Tensor:
+        if mine == tuple(slice(0, n) for n in t.shape):  # replicated: the whole tensor is here
+            return local
+        raise refuse("the tensor it goes to is not sharded")
+
+    def read_slice(index: tuple[slice, ...]) -> torch.Tensor:
+        if index == mine:
+            return local.clone()
+        raise refuse(f"the shard it goes to holds rows {_rows(index)}")
+
+    return _Entry(tuple(t.shape), t.dtype, read, where, read_slice)
+
+
+def _rows(index: tuple[slice, ...]) -> str:
+    return " x ".join(f"{s.start}:{s.stop}" for s in index)
 
 
 def _from_index(index: Path) -> dict[str, _Entry]:
