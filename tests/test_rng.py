@@ -110,6 +110,15 @@ def test_jump_composes_at_any_scale(path: str) -> None:
         assert torch.equal(_rng.jump(_rng.jump(s, a), b), _rng.jump(s, a + b))
 
 
+def test_a_negative_number_of_refills_is_refused_by_both_paths() -> None:
+    """The compiled core read -1 as 2**64 - 1 refills and never returned; the Python path returned the block."""
+    block = _rng.state_bytes(seeded(3).get_state())[_rng._BLOCK_AT : _rng._BLOCK_AT + _rng._BLOCK_BYTES]
+    cores = [_rng._py_advance] + ([_rng._ext.advance] if _rng._ext is not None else [])
+    for advance in cores:
+        with pytest.raises(ValueError, match="must be >= 0"):
+            advance(block, -1)
+
+
 def test_c_path_equals_python_path(monkeypatch: pytest.MonkeyPatch) -> None:
     if _rng._ext is None:
         pytest.skip("torchlazy._mtcore is not built")
@@ -166,12 +175,24 @@ KERNELS: list[tuple[str, list[torch.dtype], dict[str, object]]] = [
     ("random_", [torch.int64, torch.float64], {"low": 0, "high": 2**40}),
     ("random_", FLOATS + INTS, {"low": 0, "high": None}),
     ("random_", [torch.int64], {"low": -(2**63), "high": None}),
+    ("random_", [torch.float16], {"low": -60000, "high": None}),
+    ("random_", [torch.bfloat16, torch.float32], {"low": -(2**24) + 1, "high": None}),
     ("bernoulli_", FLOATS, {"p": 0.3}),
     ("exponential_", FLOATS, {}),
     ("cauchy_", FLOATS, {}),
     ("geometric_", FLOATS + [torch.int32, torch.int64], {"p": 0.3}),
     ("randperm", [torch.int64, torch.int32, torch.float32], {}),
 ]
+
+
+@pytest.mark.parametrize("low", [-(2**24), -(2**28 - 2**24) + 1, -(2**28 - 2**24), -(2**28), -(2**31), -(2**40)])
+def test_random_from_a_far_low_to_the_float_maximum_is_counted_right_or_run(low: int) -> None:
+    """`random_(low, None)` on float32/bfloat16 draws 64-bit words once torch's span (its rounding of `low`
+    included) reaches 2**28: counted as one word each, later draws took the wrong words (found by review)."""
+    g = seeded(5, 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        for n in (1, 7, 100):
+            check_count("random_", dtype, n, g, low=low, high=None)
 
 
 def check_count(op: str, dtype: torch.dtype, n: int, g: torch.Generator, **params: object) -> int | None:

@@ -125,6 +125,8 @@ def _refill(s: list[int]) -> None:
 
 
 def _py_advance(block: bytes, n_blocks: int) -> bytes:
+    if n_blocks < 0:
+        raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
     s = list(_BLOCK.unpack(block))
     for _ in range(n_blocks):
         _refill(s)
@@ -335,8 +337,13 @@ def _range_words(dtype: torch.dtype, low: int, high: int | None) -> int | None:
     if high is None:
         if low == -(1 << 63):
             return 2 if dtype == torch.int64 else None  # the full 64-bit range
-        if dtype in (_F16, _BF16, _F32):
-            return 1
+        if dtype == _F16:
+            return 1  # `from` within float16's range: far below 2**32 values
+        if dtype in (_BF16, _F32):
+            # torch's 64-bit switch for these comes far below a span of 2**32 (measured: from <= -(2**28 - 2**24)
+            # for float32, -2**28 for bfloat16), through its rounding of `from`; only the spans certainly below it
+            # are modelled, the rest run (still exact)
+            return 1 if low > -(1 << 24) else None
         high = (1 << 53 if dtype == _F64 else 1 if dtype == torch.bool else torch.iinfo(dtype).max) + 1
     span = high - low
     if span <= 0:

@@ -30,9 +30,14 @@ static int check_block(const Py_buffer *buf) {
 /* advance(block, n_blocks) -> block after n_blocks refills */
 static PyObject *mt_advance(PyObject *self, PyObject *args) {
     Py_buffer buf;
-    unsigned long long n;
+    long long n;
     uint32_t s[MT_N];
-    if (!PyArg_ParseTuple(args, "y*K", &buf, &n)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*L", &buf, &n)) return NULL;
+    if (n < 0) { /* a generator only moves forward (an unchecked -1 would be 2**64 - 1 refills) */
+        PyBuffer_Release(&buf);
+        PyErr_Format(PyExc_ValueError, "n_blocks must be >= 0, got %lld", n);
+        return NULL;
+    }
     if (check_block(&buf) < 0) {
         PyBuffer_Release(&buf);
         return NULL;
@@ -40,7 +45,7 @@ static PyObject *mt_advance(PyObject *self, PyObject *args) {
     load_block(buf.buf, s);
     PyBuffer_Release(&buf);
     Py_BEGIN_ALLOW_THREADS
-    for (unsigned long long k = 0; k < n; k++) refill(s);
+    for (long long k = 0; k < n; k++) refill(s);
     Py_END_ALLOW_THREADS
     PyObject *out = PyBytes_FromStringAndSize(NULL, 8 * MT_N);
     if (out == NULL) return NULL;
