@@ -284,6 +284,61 @@ def test_generator_copies_that_are_eagers_states_draw_as_eager() -> None:
     _same(model, eager)
 
 
+def test_an_explicit_generator_is_left_as_eager_when_another_streams_draw_reads_its_values() -> None:
+    """`x = randn(n, generator=g)` then `rand_like(x)` (the global generator, a draw the model runs): leaving the
+    block worked out the global stream after putting `g` back, replaying `x` on the real `g` (found by review)."""
+
+    def make(g: torch.Generator) -> nn.Module:
+        model = nn.Module()
+        x = torch.randn(40, generator=g)
+        model.register_buffer("y", torch.normal(x, 1.0))
+        model.register_buffer("z", torch.randn(21, generator=g))
+        return model
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(99)
+    eager = make(g)
+    eager_state = g.get_state()
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(99)
+    with tl.deferred():
+        model = make(g)
+    assert torch.equal(g.get_state(), eager_state)
+    y_after = torch.rand_like(model.y)  # after the block: the global stream is worked out again
+    assert torch.equal(g.get_state(), eager_state)
+    tl.materialize(model)
+    _same(model, eager)
+    assert y_after.shape == eager.y.shape
+
+
+def test_a_dead_draw_that_reads_its_own_target_replays_with_its_values() -> None:
+    """A dead `t.bernoulli_(t)` (its probabilities are `t`) ran on a scratch buffer holding a former draw's values:
+    torch refused them as probabilities at the block's end (found by review)."""
+
+    def make() -> nn.Module:
+        model = nn.Module()
+        a = torch.empty(20, 50)
+        a.t().normal_()  # an unmodelled draw on scratch: leaves normals there
+        a.zero_()
+        t = torch.rand(1000)
+        t.bernoulli_(t)
+        t.zero_()
+        model.register_buffer("a", a)
+        model.register_buffer("t", t)
+        model.register_buffer("z", torch.randn(20))
+        return model
+
+    torch.manual_seed(0)
+    eager = make()
+    state = torch.get_rng_state()
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make()
+    assert torch.equal(torch.get_rng_state(), state)
+    tl.materialize(model)
+    _same(model, eager)
+
+
 class _CountDraws(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()

@@ -1382,22 +1382,34 @@ def _leave_generators_as_eager(record: Record) -> None:
     Lazy layers not yet shaped have no draws yet: theirs are added when they are built.
     """
     with GENERATOR_LOCK:
-        for stream in record.streams.values():
-            if stream.keys:
-                park_exactly(stream)
-                record.exit_states[id(stream.generator)] = stream.generator.get_state()
+        drawn = [stream for stream in record.streams.values() if stream.keys]
+        if drawn:
+            park_exactly(*drawn)
+        for stream in drawn:
+            record.exit_states[id(stream.generator)] = stream.generator.get_state()
         default = id(torch.default_generator)
         if default not in record.exit_states:  # lazy layers may draw from it later, in their slots
             record.exit_states[default] = torch.default_generator.get_state()
 
 
-def park_exactly(stream: Stream) -> None:
-    """Put the real generator where eager code would have it after the stream's last draw."""
-    state = stream.finish()
-    stream.generator.set_state(state)
-    stream.parked, stream.parked_seed = state, None
-    if stream.keys:
-        stream.tokens[_digest(state)] = stream.keys[-1]
+def park_exactly(*streams: Stream) -> None:
+    """Put the real generators where eager code would have them after each stream's last draw.
+
+    Every state is worked out before any generator is set, and the record's other generators are put back as
+    they were: working out one stream may run a draw the model cannot jump over, whose inputs are replayed on
+    their own real generators (`rand_like(x)` of an `x = randn(n, generator=g)` sets `g`)."""
+    record = streams[0]._record()
+    chosen = {id(stream) for stream in streams}
+    others = [] if record is None else [s.generator for s in record.streams.values() if id(s) not in chosen]
+    kept = [(g, g.get_state()) for g in others]
+    states = [stream.finish() for stream in streams]
+    for generator, state in kept:
+        generator.set_state(state)
+    for stream, state in zip(streams, states):
+        stream.generator.set_state(state)
+        stream.parked, stream.parked_seed = state, None
+        if stream.keys:
+            stream.tokens[_digest(state)] = stream.keys[-1]
 
 
 # -- a clear error when a deferred model is called ---------------------------
