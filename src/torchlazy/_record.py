@@ -759,12 +759,17 @@ class Record:
         """Run a random node only for its draws, from `state` on `generator`: inputs it overwrites are scratch.
         Its other inputs are made first (a random input draws from the generator itself: `bernoulli(p)` of a
         `p = rand(n)`), then the generator is set. Returns the state after it."""
-        inputs = [s for s in node.reads if s not in node.writes]
+        # a storage it writes that is also another argument (`t.bernoulli_(t)`: its probabilities) is an input too
+        named = [leaf.sid for leaf in node.leaves if isinstance(leaf, TRef)]
+        read_back = {sid for sid in node.writes if named.count(sid) > 1}
+        inputs = [s for s in node.reads if s not in node.writes or s in read_back]
         env = self.evaluate(inputs, bound=node.key) if inputs else {}
         adopted, adoptable = self._adopt if self._adopt is not None else ({}, set())
         for i, sid in enumerate(dict.fromkeys(node.writes)):
             nbytes = self.storages[sid].nbytes
-            if sid in adoptable:  # its final memory: allocated now instead of at the overwrite
+            if sid in read_back:
+                env[sid] = env[sid].clone()  # its values before the draw, in memory of its own
+            elif sid in adoptable:  # its final memory: allocated now instead of at the overwrite
                 env[sid] = adopted.setdefault(sid, torch.empty(nbytes, dtype=torch.uint8).untyped_storage())
             elif i == 0:
                 env[sid] = self._scratch_storage(nbytes)
