@@ -39,6 +39,8 @@ from types import ModuleType
 
 import torch
 
+from . import _torch_compat as tc
+
 __all__ = ["after", "backend", "chunk", "distance", "generator_at", "jump", "state_bytes", "word_offset", "words"]
 
 # MT19937 parameters.
@@ -357,14 +359,27 @@ def _range_words(dtype: torch.dtype, low: int, high: int | None) -> int | None:
     return None
 
 
+@functools.cache
+def bernoulli_as_modelled() -> bool:
+    """Whether this torch draws `bernoulli_(p)` of a float `p` as modelled here (two words per element, so that a
+    draw can be jumped over and split at any element). Builds with MKL take another path on Intel CPUs: one word
+    seeds MKL's own generator for the whole tensor. Probed once per process; where it differs, the kernel runs
+    (still exact)."""
+    g = torch.Generator().manual_seed(1)
+    before = g.get_state()
+    with tc.no_dispatch():  # a real draw, even inside a block
+        torch.empty(37).bernoulli_(0.5, generator=g)
+    return bool(torch.equal(jump(before, 2 * 37), g.get_state()))
+
+
 def _per_element(op: str, dtype: torch.dtype, params: dict[str, object]) -> int | None:
     if op == "random_" and ({"low", "high"} & params.keys()):
         low, high = params.get("low", 0), params.get("high")
         if not isinstance(low, int) or not (high is None or isinstance(high, int)):
             return None
         return _range_words(dtype, low, high)
-    if op == "bernoulli_" and not isinstance(params.get("p", 0.5), (float, int)):
-        return None  # a tensor of probabilities takes another kernel
+    if op == "bernoulli_" and not (isinstance(params.get("p", 0.5), (float, int)) and bernoulli_as_modelled()):
+        return None  # a tensor of probabilities takes another kernel; MKL's takes one seed word (Intel CPUs)
     return _PER_ELEMENT.get(op, {}).get(dtype)
 
 
