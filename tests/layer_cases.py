@@ -211,6 +211,12 @@ CASES = [
         lambda: (t(3, 2, 8), t(4, 2, 8)),
     ),
     Case(
+        "Transformer",
+        lambda: tl.nn.Transformer(nhead=2, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=16),
+        lambda: nn.Transformer(8, 2, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=16),
+        lambda: (t(5, 2, 8), t(3, 2, 8)),
+    ),
+    Case(
         "AdaptiveLogSoftmaxWithLoss",
         lambda: tl.nn.AdaptiveLogSoftmaxWithLoss(10, [4, 8]),
         lambda: nn.AdaptiveLogSoftmaxWithLoss(16, 10, [4, 8]),

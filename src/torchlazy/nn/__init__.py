@@ -65,6 +65,7 @@ MultiheadAttention = _row(
 )
 TransformerEncoderLayer = _row(_nn.TransformerEncoderLayer, d_model=Dim(-1, "src"))
 TransformerDecoderLayer = _row(_nn.TransformerDecoderLayer, d_model=Dim(-1, "tgt"))
+Transformer = _row(_nn.Transformer, d_model=Dim(-1, "src"))
 AdaptiveLogSoftmaxWithLoss = _row(_nn.AdaptiveLogSoftmaxWithLoss, in_features=Dim(-1, 0))
 PReLU = _row(_nn.PReLU, num_parameters=PerChannel())
 
@@ -96,6 +97,7 @@ __all__ = [
     "RMSNorm",
     "RNNCell",
     "SyncBatchNorm",
+    "Transformer",
     "TransformerDecoderLayer",
     "TransformerEncoderLayer",
 ]  # fmt: skip

@@ -5,7 +5,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-__all__ = ['AdaptiveLogSoftmaxWithLoss', 'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'Bilinear', 'Conv1d', 'Conv2d', 'Conv3d', 'ConvTranspose1d', 'ConvTranspose2d', 'ConvTranspose3d', 'GRU', 'GRUCell', 'GroupNorm', 'InstanceNorm1d', 'InstanceNorm2d', 'InstanceNorm3d', 'LSTM', 'LSTMCell', 'LayerNorm', 'Linear', 'MultiheadAttention', 'PReLU', 'RMSNorm', 'RNN', 'RNNCell', 'SyncBatchNorm', 'TransformerDecoderLayer', 'TransformerEncoderLayer']
+__all__ = ['AdaptiveLogSoftmaxWithLoss', 'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'Bilinear', 'Conv1d', 'Conv2d', 'Conv3d', 'ConvTranspose1d', 'ConvTranspose2d', 'ConvTranspose3d', 'GRU', 'GRUCell', 'GroupNorm', 'InstanceNorm1d', 'InstanceNorm2d', 'InstanceNorm3d', 'LSTM', 'LSTMCell', 'LayerNorm', 'Linear', 'MultiheadAttention', 'PReLU', 'RMSNorm', 'RNN', 'RNNCell', 'SyncBatchNorm', 'Transformer', 'TransformerDecoderLayer', 'TransformerEncoderLayer']
 
 class AdaptiveLogSoftmaxWithLoss(torch.nn.AdaptiveLogSoftmaxWithLoss):
     def __init__(self, n_classes: int, cutoffs: Sequence[int], *, div_value: float = ..., head_bias: bool = ..., device = ..., dtype = ...) -> None: ...
@@ -87,6 +87,9 @@ class RNNCell(torch.nn.RNNCell):
 
 class SyncBatchNorm(torch.nn.SyncBatchNorm):
     def __init__(self, *, eps: float = ..., momentum: float | None = ..., affine: bool = ..., track_running_stats: bool = ..., process_group: Any | None = ..., device = ..., dtype = ..., bias: bool = ...) -> None: ...
+
+class Transformer(torch.nn.Transformer):
+    def __init__(self, *, nhead: int = ..., num_encoder_layers: int = ..., num_decoder_layers: int = ..., dim_feedforward: int = ..., dropout: float = ..., activation: str | Callable[[torch.Tensor], torch.Tensor] = ..., custom_encoder: Any | None = ..., custom_decoder: Any | None = ..., layer_norm_eps: float = ..., batch_first: bool = ..., norm_first: bool = ..., bias: bool = ..., device = ..., dtype = ...) -> None: ...
 
 class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
     def __init__(self, nhead: int, *, dim_feedforward: int = ..., dropout: float = ..., activation: str | Callable[[torch.Tensor], torch.Tensor] = ..., layer_norm_eps: float = ..., batch_first: bool = ..., norm_first: bool = ..., bias: bool = ..., device = ..., dtype = ...) -> None: ...
