@@ -15,42 +15,46 @@ torch.Size([2, 10])
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TypeVar as _TypeVar
 
 from torch import nn as _nn
 
 from .._lazy import make_lazy as _make_lazy
-from .._rules import Channels, Dim, PerChannel, Rule, Trailing
+from .._rules import Channels as _Channels
+from .._rules import Dim as _Dim
+from .._rules import PerChannel as _PerChannel
+from .._rules import Rule as _Rule
+from .._rules import Trailing as _Trailing
 
-_LAST = Dim(-1)
-_CELL = Dim(-1, ranks=(1, 2))
+_LAST = _Dim(-1)
+_CELL = _Dim(-1, ranks=(1, 2))
 
-M = TypeVar("M", bound=_nn.Module)
+_M = _TypeVar("_M", bound=_nn.Module)
 
 
-def _row(cls: type[M], **rules: Rule) -> type[M]:
+def _row(cls: type[_M], **rules: _Rule) -> type[_M]:
     return _make_lazy(cls, rules, cls.__name__, __name__)
 
 
 # The table: one row per layer, the constructor arguments each takes from its input.
 Linear = _row(_nn.Linear, in_features=_LAST)
-Bilinear = _row(_nn.Bilinear, in1_features=Dim(-1, 0), in2_features=Dim(-1, 1))
-Conv1d = _row(_nn.Conv1d, in_channels=Channels(1))
-Conv2d = _row(_nn.Conv2d, in_channels=Channels(2))
-Conv3d = _row(_nn.Conv3d, in_channels=Channels(3))
-ConvTranspose1d = _row(_nn.ConvTranspose1d, in_channels=Channels(1))
-ConvTranspose2d = _row(_nn.ConvTranspose2d, in_channels=Channels(2))
-ConvTranspose3d = _row(_nn.ConvTranspose3d, in_channels=Channels(3))
-BatchNorm1d = _row(_nn.BatchNorm1d, num_features=Dim(1, ranks=(2, 3)))
-BatchNorm2d = _row(_nn.BatchNorm2d, num_features=Dim(1, ranks=(4,)))
-BatchNorm3d = _row(_nn.BatchNorm3d, num_features=Dim(1, ranks=(5,)))
-SyncBatchNorm = _row(_nn.SyncBatchNorm, num_features=Dim(1))
-InstanceNorm1d = _row(_nn.InstanceNorm1d, num_features=Channels(1))
-InstanceNorm2d = _row(_nn.InstanceNorm2d, num_features=Channels(2))
-InstanceNorm3d = _row(_nn.InstanceNorm3d, num_features=Channels(3))
-LayerNorm = _row(_nn.LayerNorm, normalized_shape=Trailing())
-RMSNorm = _row(_nn.RMSNorm, normalized_shape=Trailing())
-GroupNorm = _row(_nn.GroupNorm, num_channels=Dim(1))
+Bilinear = _row(_nn.Bilinear, in1_features=_Dim(-1, 0), in2_features=_Dim(-1, 1))
+Conv1d = _row(_nn.Conv1d, in_channels=_Channels(1))
+Conv2d = _row(_nn.Conv2d, in_channels=_Channels(2))
+Conv3d = _row(_nn.Conv3d, in_channels=_Channels(3))
+ConvTranspose1d = _row(_nn.ConvTranspose1d, in_channels=_Channels(1))
+ConvTranspose2d = _row(_nn.ConvTranspose2d, in_channels=_Channels(2))
+ConvTranspose3d = _row(_nn.ConvTranspose3d, in_channels=_Channels(3))
+BatchNorm1d = _row(_nn.BatchNorm1d, num_features=_Dim(1, ranks=(2, 3)))
+BatchNorm2d = _row(_nn.BatchNorm2d, num_features=_Dim(1, ranks=(4,)))
+BatchNorm3d = _row(_nn.BatchNorm3d, num_features=_Dim(1, ranks=(5,)))
+SyncBatchNorm = _row(_nn.SyncBatchNorm, num_features=_Dim(1))
+InstanceNorm1d = _row(_nn.InstanceNorm1d, num_features=_Channels(1))
+InstanceNorm2d = _row(_nn.InstanceNorm2d, num_features=_Channels(2))
+InstanceNorm3d = _row(_nn.InstanceNorm3d, num_features=_Channels(3))
+LayerNorm = _row(_nn.LayerNorm, normalized_shape=_Trailing())
+RMSNorm = _row(_nn.RMSNorm, normalized_shape=_Trailing())
+GroupNorm = _row(_nn.GroupNorm, num_channels=_Dim(1))
 RNN = _row(_nn.RNN, input_size=_LAST)
 LSTM = _row(_nn.LSTM, input_size=_LAST)
 GRU = _row(_nn.GRU, input_size=_LAST)
@@ -59,15 +63,15 @@ LSTMCell = _row(_nn.LSTMCell, input_size=_CELL)
 GRUCell = _row(_nn.GRUCell, input_size=_CELL)
 MultiheadAttention = _row(
     _nn.MultiheadAttention,
-    embed_dim=Dim(-1, "query"),
-    kdim=Dim(-1, "key", unless_same_as="query"),
-    vdim=Dim(-1, "value", unless_same_as="query"),
+    embed_dim=_Dim(-1, "query"),
+    kdim=_Dim(-1, "key", unless_same_as="query"),
+    vdim=_Dim(-1, "value", unless_same_as="query"),
 )
-TransformerEncoderLayer = _row(_nn.TransformerEncoderLayer, d_model=Dim(-1, "src"))
-TransformerDecoderLayer = _row(_nn.TransformerDecoderLayer, d_model=Dim(-1, "tgt"))
-Transformer = _row(_nn.Transformer, d_model=Dim(-1, "src"))
-AdaptiveLogSoftmaxWithLoss = _row(_nn.AdaptiveLogSoftmaxWithLoss, in_features=Dim(-1, 0))
-PReLU = _row(_nn.PReLU, num_parameters=PerChannel())
+TransformerEncoderLayer = _row(_nn.TransformerEncoderLayer, d_model=_Dim(-1, "src"))
+TransformerDecoderLayer = _row(_nn.TransformerDecoderLayer, d_model=_Dim(-1, "tgt"))
+Transformer = _row(_nn.Transformer, d_model=_Dim(-1, "src"))
+AdaptiveLogSoftmaxWithLoss = _row(_nn.AdaptiveLogSoftmaxWithLoss, in_features=_Dim(-1, 0))
+PReLU = _row(_nn.PReLU, num_parameters=_PerChannel())
 
 __all__ = [
     "GRU",
