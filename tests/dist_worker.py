@@ -381,6 +381,13 @@ def again(rank: int, mesh: object, out: str) -> None:
     except tl.CheckpointError as e:
         errors.append(str(e))
     result["unsharded still deferred"] = all(tl.is_deferred(t) for t in plain.state_dict().values())
+    # replicated DTensors (every rank holds the whole): each rank takes its rows (refused as "other rows" before)
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    replicated = {k: distribute_tensor(v * 5, mesh, [Replicate()]) for k, v in ckpt.items()}
+    model = sharded()
+    tl.materialize(model, checkpoint=replicated)
+    result["from replicated DTensors"] = full(model)
     result["ckpt"] = ckpt
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 

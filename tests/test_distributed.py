@@ -161,6 +161,7 @@ def test_fsdp2_materialize_again_loads_casts_and_keeps_parameter_objects(tmp_pat
         )
         assert_same_tensors(result["from a sharded state dict"], {k: v * 3 for k, v in expected.items()})
         assert result["local tensors plain"]
+        assert_same_tensors(result["from replicated DTensors"], {k: v * 5 for k, v in expected.items()})
         assert torch.equal(result["resharded, forward"], result["checkpoint, forward"])
         assert torch.equal(result["sub-module loaded, forward"], result["sub-module reference"])
         assert_same_tensors(result["lazy sized in the block"], result["explicit sizes"])

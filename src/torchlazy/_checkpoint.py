@@ -188,8 +188,8 @@ def _dtensor_entry(key: str, t: torch.Tensor, where: str) -> _Entry:
         raise refuse("the tensor it goes to is not sharded")
 
     def read_slice(index: tuple[slice, ...]) -> torch.Tensor:
-        if index == mine:
-            return local.clone()
+        if all(m.start <= i.start and i.stop <= m.stop for i, m in zip(index, mine)):  # here (replicated: all is)
+            return local[tuple(slice(i.start - m.start, i.stop - m.start) for i, m in zip(index, mine))].clone()
         raise refuse(f"the shard it goes to holds rows {_rows(index)}")
 
     return _Entry(tuple(t.shape), t.dtype, read, where, read_slice)
