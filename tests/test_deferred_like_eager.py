@@ -662,3 +662,31 @@ def test_a_tensor_set_to_the_storage_of_another_equals_eager() -> None:
         return model
 
     _both(make)
+
+
+def test_modules_made_on_the_meta_device_in_the_block_draw_nothing_and_stay_meta() -> None:
+    """Draws on meta tensors draw nothing in eager code: recorded as draws on the CPU generator, they left it off
+    eager's after the block (`from_pretrained` builds on meta), and materialize gave them CPU values eager lacks."""
+
+    def make() -> nn.Module:
+        model = nn.Module()
+        model.first = nn.Linear(4, 3)
+        with torch.device("meta"):
+            model.skeleton = nn.Linear(64, 64)
+            model.noise = nn.Parameter(torch.randn(5))
+        model.last = nn.Linear(3, 2)
+        return model
+
+    torch.manual_seed(0)
+    eager = make()
+    state = torch.get_rng_state()
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make()
+    assert torch.equal(torch.get_rng_state(), state)
+    tl.materialize(model)
+    assert torch.equal(torch.get_rng_state(), state)
+    for name, t in model.state_dict().items():
+        theirs = eager.state_dict()[name]
+        assert t.device == theirs.device and t.shape == theirs.shape, name
+        assert t.is_meta or torch.equal(t, theirs), name

@@ -737,7 +737,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     ) -> None:
         """Add the node of an op that makes or writes storages (`overwrites`: the storage it rewrites
         whole without reading it, or None), with its generator stream."""
-        random = op_info(func).random
+        random = op_info(func).random and not _on_meta(args, kwargs)  # a draw on meta draws nothing, as in eager
         if random:
             refused = draw_refused(func, args, kwargs)
             if refused is not None:  # eager's kernel raises at once; replay would only at materialize
@@ -1069,6 +1069,16 @@ def _real_storage(x: Any) -> bool:
 
 
 _LOCAL_SCALAR = tc.local_scalar_op()  # `.item()`, `bool(t)`: a value, which fake tensors lack
+
+
+def _on_meta(args: Any, kwargs: Any) -> bool:
+    """Whether an op works on the meta device: its first tensor (a draw's target or source) is a fake on meta, or,
+    with no tensor, it is asked for `device="meta"` (`torch.randn(n, device="meta")`)."""
+    first = next((x for x in args if isinstance(x, torch.Tensor)), None)
+    if first is not None:
+        return tc.is_fake(first) and tc.fake_device(first).type == "meta"
+    device = kwargs.get("device")
+    return device is not None and torch.device(device).type == "meta"
 
 
 def _device_of(t: Any) -> torch.device:

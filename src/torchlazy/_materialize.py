@@ -167,6 +167,10 @@ def materialize(
             if t.record is None:  # real, not in the checkpoint: cast and move only
                 values[id(t.tensor)] = placement.place(t.tensor, t.tensor)
         rest = [t for t in rest if t.record is not None]
+        for t in rest:  # made on the meta device in the block: meta, as in eager (nothing to replay, nothing drawn)
+            if tc.fake_device(t.tensor).type == "meta":
+                values[id(t.tensor)] = _meta_like(t.tensor)
+        rest = [t for t in rest if id(t.tensor) not in values]
         if rest:
             values.update(_replay(rest, placement, exact, progress))
         records = {id(t.record): t.record for t in everything if t.record is not None}
@@ -185,6 +189,11 @@ def materialize(
             materialize_shards(module, shards, placement, exact, reader)
         _swap_in(module, targets, values)
     return module
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    with tc.no_dispatch():
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
 def _refuse_read_values(records: list[Record | None]) -> None:
