@@ -257,6 +257,24 @@ def test_a_generator_given_a_state_copied_after_a_draw_in_the_block_is_refused(
             _draws_from_a_copy(copy_state)
 
 
+@pytest.mark.parametrize("where", ["copied", "set back"])
+def test_a_generator_state_read_in_one_block_and_drawn_from_in_a_later_one_is_refused(where: str) -> None:
+    """A stand-in state carried out of its block: drawn from in the next block it gave other values than eager's,
+    silently (the refusal knew only the current block's stand-ins)."""
+    torch.manual_seed(0)
+    with tl.deferred():
+        nn.Linear(4, 3)
+        saved = torch.get_rng_state()
+        copied = torch.Generator().set_state(saved)
+    with pytest.raises(tl.DeferredError, match="earlier block"):
+        with tl.deferred():
+            if where == "set back":
+                torch.set_rng_state(saved)
+                nn.Linear(4, 3)
+            else:
+                torch.randn(3, generator=copied)
+
+
 def test_generator_copies_that_are_eagers_states_draw_as_eager() -> None:
     """Copies of a generator that has not drawn in the block (`copy.deepcopy` of a module holding one: a real
     state tensor copied for real), and of the global generator after the block, are exact."""

@@ -862,16 +862,18 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         (`g.set_state(torch.get_rng_state())`, `clone_state()`, `copy.deepcopy(g)` after a draw in the block): not
         eager's state, and replay could not tell which it stands for. Refused, not drawn silently other values."""
         seed = stream.generator.initial_seed()
-        for other in self.record.streams.values():
-            if other is stream or _seed_token(other, seed, digest) is None:  # (exit states are eager's: copies exact)
-                continue
-            which = "the global generator" if other.generator is torch.default_generator else "another generator"
+        sources = [s for s in self.record.streams.values() if s is not stream and _seed_token(s, seed, digest)]
+        if sources or (seed in _EARLIER_TOKENS and _is_token_state(seed, digest)):  # or an earlier block's token
+            generator = sources[0].generator if sources else None
+            which = "the global generator" if generator is torch.default_generator else "another generator"
+            which = which if sources else "a generator in an earlier block"
             raise DeferredError(
-                f"a draw {self.where()} from a generator whose state was copied, inside the `tl.deferred()` block, "
+                f"a draw {self.where()} from a generator whose state was copied, inside a `tl.deferred()` block, "
                 f"from {which} after it drew (`get_rng_state()`/`get_state()` set into another generator, "
-                "`clone_state()`, `copy.deepcopy`): under `tl.deferred()` nothing is drawn, so such a state is a "
+                "`clone_state()`, `copy.deepcopy`, or `manual_seed(torch.initial_seed())`: read in a block, the "
+                "seed names the same stand-in): under `tl.deferred()` nothing is drawn, so such a state is a "
                 "stand-in for a place in the recorded stream, not eager's state, and the draws would differ from "
-                "eager's. Copy generator states before the block, seed the generator by number "
+                "eager's. Copy generator states before the block, seed the generator by a number of your own "
                 "(`g.manual_seed(n)`), or construct this module outside `tl.deferred()`."
             )
 
@@ -891,6 +893,9 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         stream.parked = None
         stream.generator.manual_seed(stream.parked_seed)
         stream.seeds[stream.parked_seed] = key
+        _EARLIER_TOKENS[stream.parked_seed] = None
+        if len(_EARLIER_TOKENS) > _TOKENS_KEPT:
+            del _EARLIER_TOKENS[next(iter(_EARLIER_TOKENS))]
 
     def _full_overwrite(self, func: Any, leaves: list[Any], writes: list[int]) -> int | None:
         """The storage `func` rewrites entirely without reading it (a fill, a draw, a copy into it)."""
@@ -1022,6 +1027,20 @@ def _one_tensor_spec() -> Any:
 
 def _digest(state: torch.Tensor) -> bytes:
     return hashlib.blake2b(state.numpy().tobytes(), digest_size=16).digest()
+
+
+# The seeds of the tokens recent blocks parked generators in (any record), so that a token carried out of its block
+# (copied into a generator drawn from in a later block, or set back there) is refused too, not drawn from silently.
+# Bounded: the oldest are forgotten first.
+_EARLIER_TOKENS: dict[int, None] = {}
+_TOKENS_KEPT = 1 << 16
+
+
+def _is_token_state(seed: int, digest: bytes) -> bool:
+    """Whether the state of `digest` is the one `manual_seed(seed)` gives (a parked token, not a set state)."""
+    fresh = torch.Generator()
+    fresh.manual_seed(seed)
+    return _digest(fresh.get_state()) == digest
 
 
 def _seed_token(stream: Stream, seed: int, digest: bytes) -> Key | None:
