@@ -8,6 +8,7 @@ torchlazy error and that the model is unchanged.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -662,6 +663,51 @@ def test_a_tensor_set_to_the_storage_of_another_equals_eager() -> None:
         return model
 
     _both(make)
+
+
+def test_files_read_in_the_block_give_real_tensors_that_take_in_place_edits(tmp_path: Path) -> None:
+    """`torch.load`, `torch.from_file` and `copy.deepcopy` of a real tensor in the block give real tensors, as in
+    eager code: editing them in place there (`sd["w"].mul_(0.5)`) was refused as a write into a real tensor."""
+    torch.save({"w": torch.randn(3, 4)}, tmp_path / "w.pt")
+    torch.arange(12, dtype=torch.float32).numpy().tofile(tmp_path / "raw.bin")
+    table = torch.arange(4.0)
+
+    def make() -> nn.Module:
+        sd = torch.load(tmp_path / "w.pt")
+        sd["w"].mul_(0.5)
+        raw = torch.from_file(str(tmp_path / "raw.bin"), size=12)
+        raw.add_(1)
+        twice = copy.deepcopy(table)
+        twice.mul_(2)
+        model = nn.Linear(4, 3)
+        model.weight.data.copy_(sd["w"])
+        model.register_buffer("raw", raw)
+        model.register_buffer("twice", twice)
+        return model
+
+    _both(make)
+    assert torch.equal(table, torch.arange(4.0))
+
+
+def test_a_write_through_a_tensor_set_to_a_real_tensors_memory_is_refused() -> None:
+    """`torch.empty(0).set_(r.untyped_storage())` aliases `r`: eager's writes through it change `r`, which the block
+    cannot do (the real tensor kept its values, silently); refused as a write through a view of a real tensor."""
+    table = torch.zeros(4)
+    with pytest.raises(tl.DeferredError, match="writes through a view"):
+        with tl.deferred():
+            flat = torch.empty(0).set_(table.untyped_storage())
+            flat.add_(1)
+    assert torch.equal(table, torch.zeros(4))
+
+
+def test_torch_load_through_an_unwrapped_reference_is_a_deferred_error(tmp_path: Path) -> None:
+    """A reference to `torch.load` taken before torchlazy was imported loads shapes only under the block's fake mode:
+    a DeferredError saying so (it named "a tensor this block did not create")."""
+    torch.save({"w": torch.randn(3)}, tmp_path / "w.pt")
+    unwrapped = torch.load.__wrapped__  # type: ignore[attr-defined]
+    with pytest.raises(tl.DeferredError, match="taken before torchlazy was imported"):
+        with tl.deferred():
+            unwrapped(tmp_path / "w.pt")
 
 
 def test_modules_made_on_the_meta_device_in_the_block_draw_nothing_and_stay_meta() -> None:

@@ -441,11 +441,25 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                 tc.forget_real_conversions(_local.fake_mode, written)  # its stand-in kept the old shape
                 return out
             self._refuse_real_target(func, written[0], args, kwargs)  # `real.set_(deferred)`
+        if written and not reshapes and not op_info(func).random and _real_only(leaves):
+            # `sd["w"].mul_(0.5)` of a loaded (or pre-block) tensor: a write into real memory alone, made as eager
+            # makes it (a record that read the tensor before sees its version move, and materialize refuses it)
+            with tc.disable_current_modes():
+                return func(*args, **kwargs)
         for t in written:
-            if not tc.is_fake(t) and not reshapes:  # before it runs: on real tensors alone, it would run for real
+            if not tc.is_fake(t) and not reshapes:  # refused before it runs (a draw, or deferred memory involved)
                 self._refuse_real_target(func, t, args, kwargs)
-        if id(func) in _SETS_STORAGE and len(args) > 1 and _real_storage(args[1]) and self._owned(args[0]):
-            args = (args[0], self._recorded_storage(args[1]), *args[2:])
+        if id(func) in _SETS_STORAGE and len(args) > 1 and isinstance(args[1], torch.UntypedStorage):
+            if _real_storage(args[1]) and self._owned(args[0]):
+                args = (args[0], self._recorded_storage(args[1]), *args[2:])
+            elif hasattr(args[1], "_fake_device") and self._owned_storage(args[1]) is None:  # `torch.load` under a
+                # fake-tensor mode makes these: no byte read
+                raise DeferredError(
+                    f"`torch.load` {self.where()} ran under the block's fake-tensor mode, which loads shapes only, "
+                    "through a reference to it taken before torchlazy was imported (`from torch import load`, a "
+                    "`functools.partial`): the loaded tensors would have no values. Call `torch.load` itself, "
+                    "import torchlazy before taking the reference, or load before the block."
+                )
         try:
             out = func(*args, **for_fake_kernel(func, kwargs))
         except tc.data_dependent_errors():
@@ -639,6 +653,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         sid = self.record.new_storage(made, made.nbytes(), storage.device)
         setattr(made, _markers.RECORD, (self.record, sid))
         self.record.add(Node(self.reserve(), None, None, [Const.of(real)], [(0, sid)], (), ()))
+        if tc.storage_shared(storage):  # a real tensor's memory (`set_(r.untyped_storage())`): eager writes go to `r`
+            self.record.real_views.add(sid)
         return made
 
     def _ref_or_none(self, t: Any) -> TRef | None:
@@ -1082,6 +1098,20 @@ _SETS_STORAGE = frozenset(
 )
 
 
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def _real_only(leaves: list[Any]) -> bool:
+    """Whether every tensor and storage among an op's arguments is plain real memory (no fake, no meta, no unbuilt
+    placeholder, no subclass such as a DTensor wrapping a fake), so that the op can run for real as in eager code."""
+    for x in leaves:
+        if isinstance(x, torch.Tensor) and (type(x) not in _PLAIN or x.is_meta):
+            return False
+        if isinstance(x, torch.UntypedStorage) and not _real_storage(x):
+            return False
+    return True
+
+
 def _real_storage(x: Any) -> bool:
     """Whether `x` is a storage with memory (not a fake or meta tensor's)."""
     return isinstance(x, torch.UntypedStorage) and x.device.type != "meta"
@@ -1235,8 +1265,6 @@ def recording(record: Record, prefix: Key = (), concretize: bool = False) -> Ite
     _install_value_guard()
     _install_dispatch_shortcut()
     _install_trunc_normal_shortcut()
-    _install_real_loads()
-    _install_real_deepcopy()
     recorder = _Recorder(record, prefix, concretize)
     _local.recorders.append(recorder)
     hooks = _track_modules(record)
@@ -1251,20 +1279,24 @@ def recording(record: Record, prefix: Key = (), concretize: bool = False) -> Ite
 
 @functools.cache
 def _install_real_loads() -> None:
-    """`torch.load` in a block gives real tensors, as in eager code. Under a fake-tensor mode torch loads shapes
-    only (meta storages: no byte is read), which would leave the model nothing to take its values from; so the
-    load runs outside the recording, and the block takes the loaded tensors as it takes any real tensor
-    (`load_state_dict(torch.load(path))`: read at materialize)."""
-    original = torch.serialization.load
+    """`torch.load` and `torch.from_file` in a block give real tensors, as in eager code. Under a fake-tensor mode
+    torch loads shapes only (meta storages: no byte is read), and `from_file` has no fake kernel; so they run outside
+    the recording, and the block takes the loaded tensors as it takes any real tensor (`load_state_dict(
+    torch.load(path))`: read at materialize). Installed when torchlazy is imported, so that references taken
+    after that (`from torch import load`) are the wrapped ones."""
 
-    @functools.wraps(original)
-    def load(*args: Any, **kwargs: Any) -> Any:
-        if not _local.recorders or _local.quiet:
-            return original(*args, **kwargs)
-        with suspended():
-            return original(*args, **kwargs)
+    def outside_blocks(original: Any) -> Any:
+        @functools.wraps(original)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if not _local.recorders or _local.quiet:
+                return original(*args, **kwargs)
+            with suspended():
+                return original(*args, **kwargs)
 
-    torch.load = torch.serialization.load = load  # type: ignore[assignment]
+        return call
+
+    torch.load = torch.serialization.load = outside_blocks(torch.serialization.load)  # type: ignore[assignment]
+    torch.from_file = outside_blocks(torch.from_file)
 
 
 @functools.cache
@@ -1522,3 +1554,7 @@ def fake_attrs() -> set[str]:
             probe = nn.Parameter(torch.empty(1))
         _FAKE_ATTRS = set(probe.__dict__) | {"_is_param"}
     return _FAKE_ATTRS
+
+
+_install_real_loads()
+_install_real_deepcopy()

@@ -409,6 +409,12 @@ def unsupported_operator_error() -> type[BaseException]:
     return _lookup("torch._subclasses.fake_tensor", "UnsupportedOperatorException")  # type: ignore[no-any-return]
 
 
+def storage_shared(storage: torch.UntypedStorage) -> bool:
+    """Whether memory besides this storage object holds it (a tensor viewing it): `t.set_(r.untyped_storage())`
+    of a real `r`, against a storage a loader made for the tensor it returns."""
+    return bool(torch._C._storage_Use_Count(storage._cdata) > 1)
+
+
 def tensor_version(t: torch.Tensor) -> int | None:
     """The in-place version counter of a tensor (bumped by every write into it); None if untracked."""
     try:
