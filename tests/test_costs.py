@@ -496,3 +496,41 @@ def test_a_forward_reading_a_value_is_a_cost_error_saying_so() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None))
     with pytest.raises(tl.CostError, match="reads a tensor's value in its forward"):
         tl.estimate_memory(model, tl.Spec(2, 3, 8, 8))
+
+
+class _Unpad(nn.Module):
+    """Drops padding rows by a boolean attention mask, as packed-sequence models do, and zeroes them first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(100, 16)
+        self.mlp = nn.Linear(16, 32)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        h[~mask.bool()] = 0.0
+        return self.mlp(h[mask.bool()])
+
+
+def test_indexing_by_a_known_boolean_mask_is_counted_as_it_runs() -> None:
+    """`h[mask.bool()]` with the mask given: its true elements decide the output's shape, known from the mask's
+    values (the summary refused it, telling to call the model on a real batch)."""
+    model = _Unpad()
+    ids = torch.randint(0, 100, (2, 6))
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    mask[0, :4] = 1
+    mask[1, :2] = 1
+    with FlopCounterMode(display=False) as counter:
+        out = model(ids, mask)
+    summary = tl.summary(model, ids, mask, flops=True)
+    assert summary.rows[0].outputs == (tuple(out.shape),)
+    assert summary.total_flops == counter.get_total_flops()
+    estimate = tl.estimate_memory(model, ids, mask, optimizer=torch.optim.SGD)
+    assert estimate.peak == sum(estimate.breakdown().values()) and estimate.activations > 0
+
+
+def test_an_optimizer_reading_a_value_in_its_step_is_a_cost_error_saying_so() -> None:
+    """Adafactor reads its step count: the error guessed at a closure or sparse gradients."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(tl.CostError, match="reads a tensor's value.*AdamW"):
+        tl.estimate_memory(model, torch.randn(4, 8), optimizer=torch.optim.Adafactor)

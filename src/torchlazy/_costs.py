@@ -541,10 +541,18 @@ def _failing_step(what: str) -> Iterator[None]:
         yield
     except LazyError:
         raise
+    except tc.data_dependent_errors() as e:
+        raise CostError(
+            f"{what} reads a tensor's value ({e}; `Adafactor` and `ASGD` read their step counts, say): estimates run "
+            "on fake tensors, which have shapes but no values. Estimate with an optimizer that keeps the same state "
+            "without reading values (`optimizer=torch.optim.AdamW` bounds Adafactor's from above), measure a real "
+            "step, or estimate `mode='inference'`."
+        ) from e
     except Exception as e:
         raise CostError(
             f"{what} failed during the estimated training step: {type(e).__name__}: {e}. The forward ran; check the "
-            "loss and the optimizer (`optimizer=`, `optimizer_kwargs=`), or estimate `mode='inference'`."
+            "loss and the optimizer (`optimizer=`, `optimizer_kwargs=`; one that needs a closure, or takes no sparse "
+            "gradients?), or estimate `mode='inference'`."
         ) from e
 
 
@@ -594,9 +602,7 @@ def _train_steps(
                 value.backward()
             del value
             tracker.phase = "optimizer step"
-            with _failing_step(
-                f"`{opt_cls.__name__}.step()` (an optimizer that needs a closure, or sparse gradients?)"
-            ):
+            with _failing_step(f"`{opt_cls.__name__}.step()`"):
                 opt.step()
             for state in opt.state.values():
                 for t in state.values():

@@ -97,6 +97,12 @@ def _grouped_mm_off_cuda(func: Any, args: Any, kwargs: Any) -> Any:
 _META_REFUSES = {id(op): made for op, made in ((tc.grouped_mm_op(), _grouped_mm_off_cuda),) if op is not None}
 
 
+# indexing ops whose second argument is a list of index tensors (boolean masks among them)
+_INDEXES = frozenset(
+    id(op) for op in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default)
+)
+
+
 class FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     """Ops whose inputs are all small known constants run for real, so their outputs stay known.
 
@@ -126,6 +132,8 @@ class FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             made = _META_REFUSES.get(id(func))
             if made is not None and any(tc.is_fake(t) for t in tensors):
                 return made(func, args, kwargs)
+            if id(func) in _INDEXES and len(args) > 1:
+                args = (args[0], self._known_masks_as_indices(args[1]), *args[2:])
             if tc.op_schema(func).is_mutable and any(not tc.is_fake(t) for t in tensors):
                 # a write into the model's real tensors (`weight.div_` in an eval-mode forward): the fake mode
                 # runs an op on real tensors alone for real. It goes to their fake copies instead, the model's
@@ -141,6 +149,23 @@ class FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if any(isinstance(t, torch.Tensor) and t.numel() > CONSTANT_LIMIT for t in tc.tree_leaves(out)):
             return func(*args, **kwargs)
         return tc.tree_map(lambda t: tc.make_constant_fake(self.mode, t) if isinstance(t, torch.Tensor) else t, out)
+
+    def _known_masks_as_indices(self, indices: Any) -> Any:
+        """`x[mask]` with a known boolean mask (an attention mask unpadding a batch): the long indices of its true
+        elements, as torch's indexing computes them (`mask.nonzero()`), made known constants, so that the output's
+        shape follows from them instead of from values a fake tensor lacks."""
+        if not isinstance(indices, (list, tuple)):
+            return indices
+        out: list[Any] = []
+        for index in indices:
+            known = tc.fake_constant(index) if isinstance(index, torch.Tensor) else None
+            if known is None or known.dtype not in (torch.bool, torch.uint8):
+                out.append(index)
+                continue
+            with tc.disable_current_modes():
+                columns = known.bool().nonzero().unbind(1)
+            out.extend(tc.make_constant_fake(self.mode, c.clone()) for c in columns)
+        return type(indices)(out)
 
     def _fake_of(self, x: Any) -> Any:
         if isinstance(x, torch.Tensor) and not tc.is_fake(x):
