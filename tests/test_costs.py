@@ -413,11 +413,25 @@ def test_cli_markdown_and_transformers_config(tmp_path: Path, capsys: pytest.Cap
         (("--flops",), "pass an example with --input"),
         (("--input", "2x3x8x8", "--format", "yaml"), "unknown --format"),
         (("--input", "2x3x8x8", "--memory", "--autocast", "bf17"), "unknown dtype"),
+        (("--input", "2x3x8x8", "--optimizer", "sgd"), "add --memory"),  # ignored silently before
     ],
 )
 def test_cli_bad_arguments_exit_2(args: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(capsys, "summary", "zoo:cnn", *args)
     assert code == 2 and message in err and err.startswith("torchlazy: error:")
+
+
+def test_cli_takes_a_module_instance_and_names_a_missing_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`MODULE:ATTRIBUTE` naming a module already made was called (a raw TypeError about its forward's arguments);
+    a missing config.json was said to be a bad MODULE:CALLABLE."""
+    code, out, err = run_cli(capsys, "summary", "zoo:CNN_INSTANCE", "--input", "2x3x8x8", "--flops", "--format", "json")
+    assert code == 0, err
+    expected = tl.summary(zoo.CNN_INSTANCE, tl.Spec(2, 3, 8, 8), flops=True).total_flops
+    assert json.loads(out)["summary"]["total_flops"] == expected > 0
+    code, _, err = run_cli(capsys, "summary", str(tmp_path / "missing" / "config.json"), "--input", "2x3")
+    assert code == 2 and "no such file" in err
 
 
 class _Checkpointed(nn.Module):

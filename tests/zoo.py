@@ -31,3 +31,6 @@ def tied() -> nn.Module:
 
 def broken() -> nn.Module:
     raise RuntimeError("this factory always fails")
+
+
+CNN_INSTANCE = cnn_eager()  # a module made at import, named as `zoo:CNN_INSTANCE`

@@ -94,6 +94,8 @@ def parse_input(text: str) -> tuple[str | None, Spec]:
 
 def load_factory(target: str) -> Callable[..., Any]:
     module_name, sep, attr = target.partition(":")
+    if not sep and (target.endswith(".json") or os.sep in target):
+        raise UsageError(f"no transformers config at `{target}`: no such file, nor a folder holding a config.json")
     if not sep or not module_name or not attr:
         raise UsageError(f"bad model `{target}`: expected MODULE:CALLABLE, like `torchvision.models:resnet50`")
     if os.getcwd() not in sys.path:
@@ -112,11 +114,15 @@ def load_factory(target: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-def _construct(args: argparse.Namespace) -> torch.nn.Module:
+def _construct(args: argparse.Namespace, seed: int | None = None) -> torch.nn.Module:
+    """The model `args.model` names, constructed under `tl.deferred()`; `seed`: `torch.manual_seed` right before the
+    construction itself (after the factory's module is imported: an import that draws does not shift the stream)."""
     config = config_file(args.model)
     if config is not None:
         if args.kwargs:
             raise UsageError("--kwargs applies to a MODULE:CALLABLE factory, not to a transformers config")
+        if seed is not None:
+            torch.manual_seed(seed)
         return model_from_config(config, concretize=args.concretize)
     try:
         kwargs = json.loads(args.kwargs) if args.kwargs else {}
@@ -125,6 +131,15 @@ def _construct(args: argparse.Namespace) -> torch.nn.Module:
     if not isinstance(kwargs, dict):
         raise UsageError("--kwargs must be a JSON object, like '{\"num_classes\": 10}'")
     factory = load_factory(args.model)
+    if isinstance(factory, torch.nn.Module):  # a module made at import: summarized as it is
+        if kwargs or seed is not None:
+            raise UsageError(
+                f"`{args.model}` is a module already made: it takes no --kwargs, and `materialize` needs a factory "
+                "to construct (a MODULE:CALLABLE returning the module)"
+            )
+        return factory
+    if seed is not None:
+        torch.manual_seed(seed)
     with deferred(concretize=args.concretize):
         model = factory(**kwargs)
     if not isinstance(model, torch.nn.Module):
@@ -150,9 +165,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
         raise UsageError(f"--depth {args.depth}: expected 0 or more (the depth of modules to show)")
     if (args.flops or args.memory) and not (positional or keywords):
         raise UsageError("--flops and --memory run the forward: pass an example with --input SHAPE[:dtype]")
+    if not args.memory and (args.optimizer is not None or args.autocast is not None):
+        raise UsageError("--optimizer and --autocast apply to the training step of --memory: add --memory")
     autocast = parse_float_dtype("--autocast", args.autocast) if args.autocast else None
     try:
-        optimizer = optimizer_class(args.optimizer)  # checked before the model is constructed
+        optimizer = optimizer_class(args.optimizer or "adamw")  # checked before the model is constructed
     except CostError as e:
         raise UsageError(str(e)) from None
     if args.format not in ("text", "json", "markdown"):
@@ -196,8 +213,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--seed {args.seed}: expected an integer from -2**63 to 2**64 - 1 (what torch.manual_seed takes)"
         )
-    torch.manual_seed(args.seed)
-    model = _construct(args)
+    model = _construct(args, seed=args.seed)
     if positional or keywords:
         build(model, *positional, dtype=dtype, **dict[str, Any](keywords))
     if not _lazy.is_built(model):
@@ -256,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--depth", type=int, default=None, help="fold modules deeper than this")
     s.add_argument("--flops", action="store_true", help="forward FLOPs per module, and forward + backward in total")
     s.add_argument("--memory", action="store_true", help="peak memory of one training step, on fake tensors")
-    s.add_argument("--optimizer", default="adamw", help="for --memory: adamw (default), adam, sgd, ...")
+    s.add_argument("--optimizer", default=None, help="for --memory: adamw (default), adam, sgd, ...")
     s.add_argument("--autocast", default=None, metavar="DTYPE", help="for --memory: mixed precision, e.g. bf16")
     s.add_argument("--format", default="text", help="text (default), json or markdown")
     s.set_defaults(run=cmd_summary)
