@@ -548,3 +548,13 @@ def test_an_optimizer_reading_a_value_in_its_step_is_a_cost_error_saying_so() ->
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(tl.CostError, match="reads a tensor's value.*AdamW"):
         tl.estimate_memory(model, torch.randn(4, 8), optimizer=torch.optim.Adafactor)
+
+
+def test_a_frozen_model_with_an_input_asking_for_its_gradient_counts_the_backward() -> None:
+    """Saliency maps through a frozen model: the backward to the input ran for real, and was not counted."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).requires_grad_(False)
+    x = torch.randn(4, 16, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    summary = tl.summary(model, x, flops=True)
+    assert summary.total_flops_train == counter.get_total_flops() > summary.total_flops

@@ -192,8 +192,9 @@ def count_flops(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
             out = s.forward()
             forward = counter.get_total_flops()
             by_name = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-            trainable = s.trainable()
-            if trainable and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tc.tree_leaves(out)):
+            # a backward runs wherever the output needs one: trainable parameters, or an input that asks for its
+            # gradient (saliency, adversarial examples) through a frozen model
+            if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tc.tree_leaves(out)):
                 _loss_of(None, out).backward()
             train = counter.get_total_flops()
         del out
