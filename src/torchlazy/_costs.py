@@ -186,6 +186,7 @@ def count_flops(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     from torch.utils.flop_counter import FlopCounterMode
 
     _check_module(module, "count_flops")
+    module = tc.uncompiled(module)
     with _session(module, args, kwargs) as s, _naming_failures(module):
         counter = FlopCounterMode(display=False)
         with counter:
@@ -464,6 +465,7 @@ def estimate_memory(
     (True, False)
     """
     _check_module(module, "tl.estimate_memory")
+    module = tc.uncompiled(module)
     refuse_torch_lazy(module, "tl.estimate_memory")
     if mode not in ("train", "inference"):
         raise CostError(f"`mode` must be 'train' or 'inference', not {mode!r}.")

@@ -225,6 +225,7 @@ def summary(
     >>> tl.summary(net).total_params is None   # unbuilt and no example: unknown
     True
     """
+    module = tc.uncompiled(module)
     if not isinstance(module, nn.Module):
         raise ArgumentError(
             f"`tl.summary` takes a torch.nn.Module (then example inputs), not {type(module).__name__}; "

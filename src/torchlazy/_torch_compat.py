@@ -409,6 +409,13 @@ def unsupported_operator_error() -> type[BaseException]:
     return _lookup("torch._subclasses.fake_tensor", "UnsupportedOperatorException")  # type: ignore[no-any-return]
 
 
+def uncompiled(module: Any) -> Any:
+    """The module `torch.compile(module)` wraps (its `OptimizedModule`'s original), or `module` itself: estimates run
+    the original's forward on fake tensors (through the wrapper, dynamo traced the estimate's own hooks, slowly)."""
+    original = getattr(module, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) and type(module).__name__ == "OptimizedModule" else module
+
+
 def storage_shared(storage: torch.UntypedStorage) -> bool:
     """Whether memory besides this storage object holds it (a tensor viewing it): `t.set_(r.untyped_storage())`
     of a real `r`, against a storage a loader made for the tensor it returns."""
