@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from exact import assert_models_identical
+from exact import assert_models_identical, eager_and_deferred
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -723,16 +723,31 @@ def test_modules_made_on_the_meta_device_in_the_block_draw_nothing_and_stay_meta
         model.last = nn.Linear(3, 2)
         return model
 
+    eager, model = eager_and_deferred(make)  # the generator after the block: eager's
+    after_materialize = torch.get_rng_state()
     torch.manual_seed(0)
-    eager = make()
-    state = torch.get_rng_state()
-    torch.manual_seed(0)
-    with tl.deferred():
-        model = make()
-    assert torch.equal(torch.get_rng_state(), state)
-    tl.materialize(model)
-    assert torch.equal(torch.get_rng_state(), state)
+    make()
+    assert torch.equal(after_materialize, torch.get_rng_state())  # materialize moved nothing
     for name, t in model.state_dict().items():
         theirs = eager.state_dict()[name]
         assert t.device == theirs.device and t.shape == theirs.shape, name
         assert t.is_meta or torch.equal(t, theirs), name
+
+
+def test_generator_copies_that_are_eagers_states_draw_as_eager() -> None:
+    """Copies of a generator that has not drawn in the block (`copy.deepcopy` of a module holding one: a real
+    state tensor copied for real), and of the global generator after the block, are exact."""
+
+    def make() -> nn.Module:
+        holder = nn.Module()
+        holder.gen = torch.Generator().manual_seed(3)
+        twin = copy.deepcopy(holder)
+        model = nn.Linear(4, 3)
+        nn.init.normal_(model.weight, generator=twin.gen)
+        return model
+
+    def after(model: nn.Module) -> None:
+        copied = torch.Generator().set_state(torch.get_rng_state())
+        nn.init.uniform_(model.bias, generator=copied)
+
+    _both(make, after)

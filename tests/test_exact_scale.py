@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from exact import assert_models_identical
+from exact import assert_models_identical, eager_and_deferred
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -275,33 +275,6 @@ def test_a_generator_state_read_in_one_block_and_drawn_from_in_a_later_one_is_re
                 torch.randn(3, generator=copied)
 
 
-def test_generator_copies_that_are_eagers_states_draw_as_eager() -> None:
-    """Copies of a generator that has not drawn in the block (`copy.deepcopy` of a module holding one: a real
-    state tensor copied for real), and of the global generator after the block, are exact."""
-
-    def make() -> nn.Module:
-        holder = nn.Module()
-        holder.gen = torch.Generator().manual_seed(3)
-        twin = copy.deepcopy(holder)
-        model = nn.Linear(4, 3)
-        nn.init.normal_(model.weight, generator=twin.gen)
-        return model
-
-    def after(model: nn.Module) -> None:
-        copied = torch.Generator().set_state(torch.get_rng_state())
-        nn.init.uniform_(model.bias, generator=copied)
-
-    torch.manual_seed(0)
-    eager = make()
-    after(eager)
-    torch.manual_seed(0)
-    with tl.deferred():
-        model = make()
-    after(model)
-    tl.materialize(model)
-    _same(model, eager)
-
-
 def test_an_explicit_generator_is_left_as_eager_when_another_streams_draw_reads_its_values() -> None:
     """`x = randn(n, generator=g)` then `rand_like(x)` (the global generator, a draw the model runs): leaving the
     block worked out the global stream after putting `g` back, replaying `x` on the real `g` (found by review)."""
@@ -346,14 +319,7 @@ def test_a_dead_draw_that_reads_its_own_target_replays_with_its_values() -> None
         model.register_buffer("z", torch.randn(20))
         return model
 
-    torch.manual_seed(0)
-    eager = make()
-    state = torch.get_rng_state()
-    torch.manual_seed(0)
-    with tl.deferred():
-        model = make()
-    assert torch.equal(torch.get_rng_state(), state)
-    tl.materialize(model)
+    eager, model = eager_and_deferred(make)
     _same(model, eager)
 
 
