@@ -720,6 +720,8 @@ def test_modules_made_on_the_meta_device_in_the_block_draw_nothing_and_stay_meta
         with torch.device("meta"):
             model.skeleton = nn.Linear(64, 64)
             model.noise = nn.Parameter(torch.randn(5))
+            model.like = nn.Parameter(torch.randn_like(model.noise, device="cpu"))  # a CPU draw: the device asked
+        model.shadow = nn.Parameter(torch.randn_like(model.first.weight, device="meta"))  # none
         model.last = nn.Linear(3, 2)
         return model
 
@@ -732,6 +734,11 @@ def test_modules_made_on_the_meta_device_in_the_block_draw_nothing_and_stay_meta
         theirs = eager.state_dict()[name]
         assert t.device == theirs.device and t.shape == theirs.shape, name
         assert t.is_meta or torch.equal(t, theirs), name
+    torch.manual_seed(0)
+    with tl.deferred():
+        cast = make()
+    tl.materialize(cast, dtype=torch.bfloat16)  # meta ones are cast too, as `.to(dtype)` casts them
+    assert {t.dtype for t in cast.state_dict().values()} == {torch.bfloat16}
 
 
 def test_generator_copies_that_are_eagers_states_draw_as_eager() -> None:
@@ -751,3 +758,30 @@ def test_generator_copies_that_are_eagers_states_draw_as_eager() -> None:
         nn.init.uniform_(model.bias, generator=copied)
 
     _both(make, after)
+
+
+def _alias_of_the_source(sd: dict[str, torch.Tensor], how: str) -> torch.Tensor:
+    if how == "another tensor over its storage":
+        return sd["all"]
+    if how == "set_ to its storage":
+        return torch.empty(0).set_(sd["all"].untyped_storage())
+    return sd["weight"]  # "inference mode": no version counter to see the write
+
+
+@pytest.mark.parametrize("how", ["another tensor over its storage", "set_ to its storage", "inference mode"])
+def test_a_write_into_memory_a_deferred_model_reads_is_refused_in_the_block(how: str) -> None:
+    """Real tensors alone are written for real in a block, but not memory the record reads at materialize
+    (a `load_state_dict` source): written through another tensor object, or one without a version counter, the
+    model took the new values, silently (eager had copied the old ones)."""
+    big = torch.arange(6.0)
+    with torch.inference_mode(how == "inference mode"):
+        sd = {"weight": big[:4].view(2, 2).clone(), "bias": big[4:].clone()}
+    sd["all"] = sd["weight"].view(-1) if how != "inference mode" else sd["weight"]
+    alias = _alias_of_the_source(sd, how)
+    with pytest.raises(tl.DeferredError, match="a deferred model reads at materialize"):
+        with tl.deferred():
+            model = nn.Linear(2, 2)
+            model.load_state_dict({"weight": sd["weight"], "bias": sd["bias"]})
+            with torch.inference_mode(how == "inference mode"):
+                alias.mul_(10)
+    assert torch.equal(sd["weight"], big[:4].view(2, 2))

@@ -441,7 +441,13 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                 tc.forget_real_conversions(_local.fake_mode, written)  # its stand-in kept the old shape
                 return out
             self._refuse_real_target(func, written[0], args, kwargs)  # `real.set_(deferred)`
-        if written and not reshapes and not op_info(func).random and _real_only(leaves):
+        if (
+            written
+            and not reshapes
+            and not op_info(func).random
+            and _real_only(leaves)
+            and not _read_by_records(written)
+        ):
             # `sd["w"].mul_(0.5)` of a loaded (or pre-block) tensor: a write into real memory alone, made as eager
             # makes it (a record that read the tensor before sees its version move, and materialize refuses it)
             with tc.disable_current_modes():
@@ -513,6 +519,13 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                 "initialize the model under `tl.deferred()`, then call `fully_shard`, then `tl.materialize(model)`."
             )
         shape = tuple(target.shape)
+        if not tc.is_fake(target) and _read_by_records([target]):
+            raise DeferredError(
+                f"`{func}` {self._where_of(args, kwargs)}: it writes into a real tensor of shape {shape} whose memory "
+                "a deferred model reads at materialize (a `load_state_dict` source, or memory shared with one): eager "
+                "had copied the old values, which materialize would no longer find. Change a copy instead "
+                "(`t.clone()`), or materialize first."
+            )
         what = (
             f"through a view of shape {shape} of a real tensor"
             if tc.is_fake(target)
@@ -635,6 +648,12 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         owner = storage_of(t) if isinstance(t, torch.Tensor) else None
         return owner if owner is not None and owner[0] is self.record else None
 
+    def _reads_memory_of(self, storage: torch.UntypedStorage) -> None:
+        """Note real memory this record reads at materialize (a constant's): writes into it in a block are refused."""
+        if storage.device.type != "meta" and storage.nbytes():
+            self.record.read_memory.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+            _READING.add(self.record)
+
     def _owned_storage(self, storage: torch.UntypedStorage) -> int | None:
         """The storage id of a storage of this recorder's record (`t.set_(w.untyped_storage())`), else None."""
         owner = getattr(storage, _markers.RECORD, None)
@@ -653,6 +672,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         sid = self.record.new_storage(made, made.nbytes(), storage.device)
         setattr(made, _markers.RECORD, (self.record, sid))
         self.record.add(Node(self.reserve(), None, None, [Const.of(real)], [(0, sid)], (), ()))
+        self._reads_memory_of(storage)
         if tc.storage_shared(storage):  # a real tensor's memory (`set_(r.untyped_storage())`): eager writes go to `r`
             self.record.real_views.add(sid)
         return made
@@ -663,6 +683,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
     def _ref(self, t: torch.Tensor, func: Any) -> TRef | Const:
         if not tc.is_fake(t):
+            if type(t) in _PLAIN and not t.is_meta:  # a subclass (a DTensor wrapper) has no memory of its own
+                self._reads_memory_of(t.untyped_storage())
             return Const.of(t)
         owner = storage_of(t)
         if owner is None or owner[0] is not self.record:
@@ -753,7 +775,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
     ) -> None:
         """Add the node of an op that makes or writes storages (`overwrites`: the storage it rewrites
         whole without reading it, or None), with its generator stream."""
-        random = op_info(func).random and not _on_meta(args, kwargs)  # a draw on meta draws nothing, as in eager
+        meta_draw = op_info(func).random and _on_meta(args, kwargs)  # a draw on meta draws nothing, as in eager
+        random = op_info(func).random and not meta_draw
         if random:
             refused = draw_refused(func, args, kwargs)
             if refused is not None:  # eager's kernel raises at once; replay would only at materialize
@@ -769,8 +792,11 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             key = (*self.prefix, self.count)  # `reserve()`, inlined: one node per op
             self.count += 1
             self.record.add(
-                Node(key, func, spec, leaves, outputs, reads, writes, None, overwrites, default_dtype=dtype)
-            )
+                Node(
+                    key, func, spec, leaves, outputs, reads, writes, None, overwrites, default_dtype=dtype,
+                    meta_draw=meta_draw,
+                )
+            )  # fmt: skip
             return
         # generator states come from C++, never through dispatch: no mode needs disabling here
         stream = self.record.stream_for(_generator_arg(func, args, kwargs))
@@ -1099,6 +1125,24 @@ _SETS_STORAGE = frozenset(
 
 
 _PLAIN = (torch.Tensor, nn.Parameter)
+# Records that read real memory (their constants), for `_read_by_records`: weakly, a record lives with its model
+_READING: weakref.WeakSet[Record] = weakref.WeakSet()
+
+
+def _read_by_records(written: list[torch.Tensor]) -> bool:
+    """Whether a live record reads memory that `written` shares: a write into it, made for real, would change what
+    materialize reads, whatever tensor object it goes through (another view over the same storage, a tensor with no
+    version counter under inference mode, an alias `set_` to it): such a write is refused instead."""
+    spans = []
+    for t in written:
+        storage = t.untyped_storage()
+        spans.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+    return any(
+        start < end and a < end and start < b
+        for record in list(_READING)
+        for a, b in record.read_memory
+        for start, end in spans
+    )
 
 
 def _real_only(leaves: list[Any]) -> bool:
@@ -1121,13 +1165,14 @@ _LOCAL_SCALAR = tc.local_scalar_op()  # `.item()`, `bool(t)`: a value, which fak
 
 
 def _on_meta(args: Any, kwargs: Any) -> bool:
-    """Whether an op works on the meta device: its first tensor (a draw's target or source) is a fake on meta, or,
-    with no tensor, it is asked for `device="meta"` (`torch.randn(n, device="meta")`)."""
-    first = next((x for x in args if isinstance(x, torch.Tensor)), None)
-    if first is not None:
-        return tc.is_fake(first) and tc.fake_device(first).type == "meta"
+    """Whether an op draws on the meta device: asked for `device="meta"` (`torch.randn(n, device="meta")`,
+    `randn_like(t, device="meta")`), or, asked for no device, its first tensor (a draw's target, a `*_like`'s
+    model) is a fake on meta."""
     device = kwargs.get("device")
-    return device is not None and torch.device(device).type == "meta"
+    if device is not None:
+        return torch.device(device).type == "meta"
+    first = next((x for x in args if isinstance(x, torch.Tensor)), None)
+    return first is not None and tc.is_fake(first) and tc.fake_device(first).type == "meta"
 
 
 def _device_of(t: Any) -> torch.device:

@@ -154,6 +154,9 @@ class Node:
     # torch's default dtype when it ran, where other than its record's (`set_default_dtype` inside the block):
     # factories without `dtype=` and Python-scalar promotion follow it, so replay runs under it
     default_dtype: torch.dtype | None = None
+    # a draw made on the meta device (it drew nothing in eager code): replayed, where a tensor on the CPU needs its
+    # shape, from a generator of its own, never the program's
+    meta_draw: bool = False
 
     @property
     def name(self) -> str:
@@ -582,6 +585,7 @@ class Record:
         # storages that stand for a view of a real tensor made before the block (`r[0]`): a write there would
         # not reach the real tensor, as eager's does
         self.real_views: set[int] = set()
+        self.read_memory: list[tuple[int, int]] = []  # real memory its constants read at materialize (address spans)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Record:
         return self  # one program, shared by every tensor (and copy) that came from it
@@ -807,6 +811,11 @@ class Record:
         if stream is None:
             # exact=False: one thread for every computed value (a QR, a reduction may round otherwise on
             # another thread count), so that its values do not depend on the constructing process's count
+            if node.meta_draw:
+                func = tc.with_generator(node.func) or node.func
+                generator = torch.Generator(device="cpu")
+                self._call(node, env, device, pending, threads=1, generator=generator, func=func)
+                return
             self._call(node, env, device, pending, threads=None if exact else 1)
             return
         if exact:
