@@ -388,6 +388,16 @@ def again(rank: int, mesh: object, out: str) -> None:
     model = sharded()
     tl.materialize(model, checkpoint=replicated)
     result["from replicated DTensors"] = full(model)
+    # partial sums: a rank's local tensor is a summand, not its rows (loaded as if replicated, silently, at first)
+    from torch.distributed.tensor import DTensor, Partial
+
+    model = sharded()
+    partial = {k: DTensor.from_local(v / 2, mesh, [Partial()]) for k, v in ckpt.items()}
+    try:
+        tl.materialize(model, checkpoint=partial)
+    except tl.CheckpointError as e:
+        errors.append(str(e))
+    result["partial refused, still deferred"] = tl.is_deferred(model)
     result["ckpt"] = ckpt
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 

@@ -570,3 +570,15 @@ def test_a_compiled_model_is_estimated_as_its_original() -> None:
     assert [row.path for row in summary.rows] == [row.path for row in tl.summary(model, x).rows]
     assert summary.total_flops == tl.summary(model, x, flops=True).total_flops
     assert tl.estimate_memory(compiled, x).peak == tl.estimate_memory(model, x).peak
+
+
+def test_a_boolean_mask_of_the_wrong_shape_is_a_shape_error_as_eager_raises() -> None:
+    """A known mask is checked against the dimensions it indexes, as torch checks it (the summary reported a shape
+    for a forward eager refuses)."""
+    model = _Unpad()
+    ids = torch.randint(0, 100, (2, 6))
+    mask = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(IndexError):
+        model(ids, mask)
+    with pytest.raises(tl.ShapeError, match="shape of the mask"):
+        tl.summary(model, ids, mask)

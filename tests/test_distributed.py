@@ -150,7 +150,7 @@ def test_fsdp2_materialize_again_loads_casts_and_keeps_parameter_objects(tmp_pat
         assert_same_tensors(result["meta, checkpoint"], expected)
         assert_same_tensors(result["resharded, checkpoint"], expected)
         errors = result["errors"]
-        assert len(errors) == 6, errors
+        assert len(errors) == 7, errors
         assert "`a.weight`" in errors[0] and "(3, 3)" in errors[0]
         assert "`emb.weight`" in errors[1] and "`b.weight`" in errors[1]  # every missing key named at once
         assert "sharded DTensor" in errors[2] and not result["saved anyway"]
@@ -162,6 +162,7 @@ def test_fsdp2_materialize_again_loads_casts_and_keeps_parameter_objects(tmp_pat
         assert_same_tensors(result["from a sharded state dict"], {k: v * 3 for k, v in expected.items()})
         assert result["local tensors plain"]
         assert_same_tensors(result["from replicated DTensors"], {k: v * 5 for k, v in expected.items()})
+        assert "partial sum" in errors[6] and result["partial refused, still deferred"]
         assert torch.equal(result["resharded, forward"], result["checkpoint, forward"])
         assert torch.equal(result["sub-module loaded, forward"], result["sub-module reference"])
         assert_same_tensors(result["lazy sized in the block"], result["explicit sizes"])

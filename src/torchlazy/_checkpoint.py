@@ -169,6 +169,7 @@ def _dtensor_entry(key: str, t: torch.Tensor, where: str) -> _Entry:
     slice of a parameter sharded as it is (each rank its own, as `load_state_dict` copies shard to shard), or the
     whole of a replicated one; anything else would need the other ranks' slices, so it is refused."""
     mesh, placements = t.device_mesh, t.placements  # type: ignore[attr-defined]
+    plain = all(type(p).__name__ in ("Shard", "Replicate") for p in placements)  # not Partial sums, strided shards
     shape, offset = tc.local_shape_and_offset(t.shape, mesh, placements)
     mine = tuple(slice(o, o + n) for o, n in zip(offset, shape))
     local = tc.dtensor_local(t).detach()
@@ -183,11 +184,15 @@ def _dtensor_entry(key: str, t: torch.Tensor, where: str) -> _Entry:
         )
 
     def read() -> torch.Tensor:
+        if not plain:
+            raise refuse("its values are not this rank's slices (a partial sum, a strided shard)")
         if mine == tuple(slice(0, n) for n in t.shape):  # replicated: the whole tensor is here
             return local
         raise refuse("the tensor it goes to is not sharded")
 
     def read_slice(index: tuple[slice, ...]) -> torch.Tensor:
+        if not plain:
+            raise refuse("its values are not this rank's slices (a partial sum, a strided shard)")
         if all(m.start <= i.start and i.stop <= m.stop for i, m in zip(index, mine)):  # here (replicated: all is)
             return local[tuple(slice(i.start - m.start, i.stop - m.start) for i, m in zip(index, mine))].clone()
         raise refuse(f"the shard it goes to holds rows {_rows(index)}")

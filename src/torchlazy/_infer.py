@@ -133,7 +133,7 @@ class FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             if made is not None and any(tc.is_fake(t) for t in tensors):
                 return made(func, args, kwargs)
             if id(func) in _INDEXES and len(args) > 1:
-                args = (args[0], self._known_masks_as_indices(args[1]), *args[2:])
+                args = (args[0], self._known_masks_as_indices(args[0], args[1]), *args[2:])
             if tc.op_schema(func).is_mutable and any(not tc.is_fake(t) for t in tensors):
                 # a write into the model's real tensors (`weight.div_` in an eval-mode forward): the fake mode
                 # runs an op on real tensors alone for real. It goes to their fake copies instead, the model's
@@ -150,18 +150,28 @@ class FoldConstants(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             return func(*args, **kwargs)
         return tc.tree_map(lambda t: tc.make_constant_fake(self.mode, t) if isinstance(t, torch.Tensor) else t, out)
 
-    def _known_masks_as_indices(self, indices: Any) -> Any:
+    def _known_masks_as_indices(self, target: Any, indices: Any) -> Any:
         """`x[mask]` with a known boolean mask (an attention mask unpadding a batch): the long indices of its true
         elements, as torch's indexing computes them (`mask.nonzero()`), made known constants, so that the output's
-        shape follows from them instead of from values a fake tensor lacks."""
+        shape follows from them instead of from values a fake tensor lacks. A mask must match the dimensions it
+        indexes, as torch checks."""
         if not isinstance(indices, (list, tuple)):
             return indices
         out: list[Any] = []
-        for index in indices:
+        dim = 0
+        for position, index in enumerate(indices):
             known = tc.fake_constant(index) if isinstance(index, torch.Tensor) else None
             if known is None or known.dtype not in (torch.bool, torch.uint8):
                 out.append(index)
+                dim += 1
                 continue
+            covered = tuple(target.shape[dim : dim + known.dim()])
+            if tuple(known.shape) != covered:
+                raise IndexError(
+                    f"The shape of the mask {list(known.shape)} at index {position} does not match the shape of the "
+                    f"indexed tensor {list(covered)} at index {dim}"
+                )
+            dim += known.dim()
             with tc.disable_current_modes():
                 columns = known.bool().nonzero().unbind(1)
             out.extend(tc.make_constant_fake(self.mode, c.clone()) for c in columns)

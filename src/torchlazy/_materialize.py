@@ -169,7 +169,7 @@ def materialize(
         rest = [t for t in rest if t.record is not None]
         for t in rest:  # made on the meta device in the block: meta, as in eager (nothing to replay, nothing drawn)
             if tc.fake_device(t.tensor).type == "meta":
-                values[id(t.tensor)] = _meta_like(t.tensor)
+                values[id(t.tensor)] = _meta_like(t.tensor, placement.final_dtype(t.tensor))
         rest = [t for t in rest if id(t.tensor) not in values]
         if rest:
             values.update(_replay(rest, placement, exact, progress))
@@ -191,9 +191,10 @@ def materialize(
     return module
 
 
-def _meta_like(t: torch.Tensor) -> torch.Tensor:
+def _meta_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A meta tensor of `t`'s geometry in `dtype` (`dtype=` casts floating tensors made on meta too, as `.to` does)."""
     with tc.no_dispatch():
-        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device="meta")
 
 
 def _refuse_read_values(records: list[Record | None]) -> None:
