@@ -376,3 +376,70 @@ def test_the_first_call_under_no_grad_makes_trainable_parameters() -> None:
     with torch.no_grad():
         layer(torch.randn(1, 3, 4, 4))
     assert all(p.requires_grad for p in layer.parameters())
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_options_that_do_not_depend_on_the_input_are_known_before_the_first_call(case: Case) -> None:
+    """What the real class sets from its constructor's options (`eps`, `padding_mode`, `dilation`, `norm_first`,
+    a sub-module's `batch_first`) is known before the first call, as PyTorch's own lazy layers know it, and equal
+    to what the built layer holds (a NotBuiltError before: `nn.TransformerEncoder` could not take a tl.nn layer)."""
+    lazy = case.lazy()
+    built = case.lazy()
+    call(built, case.inputs())
+    for prefix, sub in built.named_modules():
+        for name, value in vars(sub).items():
+            if name.startswith("_") or isinstance(value, (torch.Tensor, nn.Module)) or not _simple(value):
+                continue
+            try:
+                seen = getattr(lazy.get_submodule(prefix) if prefix else lazy, name)
+            except (tl.NotBuiltError, AttributeError):
+                continue  # it depends on the input (`in_features`), or the sub-module has no stand-in
+            assert seen == value, (prefix, name, seen, value)
+    if isinstance(built, (nn.Conv2d, nn.BatchNorm2d, nn.TransformerEncoderLayer)):
+        known = {"padding_mode", "dilation", "groups"} | {"eps", "affine", "momentum"} | {"norm_first"}
+        assert any(hasattr(lazy, k) and getattr(lazy, k) == getattr(built, k) for k in known)
+
+
+def _simple(value: object) -> bool:
+    return isinstance(value, (int, float, bool, str, type(None), tuple))
+
+
+@pytest.mark.parametrize("container", ["encoder", "decoder"])
+def test_torchs_transformer_stacks_of_a_lazy_layer_equal_eager_ones(container: str) -> None:
+    """`nn.TransformerEncoder(tl.nn.TransformerEncoderLayer(...), N)` deep-copies the unbuilt layer N times: each
+    copy holds, once built, what eager's copies of the built layer hold (independent draws before; and before
+    that, the stack could not be constructed at all)."""
+    x, memory = torch.randn(3, 2, 8), torch.randn(4, 2, 8)
+
+    def stack(lazy: bool) -> nn.Module:
+        if container == "encoder":
+            layer = (
+                tl.nn.TransformerEncoderLayer(2, dim_feedforward=16) if lazy else nn.TransformerEncoderLayer(8, 2, 16)
+            )
+            return nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+        layer = tl.nn.TransformerDecoderLayer(2, dim_feedforward=16) if lazy else nn.TransformerDecoderLayer(8, 2, 16)
+        return nn.TransformerDecoder(layer, 3)
+
+    args = (x,) if container == "encoder" else (x, memory)
+    torch.manual_seed(0)
+    eager = stack(lazy=False).eval()
+    state = torch.get_rng_state()
+    torch.manual_seed(0)
+    model = stack(lazy=True).eval()
+    out = model(*args)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), eager.state_dict().values()))
+    assert list(model.state_dict()) == list(eager.state_dict())
+    assert torch.allclose(out, eager(*args))
+
+
+def test_a_stack_of_a_lazy_layer_is_constructed_and_built_inside_a_block() -> None:
+    """Deep copies of an unbuilt layer inside `tl.deferred()` (`nn.TransformerEncoder` makes them) raised a raw
+    RuntimeError about the placeholders' class."""
+    with tl.deferred():
+        model = nn.TransformerEncoder(tl.nn.TransformerEncoderLayer(2, dim_feedforward=16), 2)
+        copied = copy.deepcopy(tl.nn.Linear(3))
+    tl.build(model, torch.randn(3, 2, 8))
+    tl.materialize(model)
+    assert tl.is_built(model) and not tl.is_deferred(model) and not tl.is_built(copied)
+    assert model(torch.randn(3, 2, 8)).shape == (3, 2, 8)

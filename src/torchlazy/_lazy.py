@@ -22,12 +22,14 @@ constructed, so deferred models stay exact.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import itertools
 import re
 import sys
 import threading
+import types
 import typing
 import warnings
 import weakref
@@ -187,8 +189,8 @@ class _Placeholder:
             return type(self), (self.requires_grad, self.device, self.dtype)  # type: ignore[attr-defined]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        if id(self) not in memo:
-            with tc.disable_torch_function_subclass():
+        if id(self) not in memo:  # (no dispatch mode: inside a block the new placeholder was made a fake tensor)
+            with tc.disable_torch_function_subclass(), tc.disable_current_modes():
                 memo[id(self)] = type(self)(self.requires_grad, self.device, self.dtype)  # type: ignore[call-arg,attr-defined]
         return memo[id(self)]
 
@@ -530,17 +532,22 @@ class _LazyLayer:
                 return self._tl_cls(**kwargs)
         return self._tl_cls(**kwargs)
 
-    def _tl_skeleton(self, values: dict[str, Any] | None = None) -> nn.Module | None:
+    def _tl_skeleton(self, values: dict[str, Any] | None = None, after: int | None = None) -> nn.Module | None:
+        """The real class built on the meta device from `values`, or from the first probe sizes it accepts (with
+        `after`: the last ones past the `after`-th attempt, the largest sizes, for a skeleton as unlike the first
+        as can be, to tell what depends on the sizes: `in_features // 4` is 0 for both 1 and 2)."""
         if values is not None:
             try:
                 return self._tl_construct(values, meta=True)
             except Exception:
                 return None
         choices = {name: rule.probes() for name, rule in self._tl_rules.items()}
-        for i in range(max(len(c) for c in choices.values())):
+        attempts = range(max(len(c) for c in choices.values()))
+        for i in attempts if after is None else reversed(attempts[after + 1 :]):
             attempt = {name: c[min(i, len(c) - 1)] for name, c in choices.items()}
             skeleton = self._tl_skeleton(attempt)
             if skeleton is not None:
+                skeleton.__dict__["_tl_attempt"] = i
                 return skeleton
         return None
 
@@ -551,10 +558,12 @@ class _LazyLayer:
         """
         return self._tl_learn()[0]
 
-    def _tl_learn(self) -> tuple[list[tuple[str, str, str, bool, torch.dtype, bool]], frozenset[str], frozenset[str]]:
+    def _tl_learn(self) -> _Learnt:
         """The layout; top-level tensor names that exist for some first inputs and not for others
-        (MultiheadAttention's `in_proj_weight` or `q/k/v_proj_weight`, by the key/value sizes); and
-        the plain attributes the real class sets (`in_features`, ...)."""
+        (MultiheadAttention's `in_proj_weight` or `q/k/v_proj_weight`, by the key/value sizes); the
+        plain attributes the real class sets (`in_features`, ...); and, per sub-module path, those whose
+        values do not depend on the input (`eps`, `padding_mode`, `norm_first`, `self_attn.batch_first`):
+        known before the first call, as PyTorch's own lazy layers know them."""
         key = _layout_key(type(self), self._tl_args)
         learnt = _LAYOUTS.get(key) if key is not None else None
         if learnt is None:
@@ -571,10 +580,33 @@ class _LazyLayer:
             plain = (
                 frozenset(k for k in vars(skeleton) if not k.startswith("_")) if skeleton is not None else frozenset()
             )
-            learnt = (layout, self._tl_variable_names(skeleton), plain)
+            learnt = (layout, self._tl_variable_names(skeleton), plain, self._tl_fixed(skeleton))
             if key is not None and len(_LAYOUTS) < 4096:
                 _LAYOUTS[key] = learnt
         return learnt
+
+    def _tl_fixed(self, skeleton: nn.Module | None) -> dict[str, dict[str, Any]]:
+        """Per sub-module path, the attributes the real class sets whose values are the same in a skeleton of other
+        sizes (without another skeleton: those named as the constructor's given or defaulted arguments)."""
+        if skeleton is None:
+            return {}
+        other = self._tl_skeleton(after=skeleton.__dict__.get("_tl_attempt", 0))
+        others = dict(other.named_modules()) if other is not None else {}
+        arguments = set(self._tl_signature.parameters) - set(self._tl_rules)
+        fixed: dict[str, dict[str, Any]] = {}
+        for prefix, sub in skeleton.named_modules():
+            twin = others.get(prefix)
+            values = {}
+            for name, value in vars(sub).items():
+                if name in _MODULE_ATTRIBUTES or name in self._tl_rules or not _plain_value(value):
+                    continue
+                if twin is not None and _same_value(value, vars(twin).get(name, _MISSING)):
+                    values[name] = value
+                elif twin is None and not prefix and name in arguments:
+                    values[name] = value
+            if values:
+                fixed[prefix] = values
+        return fixed
 
     def _tl_variable_names(self, skeleton: nn.Module | None) -> frozenset[str]:
         """Names held by the skeleton but not by a variant where optional rules give a size, or back."""
@@ -598,9 +630,13 @@ class _LazyLayer:
         return frozenset(varied)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_tl_") or name in _MODULE_ATTRIBUTES:
+            return nn.Module.__getattr__(self, name)  # type: ignore[arg-type]
+        _, variable, plain, fixed = self._tl_learn()
+        if name in fixed.get("", {}):  # known before the first call (`eps`, `norm_first`): as PyTorch's lazy layers
+            return fixed[""][name]
         if name.startswith("_"):
             return nn.Module.__getattr__(self, name)  # type: ignore[arg-type]
-        _, variable, plain = self._tl_learn()
         if name not in variable:
             try:
                 return nn.Module.__getattr__(self, name)  # type: ignore[arg-type]
@@ -636,6 +672,10 @@ class _LazyLayer:
                     bh = LazyBuffer(False, device, dtype)  # type: ignore[arg-type]
                     setattr(bh, _markers.WHERE, where)
                     owner.register_buffer(name, bh, persistent=persistent)
+            stand_ins = dict(me.named_modules())
+            for prefix, values in self._tl_learn()[3].items():  # what a stand-in sub-module knows already
+                if prefix in stand_ins and prefix:  # (`self_attn.batch_first`, read by `nn.TransformerEncoder`)
+                    stand_ins[prefix].__dict__.update(values)
 
     def _tl_dtype(self) -> torch.dtype | None:
         for t in itertools.chain(nn.Module.parameters(self), nn.Module.buffers(self)):  # type: ignore[arg-type]
@@ -748,10 +788,14 @@ class _LazyLayer:
         return values
 
     def _tl_become(self, values: dict[str, Any], device: torch.device, deferred: bool) -> None:
-        me: nn.Module = self  # type: ignore[assignment]
+        copies = self.__dict__.pop(_markers.SOURCE, None)
+        key = _layout_key(type(self), values) if copies is not None and not deferred else None
+        if key is not None and key in copies.first:  # a copy of a layer one of its copies was built from
+            real = copy.deepcopy(copies.first[key])
+            self._tl_cast_and_take(real, deferred)
+            return
         kwargs = dict(values)
         accepts = _parameters_of(self._tl_cls)
-        wanted = self._tl_dtype()  # the placeholders': `.double()` / `.to(dtype)` before the build counts
         if not deferred:
             if "device" in accepts and self._tl_args.get("device") is None:
                 kwargs["device"] = device
@@ -759,6 +803,13 @@ class _LazyLayer:
                 real = self._tl_construct(kwargs, meta=False)
         else:
             real = self._tl_construct(kwargs, meta=False)
+        if key is not None and not any(t.is_meta for t in itertools.chain(real.parameters(), real.buffers())):
+            copies.first[key] = copy.deepcopy(real)  # what its copies take: its values as built, before any cast
+        self._tl_cast_and_take(real, deferred)
+
+    def _tl_cast_and_take(self, real: nn.Module, deferred: bool) -> None:
+        me: nn.Module = self  # type: ignore[assignment]
+        wanted = self._tl_dtype()  # the placeholders': `.double()` / `.to(dtype)` before the build counts
         # built in the dtype given at construction (or the default), then cast, as the eager program with
         # explicit sizes does (`nn.Linear(3, 4).double()` draws in float32: drawn in float64, it took other
         # words from the generator, and every layer after it differed)
@@ -868,7 +919,17 @@ class _LazyLayer:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state[_markers.SLOT] = None
+        state.pop(_markers.SOURCE, None)
         return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """A copy that builds to the values this layer builds to (eager's copy of a built layer carries its values:
+        `nn.TransformerEncoder` clones its layer N times): the first of them a real input builds draws, the
+        others copy what it drew."""
+        reduced = self.__reduce_ex__(4)
+        copied = copy._reconstruct(self, memo, *reduced)  # type: ignore[attr-defined]  # `copy.deepcopy`'s own step
+        copied.__dict__[_markers.SOURCE] = self.__dict__.setdefault(_markers.SOURCE, _Copies())
+        return copied
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         nn.Module.__setstate__(self, state)  # type: ignore[arg-type]
@@ -895,6 +956,36 @@ def _state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(
         itertools.chain(module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False))
     )
+
+
+class _Copies:
+    """An unbuilt lazy layer and its deep copies: by the sizes a real input gave, the first of them built (as built,
+    before any cast), whose values the others take. Deep copies share it; a pickled layer gets none."""
+
+    def __init__(self) -> None:
+        self.first: dict[tuple[Any, ...], nn.Module] = {}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Copies:
+        return self
+
+
+_Learnt = tuple[
+    list[tuple[str, str, str, bool, torch.dtype, bool]], frozenset[str], frozenset[str], dict[str, dict[str, Any]]
+]
+_MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))  # what every module holds: not the class's own attributes
+_MISSING = object()
+_SIMPLE = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def _plain_value(value: Any) -> bool:
+    """A value safe to hand out before the layer is built: immutable, or a function (an activation)."""
+    if isinstance(value, tuple):
+        return all(_plain_value(v) for v in value)
+    return isinstance(value, _SIMPLE) or isinstance(value, (types.FunctionType, types.BuiltinFunctionType))
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and not callable(a) and bool(a == b))
 
 
 def _unbuilt_at(root: nn.Module, path: str) -> nn.Module:
@@ -984,10 +1075,7 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
 
 
 _SIGNATURES: dict[type, dict[str, inspect.Parameter]] = {}
-_LAYOUTS: dict[
-    tuple[Any, ...],
-    tuple[list[tuple[str, str, str, bool, torch.dtype, bool]], frozenset[str], frozenset[str]],
-] = {}
+_LAYOUTS: dict[tuple[Any, ...], _Learnt] = {}
 
 
 def _layout_key(cls: type, args: dict[str, Any]) -> tuple[Any, ...] | None:

@@ -20,5 +20,8 @@ WHERE = PREFIX + "where"
 SLOT = PREFIX + "slot"
 # on a lazy module: its rank in construction order (where its draws come in the RNG stream)
 ORDER = PREFIX + "order"
+# on a deep copy of an unbuilt lazy module: the module it copies (built first, then copied: eager's copy of a
+# layer carries that layer's values, as `nn.TransformerEncoder` clones its layer)
+SOURCE = PREFIX + "source"
 # on a `tl.LazyModule`: the forward pre-hook handle that runs `build` at the first call
 BUILD_HOOK = PREFIX + "build_hook"

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _deferred, _lazy, _meta_rules
+from . import _deferred, _lazy, _markers, _meta_rules
 from . import _torch_compat as tc
 from ._modtree import module_tensors
 from ._spec import to_meta
@@ -76,7 +76,12 @@ def _meta_twin(module: nn.Module) -> nn.Module:
         for t in tensors:
             if id(t) not in memo:
                 memo[id(t)] = twin(t)
-    return copy.deepcopy(module, memo)
+    grouped = {id(m) for m in module.modules() if _markers.SOURCE in m.__dict__}
+    twin = copy.deepcopy(module, memo)
+    for m in (*twin.modules(), *module.modules()):  # the twin builds on meta: no copy the model's layers take from
+        if id(m) not in grouped:
+            m.__dict__.pop(_markers.SOURCE, None)
+    return twin
 
 
 def _shape_preserving(module: nn.Module) -> Callable[..., Any]:
