@@ -443,3 +443,26 @@ def test_a_stack_of_a_lazy_layer_is_constructed_and_built_inside_a_block() -> No
     tl.materialize(model)
     assert tl.is_built(model) and not tl.is_deferred(model) and not tl.is_built(copied)
     assert model(torch.randn(3, 2, 8)).shape == (3, 2, 8)
+
+
+def test_a_frozen_layer_whose_parameters_change_with_the_input_stays_frozen() -> None:
+    """`requires_grad_(False)` before the first call, then key/value sizes that make q/k/v_proj_weight where the
+    placeholders held in_proj_weight: those three trained, silently."""
+    layer = tl.nn.MultiheadAttention(2, batch_first=True).requires_grad_(False)
+    layer(torch.randn(2, 3, 8), torch.randn(2, 4, 5), torch.randn(2, 4, 3))
+    assert "q_proj_weight" in dict(layer.named_parameters())
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
+@pytest.mark.parametrize("cls", [tl.nn.LayerNorm, tl.nn.RMSNorm])
+def test_normalized_ndim_decides_a_state_dicts_shape_as_it_decides_a_first_inputs(cls: type) -> None:
+    """A state dict of another rank than `normalized_ndim` built the layer to its rank, silently (a first input
+    of the same shape is refused)."""
+    eager = nn.LayerNorm if cls is tl.nn.LayerNorm else nn.RMSNorm
+    with pytest.raises(tl.ShapeError, match="normalized_ndim=2"):
+        cls(normalized_ndim=2).load_state_dict(eager(12).state_dict())
+    layer = cls(normalized_ndim=2)
+    layer.load_state_dict(eager((3, 4)).state_dict())
+    assert tuple(layer.normalized_shape) == (3, 4)
+    with pytest.raises(tl.ArgumentError, match="must be an int >= 1"):
+        cls(normalized_ndim=2.5)

@@ -512,6 +512,13 @@ class _LazyLayer:
                     )
                 given.update(extra)
         self._tl_options = {k: given.pop(k, v) for k, v in self._tl_defaults.items()}
+        for rule in self._tl_rules.values():
+            rank = self._tl_options.get(rule.option) if isinstance(rule, Trailing) else 1
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+                raise ArgumentError(
+                    f"`{type(self).__qualname__}`: `{rule.option}` (how many trailing dims of the input the layer "  # type: ignore[union-attr]
+                    f"takes) must be an int >= 1, got {rank!r}."
+                )
         self._tl_args = given
         self.__dict__[_markers.ORDER] = next(_order)
         self.__dict__[_markers.SLOT] = _slot_for_new_module()
@@ -858,8 +865,9 @@ class _LazyLayer:
         shapes = sorted({tuple(int(s) for s in t.shape[i:]) for t in mine.values() for i in range(t.dim())})
         choices: list[list[Any]] = []
         for rule in self._tl_rules.values():
-            if isinstance(rule, Trailing):
-                choices.append(list(shapes))
+            if isinstance(rule, Trailing):  # of the rank the layer was given (`normalized_ndim`), as a first input
+                rank = self._tl_options.get(rule.option, 1)
+                choices.append([shape for shape in shapes if len(shape) == rank])
             else:
                 optional = rule.probes() == (None,)
                 choices.append([None, *sizes] if optional else list(sizes))
@@ -892,10 +900,16 @@ class _LazyLayer:
                 "tensors that would decide them). Load a state dict with all of the layer's tensors, or build the "
                 "layer first (`tl.build(model, example)`)."
             )
+        ranks = "".join(
+            f" (of {self._tl_options.get(r.option, 1)} dims: `{r.option}={self._tl_options.get(r.option, 1)}`)"
+            for r in self._tl_rules.values()
+            if isinstance(r, Trailing)
+        )
         raise ShapeError(
             f"`{prefix.rstrip('.') or type(self).__qualname__}` ({type(self).__qualname__}): no "
-            f"value of {', '.join(f'`{n}`' for n in self._tl_rules)} gives the tensors {seen} of "
-            "the state dict. Check that the state dict comes from the same kind of layer."
+            f"value of {', '.join(f'`{n}`' for n in self._tl_rules)}{ranks} gives the tensors {seen} of "
+            "the state dict. Check that the state dict comes from the same kind of layer"
+            f"{', with as many normalized dims' if ranks else ''}."
         )
 
     def extra_repr(self) -> str:
@@ -1018,6 +1032,10 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
         return path in theirs and tc.is_fake(t) and tuple(t.shape) == (0,)
 
     placeholders = {path: t for path, t in held.items() if stands_in(path, t)}
+    # parameters the real class makes where the layer held others (MultiheadAttention's q/k/v_proj_weight for its
+    # in_proj_weight, by the key/value sizes) follow a freeze of all of them (`layer.requires_grad_(False)`)
+    held_params = [t for t in placeholders.values() if isinstance(t, nn.Parameter)]
+    frozen = bool(held_params) and not any(t.requires_grad for t in held_params)
     # tensors the user put in a placeholder's place before the build (`head.weight = wte.weight`: a tie), or
     # registered on the unbuilt layer (`layer.scale = nn.Parameter(...)`), stay: in eager they came after
     # construction
@@ -1032,6 +1050,8 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
                     slots[name] = assigned[path]  # type: ignore[assignment]
                     continue
                 ph = placeholders.get(path)
+                if t is not None and ph is None and frozen and slots is owner._parameters:
+                    t.requires_grad_(False)
                 if t is None or ph is None:
                     continue
                 # (a cast placeholder is a fake tensor: its own attributes, `constant` among them, stay its own)
