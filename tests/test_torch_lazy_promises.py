@@ -466,3 +466,33 @@ def test_normalized_ndim_decides_a_state_dicts_shape_as_it_decides_a_first_input
     assert tuple(layer.normalized_shape) == (3, 4)
     with pytest.raises(tl.ArgumentError, match="must be an int >= 1"):
         cls(normalized_ndim=2.5)
+
+
+class _CompactsItsRnn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = tl.nn.LSTM(6, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rnn.flatten_parameters()  # the usual first line of an RNN model's forward (for cuDNN)
+        return self.rnn(x)[0]
+
+
+def test_an_rnn_compacted_before_its_first_call_builds_as_eager() -> None:
+    """`flatten_parameters()` on an unbuilt RNN raised a raw AttributeError (`_flat_weights`)."""
+    x = torch.randn(2, 5, 3)
+    torch.manual_seed(0)
+    model = _CompactsItsRnn()
+    out = model(x)
+    torch.manual_seed(0)
+    eager = nn.LSTM(3, 6, batch_first=True)
+    assert torch.equal(out, eager(x)[0])
+    assert all(torch.equal(a, b) for a, b in zip(model.rnn.parameters(), eager.parameters()))
+
+
+def test_a_method_of_an_unbuilt_layer_using_its_parts_is_a_not_built_error() -> None:
+    """`AdaptiveLogSoftmaxWithLoss.log_prob` before the first call: a raw NotImplementedError ("missing forward")."""
+    layer = tl.nn.AdaptiveLogSoftmaxWithLoss(10, [4, 8])
+    with pytest.raises(tl.NotBuiltError, match="not built yet"):
+        layer.log_prob(torch.randn(5, 16))
+    assert layer(torch.randn(5, 16), torch.tensor([0, 3, 5, 9, 1])).output.shape == (5,)

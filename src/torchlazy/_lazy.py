@@ -215,6 +215,13 @@ class _Unbuilt(nn.Module):
     def _get_name(self) -> str:
         return "Unbuilt"
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Called before the layer holding it is built (`AdaptiveLogSoftmaxWithLoss.log_prob` first): say so."""
+        raise NotBuiltError(
+            f"`{_paths.module_path(self)}` is part of a lazy layer that is not built yet: its sizes come from the "
+            "layer's first input. Call the layer itself first (or `tl.build(model, example)`), then this."
+        )
+
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         _save_unbuilt(self, destination, prefix, keep_vars)
 
@@ -1219,7 +1226,14 @@ def make_lazy(cls: type[M], rules: dict[str, Rule], name: str, module: str) -> t
         "__doc__": doc,
         "__signature__": signature,
     }
+    if hasattr(cls, "flatten_parameters"):  # RNNs: `self.rnn.flatten_parameters()` at the top of a forward
+        namespace["flatten_parameters"] = _nothing_to_flatten
     return type(name, (_LazyLayer, cls), namespace)  # type: ignore[return-value]
+
+
+def _nothing_to_flatten(self: nn.Module) -> None:
+    """Before its first call an RNN holds no weights to compact (the real class's method read state its constructor
+    had not set: a raw AttributeError); once built, the real `flatten_parameters` runs."""
 
 
 # -- Keras-style lazy modules -----------------------------------------------------
