@@ -34,11 +34,13 @@ A user switching from `nn.Lazy*` to `tl.nn` may rely on every one of these:
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import pickle
 import warnings
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from layer_cases import CASES, Case, call
@@ -404,21 +406,21 @@ def _simple(value: object) -> bool:
     return isinstance(value, (int, float, bool, str, type(None), tuple))
 
 
+@pytest.mark.parametrize("heads", [2, 12])  # 12: only the largest probe size divides it
 @pytest.mark.parametrize("container", ["encoder", "decoder"])
-def test_torchs_transformer_stacks_of_a_lazy_layer_equal_eager_ones(container: str) -> None:
+def test_torchs_transformer_stacks_of_a_lazy_layer_equal_eager_ones(container: str, heads: int) -> None:
     """`nn.TransformerEncoder(tl.nn.TransformerEncoderLayer(...), N)` deep-copies the unbuilt layer N times: each
     copy holds, once built, what eager's copies of the built layer hold (independent draws before; and before
     that, the stack could not be constructed at all)."""
-    x, memory = torch.randn(3, 2, 8), torch.randn(4, 2, 8)
+    width = 4 * heads
+    x, memory = torch.randn(3, 2, width), torch.randn(4, 2, width)
 
     def stack(lazy: bool) -> nn.Module:
         if container == "encoder":
-            layer = (
-                tl.nn.TransformerEncoderLayer(2, dim_feedforward=16) if lazy else nn.TransformerEncoderLayer(8, 2, 16)
-            )
-            return nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
-        layer = tl.nn.TransformerDecoderLayer(2, dim_feedforward=16) if lazy else nn.TransformerDecoderLayer(8, 2, 16)
-        return nn.TransformerDecoder(layer, 3)
+            encoder = tl.nn.TransformerEncoderLayer if lazy else functools.partial(nn.TransformerEncoderLayer, width)
+            return nn.TransformerEncoder(encoder(heads, dim_feedforward=16), 3, enable_nested_tensor=False)
+        decoder = tl.nn.TransformerDecoderLayer if lazy else functools.partial(nn.TransformerDecoderLayer, width)
+        return nn.TransformerDecoder(decoder(heads, dim_feedforward=16), 3)
 
     args = (x,) if container == "encoder" else (x, memory)
     torch.manual_seed(0)
@@ -496,3 +498,23 @@ def test_a_method_of_an_unbuilt_layer_using_its_parts_is_a_not_built_error() -> 
     with pytest.raises(tl.NotBuiltError, match="not built yet"):
         layer.log_prob(torch.randn(5, 16))
     assert layer(torch.randn(5, 16), torch.tensor([0, 3, 5, 9, 1])).output.shape == (5,)
+
+
+def test_a_partial_freeze_before_the_first_call_follows_the_parameters_it_froze() -> None:
+    """All frozen, then `out_proj` unfrozen: q/k/v_proj_weight stand where the frozen in_proj_weight stood."""
+    layer = tl.nn.MultiheadAttention(2, batch_first=True).requires_grad_(False)
+    layer.out_proj.requires_grad_(True)
+    layer(torch.randn(2, 3, 8), torch.randn(2, 4, 5), torch.randn(2, 4, 3))
+    grads = {name: p.requires_grad for name, p in layer.named_parameters()}
+    assert not grads["q_proj_weight"] and grads["out_proj.weight"]
+
+
+def test_deep_copies_build_on_their_own_inputs_device_and_size_options_take_any_integer() -> None:
+    """A copy built after another took its values on the other's device (a meta input was refused); a numpy
+    integer `normalized_ndim` was refused."""
+    first = tl.nn.Linear(4)
+    second = copy.deepcopy(first)
+    first(torch.randn(2, 3))
+    second(torch.randn(2, 3, device="meta"))
+    assert second.weight.is_meta and second.weight.shape == first.weight.shape
+    assert tuple(tl.nn.LayerNorm(normalized_ndim=np.int64(2))(torch.randn(2, 3, 4)).shape) == (2, 3, 4)

@@ -26,6 +26,7 @@ import copy
 import functools
 import inspect
 import itertools
+import numbers
 import re
 import sys
 import threading
@@ -521,7 +522,7 @@ class _LazyLayer:
         self._tl_options = {k: given.pop(k, v) for k, v in self._tl_defaults.items()}
         for rule in self._tl_rules.values():
             rank = self._tl_options.get(rule.option) if isinstance(rule, Trailing) else 1
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
                 raise ArgumentError(
                     f"`{type(self).__qualname__}`: `{rule.option}` (how many trailing dims of the input the layer "  # type: ignore[union-attr]
                     f"takes) must be an int >= 1, got {rank!r}."
@@ -546,22 +547,20 @@ class _LazyLayer:
                 return self._tl_cls(**kwargs)
         return self._tl_cls(**kwargs)
 
-    def _tl_skeleton(self, values: dict[str, Any] | None = None, after: int | None = None) -> nn.Module | None:
-        """The real class built on the meta device from `values`, or from the first probe sizes it accepts (with
-        `after`: the last ones past the `after`-th attempt, the largest sizes, for a skeleton as unlike the first
-        as can be, to tell what depends on the sizes: `in_features // 4` is 0 for both 1 and 2)."""
+    def _tl_skeleton(self, values: dict[str, Any] | None = None) -> nn.Module | None:
+        """The real class built on the meta device from `values`, or from the first probe sizes it accepts (kept on
+        it as `_tl_values`)."""
         if values is not None:
             try:
                 return self._tl_construct(values, meta=True)
             except Exception:
                 return None
         choices = {name: rule.probes() for name, rule in self._tl_rules.items()}
-        attempts = range(max(len(c) for c in choices.values()))
-        for i in attempts if after is None else reversed(attempts[after + 1 :]):
+        for i in range(max(len(c) for c in choices.values())):
             attempt = {name: c[min(i, len(c) - 1)] for name, c in choices.items()}
             skeleton = self._tl_skeleton(attempt)
             if skeleton is not None:
-                skeleton.__dict__["_tl_attempt"] = i
+                skeleton.__dict__["_tl_values"] = attempt
                 return skeleton
         return None
 
@@ -601,25 +600,35 @@ class _LazyLayer:
 
     def _tl_fixed(self, skeleton: nn.Module | None) -> dict[str, dict[str, Any]]:
         """Per sub-module path, the attributes the real class sets whose values are the same in a skeleton of other
-        sizes (without another skeleton: those named as the constructor's given or defaulted arguments)."""
-        if skeleton is None:
+        sizes: every inferred size doubled (what divided heads or groups still does), the optional ones given
+        (`kdim`: MultiheadAttention's `_qkv_same_embed_dim`). Nothing where no such skeleton builds; never a
+        device (both skeletons are on meta)."""
+        values = skeleton.__dict__.get("_tl_values") if skeleton is not None else None
+        other = None
+        if values is not None:  # the largest probe sizes where they build (thresholds, `in // div_value`), else doubled
+            largest = {name: rule.probes()[-1] for name, rule in self._tl_rules.items()}
+            for attempt in (_unlike(largest), _unlike(values)):
+                other = self._tl_skeleton(attempt) if attempt != values else None
+                if other is not None:
+                    break
+        if skeleton is None or other is None:
             return {}
-        other = self._tl_skeleton(after=skeleton.__dict__.get("_tl_attempt", 0))
-        others = dict(other.named_modules()) if other is not None else {}
-        arguments = set(self._tl_signature.parameters) - set(self._tl_rules)
+        others = dict(other.named_modules())
         fixed: dict[str, dict[str, Any]] = {}
         for prefix, sub in skeleton.named_modules():
             twin = others.get(prefix)
-            values = {}
-            for name, value in vars(sub).items():
-                if name in _MODULE_ATTRIBUTES or name in self._tl_rules or not _plain_value(value):
-                    continue
-                if twin is not None and _same_value(value, vars(twin).get(name, _MISSING)):
-                    values[name] = value
-                elif twin is None and not prefix and name in arguments:
-                    values[name] = value
-            if values:
-                fixed[prefix] = values
+            if twin is None:
+                continue
+            known = {
+                name: value
+                for name, value in vars(sub).items()
+                if name not in _MODULE_ATTRIBUTES
+                and name not in self._tl_rules
+                and _plain_value(value)
+                and _same_value(value, vars(twin).get(name, _MISSING))
+            }
+            if known:
+                fixed[prefix] = known
         return fixed
 
     def _tl_variable_names(self, skeleton: nn.Module | None) -> frozenset[str]:
@@ -804,22 +813,32 @@ class _LazyLayer:
     def _tl_become(self, values: dict[str, Any], device: torch.device, deferred: bool) -> None:
         copies = self.__dict__.pop(_markers.SOURCE, None)
         key = _layout_key(type(self), values) if copies is not None and not deferred else None
-        if key is not None and key in copies.first:  # a copy of a layer one of its copies was built from
-            real = copy.deepcopy(copies.first[key])
-            self._tl_cast_and_take(real, deferred)
+        if copies is None or key is None:
+            self._tl_cast_and_take(self._tl_new(values, device, deferred), deferred)
             return
+        with copies.lock:  # one first member per size, even when copies get their first calls on two threads
+            first = copies.first.get(key)
+            if first is None:
+                real = self._tl_new(values, device, deferred)
+                if not any(t.is_meta for t in itertools.chain(real.parameters(), real.buffers())):
+                    copies.first[key] = copy.deepcopy(real)  # what its copies take: its values as built, uncast
+            else:  # a copy of a layer another copy was built from: its values, on this input's device
+                real = copy.deepcopy(first)
+                held = next(itertools.chain(real.parameters(), real.buffers()), None)
+                if held is not None and held.device != torch.device(device) and self._tl_args.get("device") is None:
+                    real.to(device)
+        self._tl_cast_and_take(real, deferred)
+
+    def _tl_new(self, values: dict[str, Any], device: torch.device, deferred: bool) -> nn.Module:
+        """The real class constructed with the inferred `values` (drawing as eager construction draws)."""
         kwargs = dict(values)
         accepts = _parameters_of(self._tl_cls)
         if not deferred:
             if "device" in accepts and self._tl_args.get("device") is None:
                 kwargs["device"] = device
             with torch.device(device):
-                real = self._tl_construct(kwargs, meta=False)
-        else:
-            real = self._tl_construct(kwargs, meta=False)
-        if key is not None and not any(t.is_meta for t in itertools.chain(real.parameters(), real.buffers())):
-            copies.first[key] = copy.deepcopy(real)  # what its copies take: its values as built, before any cast
-        self._tl_cast_and_take(real, deferred)
+                return self._tl_construct(kwargs, meta=False)
+        return self._tl_construct(kwargs, meta=False)
 
     def _tl_cast_and_take(self, real: nn.Module, deferred: bool) -> None:
         me: nn.Module = self  # type: ignore[assignment]
@@ -985,6 +1004,7 @@ class _Copies:
 
     def __init__(self) -> None:
         self.first: dict[tuple[Any, ...], nn.Module] = {}
+        self.lock = threading.Lock()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Copies:
         return self
@@ -999,10 +1019,31 @@ _SIMPLE = (int, float, bool, str, type(None), torch.dtype, torch.device)
 
 
 def _plain_value(value: Any) -> bool:
-    """A value safe to hand out before the layer is built: immutable, or a function (an activation)."""
+    """A value safe to hand out before the layer is built: immutable, or a function (an activation); not a device
+    (the skeletons are all on meta: `self.device` would read "meta")."""
     if isinstance(value, tuple):
         return all(_plain_value(v) for v in value)
+    if isinstance(value, torch.device) or value == "meta":
+        return False
     return isinstance(value, _SIMPLE) or isinstance(value, (types.FunctionType, types.BuiltinFunctionType))
+
+
+def _unlike(values: dict[str, Any]) -> dict[str, Any]:
+    """Other sizes for a second skeleton: each size doubled (what divided heads or groups still does), each optional
+    size (None) given."""
+    sizes = [v for v in values.values() if isinstance(v, int)] + [
+        s for v in values.values() if isinstance(v, tuple) for s in v
+    ]
+    given = 2 * max(sizes, default=1) + 1
+
+    def other(v: Any) -> Any:
+        if v is None:
+            return given
+        if isinstance(v, tuple):
+            return tuple(2 * s for s in v)
+        return 2 * v
+
+    return {name: other(v) for name, v in values.items()}
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -1041,8 +1082,9 @@ def _take_over(me: nn.Module, real: nn.Module, reuse_placeholders: bool) -> None
     placeholders = {path: t for path, t in held.items() if stands_in(path, t)}
     # parameters the real class makes where the layer held others (MultiheadAttention's q/k/v_proj_weight for its
     # in_proj_weight, by the key/value sizes) follow a freeze of all of them (`layer.requires_grad_(False)`)
-    held_params = [t for t in placeholders.values() if isinstance(t, nn.Parameter)]
-    frozen = bool(held_params) and not any(t.requires_grad for t in held_params)
+    held_params = {path: t for path, t in placeholders.items() if isinstance(t, nn.Parameter)}
+    vanished = [t for path, t in held_params.items() if path not in theirs] or list(held_params.values())
+    frozen = bool(vanished) and not any(t.requires_grad for t in vanished)
     # tensors the user put in a placeholder's place before the build (`head.weight = wte.weight`: a tie), or
     # registered on the unbuilt layer (`layer.scale = nn.Parameter(...)`), stay: in eager they came after
     # construction
@@ -1226,7 +1268,7 @@ def make_lazy(cls: type[M], rules: dict[str, Rule], name: str, module: str) -> t
         "__doc__": doc,
         "__signature__": signature,
     }
-    if hasattr(cls, "flatten_parameters"):  # RNNs: `self.rnn.flatten_parameters()` at the top of a forward
+    if issubclass(cls, nn.RNNBase):  # `self.rnn.flatten_parameters()` at the top of a forward
         namespace["flatten_parameters"] = _nothing_to_flatten
     return type(name, (_LazyLayer, cls), namespace)  # type: ignore[return-value]
 
