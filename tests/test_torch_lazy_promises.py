@@ -39,6 +39,7 @@ import io
 import pickle
 import warnings
 import weakref
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -518,3 +519,53 @@ def test_deep_copies_build_on_their_own_inputs_device_and_size_options_take_any_
     second(torch.randn(2, 3, device="meta"))
     assert second.weight.is_meta and second.weight.shape == first.weight.shape
     assert tuple(tl.nn.LayerNorm(normalized_ndim=np.int64(2))(torch.randn(2, 3, 4)).shape) == (2, 3, 4)
+
+
+def test_parameters_registered_as_none_read_none_before_the_first_call() -> None:
+    """`bias=False`: PyTorch's lazy layers read `.bias` as None before the first call; an AttributeError here, and
+    `nn.TransformerEncoder` of a bias-free lazy layer could not be built."""
+    assert tl.nn.Linear(3, bias=False).bias is None
+    assert tl.nn.LayerNorm(elementwise_affine=False).weight is None
+    layer = tl.nn.TransformerEncoderLayer(2, dim_feedforward=16, batch_first=True, bias=False)
+    assert layer.self_attn.in_proj_bias is None
+    stack = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    assert stack(torch.randn(2, 3, 8)).shape == (2, 3, 8)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: tl.nn.GroupNorm(11), lambda: tl.nn.MultiheadAttention(13)], ids=["g11", "h13"]
+)
+def test_sizes_no_probe_divides_still_give_placeholders(make: Callable[[], nn.Module]) -> None:
+    """11 groups or 13 heads divide none of the probe sizes: the layer had no placeholders, so an optimizer made
+    before the first call left its parameters out and a freeze or cast before it was dropped, silently."""
+    layer = make()
+    assert list(layer.parameters())
+    layer.requires_grad_(False)
+    assert all(not p.requires_grad for p in layer.parameters())
+
+
+def test_settings_made_before_the_first_call_hold_on_the_built_layer() -> None:
+    """`ln.eps = 0.5` before the first call came back to 1e-5 after it (eager keeps what was set)."""
+    norm = tl.nn.LayerNorm()
+    norm.eps = 0.5
+    block = tl.nn.TransformerEncoderLayer(2, dim_feedforward=16)
+    block.norm_first = True
+    norm(torch.randn(2, 4))
+    block(torch.randn(3, 2, 8))
+    assert norm.eps == 0.5 and block.norm_first
+
+
+def test_a_lazy_class_holding_an_array_constructs() -> None:
+    """An attribute whose `==` is elementwise (a numpy array) broke the comparison of two skeletons."""
+
+    class Scaled(nn.Module):
+        def __init__(self, in_features: int, out_features: int) -> None:
+            super().__init__()
+            self.scale = np.ones(3)
+            self.proj = nn.Linear(in_features, out_features)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    layer = tl.lazy(Scaled, in_features=lambda x: x.shape[-1])(4)
+    assert layer(torch.randn(2, 5)).shape == (2, 4)

@@ -26,6 +26,7 @@ import copy
 import functools
 import inspect
 import itertools
+import math
 import numbers
 import re
 import sys
@@ -556,8 +557,18 @@ class _LazyLayer:
             except Exception:
                 return None
         choices = {name: rule.probes() for name, rule in self._tl_rules.items()}
-        for i in range(max(len(c) for c in choices.values())):
-            attempt = {name: c[min(i, len(c) - 1)] for name, c in choices.items()}
+        attempts = [
+            {name: c[min(i, len(c) - 1)] for name, c in choices.items()} for i in range(max(map(len, choices.values())))
+        ]
+        common = _common_multiple(self._tl_args)  # sizes no probe fits: 11 heads, 13 groups
+        if common is not None:
+            attempts.append(
+                {
+                    n: None if c == (None,) else (common,) if isinstance(c[0], tuple) else common
+                    for n, c in choices.items()
+                }
+            )
+        for attempt in attempts:
             skeleton = self._tl_skeleton(attempt)
             if skeleton is not None:
                 skeleton.__dict__["_tl_values"] = attempt
@@ -583,9 +594,11 @@ class _LazyLayer:
             skeleton = self._tl_skeleton()
             layout = []
             for prefix, sub in skeleton.named_modules() if skeleton is not None else ():
-                for name, p in sub._parameters.items():
+                for name, p in sub._parameters.items():  # one registered as None (`bias=False`) reads None
                     if p is not None:
                         layout.append(("param", prefix, name, p.requires_grad, p.dtype, True))
+                    else:
+                        layout.append(("none", prefix, name, False, torch.float32, True))
                 for name, b in sub._buffers.items():
                     if b is not None:
                         persistent = name not in sub._non_persistent_buffers_set
@@ -687,7 +700,9 @@ class _LazyLayer:
             for kind, prefix, name, requires_grad, dtype, persistent in self._tl_layout():
                 owner = me if not prefix else _unbuilt_at(me, prefix)
                 where = (weakref.ref(me), f"{prefix}.{name}" if prefix else name)
-                if kind == "param":
+                if kind == "none":
+                    owner._parameters[name] = None
+                elif kind == "param":
                     ph = LazyParameter(requires_grad, device, dtype)  # type: ignore[call-arg,arg-type]
                     setattr(ph, _markers.WHERE, where)
                     owner._parameters[name] = ph  # type: ignore[assignment]
@@ -852,7 +867,23 @@ class _LazyLayer:
         if wanted is not None and built is not None and built != wanted:
             real.to(wanted)
         real.train(me.training)
+        self._tl_carry_settings(real)
         _take_over(me, real, reuse_placeholders=not deferred)
+
+    def _tl_carry_settings(self, real: nn.Module) -> None:
+        """What the user set before the first call on what the layer knew already (`ln.eps = 0.5`,
+        `mha.batch_first = True`) holds on the built layer, as on eager's (it came back to the default)."""
+        me: nn.Module = self  # type: ignore[assignment]
+        stand_ins = dict(me.named_modules())
+        built = dict(real.named_modules())
+        for prefix, values in self._tl_learn()[3].items():
+            stand_in, target = stand_ins.get(prefix), built.get(prefix)
+            if stand_in is None or target is None:
+                continue
+            for name, value in values.items():
+                mine = stand_in.__dict__.get(name, _MISSING)
+                if mine is not _MISSING and not _same_value(mine, value):
+                    setattr(target, name, mine)
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         _save_unbuilt(self, destination, prefix, keep_vars)  # type: ignore[arg-type]
@@ -1023,9 +1054,16 @@ def _plain_value(value: Any) -> bool:
     (the skeletons are all on meta: `self.device` would read "meta")."""
     if isinstance(value, tuple):
         return all(_plain_value(v) for v in value)
-    if isinstance(value, torch.device) or value == "meta":
+    if isinstance(value, torch.device) or (isinstance(value, str) and value == "meta"):
         return False
     return isinstance(value, _SIMPLE) or isinstance(value, (types.FunctionType, types.BuiltinFunctionType))
+
+
+def _common_multiple(args: dict[str, Any]) -> int | None:
+    """The least common multiple of the constructor's integer arguments above 1 (heads, groups), within reason."""
+    ints = [v for v in args.values() if isinstance(v, int) and not isinstance(v, bool) and v > 1]
+    common = math.lcm(*ints) if ints else None
+    return common if common is not None and common <= 1 << 20 else None
 
 
 def _unlike(values: dict[str, Any]) -> dict[str, Any]:
