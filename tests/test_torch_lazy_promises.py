@@ -569,3 +569,28 @@ def test_a_lazy_class_holding_an_array_constructs() -> None:
 
     layer = tl.lazy(Scaled, in_features=lambda x: x.shape[-1])(4)
     assert layer(torch.randn(2, 5)).shape == (2, 4)
+
+
+def test_settings_of_a_module_put_in_a_stand_ins_place_are_not_carried() -> None:
+    """A 4-head attention the user put in place of an unbuilt layer's `self_attn`: its `num_heads` was set on the
+    built 2-head one, whose weights were made for 2 heads (it then computed wrong attention, silently)."""
+    block = tl.nn.TransformerEncoderLayer(2, dim_feedforward=16, batch_first=True)
+    block.self_attn = nn.MultiheadAttention(8, 4, batch_first=True)
+    block(torch.randn(2, 3, 8))
+    assert block.self_attn.head_dim * block.self_attn.num_heads == block.self_attn.embed_dim
+
+
+def test_a_default_that_no_probe_divides_still_gives_placeholders() -> None:
+    """`heads=13` as the class's default, not passed: no placeholders (passed, there were)."""
+
+    class Attention(nn.Module):
+        def __init__(self, dim: int, heads: int = 13) -> None:
+            super().__init__()
+            assert dim % heads == 0
+            self.proj = nn.Linear(dim, dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    lazy = tl.lazy(Attention, dim=lambda x: x.shape[-1])
+    assert [name for name, _ in lazy().named_parameters()] == ["proj.weight", "proj.bias"]

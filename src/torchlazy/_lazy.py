@@ -560,7 +560,8 @@ class _LazyLayer:
         attempts = [
             {name: c[min(i, len(c) - 1)] for name, c in choices.items()} for i in range(max(map(len, choices.values())))
         ]
-        common = _common_multiple(self._tl_args)  # sizes no probe fits: 11 heads, 13 groups
+        defaults = {p.name: p.default for p in self._tl_signature.parameters.values() if p.default is not p.empty}
+        common = _common_multiple({**defaults, **self._tl_args})  # sizes no probe fits: 11 heads, 13 groups
         if common is not None:
             attempts.append(
                 {
@@ -878,8 +879,8 @@ class _LazyLayer:
         built = dict(real.named_modules())
         for prefix, values in self._tl_learn()[3].items():
             stand_in, target = stand_ins.get(prefix), built.get(prefix)
-            if stand_in is None or target is None:
-                continue
+            if stand_in is None or target is None or (prefix and not isinstance(stand_in, _Unbuilt)):
+                continue  # (a module the user put in a stand-in's place is not a stand-in's settings)
             for name, value in values.items():
                 mine = stand_in.__dict__.get(name, _MISSING)
                 if mine is not _MISSING and not _same_value(mine, value):
