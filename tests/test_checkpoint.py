@@ -451,3 +451,19 @@ def test_key_map_errors_name_the_keys_it_made() -> None:
     with pytest.raises(tl.ArgumentError, match=r"`key_map` returned 3 \(int\) for `0\.weight`"):
         tl.materialize(model, checkpoint=state, key_map=lambda k: 3)
     assert tl.deferred_tensors(model) == ["0.weight", "0.bias"]
+
+
+def test_a_checkpoint_that_does_not_fit_a_lazy_layer_is_a_checkpoint_error() -> None:
+    """A lazy layer whose sizes no value makes fit the checkpoint raised a plain ShapeError, which
+    `except tl.CheckpointError` around a load missed; the model is left unbuilt."""
+    net = nn.Sequential(tl.nn.Linear(16), nn.ReLU(), tl.nn.Linear(4))
+    bad = {
+        "0.weight": torch.zeros(16, 8),
+        "0.bias": torch.zeros(16),
+        "2.weight": torch.zeros(5, 16),
+        "2.bias": torch.zeros(5),
+    }
+    with pytest.raises(tl.CheckpointError, match="do not fit the lazy layer") as caught:
+        tl.materialize(net, checkpoint=bad)
+    assert isinstance(caught.value, tl.ShapeError) and "`2.`" in str(caught.value)
+    assert not tl.is_built(net)

@@ -21,9 +21,9 @@ from torch import nn
 
 from . import _deferred, _lazy, _markers, _paths
 from . import _torch_compat as tc
-from ._checkpoint import Checkpoint, KeyPlan, open_checkpoint, plan_keys, renamer
+from ._checkpoint import Checkpoint, CheckpointShapeError, KeyPlan, open_checkpoint, plan_keys, renamer
 from ._distributed import Shard, Sharded, materialize_shards, sharded_targets
-from ._errors import ArgumentError, CheckpointError, DeferredError, listed
+from ._errors import ArgumentError, CheckpointError, DeferredError, ShapeError, listed
 from ._modtree import Placement, module_tensors, release_graphs, swap_all, unswappable
 from ._record import GENERATOR_LOCK, Record, default_generator, explicit_generators_kept, global_sets
 
@@ -252,7 +252,13 @@ def _build_lazy_from_checkpoint(
             prefix = f"{path}." if path else ""
             mine = {k[len(prefix) :]: torch.empty(s, device="meta") for k, s in shapes.items() if k.startswith(prefix)}
             if mine:
-                _lazy.build_from_state(sub, mine, prefix, deferred=True)
+                try:
+                    _lazy.build_from_state(sub, mine, prefix, deferred=True)
+                except ShapeError as e:  # a checkpoint error too: `except tl.CheckpointError` around a load sees it
+                    raise CheckpointShapeError(
+                        f"`{ckpt.path}`: its tensors under `{prefix or '(root)'}` ({listed(sorted(mine), 8)}) do not fit "
+                        f"the lazy layer there: {e}"
+                    ) from None
     if strict:
         unbuilt = [k for k, t in (*module.named_parameters(), *module.named_buffers()) if _lazy.is_placeholder(t)]
         if unbuilt:
