@@ -980,3 +980,19 @@ def test_a_real_tensor_given_other_memory_is_not_read_with_its_old_shape() -> No
             deferred = torch.zeros(2, 3)
             target.set_(deferred.untyped_storage(), 0, (6,))  # torch's device error about meta before
     assert torch.equal(target, torch.zeros(6))
+
+
+def test_build_takes_dtype_names_as_materialize_does_and_a_missing_checkpoint_says_so(tmp_path: Path) -> None:
+    """`tl.build(..., dtype="bf16")` raised torch's raw TypeError after building and materializing the model; a
+    checkpoint path that does not exist was called an unknown format; `flops=True` without inputs named only
+    `tl.estimate_memory`."""
+    net = nn.Sequential(tl.nn.Linear(3), nn.ReLU(), tl.nn.Linear(2))
+    tl.build(net, tl.Spec(2, 5), dtype="bf16")
+    assert {p.dtype for p in net.parameters()} == {torch.bfloat16}
+    with tl.deferred():
+        plain = nn.Linear(3, 2)
+    with pytest.raises(tl.CheckpointError, match="does not exist"):
+        tl.materialize(plain, checkpoint=tmp_path / "nowhere")
+    assert tl.is_deferred(plain)
+    with pytest.raises(tl.ShapeError, match="tl.summary"):
+        tl.summary(nn.Linear(3, 2), flops=True)

@@ -250,6 +250,8 @@ def open_checkpoint(path: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -
             f"not {type(path).__name__}."
         )
     p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"`checkpoint=`: `{p}` does not exist (no such file or folder). The model is unchanged.")
     if p.is_dir():
         for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             if (p / name).exists():

@@ -96,8 +96,9 @@ def _session(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     """The model, shaped if lazy, with fresh fake tensors in place of its own; undone on exit."""
     if not args and not kwargs:
         raise ShapeError(
-            "a cost estimate needs example inputs: pass what the forward takes, as `tl.Spec(*shape, dtype=...)` "
-            "or tensors, e.g. `tl.estimate_memory(model, tl.Spec(8, 3, 224, 224))`."
+            "a cost estimate (`tl.summary(..., flops=True)`, `tl.estimate_memory`) needs example inputs: pass what "
+            "the forward takes, as `tl.Spec(*shape, dtype=...)` or tensors, e.g. `tl.summary(model, "
+            "tl.Spec(8, 3, 224, 224), flops=True)` or `tl.estimate_memory(model, tl.Spec(8, 3, 224, 224))`."
         )
     _paths.remember_paths(module)
     # nothing the run does stays on the model: what its forwards set (`self.last = y`, a buffer registered on a

@@ -271,7 +271,8 @@ def build(
             "`tl.build` needs example inputs to shape the lazy layers: pass what the forward takes, "
             "as `tl.Spec(*shape, dtype=...)` or tensors, e.g. `tl.build(model, tl.Spec(8, 3, 224, 224))`."
         )
-    Placement.of(device, dtype, "tl.build")  # checked before anything is shaped: the errors name `tl.build`
+    placement = Placement.of(device, dtype, "tl.build")  # checked before anything is shaped: errors name `tl.build`
+    device, dtype = placement.device, placement.dtype  # names such as "bf16" as the dtypes they name
     refuse_torch_lazy(module, "tl.build")
     _paths.remember_paths(module)
     with _lazy.transaction():
