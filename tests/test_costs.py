@@ -432,6 +432,8 @@ def test_cli_takes_a_module_instance_and_names_a_missing_config(
     assert json.loads(out)["summary"]["total_flops"] == expected > 0
     code, _, err = run_cli(capsys, "summary", str(tmp_path / "missing" / "config.json"), "--input", "2x3")
     assert code == 2 and "no such file" in err
+    code, _, err = run_cli(capsys, "summary", "zoo:refuses", "--kwargs", '{"width": 7}')
+    assert code == 4 and "`zoo:refuses(width=7)` raised ValueError: no model of width 7" in err  # said only "boom"
 
 
 class _Checkpointed(nn.Module):

@@ -34,3 +34,7 @@ def broken() -> nn.Module:
 
 
 CNN_INSTANCE = cnn_eager()  # a module made at import, named as `zoo:CNN_INSTANCE`
+
+
+def refuses(width: int = 4) -> nn.Module:
+    raise ValueError(f"no model of width {width}")

@@ -140,8 +140,17 @@ def _construct(args: argparse.Namespace, seed: int | None = None) -> torch.nn.Mo
         return factory
     if seed is not None:
         torch.manual_seed(seed)
-    with deferred(concretize=args.concretize):
-        model = factory(**kwargs)
+    try:
+        with deferred(concretize=args.concretize):
+            model = factory(**kwargs)
+    except LazyError:
+        raise
+    except Exception as e:  # the model's own code: say where it ran (the exit code stays 4)
+        raise RuntimeError(
+            f"`{args.model}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})` raised {type(e).__name__}: {e} "
+            "(the model's own code, run under tl.deferred(); check --kwargs, or run the factory in Python to see "
+            "its traceback)"
+        ) from e
     if not isinstance(model, torch.nn.Module):
         raise LazyError(f"`{args.model}` returned {type(model).__name__}, not a torch.nn.Module")
     return model
