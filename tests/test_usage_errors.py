@@ -310,7 +310,8 @@ def test_a_factory_failing_with_any_exception_exits_4_with_one_line(
     monkeypatch.syspath_prepend(str(tmp_path))
     code, out, err = _cli(capsys, "summary", "broken_factory:make")
     assert (code, out) == (4, "")
-    assert err == "torchlazy: error: KeyError: 'hidden_size'\n"
+    assert err.startswith("torchlazy: error: `broken_factory:make()` raised KeyError: 'hidden_size' (the model's own")
+    assert err.count("\n") == 1
 
 
 def test_cli_concretize_flag_is_accepted(capsys: pytest.CaptureFixture[str]) -> None:

@@ -92,6 +92,10 @@ def parse_input(text: str) -> tuple[str | None, Spec]:
     return (name or None), Spec(*shape, dtype=dtype)
 
 
+class FactoryFailure(Exception):
+    """The model's factory raised (its own code): the error names the call."""
+
+
 def load_factory(target: str) -> Callable[..., Any]:
     module_name, sep, attr = target.partition(":")
     if not sep and (target.endswith(".json") or os.sep in target):
@@ -146,7 +150,7 @@ def _construct(args: argparse.Namespace, seed: int | None = None) -> torch.nn.Mo
     except LazyError:
         raise
     except Exception as e:  # the model's own code: say where it ran (the exit code stays 4)
-        raise RuntimeError(
+        raise FactoryFailure(
             f"`{args.model}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})` raised {type(e).__name__}: {e} "
             "(the model's own code, run under tl.deferred(); check --kwargs, or run the factory in Python to see "
             "its traceback)"
@@ -312,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportFailure as e:
         print(f"torchlazy: error: {e}", file=sys.stderr)
         return 3
+    except FactoryFailure as e:
+        print(f"torchlazy: error: {e}", file=sys.stderr)
+        return 4
     except Exception as e:  # noqa: BLE001  the model's own code (any exception), torch's, the output not writable
         hint = " (on the command line: --concretize)" if "concretize=True" in str(e) else ""
         print(f"torchlazy: error: {type(e).__name__}: {e}{hint}", file=sys.stderr)
