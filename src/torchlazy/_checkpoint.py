@@ -183,16 +183,18 @@ def _dtensor_entry(key: str, t: torch.Tensor, where: str) -> _Entry:
             "this model as the source is sharded. The model is unchanged."
         )
 
-    def read() -> torch.Tensor:
+    def rows_held() -> None:
         if not plain:
             raise refuse("its values are not this rank's slices (a partial sum, a strided shard)")
+
+    def read() -> torch.Tensor:
+        rows_held()
         if mine == tuple(slice(0, n) for n in t.shape):  # replicated: the whole tensor is here
             return local
         raise refuse("the tensor it goes to is not sharded")
 
     def read_slice(index: tuple[slice, ...]) -> torch.Tensor:
-        if not plain:
-            raise refuse("its values are not this rank's slices (a partial sum, a strided shard)")
+        rows_held()
         if all(m.start <= i.start and i.stop <= m.stop for i, m in zip(index, mine)):  # here (replicated: all is)
             return local[tuple(slice(i.start - m.start, i.stop - m.start) for i, m in zip(index, mine))].clone()
         raise refuse(f"the shard it goes to holds rows {_rows(index)}")

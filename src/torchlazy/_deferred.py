@@ -433,7 +433,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         reshapes = op_info(func).reshapes
         if written and reshapes and not any(tc.is_fake(t) for t in written):
             deferred_memory = any(  # a fake tensor, or its storage (`real.set_(fake.untyped_storage())`)
-                tc.is_fake(x) or (isinstance(x, torch.UntypedStorage) and x.device.type == "meta") for x in leaves
+                tc.is_fake(x) or (isinstance(x, torch.UntypedStorage) and not _real_storage(x)) for x in leaves
             )
             if not deferred_memory:
                 with tc.disable_current_modes():  # `real.t_()`: a shape change of a real tensor, as eager makes it
@@ -650,8 +650,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
 
     def _reads_memory_of(self, storage: torch.UntypedStorage) -> None:
         """Note real memory this record reads at materialize (a constant's): writes into it in a block are refused."""
-        if storage.device.type != "meta" and storage.nbytes():
-            self.record.read_memory.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+        if _real_storage(storage) and storage.nbytes():
+            self.record.read_memory.add((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
             _READING.add(self.record)
 
     def _owned_storage(self, storage: torch.UntypedStorage) -> int | None:
@@ -906,9 +906,12 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         seed = stream.generator.initial_seed()
         sources = [s for s in self.record.streams.values() if s is not stream and _seed_token(s, seed, digest)]
         if sources or (seed in _EARLIER_TOKENS and _is_token_state(seed, digest)):  # or an earlier block's token
-            generator = sources[0].generator if sources else None
-            which = "the global generator" if generator is torch.default_generator else "another generator"
-            which = which if sources else "a generator in an earlier block"
+            if not sources:
+                which = "a generator in an earlier block"
+            elif sources[0].generator is torch.default_generator:
+                which = "the global generator"
+            else:
+                which = "another generator"
             raise DeferredError(
                 f"a draw {self.where()} from a generator whose state was copied, inside a `tl.deferred()` block, "
                 f"from {which} after it drew (`get_rng_state()`/`get_state()` set into another generator, "
@@ -1078,9 +1081,9 @@ _EARLIER_TOKENS: dict[int, None] = {}
 _TOKENS_KEPT = 1 << 16
 
 
-def _is_token_state(seed: int, digest: bytes) -> bool:
+def _is_token_state(seed: int, digest: bytes, device: torch.device | str = "cpu") -> bool:
     """Whether the state of `digest` is the one `manual_seed(seed)` gives (a parked token, not a set state)."""
-    fresh = torch.Generator()
+    fresh = torch.Generator(device=device)
     fresh.manual_seed(seed)
     return _digest(fresh.get_state()) == digest
 
@@ -1089,11 +1092,7 @@ def _seed_token(stream: Stream, seed: int, digest: bytes) -> Key | None:
     """The draw after which the recorder parked the generator of `stream` in the state of `digest` (whose seed
     is `seed`), if it is such a token."""
     key = stream.seeds.get(seed)
-    if key is None:
-        return None
-    fresh = torch.Generator(device=stream.generator.device)
-    fresh.manual_seed(seed)
-    return key if _digest(fresh.get_state()) == digest else None
+    return key if key is not None and _is_token_state(seed, digest, stream.generator.device) else None
 
 
 def _covers(ref: TRef, nbytes: int) -> bool:

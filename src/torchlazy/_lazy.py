@@ -522,10 +522,12 @@ class _LazyLayer:
                 given.update(extra)
         self._tl_options = {k: given.pop(k, v) for k, v in self._tl_defaults.items()}
         for rule in self._tl_rules.values():
-            rank = self._tl_options.get(rule.option) if isinstance(rule, Trailing) else 1
+            if not isinstance(rule, Trailing):
+                continue
+            rank = self._tl_options.get(rule.option)
             if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
                 raise ArgumentError(
-                    f"`{type(self).__qualname__}`: `{rule.option}` (how many trailing dims of the input the layer "  # type: ignore[union-attr]
+                    f"`{type(self).__qualname__}`: `{rule.option}` (how many trailing dims of the input the layer "
                     f"takes) must be an int >= 1, got {rank!r}."
                 )
         self._tl_args = given
@@ -614,18 +616,18 @@ class _LazyLayer:
 
     def _tl_fixed(self, skeleton: nn.Module | None) -> dict[str, dict[str, Any]]:
         """Per sub-module path, the attributes the real class sets whose values are the same in a skeleton of other
-        sizes: every inferred size doubled (what divided heads or groups still does), the optional ones given
-        (`kdim`: MultiheadAttention's `_qkv_same_embed_dim`). Nothing where no such skeleton builds; never a
-        device (both skeletons are on meta)."""
+        sizes: the largest probe sizes doubled where they build (thresholds, `in // div_value`), else the first
+        skeleton's doubled (what divided heads or groups still does); optional sizes given (`kdim`:
+        MultiheadAttention's `_qkv_same_embed_dim`). Nothing where no such skeleton builds; never a device (both
+        skeletons are on meta)."""
         values = skeleton.__dict__.get("_tl_values") if skeleton is not None else None
-        other = None
-        if values is not None:  # the largest probe sizes where they build (thresholds, `in // div_value`), else doubled
-            largest = {name: rule.probes()[-1] for name, rule in self._tl_rules.items()}
-            for attempt in (_unlike(largest), _unlike(values)):
-                other = self._tl_skeleton(attempt) if attempt != values else None
-                if other is not None:
-                    break
-        if skeleton is None or other is None:
+        if skeleton is None or values is None:
+            return {}
+        largest = {name: rule.probes()[-1] for name, rule in self._tl_rules.items()}
+        other = self._tl_skeleton(_unlike(largest))
+        if other is None:
+            other = self._tl_skeleton(_unlike(values))
+        if other is None:
             return {}
         others = dict(other.named_modules())
         fixed: dict[str, dict[str, Any]] = {}
@@ -959,9 +961,10 @@ class _LazyLayer:
                 "layer first (`tl.build(model, example)`)."
             )
         ranks = "".join(
-            f" (of {self._tl_options.get(r.option, 1)} dims: `{r.option}={self._tl_options.get(r.option, 1)}`)"
+            f" (of {rank} dims: `{r.option}={rank}`)"
             for r in self._tl_rules.values()
             if isinstance(r, Trailing)
+            for rank in [self._tl_options.get(r.option, 1)]
         )
         raise ShapeError(
             f"`{prefix.rstrip('.') or type(self).__qualname__}` ({type(self).__qualname__}): no "

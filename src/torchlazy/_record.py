@@ -585,7 +585,7 @@ class Record:
         # storages that stand for a view of a real tensor made before the block (`r[0]`): a write there would
         # not reach the real tensor, as eager's does
         self.real_views: set[int] = set()
-        self.read_memory: list[tuple[int, int]] = []  # real memory its constants read at materialize (address spans)
+        self.read_memory: set[tuple[int, int]] = set()  # real memory its constants read at materialize (address spans)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Record:
         return self  # one program, shared by every tensor (and copy) that came from it

@@ -62,6 +62,10 @@ class ImportFailure(Exception):
     """The factory cannot be imported: exit code 3."""
 
 
+class FactoryFailure(Exception):
+    """The model's factory raised (its own code): exit code 4, the error naming the call."""
+
+
 def parse_dtype(flag: str, text: str) -> torch.dtype:
     dtype = DTYPES.get(text.strip().lower())
     if dtype is None:
@@ -90,10 +94,6 @@ def parse_input(text: str) -> tuple[str | None, Spec]:
         raise UsageError(f"bad --input `{text}`: sizes must be non-negative")
     dtype = parse_dtype(f"--input `{text}`", dtype_text) if dtype_text else torch.float32
     return (name or None), Spec(*shape, dtype=dtype)
-
-
-class FactoryFailure(Exception):
-    """The model's factory raised (its own code): the error names the call."""
 
 
 def load_factory(target: str) -> Callable[..., Any]:
