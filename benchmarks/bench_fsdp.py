@@ -1,8 +1,9 @@
 """Sharded materialization on FSDP2, 1 and 2 CPU ranks (gloo): per-rank time and peak memory vs the full model.
 
-    python benchmarks/bench_fsdp.py [--runs N] [--model 162m|500m|hidden=H,layers=L,heads=A]
+    python benchmarks/bench_fsdp.py [--runs N] [--model 500m|162m|hidden=H,layers=L,heads=A] [--no-check]
 
-Medians over N runs (each run spawns its own ranks, 1 thread each). A rank generates only the rows of its
+The model is a transformers Llama: ~0.47B parameters by default (the size issue #11 names for exact
+materialization), 162M, or any other size. Medians over N runs (each run spawns its own ranks, 1 thread each). A rank generates only the rows of its
 shard (exact: each draw jumped to the slice's first word; exact=False: the counter-based stream at the
 slice's offset), so per-rank time and memory fall as ranks are added; tensors whose init is not
 elementwise fall back to one full tensor at a time. The time includes deferred construction and the
@@ -10,6 +11,10 @@ elementwise fall back to one full tensor at a time. The time includes deferred c
 
 Two baselines: one process materializing the whole model with all the machine's threads, and with the one
 thread a rank has. Issue #11's target: the slowest of 2 ranks (exact) takes <= 0.6x the whole model.
+
+After the timed rounds (unless `--no-check`), one more exact run on 2 ranks gathers every parameter
+(`full_tensor()`, one at a time) and rank 0 compares it, and every buffer, with eager construction from the
+same seed: the bench fails (exit 1) if a single bit differs.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ import torch.multiprocessing as mp
 from _harness import child, machine, median_of, once, runs, warm_host
 from bench_materialize import config, exact_of, make_500m, warm_up
 from bench_materialize import make as make_162m
+from torch.distributed.tensor import DTensor
 
 import torchlazy as tl
 
 TARGET = 0.6  # issue #11: slowest rank / whole model in one process
-# the Llama to shard (the default; or ~0.47B: per-rank costs that do not shrink weigh less next to the draws);
+# the Llama to shard (~0.47B by default; at 162M what a rank spends besides its draws weighs more, see README);
 # set in the environment so that the baselines' and the ranks' processes build the same one
 if "--model" in sys.argv:
     os.environ["TORCHLAZY_BENCH_FSDP_MODEL"] = sys.argv[sys.argv.index("--model") + 1]
@@ -51,7 +57,7 @@ def _llama_of(spec: str):
     return lambda: LlamaForCausalLM(config(**sizes))
 
 
-_chosen = os.environ.get("TORCHLAZY_BENCH_FSDP_MODEL", "162m")
+_chosen = os.environ.get("TORCHLAZY_BENCH_FSDP_MODEL", "500m")
 make = MODELS[_chosen] if _chosen in MODELS else _llama_of(_chosen)
 THREADS = torch.get_num_threads()
 BASELINES = {
@@ -62,9 +68,10 @@ for variant in BASELINES.values():
     variant.setup = warm_up  # type: ignore[attr-defined]
 
 
-def rank_main(rank: int, world: int, port: int, out: str, exact: bool | None) -> None:
+def rank_main(rank: int, world: int, port: int, out: str, exact: bool | None, check: bool = False) -> None:
     """One rank: deferred construction, `fully_shard`, materialize (`exact=None`: torch's floor instead, the
-    model built on the meta device and sharded there, nothing materialized)."""
+    model built on the meta device and sharded there, nothing materialized); `check`: then the gathered model
+    against eager construction (untimed)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -96,17 +103,42 @@ def rank_main(rank: int, world: int, port: int, out: str, exact: bool | None) ->
         "peak": peak,
         "local": local,
     }
+    if check:
+        result["check"] = _against_eager(model, rank)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    dist.barrier()  # no rank tears gloo down while another still talks (a rank aborted at exit once without it)
     dist.destroy_process_group()
 
 
-def ranks(exact: bool | None, world: int = 2) -> list[dict]:
+def _against_eager(model: torch.nn.Module, rank: int) -> dict:
+    """Every parameter gathered from the ranks (`full_tensor()`, one at a time: a collective every rank joins)
+    and every buffer, compared by rank 0 with eager construction from the same seed, bit for bit."""
+    if rank == 0:
+        torch.manual_seed(0)
+        eager = make()
+        expected = {**dict(eager.named_parameters()), **dict(eager.named_buffers())}
+    compared, differ = 0, []
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            if rank == 0:
+                compared += 1
+                want = expected.pop(name, None)
+                if want is None or full.dtype != want.dtype or not torch.equal(full, want):
+                    differ.append(name)
+            del full
+    if rank == 0:
+        differ += [f"{name} (not in the materialized model)" for name in expected]
+    return {"compared": compared, "differ": differ}
+
+
+def ranks(exact: bool | None, world: int = 2, check: bool = False) -> list[dict]:
     with tempfile.TemporaryDirectory() as out, socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.close()
-        mp.spawn(rank_main, args=(world, port, out, exact), nprocs=world, join=True)
+        mp.spawn(rank_main, args=(world, port, out, exact, check), nprocs=world, join=True)
         return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
 
 
@@ -191,4 +223,14 @@ if __name__ == "__main__":
             f"slowest of 2 ranks, exact={exact}: {seconds:.3f} s = {seconds / bases[0]:.2f}x one process with "
             f"{THREADS} threads, {seconds / bases[1]:.2f}x one process with 1 thread; within each round vs 1 thread: "
             f"{ratios} (median {statistics.median(round_ratios[exact]):.2f}x; issue #11 target, exact: <= {TARGET}x)"
+        )
+    if "--no-check" not in sys.argv:
+        checked = ranks(True, 2, check=True)[0]["check"]
+        if checked["differ"]:
+            print(f"\nFAILED: gathered from 2 exact ranks, {len(checked['differ'])} tensor(s) differ from eager: "
+                  + ", ".join(checked["differ"][:10]))  # fmt: skip
+            sys.exit(1)
+        print(
+            f"\nexact: the {checked['compared']} parameters and buffers gathered from 2 ranks equal eager "
+            "construction from the same seed, bit for bit"
         )
