@@ -785,3 +785,20 @@ def test_a_write_into_memory_a_deferred_model_reads_is_refused_in_the_block(how:
             with torch.inference_mode(how == "inference mode"):
                 alias.mul_(10)
     assert torch.equal(sd["weight"], big[:4].view(2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(), (1, 1)])
+def test_a_single_half_precision_element_filled_past_its_range_is_inf_as_eager(dtype, shape) -> None:
+    # found by review: eager fills one float16/bfloat16 element without its overflow check (transformers' Reformer
+    # under a float16 default dtype: `init.constant_(mask_value, -1e9)` on a 0-dim buffer), refused here before
+    def make() -> nn.Module:
+        m = nn.Module()
+        m.register_buffer("low", torch.zeros(shape, dtype=dtype).fill_(-1e9))
+        m.register_buffer("high", nn.init.constant_(torch.empty(shape, dtype=dtype), 1e39))
+        return m
+
+    _both(make)
+    with pytest.raises(tl.DtypeError, match="without overflow"):  # two elements: eager raises, so does the block
+        with tl.deferred():
+            torch.zeros(2, dtype=dtype).fill_(1e39)

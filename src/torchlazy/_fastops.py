@@ -249,6 +249,8 @@ def fill_refused(
                     f"{value!r} cannot be converted to {dtype} without overflow (it has an imaginary part). "
                     "Fill with a real value, or make the tensor complex."
                 )
+        if dtype in _UNCHECKED_SINGLE and target.numel() == 1:
+            return None  # eager fills one half-precision element unchecked: a value beyond the range is +-inf
         low, high, int_low, floating = _limits(dtype)
         for part in parts:
             if floating:  # inf and nan are values of the dtype
@@ -261,6 +263,11 @@ def fill_refused(
                     "range, or make the tensor a wider dtype."
                 )
     return None
+
+
+# dtypes whose `fill_` of a single element converts the value without eager's overflow check (torch's one-element
+# path): `torch.zeros((), dtype=torch.float16).fill_(-1e9)` is -inf, where two elements raise
+_UNCHECKED_SINGLE = frozenset({torch.float16, torch.bfloat16})
 
 
 def draw_refused(func: Any, args: Any, kwargs: Any) -> str | None:
