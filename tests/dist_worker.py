@@ -132,7 +132,21 @@ def odd_shapes(rank: int, mesh: object, out: str) -> None:
     eager_local = {name: p.to_local().detach().clone() for name, p in build().named_parameters()}
     with tl.deferred():
         model = build()
-    tl.materialize(model)
+    import torchlazy._distributed as shards
+
+    rows_alone: dict[str, bool] = {}  # parameter -> its local rows made alone (no full tensor made)
+    whole = shards._local_exact
+
+    def local_exact(record: object, shard: shards.Shard) -> object:
+        value = whole(record, shard)  # type: ignore[arg-type]
+        rows_alone[shard.path] = value is not None
+        return value
+
+    shards._local_exact = local_exact  # type: ignore[assignment]
+    try:
+        tl.materialize(model)
+    finally:
+        shards._local_exact = whole
     local = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
 
     # a sub-module of an FSDP root materialized first, then the root: what is still deferred, said at each step
@@ -144,7 +158,7 @@ def odd_shapes(rank: int, mesh: object, out: str) -> None:
     steps.append((tl.is_deferred(pair[0].weight), tl.is_deferred(pair[1].weight), tl.deferred_tensors(pair)))
     tl.materialize(pair)
     steps.append((tl.is_deferred(pair[0].weight), tl.is_deferred(pair[1].weight), tl.deferred_tensors(pair)))
-    result = {"local": local, "eager_local": eager_local, "steps": steps}
+    result = {"local": local, "eager_local": eager_local, "steps": steps, "rows_alone": rows_alone}
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 
 

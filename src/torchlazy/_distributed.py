@@ -108,7 +108,9 @@ def sharded_targets(module: nn.Module, real: bool = False) -> list[Sharded]:
             shard: Sharded | None = None
             if original is not None and origin is not None:
                 shard = Shard(path, [(owner, name)], p, layouts, record=origin[0], ref=TRef.of(origin[1], original))
-            if own is not None and not (isinstance(shard, Shard) and _copied_untouched(shard, own[0], own[1])):
+            if own is not None and not (
+                isinstance(shard, Shard) and _copied_untouched(shard, own[0], TRef.of(own[1], local))
+            ):
                 # no origin kept (a lazy layer sized in the block), or written since `fully_shard` copied it (or its
                 # source written before the copy, after the block): the local tensor's own record holds its values
                 shard = Shard(path, [(owner, name)], p, layouts, record=own[0], ref=TRef.of(own[1], local), whole=True)
@@ -117,16 +119,24 @@ def sharded_targets(module: nn.Module, real: bool = False) -> list[Sharded]:
     return list(shards.values())
 
 
-def _copied_untouched(shard: Shard, record: Record, sid: int) -> bool:
-    """Whether the local tensor's storage `sid` holds only what `fully_shard` put there: a new buffer, then one
-    copy of this rank's slice of the parameter it replaced, with no write to either since. Then the slice of
-    that parameter's record is its value; otherwise the storage's own record is (a write since `fully_shard`
+def _copied_untouched(shard: Shard, record: Record, local: TRef) -> bool:
+    """Whether the local tensor `local` holds only what `fully_shard` put there: a new buffer, then one copy of
+    this rank's slice of the parameter it replaced into the local tensor's elements (the rest of the buffer,
+    FSDP's padding on the last ranks, left as made), with no write to either since. Then the slice of that
+    parameter's record is its value; otherwise the storage's own record is (a write since `fully_shard`
     counts, a write to the replaced parameter after the copy does not, as in eager)."""
+    sid = local.sid
     writers = record.storages[sid].writers if record is shard.record else None
     if not writers or len(writers) != 2 or all(made != sid for _, made in writers[0].outputs):
         return False
     copy = writers[1]
-    if copy.reads != (shard.ref.sid,) or copy.writes != (sid,):
+    # a copy into part of the buffer (the rows before the padding) reads the buffer too: it keeps the rest
+    if copy.writes != (sid,) or set(copy.reads) - {sid} != {shard.ref.sid}:
+        return False
+    target = copy.leaves[0] if copy.leaves else None
+    if not isinstance(target, TRef) or target.sid != sid:
+        return False
+    if (target.offset, target.size, target.stride) != (local.offset, local.size, local.stride):
         return False
     source = next((x for x in copy.leaves if isinstance(x, TRef) and x.sid == shard.ref.sid), None)
     origin = shard.ref
