@@ -42,6 +42,8 @@ def work(rank: int, world: int, job: str, out: str, checkpoint: str | None) -> N
         return again(rank, mesh, out)
     if job == "hsdp":
         return hsdp(rank, world, out)
+    if job == "shapes":
+        return shape_tools(rank, mesh, out)
     exact = not job.endswith("-fast")
     refused = job.endswith("-refused")  # a forward tried (and refused) before materialize
     dtype = torch.bfloat16 if job.endswith("-bf16") else None  # a cast: a new DTensor swapped into each parameter
@@ -443,6 +445,50 @@ def hsdp(rank: int, world: int, out: str) -> None:
             tl.materialize(model, exact=how != "fast", checkpoint=ckpt if how == "checkpoint" else None)
             result[f"{shape} {how}"] = {k: p.full_tensor().detach().clone() for k, p in model.named_parameters()}
     result["ckpt"] = ckpt
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+
+
+def shape_tools(rank: int, mesh: object, out: str) -> None:
+    """Shape-only forwards (summary, FLOPs, memory estimate, build) on a sharded model before its first forward:
+    refused before anything runs, the model left as it was (materialize and a forward then give eager's values);
+    after the first real forward a summary works. Saves the refusals and the outputs."""
+    from torch.distributed.fsdp import fully_shard
+
+    import torchlazy as tl
+
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(7, 10), torch.nn.GELU(), torch.nn.Linear(10, 4))
+
+    x = torch.ones(4, 7)
+    spec = tl.Spec(4, 7)
+    tools = {
+        "summary": lambda m: tl.summary(m, spec),
+        "flops": lambda m: tl.summary(m, spec, flops=True),
+        "memory": lambda m: tl.estimate_memory(m, spec),
+        "build": lambda m: tl.build(m, spec),
+    }
+    refusals: dict[str, str] = {}
+    with tl.deferred():
+        model = make()
+    fully_shard(model, mesh=mesh)
+    for name, tool in tools.items():
+        try:
+            tool(model)
+        except tl.ArgumentError as e:
+            refusals[name] = str(e)
+    tl.materialize(model)
+    try:
+        tools["summary"](model)
+    except tl.ArgumentError as e:
+        refusals["summary, materialized"] = str(e)
+    with torch.no_grad():
+        first = model(x)
+        rows = len(tl.summary(model, spec).rows)  # after the first forward: FSDP initialized, a summary runs
+        second = model(x)
+    with torch.no_grad():
+        eager = make()(x)
+    result = {"refusals": refusals, "outputs": [first, second], "eager": eager, "rows": rows}
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "forget_fake_conversions",
     "forget_real_conversions",
     "forget_storage_conversions",
+    "fsdp_before_first_forward",
     "fsdp_params",
     "no_dispatch",
     "override_fake_methods",
@@ -667,6 +668,16 @@ def fsdp_unsharded(module: nn.Module, deferred: bool) -> list[tuple[nn.Module, s
         ):
             found.append((owner, name))
     return found
+
+
+def fsdp_before_first_forward(module: nn.Module) -> str | None:
+    """The path of a module under `module` that FSDP2 sharded and whose first forward has not run yet (its state
+    not lazily initialized: the next forward initializes it, all-gathers included), or None."""
+    for path, sub in module.named_modules():
+        state_of = getattr(sub, "_get_fsdp_state", None)
+        if state_of is not None and getattr(state_of(), "_is_root", False) is None:
+            return path
+    return None
 
 
 def fsdp_params(module: nn.Module) -> Iterator[tuple[nn.Module, str, Any]]:
