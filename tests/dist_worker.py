@@ -20,6 +20,8 @@ import contextlib
 import gc
 import os
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -123,33 +125,46 @@ def odd_shapes(rank: int, mesh: object, out: str) -> None:
 
     import torchlazy as tl
 
-    def build() -> torch.nn.Module:
+    def unsharded(truncated: bool = False) -> torch.nn.Module:
         torch.manual_seed(0)
         shapes = [(3, 7), (31, 1), (15, 2), (8, 3), (5, 4), (2, 16), (40, 1)]
         model = torch.nn.Sequential(*[torch.nn.Embedding(*s) for s in shapes], torch.nn.Linear(7, 5))
+        if truncated:  # `trunc_normal_`, an initializer with a law (exact=False samples it by counter)
+            torch.nn.init.trunc_normal_(model[1].weight, std=0.02)
+            torch.nn.init.trunc_normal_(model[7].weight, std=0.02)
+        return model
+
+    def build(truncated: bool = False) -> torch.nn.Module:
+        model = unsharded(truncated)
         for child in model:
             fully_shard(child, mesh=mesh)
         return fully_shard(model, mesh=mesh)
 
-    eager_local = {name: p.to_local().detach().clone() for name, p in build().named_parameters()}
+    def local_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
+
+    eager_local = local_of(build())
     with tl.deferred():
         model = build()
-    import torchlazy._distributed as shards
-
     rows_alone: dict[str, bool] = {}  # parameter -> its local rows made alone (no full tensor made)
-    whole = shards._local_exact
-
-    def local_exact(record: object, shard: shards.Shard) -> object:
-        value = whole(record, shard)  # type: ignore[arg-type]
-        rows_alone[shard.path] = value is not None
-        return value
-
-    shards._local_exact = local_exact  # type: ignore[assignment]
-    try:
+    with _rows_alone_noted(rows_alone):
         tl.materialize(model)
-    finally:
-        shards._local_exact = whole
-    local = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
+    local = local_of(model)
+    # with `trunc_normal_`: exact (eager's rows) and exact=False (the unsharded model's rows), each rank's rows alone
+    truncated = {"eager": local_of(build(truncated=True))}
+    with tl.deferred():
+        whole = unsharded(truncated=True)
+    tl.materialize(whole, exact=False)
+    world = torch.distributed.get_world_size()
+    truncated["whole, exact=False"] = {
+        name: torch.chunk(p.detach(), world)[rank].clone() for name, p in whole.named_parameters()
+    }
+    for exact in (True, False):
+        with tl.deferred():
+            model = build(truncated=True)
+        with _rows_alone_noted(rows_alone, f"exact={exact} "):
+            tl.materialize(model, exact=exact)
+        truncated[f"exact={exact}"] = local_of(model)
 
     # a sub-module of an FSDP root materialized first, then the root: what is still deferred, said at each step
     with tl.deferred():
@@ -161,7 +176,33 @@ def odd_shapes(rank: int, mesh: object, out: str) -> None:
     tl.materialize(pair)
     steps.append((tl.is_deferred(pair[0].weight), tl.is_deferred(pair[1].weight), tl.deferred_tensors(pair)))
     result = {"local": local, "eager_local": eager_local, "steps": steps, "rows_alone": rows_alone}
+    result["truncated"] = truncated
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+
+
+@contextlib.contextmanager
+def _rows_alone_noted(noted: dict[str, bool], prefix: str = "") -> Iterator[None]:
+    """Note, for each sharded parameter materialized meanwhile, whether its local rows were made alone (True) or
+    cut from a full tensor (False)."""
+    import torchlazy._distributed as shards
+
+    originals = {name: getattr(shards, name) for name in ("_local_exact", "_local_only")}
+
+    def spy(original: Any) -> Any:
+        def local(record: Any, shard: Any, *rest: Any) -> Any:
+            value = original(record, shard, *rest)
+            noted[prefix + shard.path] = value is not None
+            return value
+
+        return local
+
+    for name, original in originals.items():
+        setattr(shards, name, spy(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(shards, name, original)
 
 
 def collectives(rank: int, mesh: object, out: str) -> None:

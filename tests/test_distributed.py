@@ -75,11 +75,18 @@ def test_fsdp2_odd_sizes_each_rank_exact(tmp_path: Path) -> None:
     """Small parameters of odd sizes (see `dist_worker.odd_shapes`): each rank's local tensors equal eager's on that
     rank. A shard ending among the last 16 elements of a `normal_` draw of n % 16 != 0 elements lacked the
     kernel's redraw of those 16 (rank 0 of a (3, 7) embedding differed from element 5 on). Every rank makes only
-    its rows, also the last one, whose shard FSDP pads (odd row counts: it made the whole tensor, found by review)."""
+    its rows, also the last one, whose shard FSDP pads (odd row counts: it made the whole tensor, found by review),
+    and also from `trunc_normal_`."""
     ranks = _spawn("odd", tmp_path)
     for result in ranks:
         assert_same_tensors(result["local"], result["eager_local"])
-        assert len(result["rows_alone"]) == 9 and all(result["rows_alone"].values()), result["rows_alone"]
+        assert len(result["rows_alone"]) == 27 and all(result["rows_alone"].values()), result["rows_alone"]
+        # `trunc_normal_` (an initializer whose law exact=False samples by counter) made every shard from a full
+        # tensor (found by review): exact, eager's rows; exact=False, the unsharded model's rows
+        truncated = result["truncated"]
+        assert_same_tensors(truncated["exact=True"], truncated["eager"])
+        assert_same_tensors(truncated["exact=False"], truncated["whole, exact=False"])
+        assert not torch.equal(truncated["exact=False"]["1.weight"], truncated["eager"]["1.weight"])
         # `tl.is_deferred` of a sharded parameter, and `tl.deferred_tensors` once a sub-module of the FSDP root is
         # materialized (FSDP's own record of the old parameter made it list the materialized ones)
         everything = ["0.weight", "0.bias", "1.weight", "1.bias"]

@@ -40,6 +40,7 @@ from ._record import (
     draw_of,
     explicit_generators_kept,
     global_sets,
+    law_marker,
     unflatten,
 )
 
@@ -215,10 +216,14 @@ def _elementwise_closure(record: Record, ref: TRef) -> list[Node] | None:
         return None
     for node in nodes:
         func = node.func
-        if func is None or node.outputs or node.spec is None or node.law is not None:
+        if func is None or node.outputs or node.spec is None:
             return None
-        elementwise = torch.Tag.pointwise in func.tags or func.overloadpacket in _ELEMENTWISE_FILLS  # type: ignore[attr-defined]
-        if not elementwise:
+        if func is law_marker:  # an initializer's law (`trunc_normal_`): its samples overwrite each element alone
+            if node.law is None:
+                return None
+        elif node.law is not None:
+            return None
+        elif not (torch.Tag.pointwise in func.tags or func.overloadpacket in _ELEMENTWISE_FILLS):  # type: ignore[attr-defined]
             return None
         for leaf in node.leaves:
             if isinstance(leaf, Const) or (isinstance(leaf, TRef) and leaf != ref):
@@ -242,12 +247,12 @@ def _run_on_rows(
     nodes: list[Node], values: torch.Tensor, draw: Callable[[Node, tuple[Any, ...], dict[str, Any]], None]
 ) -> None:
     """Run an elementwise closure on `values` (a flat range of the tensor's elements) in place of the
-    whole tensor; its random nodes are made by `draw(node, args, kwargs)`."""
+    whole tensor; its random nodes and initializers' laws are made by `draw(node, args, kwargs)`."""
     with torch.no_grad():
         for node in nodes:
             assert node.spec is not None and node.func is not None
             args, kwargs = unflatten([values if isinstance(x, TRef) else x for x in node.leaves], node.spec)
-            if node.stream is not None:
+            if node.stream is not None or node.func is law_marker:
                 draw(node, args, kwargs)
             else:
                 node.func(*args, **kwargs)
@@ -282,6 +287,8 @@ def _local_exact(record: Record, shard: Shard) -> torch.Tensor | None:
     values = torch.empty(stop - start, dtype=ref.dtype)
 
     def draw(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if node.func is law_marker:
+            return  # exact values are the recorded program's, which made them
         d = draws[id(node)]
         assert d is not None and node.stream is not None and node.func is not None
         offset = _rng.word_offset(d.op, ref.dtype, numel, start, **d.params) or 0
@@ -307,6 +314,13 @@ def _local_only(record: Record, shard: Shard, device: Any) -> torch.Tensor | Non
     values = torch.empty(b - a, dtype=shard.ref.dtype)
 
     def draw(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if node.func is law_marker:  # an initializer's law, sampled by counter as unsharded replay does
+            assert node.law is not None
+            try:
+                _counter.fill(values, node.law[0], node.law[1], counter_key(record, node), start=a)
+            except ValueError:  # a law too narrow to sample by counter: the recorded program's values stand
+                pass
+            return
         law = laws[id(node)]
         assert law is not None
         _counter.fill(values, law[0], law[1], counter_key(record, node), start=a)
