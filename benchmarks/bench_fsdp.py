@@ -19,6 +19,7 @@ same seed: the bench fails (exit 1) if a single bit differs.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -107,8 +108,14 @@ def rank_main(rank: int, world: int, port: int, out: str, exact: bool | None, ch
         result["check"] = _against_eager(model, rank)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    dist.barrier()  # no rank tears gloo down while another still talks (a rank aborted at exit once without it)
+    # gloo's threads outlive destroy_process_group and can abort at interpreter exit (see tests/dist_worker.py): wait
+    # until every rank is done talking, tear down, and leave without finalization (the results are on disk)
+    dist.barrier()
+    del model
+    gc.collect()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _against_eager(model: torch.nn.Module, rank: int) -> dict:
