@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -802,3 +802,79 @@ def test_a_single_half_precision_element_filled_past_its_range_is_inf_as_eager(d
     with pytest.raises(tl.DtypeError, match="without overflow"):  # two elements: eager raises, so does the block
         with tl.deferred():
             torch.zeros(2, dtype=dtype).fill_(1e39)
+
+
+def _with_matmul(m: nn.Module) -> None:
+    m.a, m.b = nn.Linear(64, 64), nn.Linear(64, 64)
+    m.register_buffer("ab", m.a.weight.detach() @ m.b.weight.detach())  # compute made at construction
+
+
+@contextlib.contextmanager
+def _numerics_put_back() -> Iterator[None]:
+    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def test_materialize_under_autocast_replays_construction_as_it_ran() -> None:
+    # found by review: replayed under the caller's autocast, a matmul gave bfloat16 bytes in a float32 buffer
+    def make() -> nn.Module:
+        m = nn.Module()
+        _with_matmul(m)
+        return m
+
+    torch.manual_seed(0)
+    eager = make()
+    torch.manual_seed(0)
+    with tl.deferred():
+        model = make()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tl.materialize(model)
+        assert torch.is_autocast_enabled("cpu")
+    assert_models_identical(model, eager)
+
+
+def test_settings_changed_in_or_after_the_block_are_those_each_op_replays_under() -> None:
+    # found by review: replay ran every op under the thread count, matmul precision and deterministic mode of
+    # materialize time (or of the block's entry): a reduction pinned to 1 thread in the model's code, a sum taken
+    # after `set_num_threads`, a matmul under another precision, `torch.empty` filled by deterministic mode, all
+    # gave other values, silently
+    def make() -> nn.Module:
+        m = nn.Module()
+        torch.set_num_threads(1)  # model code pins one thread for a reduction
+        m.register_buffer("s", torch.rand(2_000_003).sum().reshape(1))
+        torch.set_num_threads(3)
+        torch.use_deterministic_algorithms(True)
+        m.register_buffer("unset", torch.empty(5))  # deterministic mode fills it with nan
+        torch.use_deterministic_algorithms(False)
+        _with_matmul(m)
+        m.big = nn.Linear(2000, 1500)
+        return m
+
+    def after(m: nn.Module) -> None:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            m.big.weight.div_(m.big.weight.sum())
+        torch.set_num_threads(3)
+
+    with _numerics_put_back():
+        torch.set_num_threads(3)
+        torch.manual_seed(0)
+        eager = make()
+        after(eager)
+        torch.manual_seed(0)
+        with tl.deferred():
+            model = make()
+        after(model)
+        torch.set_float32_matmul_precision("medium")  # bfloat16 matmuls where the CPU has them
+        torch.set_num_threads(2)
+        torch.use_deterministic_algorithms(False)
+        tl.materialize(model)
+        assert torch.get_num_threads() == 2 and torch.get_float32_matmul_precision() == "medium"
+    assert torch.isnan(model.unset).all()
+    assert_models_identical(model, eager)

@@ -706,13 +706,23 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         setattr(storage, _markers.RECORD, (record, sid))
         key = (*self.prefix, self.count)  # `reserve()`, inlined
         self.count += 1
-        record.add(Node(key, func, spec, leaves, ((0, sid),), (), (), default_dtype=self._default_dtype()))
+        record.add(
+            Node(
+                key, func, spec, leaves, ((0, sid),), (), (), default_dtype=self._default_dtype(),
+                numerics=self._numerics(),
+            )
+        )  # fmt: skip
 
     def _default_dtype(self) -> torch.dtype | None:
         """torch's default dtype now, where a `set_default_dtype` inside the block made it other than the
         record's (`Node.default_dtype`: `torch.zeros(n)` follows it); else None."""
         dtype = torch.get_default_dtype()
         return None if dtype is self.record.default_dtype else dtype
+
+    def _numerics(self) -> tuple[Any, ...] | None:
+        """`tc.numerics()` now, where other than the record's (`Node.numerics`); else None."""
+        numerics = tc.numerics()
+        return None if numerics == self.record.numerics else numerics
 
     def _log(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         if id(func) in VIEWS and self._owned(args[0]) is not None:
@@ -794,7 +804,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             self.record.add(
                 Node(
                     key, func, spec, leaves, outputs, reads, writes, None, overwrites, default_dtype=dtype,
-                    meta_draw=meta_draw,
+                    meta_draw=meta_draw, numerics=self._numerics(),
                 )
             )  # fmt: skip
             return

@@ -157,6 +157,9 @@ class Node:
     # a draw made on the meta device (it drew nothing in eager code): replayed, where a tensor on the CPU needs its
     # shape, from a generator of its own, never the program's
     meta_draw: bool = False
+    # `tc.numerics()` when it ran, where other than its record's (the program set its thread count, deterministic
+    # mode or matmul precision in the block, or between the block and an op on its tensors): replay runs under it
+    numerics: tuple[Any, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -558,9 +561,10 @@ class Record:
     def __init__(self, *, live: bool = False) -> None:
         self.live = live
         self.default_dtype = torch.get_default_dtype()  # what replay runs under, whatever it is then
-        # and the thread count: torch's reductions and linear algebra (`orthogonal_`'s QR) give other bits on
-        # other thread counts, so recorded compute replays on the block's (draws do not depend on it)
-        self.threads = torch.get_num_threads()
+        # and the settings compute depends on (thread count: reductions and `orthogonal_`'s QR give other bits on
+        # other counts; deterministic mode; matmul precision): recorded compute replays under the block's, or
+        # under an op's own where the program changed them (`Node.numerics`); draws do not depend on them
+        self.numerics = tc.numerics()
         self.order = 0  # where live records (lazy layers built outside deferred) come in the RNG stream
         self.storages: dict[int, StorageInfo] = {}
         self.names: dict[int, str] = {}  # storage id -> `Class.attribute` that registered it, for messages
@@ -953,7 +957,7 @@ class Record:
         generator: torch.Generator | None = None,
         func: Any = None,
     ) -> None:
-        """Run `node` on real tensors, under its default dtype and `threads` (the block's count by default);
+        """Run `node` on real tensors, under its default dtype, numerics and `threads` (its own count by default);
         `generator`: the one it draws from, where it differs from the process-wide default it was recorded with,
         through `func` (the op, or its overload that takes `generator=`)."""
         if pending:
@@ -969,14 +973,14 @@ class Record:
                 args, kwargs = tc.pass_generator(func or node.func, args, kwargs, generator)
             dtype = node.default_dtype or self.default_dtype
             previous = torch.get_default_dtype()
-            wanted = self.threads if threads is None else threads
-            current = torch.get_num_threads()
+            wanted = node.numerics or self.numerics
+            if threads is not None and wanted[0] != threads:
+                wanted = (threads, *wanted[1:])
             try:
                 if dtype is not previous:
                     torch.set_default_dtype(dtype)
-                if current != wanted:
-                    torch.set_num_threads(wanted)
-                out = (func or node.func)(*args, **kwargs)
+                with tc.replay_settings(wanted):
+                    out = (func or node.func)(*args, **kwargs)
             except Exception as e:
                 raise DeferredError(
                     f"replaying `{node.name}` on {device} failed: {e}. The operation ran during "
@@ -986,8 +990,6 @@ class Record:
             finally:
                 if dtype is not previous:
                     torch.set_default_dtype(previous)
-                if current != wanted:
-                    torch.set_num_threads(current)
         flat = tc.tree_leaves(out)
         constants = {
             leaf.value.untyped_storage().data_ptr()

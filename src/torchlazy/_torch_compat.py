@@ -44,6 +44,8 @@ __all__ = [
     "forget_real_conversions",
     "forget_storage_conversions",
     "fsdp_before_first_forward",
+    "numerics",
+    "replay_settings",
     "fsdp_params",
     "no_dispatch",
     "override_fake_methods",
@@ -668,6 +670,64 @@ def fsdp_unsharded(module: nn.Module, deferred: bool) -> list[tuple[nn.Module, s
         ):
             found.append((owner, name))
     return found
+
+
+# (backend, op) of the float32 precisions a matmul, convolution or RNN computes under (`torch.backends.*.fp32_precision`;
+# `torch.set_float32_matmul_precision` sets them too)
+_PRECISIONS = (("generic", "all"), ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"), ("cuda", "matmul"))
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def numerics() -> tuple[Any, ...]:
+    """The process-wide settings that change the values compute gives (draws do not depend on them): the thread
+    count (reductions, `orthogonal_`'s QR), deterministic mode (it fills `torch.empty`'s memory), the float32 matmul
+    and convolution precisions. Recorded with each op, replayed under."""
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    precisions = tuple(getter(*p) for p in _PRECISIONS) if getter is not None else torch.get_float32_matmul_precision()
+    return (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,  # type: ignore[attr-defined]
+        precisions,
+    )
+
+
+def _set_numerics(values: tuple[Any, ...], current: tuple[Any, ...]) -> None:
+    threads, deterministic, warn_only, fill, precisions = values
+    if threads != current[0]:
+        torch.set_num_threads(threads)
+    if (deterministic, warn_only) != current[1:3]:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    if fill != current[3]:
+        torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
+    if precisions != current[4]:
+        if isinstance(precisions, str):
+            torch.set_float32_matmul_precision(precisions)
+        else:
+            for (backend, op), value in zip(_PRECISIONS, precisions):
+                torch._C._set_fp32_precision_setter(backend, op, value)
+
+
+@contextlib.contextmanager
+def replay_settings(wanted: tuple[Any, ...]) -> Iterator[None]:
+    """Run under the settings `wanted` (`numerics()` when an op was recorded) and with autocast off (the recorded
+    ops are what autocast made of the program's, if it was on then; a replay under the caller's autocast gave
+    other dtypes), then put the process's back."""
+    current = numerics()
+    autocast = [device for device in _AUTOCAST_DEVICES if torch.is_autocast_enabled(device)]
+    if current == wanted and not autocast:
+        yield
+        return
+    for device in autocast:
+        torch.set_autocast_enabled(device, False)
+    try:
+        _set_numerics(wanted, current)
+        yield
+    finally:
+        _set_numerics(current, wanted)
+        for device in autocast:
+            torch.set_autocast_enabled(device, True)
 
 
 def fsdp_before_first_forward(module: nn.Module) -> str | None:
