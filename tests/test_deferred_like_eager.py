@@ -878,3 +878,49 @@ def test_settings_changed_in_or_after_the_block_are_those_each_op_replays_under(
         assert torch.get_num_threads() == 2 and torch.get_float32_matmul_precision() == "medium"
     assert torch.isnan(model.unset).all()
     assert_models_identical(model, eager)
+
+
+def _factored(m: nn.Module, shift: float) -> None:
+    a = torch.randn(4, 4)
+    try:
+        m.register_buffer("L", torch.linalg.cholesky(a @ a.T + shift * torch.eye(4)))
+        m.how = "cholesky"
+    except torch.linalg.LinAlgError:
+        m.register_buffer("L", torch.eye(4))
+        m.how = "fallback"
+    m.register_buffer("vectors", torch.linalg.eigh(a @ a.T).eigenvectors)
+
+
+def test_value_checks_of_construction_run_at_materialize_or_at_once_under_concretize() -> None:
+    # found by review: `torch.linalg`'s error checks and `_assert_async` write nothing and were dropped: a
+    # construction eager code fails (or recovers from) materialized silently from other values
+    def make(shift: float) -> Callable[[], nn.Module]:
+        def build() -> nn.Module:
+            m = nn.Module()
+            _factored(m, shift)
+            return m
+
+        return build
+
+    _both(make(1.0))  # checks that pass: eager's values
+    torch.manual_seed(0)  # a matrix that is not positive definite, as eager below shows
+    with tl.deferred():
+        failing = make(-5.0)()
+    assert failing.how == "cholesky"  # the block could not know
+    with pytest.raises(tl.DeferredError, match="LinAlgError: linalg.cholesky.*concretize=True"):
+        tl.materialize(failing)
+    assert tl.is_deferred(failing)  # left as it was
+    torch.manual_seed(0)
+    eager = make(-5.0)()
+    torch.manual_seed(0)
+    with tl.deferred(concretize=True):
+        model = make(-5.0)()
+    tl.materialize(model)
+    assert model.how == eager.how == "fallback"
+    assert_models_identical(model, eager)
+    with tl.deferred():
+        m = nn.Module()
+        m.register_buffer("x", torch.zeros(2))
+        torch._assert_async(m.x.sum() > 1)
+    with pytest.raises(tl.DeferredError, match="_assert_async"):
+        tl.materialize(m)

@@ -762,6 +762,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                     if self._views_of_real(func, args):
                         self.record.real_views.add(sid)  # `r[0]` of a real `r`: its stand-in takes no writes
         if not outputs and not writes:
+            if id(func) in tc.VALUE_CHECKS and reads:
+                self._value_check(func, args, kwargs, spec, leaves, reads)
             return
         for sid in writes:  # `resize_` grows a storage: what covers it whole, and what replay allocates
             storage = self.record.storages[sid]
@@ -770,6 +772,17 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                 storage.nbytes = max(storage.nbytes, meta.nbytes())
         overwrites = self._full_overwrite(func, leaves, writes)
         self._append(func, args, kwargs, spec, leaves, outputs, reads, writes, overwrites)
+
+    def _value_check(self, func: Any, args: Any, kwargs: Any, spec: Any, leaves: list[Any], reads: list[int]) -> None:
+        """A check of computed values (`tc.VALUE_CHECKS`: `torch.linalg`'s error check, an assert): eager code raises when it
+        fails. Under `concretize` the values are computed and the check runs now, raising as eager's does (a
+        program may catch it); otherwise it runs first thing at materialize (`Record.run_checks`)."""
+        if self.concretize:
+            self._needs_values(func, args, kwargs)
+            return
+        node = Node(self.reserve(), func, spec, leaves, (), shared(tuple(reads)), (), numerics=self._numerics())
+        self.record.add(node)
+        self.record.checks.append((node, self._where_of(args, kwargs)))
 
     def _append(
         self,

@@ -154,8 +154,11 @@ def materialize(
             _build_lazy_from_checkpoint(module, ckpt, renamer(module, ckpt, key_map), strict)
         targets, real = _collect(module)
         shards = sharded_targets(module, real=changes)
+        involved = [t.record for t in targets] + [s.record for s in shards if isinstance(s, Shard)]
         if not exact:
-            _refuse_read_values([t.record for t in targets] + [s.record for s in shards if isinstance(s, Shard)])
+            _refuse_read_values(involved)
+        for record in {id(r): r for r in involved if r is not None}.values():
+            record.run_checks()  # a check eager construction failed at: no model, refused before anything changes
         plan = plan_keys(module, ckpt, key_map) if ckpt is not None else None
         everything = targets + real
         if plan is not None:

@@ -570,6 +570,9 @@ class Record:
         self.names: dict[int, str] = {}  # storage id -> `Class.attribute` that registered it, for messages
         self.streams: dict[int, Stream] = {}
         self.nodes: list[Node] = []
+        # checks of computed values eager makes at construction (`torch.linalg`'s errors, `_assert_async`), not yet
+        # run: materialize runs them first (`run_checks`); they write nothing
+        self.checks: list[tuple[Node, str]] = []  # (node, where the model's code made it)
         self._sorted = True
         self._next_sid = 0
         with tc.disable_current_modes():  # a record may begin inside a fake forward: states are real
@@ -762,6 +765,36 @@ class Record:
             finally:
                 for futures in pending.values():  # on failure: let workers finish before memory goes
                     wait(futures)
+
+    def run_checks(self) -> None:
+        """Run the value checks construction made (`torch.linalg.cholesky` of a matrix that is not positive definite
+        raises at once in eager code; in the block its values were unknown): each on the values its inputs had then.
+        A failing check raises a DeferredError; checks that passed are not run again."""
+        while self.checks:
+            node, where = self.checks[0]
+            assert node.spec is not None and node.func is not None
+            cpu = torch.device("cpu")
+            with GENERATOR_LOCK, explicit_generators_kept([self]), torch.no_grad():  # replay sets generators
+                saved = torch.default_generator.get_state()
+                try:
+                    env = self.evaluate(node.reads, bound=node.key)
+                    args, kwargs = unflatten([_real(leaf, env, cpu) for leaf in node.leaves], node.spec)
+                    with tc.replay_settings(node.numerics or self.numerics):
+                        node.func(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001  (what eager construction raised: said as it was)
+                    raise DeferredError(
+                        f"`{node.name}` {where} failed on the values construction computed: "
+                        f"{type(e).__name__.lstrip('_')}: {str(e).rstrip('.')}. Eager construction raises this "
+                        "error there (a "
+                        "`torch.linalg` function on a singular or not positive-definite matrix, an assert on "
+                        "values), so there is no model to materialize. Fix the construction code; to handle the "
+                        "error in the model's code as eager code does, construct under "
+                        "`tl.deferred(concretize=True)`, where such checks run at once."
+                    ) from e
+                finally:
+                    torch.default_generator.set_state(saved)
+                    self.release_scratch()
+            self.checks.pop(0)
 
     def run_on_scratch(self, node: Node, generator: torch.Generator, state: torch.Tensor) -> torch.Tensor:
         """Run a random node only for its draws, from `state` on `generator`: inputs it overwrites are scratch.

@@ -43,6 +43,7 @@ __all__ = [
     "forget_fake_conversions",
     "forget_real_conversions",
     "forget_storage_conversions",
+    "VALUE_CHECKS",
     "fsdp_before_first_forward",
     "numerics",
     "replay_settings",
@@ -728,6 +729,18 @@ def replay_settings(wanted: tuple[Any, ...]) -> Iterator[None]:
         _set_numerics(current, wanted)
         for device in autocast:
             torch.set_autocast_enabled(device, True)
+
+
+# ops that check computed values and raise when they fail, writing nothing (`torch.linalg.cholesky`'s error check,
+# `torch._assert_async`): the recorder keeps them as checks, run on the values at materialize
+VALUE_CHECKS = frozenset(
+    id(op)
+    for op in (
+        torch.ops.aten._linalg_check_errors.default,
+        torch.ops.aten._assert_async.default,
+        torch.ops.aten._assert_async.msg,
+    )
+)
 
 
 def fsdp_before_first_forward(module: nn.Module) -> str | None:
