@@ -924,3 +924,27 @@ def test_value_checks_of_construction_run_at_materialize_or_at_once_under_concre
         torch._assert_async(m.x.sum() > 1)
     with pytest.raises(tl.DeferredError, match="_assert_async"):
         tl.materialize(m)
+
+
+@pytest.mark.parametrize(
+    ("kind", "make"),
+    [
+        ("quantized", lambda: torch.quantize_per_tensor(torch.randn(10), 0.1, 0, torch.qint8)),
+        ("quantized", lambda: torch.ao.nn.quantized.Linear(8, 4)),
+        ("sparse", lambda: torch.sparse_coo_tensor(torch.tensor([[0, 1], [1, 0]]), torch.randn(2), (2, 2))),
+        ("sparse", lambda: torch.randn(3, 3).to_sparse()),
+        ("sparse", lambda: torch.randn(3, 3).to_sparse_csr()),
+    ],
+)
+def test_sparse_and_quantized_tensors_made_in_the_block_are_refused(kind: str, make: Callable[[], object]) -> None:
+    # found by review: a quantized tensor came out float32 holding garbage, silently; a sparse one raised torch's
+    # raw NotImplementedError from the recorder; a quantized module torch's dispatch error
+    with pytest.raises(tl.DeferredError, match=f"makes a {kind} tensor.*after `tl.materialize"):
+        with tl.deferred():
+            make()
+    with tl.deferred():
+        layer = nn.Linear(3, 3)
+    with pytest.raises(tl.DeferredError, match="makes a sparse tensor"):
+        layer.weight.to_sparse()  # after the block, on its tensors
+    tl.materialize(layer)
+    assert layer.weight.to_sparse().layout is torch.sparse_coo

@@ -466,6 +466,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                     "`functools.partial`): the loaded tensors would have no values. Call `torch.load` itself, "
                     "import torchlazy before taking the reference, or load before the block."
                 )
+        if op_info(func).quantizes:
+            self._refuse_layout(func, "quantized", args, kwargs)
         try:
             out = func(*args, **for_fake_kernel(func, kwargs))
         except tc.data_dependent_errors():
@@ -476,8 +478,20 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                 "Construct that module outside `tl.deferred()` (eagerly), materialize before this "
                 "operation, or register a fake kernel for the op (`torch.library.register_fake`)."
             ) from None
+        for t in (out,) if isinstance(out, torch.Tensor) else leaves_of(out):
+            if isinstance(t, torch.Tensor) and t.layout is not torch.strided:
+                self._refuse_layout(func, "sparse", args, kwargs)
         self._log(func, args, kwargs, out)
         return out
+
+    def _refuse_layout(self, func: Any, kind: str, args: Any, kwargs: Any) -> None:
+        """A sparse or quantized tensor made in the block: the record holds strided memory only (a sparse one
+        failed on its storage; a quantized one came out float32 holding garbage, silently)."""
+        raise DeferredError(
+            f"`{func}` {self._where_of(args, kwargs)} makes a {kind} tensor, which deferred construction cannot "
+            f"record (it records dense, strided tensors). Make the {kind} tensor after `tl.materialize(model)` "
+            "(from the materialized dense one), or construct this module outside `tl.deferred()`."
+        )
 
     @staticmethod
     def _views_of_real(func: Any, args: Any) -> bool:

@@ -50,7 +50,7 @@ _RESHAPES_IN_PLACE = frozenset(
 class _OpInfo:
     """What the recorder needs to know of an operator, read from its schema once."""
 
-    __slots__ = ("aliases", "generator", "hidden", "overwrites", "random", "reshapes", "written")
+    __slots__ = ("aliases", "generator", "hidden", "overwrites", "quantizes", "random", "reshapes", "written")
 
     def __init__(self, func: Any) -> None:
         schema = tc.op_schema(func)
@@ -68,6 +68,10 @@ class _OpInfo:
         self.random = torch.Tag.nondeterministic_seeded in func.tags
         self.generator = next((i for i, a in enumerate(arguments) if a.name == "generator"), None)
         self.overwrites = func.overloadpacket in _OVERWRITES
+        # makes a quantized tensor (`quantize_per_tensor`, a quantized module's `_empty_affine_quantized`); the
+        # float ops of quantization-aware training (`fake_quantize_*`) do not
+        name = func.overloadpacket.__name__
+        self.quantizes = "quantize" in name and "fake_quantize" not in name and "dequantize" not in name
 
     def written_by(self, args: Any, kwargs: Any) -> tuple[tuple[int, str], ...]:
         """The (index, name) of the arguments this call writes: its schema's, and those it writes unsaid."""
