@@ -948,3 +948,23 @@ def test_sparse_and_quantized_tensors_made_in_the_block_are_refused(kind: str, m
         layer.weight.to_sparse()  # after the block, on its tensors
     tl.materialize(layer)
     assert layer.weight.to_sparse().layout is torch.sparse_coo
+
+
+def test_printing_and_numpy_under_concretize_give_eager_values() -> None:
+    # found by review: the README said concretize=True computes `.numpy()` and printing for real; both were refused
+    def run(block: Callable[[], contextlib.AbstractContextManager[object]]) -> tuple[str, object]:
+        torch.manual_seed(0)
+        with block():
+            m = nn.Linear(3, 2)
+            printed = f"{m.weight}\n{m.bias.sum():.4f}\n{m.bias[0]!r} {m.bias * 2}\n{m.weight.detach()}"
+            array = m.weight.detach().numpy()
+        return printed, array
+
+    eager_printed, eager_array = run(contextlib.nullcontext)
+    printed, array = run(lambda: tl.deferred(concretize=True))
+    assert printed == eager_printed
+    assert (array == eager_array).all()  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="read-only"):  # a copy, not the tensor's memory: writes refused
+        array[0, 0] = 1.0  # type: ignore[index]
+    with pytest.raises(tl.DeferredError, match="concretize=True"), tl.deferred():
+        print(nn.Linear(3, 2).weight)

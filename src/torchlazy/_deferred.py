@@ -1281,10 +1281,28 @@ def _install_value_guard() -> None:
 
         def method(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if _local.recorders and _local.quiet == 0 and storage_of(self) is not None:
+                recorder = current_recorder()
+                if recorder is not None and recorder.concretize and recorder._owned(self) is not None:
+                    if name == "__format__" and self.dim() != 0:
+                        return object.__format__(self, *args)  # as torch's: `str(t)`, which prints as below
+                    values = recorder.values_of(self)  # computed for real, as `.item()` is under concretize
+                    with tc.disable_current_modes():
+                        if self.requires_grad:  # printed as eager prints it (`requires_grad=True`)
+                            values = values.detach().requires_grad_()
+                        out = getattr(values, name)(*args, **kwargs)
+                    if name == "numpy":  # eager's array is the tensor's memory; this one a copy: writes refused
+                        out.flags.writeable = False
+                    elif name == "__repr__" and getattr(self, "_is_param", False):  # a parameter of the block
+                        out = "Parameter containing:\n" + out
+                    elif name == "__repr__" and self.grad_fn is not None:  # a result of autograd, as eager names it
+                        head, _, tail = out.rpartition("requires_grad=True")
+                        out = f"{head}grad_fn=<{type(self.grad_fn).__name__}>{tail}"
+                    return out
                 raise DeferredError(
                     f"{what} during deferred construction of {_paths.constructing_module()}: under "
-                    "`tl.deferred()` tensors have shapes but no values. Print `t.shape` instead, or "
-                    "look at the values after `tl.materialize(model)`."
+                    "`tl.deferred()` tensors have shapes but no values. Print `t.shape` instead, look at the "
+                    "values after `tl.materialize(model)`, or construct under `tl.deferred(concretize=True)` "
+                    "(values computed for real)."
                 )
             owner = storage_of(self) if name == "numpy" and not _local.quiet else None
             if owner is not None:  # after its block: torch's own error says only "tensor subclasses"
