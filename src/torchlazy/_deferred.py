@@ -723,7 +723,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         record.add(
             Node(
                 key, func, spec, leaves, ((0, sid),), (), (), default_dtype=self._default_dtype(),
-                numerics=self._numerics(),
+                numerics=self._numerics() if id(func) in _UNINITIALIZED else None,
             )
         )  # fmt: skip
 
@@ -1098,6 +1098,11 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             else:
                 out.append(x)
         return out
+
+
+# factories whose memory is left as it is (deterministic mode fills it): of `tc.numerics()`, the only ones a
+# factory's values depend on (`zeros`, `arange` do not: no snapshot taken on construction's hot path)
+_UNINITIALIZED = frozenset(id(op) for op in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default))
 
 
 @functools.cache
