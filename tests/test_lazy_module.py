@@ -501,3 +501,37 @@ def test_what_a_build_registers_in_a_parents_list_stays_and_a_forwards_fake_log_
             model = Parent()
         tl.build(model, tl.Spec(2, 3))
         assert model.registry == ["proj"] and model.child.registry is model.registry and model.log == []
+
+
+class _Factored(tl.LazyModule):
+    """Builds a buffer through a value check (`cholesky`) and refuses inputs 3 wide in its forward."""
+
+    def build(self, x: torch.Tensor) -> None:
+        n = x.shape[-1]
+        a = torch.randn(n, n)
+        self.register_buffer("L", torch.linalg.cholesky(a @ a.T + n * torch.eye(n)))
+        self.lin = nn.Linear(n, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == 3:
+            raise ValueError("wrong width")
+        return self.lin(x @ self.L)
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_build_undone_by_a_failed_example_leaves_the_module_buildable_again_and_again(deferred: bool) -> None:
+    # found by review: the undo put copies of the hook tables back, so the next build's removal of its hook missed
+    # (a third `tl.build` failed on `_torchlazy_build_hook`); deferred, the undone build's value check stayed in the
+    # record and every later materialize failed on storages no longer there
+    torch.manual_seed(0)
+    eager = _Factored()
+    eager(torch.zeros(1, 5))
+    torch.manual_seed(0)
+    with tl.deferred() if deferred else contextlib.nullcontext():
+        model = _Factored()
+    with pytest.raises(tl.ShapeError):
+        tl.build(model, tl.Spec(1, 3))  # a wrong example: the build is undone
+    tl.build(model, tl.Spec(1, 5))
+    tl.build(model, tl.Spec(1, 5))  # built already: nothing to do
+    assert tl.is_built(model) and not tl.is_deferred(model)
+    assert_models_identical(model, eager)

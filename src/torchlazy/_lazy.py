@@ -298,14 +298,15 @@ def transaction(rollback: bool = False) -> Iterator[None]:
 
 def _snapshot(module: nn.Module) -> Callable[[], None]:
     state = dict(module.__dict__)
-    inner = {k: v.copy() for k, v in state.items() if k in MODULE_TABLES and hasattr(v, "copy")}
+    inner = {k: (v, v.copy()) for k, v in state.items() if k in MODULE_TABLES and hasattr(v, "copy")}
     cls = type(module)
 
     def undo() -> None:
         module.__dict__.clear()
         module.__dict__.update(state)
-        for k, v in inner.items():
-            module.__dict__[k] = v.copy()
+        for table, saved in inner.values():  # into the very tables: a hook's handle removes from the one it knew
+            table.clear()
+            table.update(saved)
         module.__class__ = cls
 
     return undo

@@ -644,6 +644,7 @@ class Record:
         if not gone:
             return
         self.nodes = [n for n in self.nodes if not inside(n)]
+        self.checks = [(n, where) for n, where in self.checks if not inside(n)]
         for n in gone:
             for _, sid in n.outputs:
                 self.storages.pop(sid, None)
