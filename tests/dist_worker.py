@@ -490,9 +490,9 @@ def hsdp(rank: int, world: int, out: str) -> None:
 
 
 def shape_tools(rank: int, mesh: object, out: str) -> None:
-    """Shape-only forwards (summary, FLOPs, memory estimate, build) on a sharded model before its first forward:
-    refused before anything runs, the model left as it was (materialize and a forward then give eager's values);
-    after the first real forward a summary works. Saves the refusals and the outputs."""
+    """Shape-only forwards (summary, FLOPs, memory estimate, build) on a sharded model, before and after its first
+    forward: refused before anything runs, the model left as it was (materialize, a forward, a backward, another
+    forward then give eager's values). Saves the refusals and the outputs."""
     from torch.distributed.fsdp import fully_shard
 
     import torchlazy as tl
@@ -523,13 +523,18 @@ def shape_tools(rank: int, mesh: object, out: str) -> None:
         tools["summary"](model)
     except tl.ArgumentError as e:
         refusals["summary, materialized"] = str(e)
+    first = model(x)
+    first.sum().backward()
+    for name, tool in tools.items():  # after a forward and a backward: FSDP's state would be left unsharded
+        try:
+            tool(model)
+        except tl.ArgumentError as e:
+            refusals[f"{name}, after a forward"] = str(e)
     with torch.no_grad():
-        first = model(x)
-        rows = len(tl.summary(model, spec).rows)  # after the first forward: FSDP initialized, a summary runs
         second = model(x)
-    with torch.no_grad():
         eager = make()(x)
-    result = {"refusals": refusals, "outputs": [first, second], "eager": eager, "rows": rows}
+    rows = len(tl.summary(make(), spec).rows)  # an unsharded model: no refusal
+    result = {"refusals": refusals, "outputs": [first.detach(), second], "eager": eager, "rows": rows}
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 
 

@@ -110,17 +110,19 @@ def test_fsdp2_refuses_collectives_on_deferred_shards(tmp_path: Path) -> None:
         assert_same_tensors(result["local"], result["eager_local"])
 
 
-def test_shape_only_forwards_on_a_sharded_model_before_its_first_forward_are_refused(tmp_path: Path) -> None:
-    """`tl.summary`/`estimate_memory`/`build` with example inputs on a model sharded by `fully_shard` before its
-    first forward: refused up front (they started FSDP's lazy initialization on fake tensors, failed with a
-    misleading shape error and left FSDP half-initialized: the next forward or materialize raised a raw
-    AttributeError; found by review). The model then materializes and runs as eager's; after its first forward
-    a summary works."""
+def test_shape_only_forwards_on_a_sharded_model_are_refused(tmp_path: Path) -> None:
+    """`tl.summary`/`estimate_memory`/`build` with example inputs on a model sharded by `fully_shard`: refused up
+    front (found by review: before its first forward they started FSDP's lazy initialization on fake tensors,
+    failed with a misleading shape error and left FSDP half-initialized; after it a summary or build left FSDP's
+    parameter groups unsharded; either way the next forward or materialize raised a raw error). The model then
+    materializes, trains and runs as eager's."""
     ranks = _spawn("shapes", tmp_path)
+    tools = ["summary", "flops", "memory", "build"]
     for result in ranks:
-        assert set(result["refusals"]) == {"summary", "flops", "memory", "build", "summary, materialized"}
+        expected = {*tools, "summary, materialized", *(f"{t}, after a forward" for t in tools)}
+        assert set(result["refusals"]) == expected
         for tool, message in result["refusals"].items():
-            assert "has not run a forward yet" in message and "before `fully_shard`" in message, (tool, message)
+            assert "is sharded by `fully_shard`" in message and "before `fully_shard`" in message, (tool, message)
         assert_same_tensors(result["outputs"][0], result["eager"], "first forward")
         assert_same_tensors(result["outputs"][1], result["eager"], "second forward")
         assert result["rows"] == 4

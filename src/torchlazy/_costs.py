@@ -45,7 +45,7 @@ from ._infer import (
     FoldConstants,
     fake_forward,
     mode_of,
-    refuse_fsdp_before_first_forward,
+    refuse_fsdp_sharded,
     refuse_torch_lazy,
     tracking_modules,
 )
@@ -195,7 +195,7 @@ def count_flops(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 
     _check_module(module, "count_flops")
     module = tc.uncompiled(module)
-    refuse_fsdp_before_first_forward(module, "tl.summary(..., flops=True)")
+    refuse_fsdp_sharded(module, "tl.summary(..., flops=True)")
     with _session(module, args, kwargs) as s, _naming_failures(module):
         counter = FlopCounterMode(display=False)
         with counter:
@@ -476,7 +476,7 @@ def estimate_memory(
     _check_module(module, "tl.estimate_memory")
     module = tc.uncompiled(module)
     refuse_torch_lazy(module, "tl.estimate_memory")
-    refuse_fsdp_before_first_forward(module, "tl.estimate_memory")
+    refuse_fsdp_sharded(module, "tl.estimate_memory")
     if mode not in ("train", "inference"):
         raise CostError(f"`mode` must be 'train' or 'inference', not {mode!r}.")
     train = mode == "train"

@@ -278,7 +278,7 @@ def build(
     with _lazy.transaction():
         examples = bool(example_args or example_kwargs)  # none: nothing lazy, nothing to check
         if examples:
-            refuse_fsdp_before_first_forward(module, "tl.build")
+            refuse_fsdp_sharded(module, "tl.build")
         if examples and not _shape_on_meta_twin(module, example_args, example_kwargs):
             # what the forward sets on the modules is put back (lazy layers keep what they build); autograd stays
             # as the caller has it: a `LazyModule.build` computing from its parameters makes what eager makes
@@ -293,18 +293,18 @@ def build(
     return module
 
 
-def refuse_fsdp_before_first_forward(module: nn.Module, caller: str) -> None:
-    """A model FSDP2 sharded whose first forward has not run: a shape-only forward would start FSDP's lazy
-    initialization (its state, all-gathers) on fake tensors, fail part-way and leave FSDP half-initialized (the
-    next real forward or materialize then failed). Refused before anything runs."""
-    path = tc.fsdp_before_first_forward(module)
+def refuse_fsdp_sharded(module: nn.Module, caller: str) -> None:
+    """A model FSDP2 sharded: a shape-only forward runs FSDP's forward hooks on fake tensors, on FSDP's shared
+    state, which torchlazy cannot put back: before the first forward it started FSDP's lazy initialization and
+    failed part-way, after it it left FSDP's parameter groups unsharded (the next forward then failed, or a
+    materialize). Refused before anything runs."""
+    path = tc.fsdp_sharded(module)
     if path is not None:
         where = f"`{path}`" if path else "the model"
         raise ArgumentError(
             f"`{caller}` with example inputs runs the model's forward on fake tensors, and {where} is sharded by "
-            "`fully_shard` but has not run a forward yet: that forward would start FSDP's initialization, which "
-            f"fake tensors cannot complete. Call `{caller}` before `fully_shard` (on the deferred model it costs "
-            "nothing), or after the model's first real forward."
+            "`fully_shard`: that forward would run FSDP's hooks, whose state fake tensors would leave broken. Call "
+            f"`{caller}` before `fully_shard` (on the deferred model it costs nothing), or on an unsharded copy."
         )
 
 

@@ -21,7 +21,7 @@ from . import _lazy
 from . import _torch_compat as tc
 from ._costs import FlopCounts, count_flops
 from ._errors import ArgumentError
-from ._infer import fake_forward, mode_of, refuse_fsdp_before_first_forward, refuse_torch_lazy
+from ._infer import fake_forward, mode_of, refuse_fsdp_sharded, refuse_torch_lazy
 from ._isolate import attributes_kept, fresh_fakes
 from ._twin import run_twin
 
@@ -235,7 +235,7 @@ def summary(
         raise ArgumentError(f"`tl.summary`: `depth=` takes a whole number >= 0 (or None for all), not `{depth!r}`.")
     if example_args or example_kwargs:
         refuse_torch_lazy(module, "tl.summary")
-        refuse_fsdp_before_first_forward(module, "tl.summary")
+        refuse_fsdp_sharded(module, "tl.summary")
     if flops:
         return _with_flops(summary(module, *example_args, depth=depth, **example_kwargs),
                            count_flops(module, example_args, example_kwargs))  # fmt: skip

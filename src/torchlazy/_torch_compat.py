@@ -44,7 +44,7 @@ __all__ = [
     "forget_real_conversions",
     "forget_storage_conversions",
     "VALUE_CHECKS",
-    "fsdp_before_first_forward",
+    "fsdp_sharded",
     "numerics",
     "replay_settings",
     "fsdp_params",
@@ -743,12 +743,10 @@ VALUE_CHECKS = frozenset(
 )
 
 
-def fsdp_before_first_forward(module: nn.Module) -> str | None:
-    """The path of a module under `module` that FSDP2 sharded and whose first forward has not run yet (its state
-    not lazily initialized: the next forward initializes it, all-gathers included), or None."""
+def fsdp_sharded(module: nn.Module) -> str | None:
+    """The path of the first module under `module` that FSDP2's `fully_shard` manages, or None."""
     for path, sub in module.named_modules():
-        state_of = getattr(sub, "_get_fsdp_state", None)
-        if state_of is not None and getattr(state_of(), "_is_root", False) is None:
+        if getattr(sub, "_get_fsdp_state", None) is not None:
             return path
     return None
 
