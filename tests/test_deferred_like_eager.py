@@ -931,12 +931,26 @@ def test_value_checks_of_construction_run_at_materialize_or_at_once_under_concre
     [
         ("quantized", lambda: torch.quantize_per_tensor(torch.randn(10), 0.1, 0, torch.qint8)),
         ("quantized", lambda: torch.ao.nn.quantized.Linear(8, 4)),
+        ("quantized", lambda: torch.empty(3, dtype=torch.qint8)),
         ("sparse", lambda: torch.sparse_coo_tensor(torch.tensor([[0, 1], [1, 0]]), torch.randn(2), (2, 2))),
         ("sparse", lambda: torch.randn(3, 3).to_sparse()),
         ("sparse", lambda: torch.randn(3, 3).to_sparse_csr()),
     ],
 )
 def test_sparse_and_quantized_tensors_made_in_the_block_are_refused(kind: str, make: Callable[[], object]) -> None:
+    # other libraries' ops named "quantize" that return plain integer tensors stay recorded (refused in a first
+    # version, found by review)
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+
+    def quantized_decomposed() -> nn.Module:
+        m = nn.Linear(4, 4)
+        weight = m.weight.detach()
+        m.register_buffer(
+            "q", torch.ops.quantized_decomposed.quantize_per_tensor(weight, 0.1, 0, -128, 127, torch.int8)
+        )
+        return m
+
+    _both(quantized_decomposed)
     # found by review: a quantized tensor came out float32 holding garbage, silently; a sparse one raised torch's
     # raw NotImplementedError from the recorder; a quantized module torch's dispatch error
     with pytest.raises(tl.DeferredError, match=f"makes a {kind} tensor.*after `tl.materialize"):

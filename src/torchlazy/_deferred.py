@@ -481,6 +481,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         for t in (out,) if isinstance(out, torch.Tensor) else leaves_of(out):
             if isinstance(t, torch.Tensor) and t.layout is not torch.strided:
                 self._refuse_layout(func, "sparse", args, kwargs)
+            if isinstance(t, torch.Tensor) and t.dtype in _QUANTIZED:  # `torch.empty_like(x, dtype=torch.qint8)`
+                self._refuse_layout(func, "quantized", args, kwargs)
         self._log(func, args, kwargs, out)
         return out
 
@@ -582,6 +584,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if out is SLOW:
             return out
         if op in FACTORIES:  # `fast_fake` made it from sizes and options alone
+            if out.dtype in _QUANTIZED:  # `torch.empty(3, dtype=torch.qint8)`
+                self._refuse_layout(func, "quantized", args, kwargs)
             self._log_new(func, args, kwargs, out)
         else:
             self._log(func, args, kwargs, out)
@@ -1100,6 +1104,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         return out
 
 
+_QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
 # factories whose memory is left as it is (deterministic mode fills it): of `tc.numerics()`, the only ones a
 # factory's values depend on (`zeros`, `arange` do not: no snapshot taken on construction's hot path)
 _UNINITIALIZED = frozenset(id(op) for op in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default))

@@ -68,10 +68,16 @@ class _OpInfo:
         self.random = torch.Tag.nondeterministic_seeded in func.tags
         self.generator = next((i for i, a in enumerate(arguments) if a.name == "generator"), None)
         self.overwrites = func.overloadpacket in _OVERWRITES
-        # makes a quantized tensor (`quantize_per_tensor`, a quantized module's `_empty_affine_quantized`); the
-        # float ops of quantization-aware training (`fake_quantize_*`) do not
+        # torch's ops that make a quantized tensor (`quantize_per_tensor`, a quantized module's
+        # `_empty_affine_quantized`), whose fake kernels report float32; not the float ops of quantization-aware
+        # training (`fake_quantize_*`), nor other libraries' ops (`quantized_decomposed` returns plain integers)
         name = func.overloadpacket.__name__
-        self.quantizes = "quantize" in name and "fake_quantize" not in name and "dequantize" not in name
+        self.quantizes = (
+            getattr(func, "namespace", "aten") == "aten"
+            and "quantize" in name
+            and "fake_quantize" not in name
+            and "dequantize" not in name
+        )
 
     def written_by(self, args: Any, kwargs: Any) -> tuple[tuple[int, str], ...]:
         """The (index, name) of the arguments this call writes: its schema's, and those it writes unsaid."""
