@@ -966,11 +966,20 @@ def test_sparse_and_quantized_tensors_made_in_the_block_are_refused(kind: str, m
 
 def test_printing_and_numpy_under_concretize_give_eager_values() -> None:
     # found by review: the README said concretize=True computes `.numpy()` and printing for real; both were refused
+    # (and in a first version a 0-dim parameter formatted as a number, a meta tensor printed values)
     def run(block: Callable[[], contextlib.AbstractContextManager[object]]) -> tuple[str, object]:
         torch.manual_seed(0)
         with block():
             m = nn.Linear(3, 2)
             printed = f"{m.weight}\n{m.bias.sum():.4f}\n{m.bias[0]!r} {m.bias * 2}\n{m.weight.detach()}"
+            scale = nn.Parameter(torch.tensor(1.5))  # a 0-dim parameter formats as text, not as a number
+            meta = torch.zeros(3, device="meta")  # no values in eager code either
+            printed += f"\n{scale}\n{meta!r} {meta + 1}"
+            for read in (lambda: f"{scale:.3f}", lambda: meta.sum().item(), meta.tolist, meta.numpy):
+                try:
+                    read()
+                except (TypeError, RuntimeError, NotImplementedError) as e:
+                    printed += f"\n{type(e).__name__}"
             array = m.weight.detach().numpy()
         return printed, array
 

@@ -1012,6 +1012,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         """The real values of this record's tensor `t` where `.item()` may compute them (see `_needs_values`),
         computed once for the whole tensor: `tolist()` of a draw-free tensor (drop-path rates from a
         `linspace`) would otherwise read each element by its own `.item()`, each replaying the tensor."""
+        if tc.fake_device(t).type == "meta":
+            return _meta_twin(t)  # no values in eager code either: reading them raises eager's error
         self._check_values_allowed(_LOCAL_SCALAR, (t,), {})
         with tc.disable_current_modes():
             return self._force([t])[0]  # type: ignore[no-any-return]
@@ -1043,6 +1045,13 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         )
 
     def _needs_values(self, func: Any, args: Any, kwargs: Any) -> Any:
+        flat, spec = tc.tree_flatten((args, kwargs))
+        if any(isinstance(x, torch.Tensor) and tc.is_fake(x) and tc.fake_device(x).type == "meta" for x in flat):
+            # a meta tensor has no values in eager code either: its op runs on meta, raising eager's error
+            twins = [_meta_twin(x) if isinstance(x, torch.Tensor) and tc.is_fake(x) else x for x in flat]
+            meta_args, meta_kwargs = spec.unflatten(twins)  # type: ignore[attr-defined]
+            with tc.no_dispatch():
+                return func(*meta_args, **meta_kwargs)
         self._check_values_allowed(func, args, kwargs)
         if func is _LOCAL_SCALAR:  # a rejection sampler's test is often decided by its draws' law alone
             ref = self._ref_or_none(args[0])
@@ -1108,6 +1117,13 @@ _QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2,
 # factories whose memory is left as it is (deterministic mode fills it): of `tc.numerics()`, the only ones a
 # factory's values depend on (`zeros`, `arange` do not: no snapshot taken on construction's hot path)
 _UNINITIALIZED = frozenset(id(op) for op in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default))
+
+
+def _meta_twin(t: torch.Tensor) -> torch.Tensor:
+    """A plain meta tensor of the fake tensor `t`'s geometry (one made on the meta device in a block)."""
+    with tc.no_dispatch():
+        twin = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+    return twin.requires_grad_(t.requires_grad) if t.dtype.is_floating_point or t.dtype.is_complex else twin
 
 
 @functools.cache
@@ -1293,9 +1309,9 @@ def _install_value_guard() -> None:
             if _local.recorders and _local.quiet == 0 and storage_of(self) is not None:
                 recorder = current_recorder()
                 if recorder is not None and recorder.concretize and recorder._owned(self) is not None:
-                    if name == "__format__" and self.dim() != 0:
-                        return object.__format__(self, *args)  # as torch's: `str(t)`, which prints as below
-                    values = recorder.values_of(self)  # computed for real, as `.item()` is under concretize
+                    if name == "__format__" and (self.dim() != 0 or getattr(self, "_is_param", False)):
+                        return object.__format__(self, *args)  # as torch's (not a plain 0-dim): `str(t)`, below
+                    values = recorder.values_of(self)  # computed for real, as `.item()` is (a meta tensor's twin)
                     with tc.disable_current_modes():
                         if self.requires_grad:  # printed as eager prints it (`requires_grad=True`)
                             values = values.detach().requires_grad_()
