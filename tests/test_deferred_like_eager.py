@@ -920,10 +920,12 @@ def test_value_checks_of_construction_run_at_materialize_or_at_once_under_concre
     assert_models_identical(model, eager)
     with tl.deferred():
         m = nn.Module()
-        m.register_buffer("x", torch.zeros(2))
-        torch._assert_async(m.x.sum() > 1)
+        m.register_buffer("x", torch.rand(2))
+        torch._assert_async(m.x.sum() > 5)  # on drawn values: checked at materialize
     with pytest.raises(tl.DeferredError, match="_assert_async"):
         tl.materialize(m)
+    with pytest.raises(RuntimeError, match="nonzero"), tl.deferred():  # draw-free and small: at once, as eager
+        torch._assert_async(torch.zeros(2).sum() > 1)
 
 
 @pytest.mark.parametrize(
@@ -991,3 +993,40 @@ def test_printing_and_numpy_under_concretize_give_eager_values() -> None:
         array[0, 0] = 1.0  # type: ignore[index]
     with pytest.raises(tl.DeferredError, match="concretize=True"), tl.deferred():
         print(nn.Linear(3, 2).weight)
+
+
+def test_linalg_errors_raise_where_eager_raises_them() -> None:
+    # found by review: svd/eigh raise inside their kernels (no check op): under concretize the program's fallback
+    # was skipped, then materialize failed advising `device='cpu'` on the CPU; a jitter loop around `cholesky` of a
+    # constant matrix (draw-free, read for real as `.item()` is) took another path than eager's
+    def make() -> nn.Module:
+        m = nn.Linear(3, 3)
+        try:
+            m.register_buffer("U", torch.linalg.svd(m.weight.detach() * float("nan")).U)
+            m.how = "svd"
+        except torch.linalg.LinAlgError:
+            m.register_buffer("U", torch.eye(3))
+            m.how = "fallback"
+        constant = torch.ones(4, 4)  # positive semi-definite: cholesky needs a jitter
+        for m.jitter in (0.0, 1e-3):
+            try:
+                m.register_buffer("L", torch.linalg.cholesky(constant + m.jitter * torch.eye(4)))
+                break
+            except torch.linalg.LinAlgError:
+                continue
+        return m
+
+    torch.manual_seed(0)
+    eager = make()
+    torch.manual_seed(0)
+    with tl.deferred(concretize=True):
+        model = make()
+    tl.materialize(model)
+    assert (model.how, model.jitter) == (eager.how, eager.jitter) == ("fallback", 1e-3)
+    assert_models_identical(model, eager)
+    torch.manual_seed(0)
+    with tl.deferred():  # without concretize: the svd of drawn values is recorded; eager's error at materialize
+        failing = make()
+    assert failing.jitter == 1e-3  # the constant matrix's check ran at once
+    with pytest.raises(tl.DeferredError, match="LinAlgError.*Eager construction raises this error there"):
+        tl.materialize(failing)

@@ -478,6 +478,8 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
                 "Construct that module outside `tl.deferred()` (eagerly), materialize before this "
                 "operation, or register a fake kernel for the op (`torch.library.register_fake`)."
             ) from None
+        if op_info(func).linalg:
+            self._kernel_check(func, args, kwargs)
         for t in (out,) if isinstance(out, torch.Tensor) else leaves_of(out):
             if isinstance(t, torch.Tensor) and t.layout is not torch.strided:
                 self._refuse_layout(func, "sparse", args, kwargs)
@@ -791,11 +793,30 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         overwrites = self._full_overwrite(func, leaves, writes)
         self._append(func, args, kwargs, spec, leaves, outputs, reads, writes, overwrites)
 
+    def _checks_at_once(self, args: Any, kwargs: Any) -> bool:
+        """Whether a check of the values of `args` runs now, as eager's does: under `concretize`, or where they
+        involve no draw and little data (as `.item()` of such values is read for real: a jitter loop around
+        `cholesky` of a constant matrix takes eager's path)."""
+        if self.concretize:
+            return True
+        drawn, nbytes = self._what_values_need(args, kwargs)
+        return not drawn and nbytes <= _CHEAP_BYTES
+
+    def _kernel_check(self, func: Any, args: Any, kwargs: Any) -> None:
+        """A `torch.linalg` kernel that raises on the values it is given (`svd` of a matrix with nan): run for real
+        where checks run at once (`_checks_at_once`), so that it raises where eager's does; its output stays
+        recorded."""
+        if self._checks_at_once(args, kwargs):
+            flat, spec = tc.tree_flatten((args, kwargs))
+            with tc.disable_current_modes():
+                real_args, real_kwargs = spec.unflatten(self._force(flat))  # type: ignore[attr-defined]
+                func(*real_args, **real_kwargs)
+
     def _value_check(self, func: Any, args: Any, kwargs: Any, spec: Any, leaves: list[Any], reads: list[int]) -> None:
         """A check of computed values (`tc.VALUE_CHECKS`: `torch.linalg`'s error check, an assert): eager code raises when it
         fails. Under `concretize` the values are computed and the check runs now, raising as eager's does (a
         program may catch it); otherwise it runs first thing at materialize (`Record.run_checks`)."""
-        if self.concretize:
+        if self._checks_at_once(args, kwargs):
             self._needs_values(func, args, kwargs)
             return
         node = Node(self.reserve(), func, spec, leaves, (), shared(tuple(reads)), (), numerics=self._numerics())

@@ -50,7 +50,7 @@ _RESHAPES_IN_PLACE = frozenset(
 class _OpInfo:
     """What the recorder needs to know of an operator, read from its schema once."""
 
-    __slots__ = ("aliases", "generator", "hidden", "overwrites", "quantizes", "random", "reshapes", "written")
+    __slots__ = ("aliases", "generator", "hidden", "linalg", "overwrites", "quantizes", "random", "reshapes", "written")
 
     def __init__(self, func: Any) -> None:
         schema = tc.op_schema(func)
@@ -72,6 +72,8 @@ class _OpInfo:
         # `_empty_affine_quantized`), whose fake kernels report float32; not the float ops of quantization-aware
         # training (`fake_quantize_*`), nor other libraries' ops (`quantized_decomposed` returns plain integers)
         name = func.overloadpacket.__name__
+        # torch's linear algebra kernels: some raise on the values they get (`svd` of a matrix with nan)
+        self.linalg = getattr(func, "namespace", "aten") == "aten" and name.startswith(("_linalg_", "linalg_"))
         self.quantizes = (
             getattr(func, "namespace", "aten") == "aten"
             and "quantize" in name

@@ -1016,6 +1016,13 @@ class Record:
                 with tc.replay_settings(wanted):
                     out = (func or node.func)(*args, **kwargs)
             except Exception as e:
+                if device.type == "cpu":  # as eager ran it: the values it got fail it, as they failed eager's
+                    raise DeferredError(
+                        f"replaying `{node.name}` failed on the values construction computed: {type(e).__name__}: "
+                        f"{str(e).rstrip('.')}. Eager construction raises this error there, so there is no model "
+                        "to materialize. Fix the construction code; to handle the error in the model's code as "
+                        "eager code does, construct under `tl.deferred(concretize=True)`."
+                    ) from e
                 raise DeferredError(
                     f"replaying `{node.name}` on {device} failed: {e}. The operation ran during "
                     "deferred construction; if it cannot run on this device, materialize on "
