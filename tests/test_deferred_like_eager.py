@@ -787,7 +787,7 @@ def test_a_write_into_memory_a_deferred_model_reads_is_refused_in_the_block(how:
     assert torch.equal(sd["weight"], big[:4].view(2, 2))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("shape", [(), (1, 1)])
 def test_a_single_half_precision_element_filled_past_its_range_is_inf_as_eager(dtype, shape) -> None:
     # found by review: eager fills one float16/bfloat16 element without its overflow check (transformers' Reformer
@@ -802,6 +802,20 @@ def test_a_single_half_precision_element_filled_past_its_range_is_inf_as_eager(d
     with pytest.raises(tl.DtypeError, match="without overflow"):  # two elements: eager raises, so does the block
         with tl.deferred():
             torch.zeros(2, dtype=dtype).fill_(1e39)
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_complex32_fills_are_checked_as_eager_checks_them() -> None:
+    # found by review: eager checks many complex32 elements against float32's range (70000 is inf), one element
+    # against its own
+    def make() -> nn.Module:
+        m = nn.Module()
+        m.register_buffer("many", torch.zeros(2, dtype=torch.complex32).fill_(70000.0))
+        return m
+
+    _both(make)
+    with pytest.raises(tl.DtypeError, match="without overflow"), tl.deferred():
+        torch.zeros((), dtype=torch.complex32).fill_(70000.0)
 
 
 def _with_matmul(m: nn.Module) -> None:

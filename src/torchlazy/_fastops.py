@@ -263,6 +263,8 @@ def fill_refused(
                 )
         if dtype in _UNCHECKED_SINGLE and target.numel() == 1:
             return None  # eager fills one half-precision element unchecked: a value beyond the range is +-inf
+        if dtype is torch.complex32 and target.numel() != 1:
+            dtype = torch.complex64  # eager checks many complex32 elements against float32's range only (inf)
         low, high, int_low, floating = _limits(dtype)
         for part in parts:
             if floating:  # inf and nan are values of the dtype
@@ -278,8 +280,17 @@ def fill_refused(
 
 
 # dtypes whose `fill_` of a single element converts the value without eager's overflow check (torch's one-element
-# path): `torch.zeros((), dtype=torch.float16).fill_(-1e9)` is -inf, where two elements raise
-_UNCHECKED_SINGLE = frozenset({torch.float16, torch.bfloat16})
+# path): `torch.zeros((), dtype=torch.float16).fill_(-1e9)` is -inf (float8 saturates or is inf), two elements raise
+_UNCHECKED_SINGLE = frozenset(
+    {
+        torch.float16,
+        torch.bfloat16,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.float8_e4m3fnuz,
+        torch.float8_e5m2fnuz,
+    }
+)
 
 
 def draw_refused(func: Any, args: Any, kwargs: Any) -> str | None:
