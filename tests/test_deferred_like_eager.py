@@ -821,6 +821,8 @@ def test_complex32_fills_are_checked_as_eager_checks_them() -> None:
 def _with_matmul(m: nn.Module) -> None:
     m.a, m.b = nn.Linear(64, 64), nn.Linear(64, 64)
     m.register_buffer("ab", m.a.weight.detach() @ m.b.weight.detach())  # compute made at construction
+    m.c, m.d = nn.Linear(512, 256), nn.Linear(256, 512)  # big enough for oneDNN's bfloat16 matmul
+    m.register_buffer("bf16", m.c.weight.detach().bfloat16() @ m.d.weight.detach().bfloat16())
 
 
 @contextlib.contextmanager
@@ -888,7 +890,12 @@ def test_settings_changed_in_or_after_the_block_are_those_each_op_replays_under(
         torch.set_float32_matmul_precision("medium")  # bfloat16 matmuls where the CPU has them
         torch.set_num_threads(2)
         torch.use_deterministic_algorithms(False)
-        tl.materialize(model)
+        torch.backends.mkldnn.enabled = False  # (its `flags()` context warns on this build)
+        try:
+            tl.materialize(model)
+            assert not torch.backends.mkldnn.enabled
+        finally:
+            torch.backends.mkldnn.enabled = True
         assert torch.get_num_threads() == 2 and torch.get_float32_matmul_precision() == "medium"
     assert torch.isnan(model.unset).all()
     assert_models_identical(model, eager)

@@ -682,7 +682,7 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 def numerics() -> tuple[Any, ...]:
     """The process-wide settings that change the values compute gives (draws do not depend on them): the thread
     count (reductions, `orthogonal_`'s QR), deterministic mode (it fills `torch.empty`'s memory), the float32 matmul
-    and convolution precisions. Recorded with each op, replayed under."""
+    and convolution precisions, whether oneDNN runs. Recorded with each op, replayed under."""
     getter = getattr(torch._C, "_get_fp32_precision_getter", None)
     precisions = tuple(getter(*p) for p in _PRECISIONS) if getter is not None else torch.get_float32_matmul_precision()
     return (
@@ -691,11 +691,14 @@ def numerics() -> tuple[Any, ...]:
         torch.is_deterministic_algorithms_warn_only_enabled(),
         torch.utils.deterministic.fill_uninitialized_memory,  # type: ignore[attr-defined]
         precisions,
+        torch.backends.mkldnn.enabled,  # oneDNN's matmuls and convolutions, or torch's own kernels
     )
 
 
 def _set_numerics(values: tuple[Any, ...], current: tuple[Any, ...]) -> None:
-    threads, deterministic, warn_only, fill, precisions = values
+    threads, deterministic, warn_only, fill, precisions, mkldnn = values
+    if mkldnn != current[5]:
+        torch.backends.mkldnn.enabled = mkldnn
     if threads != current[0]:
         torch.set_num_threads(threads)
     if (deterministic, warn_only) != current[1:3]:
