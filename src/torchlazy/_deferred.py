@@ -1085,8 +1085,9 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
             real_flat = self._force(flat)
             real_args, real_kwargs = spec.unflatten(real_flat)  # type: ignore[attr-defined]
             out = func(*real_args, **real_kwargs)
-            # the values to keep, copied while no mode runs (under the fake mode a clone is fake)
-            kept = [t.clone() if isinstance(t, torch.Tensor) else t for t in tc.tree_leaves(out)]
+            # the values to keep, copied while no mode runs (under the fake mode a clone is fake), each in its layout
+            # (`lstsq`'s solution is a strided view of a larger buffer: a clone made it dense, under the fake's strides)
+            kept = [_copy_in_layout(t) if isinstance(t, torch.Tensor) else t for t in tc.tree_leaves(out)]
         if not any(isinstance(t, torch.Tensor) for t in tc.tree_leaves(out)):
             return out
         # A tensor whose shape depends on values: keep its values as a constant.
@@ -1138,6 +1139,12 @@ _QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2,
 # factories whose memory is left as it is (deterministic mode fills it): of `tc.numerics()`, the only ones a
 # factory's values depend on (`zeros`, `arange` do not: no snapshot taken on construction's hot path)
 _UNINITIALIZED = frozenset(id(op) for op in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default))
+
+
+def _copy_in_layout(t: torch.Tensor) -> torch.Tensor:
+    """A copy of the real tensor `t` over a copy of its whole storage, with its offset, sizes and strides."""
+    storage = t.untyped_storage().clone()
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(storage, t.storage_offset(), t.shape, t.stride())
 
 
 def _meta_twin(t: torch.Tensor) -> torch.Tensor:
