@@ -112,16 +112,18 @@ def assert_models_identical(model_a: nn.Module, model_b: nn.Module) -> None:
     assert keys_a == keys_b, "state_dict " + _key_message(dict.fromkeys(keys_a), dict.fromkeys(keys_b))
 
 
-def eager_and_deferred(make: Callable[[], nn.Module], seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    """`make()` built eagerly, and under `tl.deferred()` then materialized, each after `torch.manual_seed(seed)`;
-    asserts that the block leaves the global generator where eager construction does."""
+def eager_and_deferred(
+    make: Callable[[], nn.Module], seed: int = 0, concretize: bool = False
+) -> tuple[nn.Module, nn.Module]:
+    """`make()` built eagerly, and under `tl.deferred(concretize=concretize)` then materialized, each after
+    `torch.manual_seed(seed)`; asserts that the block leaves the global generator where eager construction does."""
     import torchlazy as tl
 
     torch.manual_seed(seed)
     eager = make()
     eager_state = torch.get_rng_state()
     torch.manual_seed(seed)
-    with tl.deferred():
+    with tl.deferred(concretize=concretize):
         model = make()
     assert_same_tensors(torch.get_rng_state(), eager_state, "the generator after the block")
     tl.materialize(model)

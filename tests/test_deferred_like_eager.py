@@ -26,8 +26,12 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
 
 
-def _both(make: Callable[[], nn.Module], after: Callable[[nn.Module], object] = lambda m: None) -> None:
-    """`make()` then `after(model)`: eagerly, and deferred then materialized; the same bits."""
+def _both(
+    make: Callable[[], nn.Module],
+    after: Callable[[nn.Module], object] = lambda m: None,
+    around: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
+) -> nn.Module:
+    """`make()` then `after(model)`: eagerly, and deferred then materialized (inside `around()`); the same bits."""
     torch.manual_seed(0)
     eager = make()
     after(eager)
@@ -35,8 +39,10 @@ def _both(make: Callable[[], nn.Module], after: Callable[[nn.Module], object] = 
     with tl.deferred():
         model = make()
     after(model)
-    tl.materialize(model)
+    with around():
+        tl.materialize(model)
     assert_models_identical(model, eager)
+    return model
 
 
 # -- 1. work after the block is recorded, not dropped ------------------------------------
@@ -844,15 +850,13 @@ def test_materialize_under_autocast_replays_construction_as_it_ran() -> None:
         _with_matmul(m)
         return m
 
-    torch.manual_seed(0)
-    eager = make()
-    torch.manual_seed(0)
-    with tl.deferred():
-        model = make()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        tl.materialize(model)
-        assert torch.is_autocast_enabled("cpu")
-    assert_models_identical(model, eager)
+    @contextlib.contextmanager
+    def autocast() -> Iterator[None]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+            assert torch.is_autocast_enabled("cpu")  # put back
+
+    _both(make, around=autocast)
 
 
 def test_settings_changed_in_or_after_the_block_are_those_each_op_replays_under() -> None:
@@ -878,27 +882,22 @@ def test_settings_changed_in_or_after_the_block_are_those_each_op_replays_under(
             m.big.weight.div_(m.big.weight.sum())
         torch.set_num_threads(3)
 
-    with _numerics_put_back():
-        torch.set_num_threads(3)
-        torch.manual_seed(0)
-        eager = make()
-        after(eager)
-        torch.manual_seed(0)
-        with tl.deferred():
-            model = make()
-        after(model)
+    @contextlib.contextmanager
+    def other_settings() -> Iterator[None]:
         torch.set_float32_matmul_precision("medium")  # bfloat16 matmuls where the CPU has them
         torch.set_num_threads(2)
-        torch.use_deterministic_algorithms(False)
         torch.backends.mkldnn.enabled = False  # (its `flags()` context warns on this build)
         try:
-            tl.materialize(model)
-            assert not torch.backends.mkldnn.enabled
+            yield
+            assert not torch.backends.mkldnn.enabled  # put back
+            assert torch.get_num_threads() == 2 and torch.get_float32_matmul_precision() == "medium"
         finally:
             torch.backends.mkldnn.enabled = True
-        assert torch.get_num_threads() == 2 and torch.get_float32_matmul_precision() == "medium"
+
+    with _numerics_put_back():
+        torch.set_num_threads(3)
+        model = _both(make, after, around=other_settings)
     assert torch.isnan(model.unset).all()
-    assert_models_identical(model, eager)
 
 
 def _factored(m: nn.Module, shift: float) -> None:
@@ -931,12 +930,7 @@ def test_value_checks_of_construction_run_at_materialize_or_at_once_under_concre
     with pytest.raises(tl.DeferredError, match="LinAlgError: linalg.cholesky.*concretize=True"):
         tl.materialize(failing)
     assert tl.is_deferred(failing)  # left as it was
-    torch.manual_seed(0)
-    eager = make(-5.0)()
-    torch.manual_seed(0)
-    with tl.deferred(concretize=True):
-        model = make(-5.0)()
-    tl.materialize(model)
+    eager, model = eager_and_deferred(make(-5.0), concretize=True)
     assert model.how == eager.how == "fallback"
     assert_models_identical(model, eager)
     with tl.deferred():
@@ -1037,12 +1031,7 @@ def test_linalg_errors_raise_where_eager_raises_them() -> None:
                 continue
         return m
 
-    torch.manual_seed(0)
-    eager = make()
-    torch.manual_seed(0)
-    with tl.deferred(concretize=True):
-        model = make()
-    tl.materialize(model)
+    eager, model = eager_and_deferred(make, concretize=True)
     assert (model.how, model.jitter) == (eager.how, eager.jitter) == ("fallback", 1e-3)
     assert_models_identical(model, eager)
     torch.manual_seed(0)
@@ -1062,11 +1051,6 @@ def test_values_computed_under_concretize_keep_their_layout() -> None:
         m.register_buffer("x", torch.linalg.lstsq(a, b).solution.contiguous())
         return m
 
-    torch.manual_seed(0)
-    eager = make()
-    torch.manual_seed(0)
-    with tl.deferred(concretize=True):
-        model = make()
-    tl.materialize(model)
+    eager, model = eager_and_deferred(make, concretize=True)
     # LAPACK's last bits may differ where the block computes it (README, Limits): the layout error was up to 1.7
     torch.testing.assert_close(model.x, eager.x, rtol=1e-5, atol=1e-5)
