@@ -347,3 +347,22 @@ def test_summary_of_an_eval_transformer_encoder_with_a_padding_mask() -> None:
     s = tl.summary(encoder, tl.Spec(2, 5, 16), src_key_padding_mask=mask)
     assert s.total_params == sum(p.numel() for p in encoder.parameters())
     assert {r.path: r for r in s.rows}["layers.0"].outputs == ((2, 5, 16),)
+
+
+def test_a_module_with_an_attribute_named_as_fsdps_is_not_taken_for_a_sharded_one() -> None:
+    # found by review: any module with a `_get_fsdp_state` attribute was refused as sharded by fully_shard (and a
+    # string there broke `tl.build`); FSDP's modules are known by their class
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = tl.nn.Linear(3)
+            self._get_fsdp_state = "not FSDP's"
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    model = Odd()
+    assert tl.summary(model, tl.Spec(2, 5)).total_params == 18
+    assert tl.estimate_memory(model, tl.Spec(2, 5)).params == 18 * 4
+    tl.build(model, tl.Spec(2, 5))
+    assert model.lin.weight.shape == (3, 5)

@@ -1008,6 +1008,9 @@ def test_printing_and_numpy_under_concretize_give_eager_values() -> None:
         array[0, 0] = 1.0  # type: ignore[index]
     with pytest.raises(tl.DeferredError, match="concretize=True"), tl.deferred():
         print(nn.Linear(3, 2).weight)
+    with tl.deferred():  # a meta tensor has no values in eager code either: printed as eager's, no concretize needed
+        shown = repr(torch.zeros(3, device="meta"))
+    assert shown == repr(torch.zeros(3, device="meta"))
 
 
 def test_linalg_errors_raise_where_eager_raises_them() -> None:

@@ -807,6 +807,7 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         where checks run at once (`_checks_at_once`), so that it raises where eager's does; its output stays
         recorded."""
         if self._checks_at_once(args, kwargs):
+            self._check_values_allowed(func, args, kwargs)  # notes values read (exact=False refuses such records)
             flat, spec = tc.tree_flatten((args, kwargs))
             with tc.disable_current_modes():
                 real_args, real_kwargs = spec.unflatten(self._force(flat))  # type: ignore[attr-defined]
@@ -1336,7 +1337,8 @@ def _install_value_guard() -> None:
         def method(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if _local.recorders and _local.quiet == 0 and storage_of(self) is not None:
                 recorder = current_recorder()
-                if recorder is not None and recorder.concretize and recorder._owned(self) is not None:
+                meta = tc.fake_device(self).type == "meta"  # no values in eager code either: printed as eager's
+                if recorder is not None and (recorder.concretize or meta) and recorder._owned(self) is not None:
                     if name == "__format__" and (self.dim() != 0 or getattr(self, "_is_param", False)):
                         return object.__format__(self, *args)  # as torch's (not a plain 0-dim): `str(t)`, below
                     values = recorder.values_of(self)  # computed for real, as `.item()` is (a meta tensor's twin)

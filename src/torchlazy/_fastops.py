@@ -72,8 +72,9 @@ class _OpInfo:
         # `_empty_affine_quantized`), whose fake kernels report float32; not the float ops of quantization-aware
         # training (`fake_quantize_*`), nor other libraries' ops (`quantized_decomposed` returns plain integers)
         name = func.overloadpacket.__name__
-        # torch's linear algebra kernels: some raise on the values they get (`svd` of a matrix with nan)
-        self.linalg = getattr(func, "namespace", "aten") == "aten" and name.startswith(("_linalg_", "linalg_"))
+        # torch's linear algebra kernels that raise on the values they get (`svd` of a matrix with nan), where no
+        # separate check op does (`cholesky`, `inv`: `_linalg_check_errors`)
+        self.linalg = getattr(func, "namespace", "aten") == "aten" and name in _RAISING_KERNELS
         self.quantizes = (
             getattr(func, "namespace", "aten") == "aten"
             and "quantize" in name
@@ -149,6 +150,9 @@ def flatten(args: Any, kwargs: Any) -> tuple[list[Any], Any]:
         spec = SPECS[key] = tc.tree_flatten((args, kwargs))[1]
         register_layout(spec, len(args), tuple(kwargs), shape)
     return leaves, spec
+
+
+_RAISING_KERNELS = frozenset({"_linalg_svd", "_linalg_eigh", "linalg_eig"})
 
 
 def _ids(ops: set[Any]) -> frozenset[int]:

@@ -746,21 +746,27 @@ VALUE_CHECKS = frozenset(
 )
 
 
+def _fsdp_modules(module: nn.Module) -> Iterator[tuple[str, Any]]:
+    """(path, module) of every module under `module` that FSDP2's `fully_shard` manages (by class: a module of
+    the user's may have an attribute of FSDP's names)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded (importing it costs sympy)
+    FSDPModule = getattr(fsdp, "FSDPModule", None)
+    if FSDPModule is None:
+        return
+    for path, sub in module.named_modules():
+        if isinstance(sub, FSDPModule):
+            yield path, sub
+
+
 def fsdp_sharded(module: nn.Module) -> str | None:
     """The path of the first module under `module` that FSDP2's `fully_shard` manages, or None."""
-    for path, sub in module.named_modules():
-        if getattr(sub, "_get_fsdp_state", None) is not None:
-            return path
-    return None
+    return next((path for path, _ in _fsdp_modules(module)), None)
 
 
 def fsdp_params(module: nn.Module) -> Iterator[tuple[nn.Module, str, Any]]:
     """(owner module, parameter name, FSDP's manager of it) for every FSDP2 module under `module`."""
-    for sub in module.modules():
-        state_of = getattr(sub, "_get_fsdp_state", None)
-        if state_of is None:
-            continue
-        state = state_of()
+    for _, sub in _fsdp_modules(module):
+        state = sub._get_fsdp_state()
         groups = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.12; older: one group or None
         if groups is None:
             single = getattr(state, "_fsdp_param_group", None)
