@@ -334,6 +334,10 @@ def test_goldens_text_markdown_and_json() -> None:
     data = json.loads(json.dumps({"summary": s.to_dict(), "memory": m.to_dict()}))
     assert data["summary"]["total_flops"] == s.total_flops and data["memory"]["peak"] == m.peak
     assert data["summary"]["rows"][1]["outputs"] == [[8, 16, 32, 32]]
+    # every category as `breakdown()` names it, in bytes (the optimizer's bytes were under `optimizer_state` and its
+    # name under `optimizer`: found by review)
+    assert {k: data["memory"][k] for k in m.breakdown()} == m.breakdown()
+    assert data["memory"]["optimizer_name"] == "AdamW"
 
 
 def test_listed_containers_show_dashes() -> None:

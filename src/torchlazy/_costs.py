@@ -348,15 +348,14 @@ class MemoryEstimate:
         return {c: getattr(self, c) for c in CATEGORIES}
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (bytes as ints)."""
+        """A JSON-able dict (bytes as ints; each `breakdown()` key means what it means there)."""
         return {
             "mode": self.mode,
             "peak": self.peak,
             **self.breakdown(),
             "phase": self.phase,
             "module": self.module,
-            "optimizer": self.optimizer_name,
-            "optimizer_state": self.optimizer,
+            "optimizer_name": self.optimizer_name,
             "autocast": None if self.autocast is None else str(self.autocast).removeprefix("torch."),
             "activations_by_module": dict(self.activations_by_module),
         }
