@@ -230,6 +230,8 @@ def test_cli_materialize_writes_exact_seed_checkpoint(tmp_path: Path) -> None:
             4,
             "cannot create the folder `/proc/no/such`",
         ),
+        # an existing folder without --max-shard-size: a bad argument, said before the model is made (found by review)
+        (("materialize", "zoo:broken", "--out", "/tmp"), 2, "--out `/tmp` is a folder"),
     ],
 )
 def test_cli_errors(args: tuple[str, ...], code: int, message: str) -> None:

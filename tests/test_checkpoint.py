@@ -467,3 +467,41 @@ def test_a_checkpoint_that_does_not_fit_a_lazy_layer_is_a_checkpoint_error() -> 
         tl.materialize(net, checkpoint=bad)
     assert isinstance(caught.value, tl.ShapeError) and "`2.`" in str(caught.value)
     assert not tl.is_built(net)
+
+
+def test_a_failed_save_leaves_the_files_that_were_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # found by review: a `.pt` write that failed part-way (a full disk) left a truncated file in place of the good
+    # one; a sharded save left its first shards beside another save's index, or an earlier save's extra shards
+    from safetensors import torch as st
+
+    from torchlazy._save import save_state_dict
+
+    good = nn.Linear(64, 64)
+    save_state_dict(good.state_dict(), tmp_path / "model.pt")
+    tl.save(good, tmp_path / "shards", max_shard_size="10KB")  # two shards
+    before = {p.name: p.read_bytes() for p in [tmp_path / "model.pt", *(tmp_path / "shards").iterdir()]}
+
+    def fails_midway(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        Path(str(f)).write_bytes(b"part of a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", fails_midway)
+    monkeypatch.setattr(st, "save_file", fails_midway)
+    with pytest.raises(tl.CheckpointError, match="cannot write .*model.pt.*unchanged"):
+        save_state_dict(nn.Linear(64, 64).state_dict(), tmp_path / "model.pt")
+    with pytest.raises(tl.CheckpointError, match="cannot write"):
+        tl.save(nn.Linear(64, 64), tmp_path / "shards", max_shard_size="10KB")
+    monkeypatch.undo()
+    after = {p.name: p.read_bytes() for p in [tmp_path / "model.pt", *(tmp_path / "shards").iterdir()]}
+    assert after == before  # the same files, the same bytes, no temporary left
+    assert_models_identical(tl.materialize(deferred(lambda: nn.Linear(64, 64)), checkpoint=tmp_path / "shards"), good)
+    tl.save(nn.Linear(8, 8), tmp_path / "shards", max_shard_size="1GB")  # one shard now: the two old ones go
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+    ]
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "model-00001-of-00001.safetensors").mkdir()  # a folder where a shard goes
+    with pytest.raises(tl.CheckpointError, match="is a folder"):
+        tl.save(good, tmp_path / "blocked", max_shard_size="1GB")
+    assert [p.name for p in (tmp_path / "blocked").iterdir()] == ["model-00001-of-00001.safetensors"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ from . import _torch_compat as tc
 from ._deferred import deferred_tensors, is_deferred
 from ._errors import ArgumentError, CheckpointError, listed
 
-__all__ = ["parse_size", "save"]
+__all__ = ["parse_size", "save", "save_state_dict"]
 
 
 def parse_size(size: int | str) -> int:
@@ -94,7 +94,7 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
                 "`max_shard_size=` to write numbered shards and an index into the folder."
             )
         _mkdir(out.parent)
-        _write(tensors, out)
+        _replace_all([(out, lambda tmp: _write(tensors, tmp))])
         return [out]
     limit = parse_size(max_shard_size)
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
@@ -107,16 +107,72 @@ def save(module: nn.Module, path: str | os.PathLike[str], max_shard_size: int | 
         shards[-1].append((key, t))
         size += nbytes
     _mkdir(out)
-    files, weight_map = [], {}
+    writes: list[tuple[Path, Callable[[Path], None]]] = []
+    weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _write(shard, out / name)
-        files.append(out / name)
+        writes.append((out / name, lambda tmp, shard=shard: _write(shard, tmp)))  # type: ignore[misc]
         weight_map.update({k: name for k, _ in shard})
     total = sum(t.numel() * t.element_size() for _, t in tensors)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return [*files, out / "model.safetensors.index.json"]
+    index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+
+    def write_index(tmp: Path) -> None:
+        tmp.write_text(index)
+
+    writes.append((out / INDEX, write_index))
+    _replace_all(writes)
+    files = [file for file, _ in writes]
+    for old in out.iterdir():  # an earlier run's shards the new index does not name: a folder of one checkpoint
+        if _SHARD.fullmatch(old.name) and old not in files:
+            old.unlink(missing_ok=True)
+    return files
+
+
+INDEX = "model.safetensors.index.json"
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _replace_all(writes: list[tuple[Path, Callable[[Path], None]]]) -> None:
+    """Each `write(tmp)` into a temporary file beside its final name, then every one renamed into place: a failed or
+    interrupted save leaves the files that were there (no truncated or partial checkpoint), and its temporaries are
+    removed."""
+    for file, _ in writes:
+        if file.is_dir():
+            raise CheckpointError(f"`tl.save`: `{file}` is a folder; move it away, or save elsewhere.")
+    done: list[tuple[Path, Path]] = []
+    try:
+        for file, write in writes:
+            tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+            done.append((tmp, file))
+            try:
+                write(tmp)
+            except Exception as e:  # noqa: BLE001  (safetensors' own error, an OSError, a full disk: one line)
+                raise CheckpointError(
+                    f"`tl.save`: cannot write `{file}` ({type(e).__name__}: {e}). Choose a writable place with room "
+                    "for it; the files that were there are unchanged."
+                ) from None
+        # the index last, and an earlier one gone first: a folder caught mid-way has shards and no index, never an
+        # index naming shards of two saves
+        if done[-1][1].name == INDEX:
+            done[-1][1].unlink(missing_ok=True)
+        for tmp, file in done:
+            try:
+                os.replace(tmp, file)
+            except OSError as e:
+                raise CheckpointError(
+                    f"`tl.save`: cannot put `{file}` in place ({type(e).__name__}: {e}). Choose a writable place."
+                ) from None
+    finally:
+        for tmp, _ in done:
+            tmp.unlink(missing_ok=True)
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
+    """`torch.save(state_dict, path)` written as `save` writes: its folder made, the file replaced only once whole."""
+    out = Path(path)
+    _mkdir(out.parent)
+    _replace_all([(out, lambda tmp: torch.save(state_dict, tmp))])
+    return out
 
 
 def _mkdir(folder: Path) -> None:
@@ -129,12 +185,7 @@ def _mkdir(folder: Path) -> None:
 
 
 def _write(tensors: list[tuple[str, torch.Tensor]], file: Path) -> None:
-    """One safetensors file; safetensors' own errors (an unwritable place) as a CheckpointError."""
+    """One safetensors file (its errors, an unwritable place, said by `_replace_all` under the final name)."""
     from safetensors.torch import save_file
 
-    try:
-        save_file(dict(tensors), str(file), metadata={"format": "pt"})
-    except Exception as e:  # noqa: BLE001  safetensors raises its own SafetensorError, not an OSError
-        raise CheckpointError(
-            f"`tl.save`: cannot write `{file}` ({type(e).__name__}: {e}). Choose a writable place."
-        ) from None
+    save_file(dict(tensors), str(file), metadata={"format": "pt"})

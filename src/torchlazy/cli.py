@@ -39,7 +39,7 @@ from ._errors import ArgumentError, LazyError
 from ._from_config import config_file, model_from_config
 from ._infer import build
 from ._materialize import materialize
-from ._save import parse_size, save
+from ._save import parse_size, save, save_state_dict
 from ._spec import Spec
 from ._summary import summary
 
@@ -222,6 +222,11 @@ def cmd_materialize(args: argparse.Namespace) -> int:
                 f"--out `{args.out}` with --max-shard-size: shards are safetensors files in a folder; "
                 "give a folder name, or drop --max-shard-size to write one torch.save file"
             )
+    if args.max_shard_size is None and Path(args.out).is_dir():  # before any work: a file name is needed
+        raise UsageError(
+            f"--out `{args.out}` is a folder: name a file (`{Path(args.out) / 'model.safetensors'}`), or add "
+            "--max-shard-size 2GB to write numbered shards and an index into it"
+        )
     if not -(2**63) <= args.seed < 2**64:
         raise UsageError(
             f"--seed {args.seed}: expected an integer from -2**63 to 2**64 - 1 (what torch.manual_seed takes)"
@@ -236,10 +241,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     if left:
         raise LazyError(f"still deferred after materialization: {', '.join(left[:5])}")
     if torch_format:  # what the name promises: `torch.load` reads it (ties stay shared)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), out)
-        files = [out]
+        files = [save_state_dict(model.state_dict(), args.out)]
     else:
         files = save(model, args.out, max_shard_size=args.max_shard_size)
     count = len(model.state_dict())
@@ -289,7 +291,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--autocast", default=None, metavar="DTYPE", help="for --memory: mixed precision, e.g. bf16")
     s.add_argument("--format", default="text", help="text (default), json or markdown")
     s.set_defaults(run=cmd_summary)
-    m = sub.add_parser("materialize", help="write an exactly initialized checkpoint (safetensors)")
+    m = sub.add_parser(
+        "materialize", help="write an exactly initialized checkpoint (safetensors, or torch.save for .pt/.pth/.bin)"
+    )
     common(m)
     m.add_argument("--seed", type=int, default=0, help="torch.manual_seed before construction (default 0)")
     m.add_argument("--dtype", help="cast floating tensors, e.g. bf16")
