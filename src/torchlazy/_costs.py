@@ -193,9 +193,7 @@ def count_flops(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     """Count FLOPs as `FlopCounterMode` does, on fake tensors (forward, then forward + backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    _check_module(module, "count_flops")
-    module = tc.uncompiled(module)
-    refuse_fsdp_sharded(module, "tl.summary(..., flops=True)")
+    _check_module(module, "count_flops")  # (called by `tl.summary`, which unwrapped and checked the module)
     with _session(module, args, kwargs) as s, _naming_failures(module):
         counter = FlopCounterMode(display=False)
         with counter:

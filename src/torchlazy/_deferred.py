@@ -481,9 +481,11 @@ class _Recorder(tc.DispatchModeBase):  # type: ignore[misc,valid-type]
         if op_info(func).linalg:
             self._kernel_check(func, args, kwargs)
         for t in (out,) if isinstance(out, torch.Tensor) else leaves_of(out):
-            if isinstance(t, torch.Tensor) and t.layout is not torch.strided:
+            if not isinstance(t, torch.Tensor):
+                continue
+            if t.layout is not torch.strided:
                 self._refuse_layout(func, "sparse", args, kwargs)
-            if isinstance(t, torch.Tensor) and t.dtype in _QUANTIZED:  # `torch.empty_like(x, dtype=torch.qint8)`
+            if t.dtype in _QUANTIZED:  # `torch.empty_like(x, dtype=torch.qint8)`
                 self._refuse_layout(func, "quantized", args, kwargs)
         self._log(func, args, kwargs, out)
         return out

@@ -68,19 +68,15 @@ class _OpInfo:
         self.random = torch.Tag.nondeterministic_seeded in func.tags
         self.generator = next((i for i, a in enumerate(arguments) if a.name == "generator"), None)
         self.overwrites = func.overloadpacket in _OVERWRITES
-        # torch's ops that make a quantized tensor (`quantize_per_tensor`, a quantized module's
-        # `_empty_affine_quantized`), whose fake kernels report float32; not the float ops of quantization-aware
-        # training (`fake_quantize_*`), nor other libraries' ops (`quantized_decomposed` returns plain integers)
         name = func.overloadpacket.__name__
-        # torch's linear algebra kernels that raise on the values they get (`svd` of a matrix with nan), where no
-        # separate check op does (`cholesky`, `inv`: `_linalg_check_errors`)
-        self.linalg = getattr(func, "namespace", "aten") == "aten" and name in _RAISING_KERNELS
-        self.quantizes = (
-            getattr(func, "namespace", "aten") == "aten"
-            and "quantize" in name
-            and "fake_quantize" not in name
-            and "dequantize" not in name
-        )
+        torchs = getattr(func, "namespace", "aten") == "aten"  # torch's own op, not another library's
+        # linear algebra kernels that raise on the values they get (`svd` of a matrix with nan), where no separate
+        # check op does (`cholesky`, `inv`: `_linalg_check_errors`)
+        self.linalg = torchs and name in _RAISING_KERNELS
+        # ops that make a quantized tensor (`quantize_per_tensor`, a quantized module's `_empty_affine_quantized`),
+        # whose fake kernels report float32; not the float ops of quantization-aware training (`fake_quantize_*`),
+        # nor other libraries' (`quantized_decomposed` returns plain integers)
+        self.quantizes = torchs and "quantize" in name and "fake_quantize" not in name and "dequantize" not in name
 
     def written_by(self, args: Any, kwargs: Any) -> tuple[tuple[int, str], ...]:
         """The (index, name) of the arguments this call writes: its schema's, and those it writes unsaid."""

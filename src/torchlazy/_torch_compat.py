@@ -677,14 +677,17 @@ def fsdp_unsharded(module: nn.Module, deferred: bool) -> list[tuple[nn.Module, s
 # `torch.set_float32_matmul_precision` sets them too)
 _PRECISIONS = (("generic", "all"), ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"), ("cuda", "matmul"))
 _AUTOCAST_DEVICES = ("cpu", "cuda")
+_PRECISION_OF = getattr(torch._C, "_get_fp32_precision_getter", None)  # torch < 2.9: the legacy matmul setting only
 
 
 def numerics() -> tuple[Any, ...]:
     """The process-wide settings that change the values compute gives (draws do not depend on them): the thread
     count (reductions, `orthogonal_`'s QR), deterministic mode (it fills `torch.empty`'s memory), the float32 matmul
     and convolution precisions, whether oneDNN runs. Recorded with each op, replayed under."""
-    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
-    precisions = tuple(getter(*p) for p in _PRECISIONS) if getter is not None else torch.get_float32_matmul_precision()
+    if _PRECISION_OF is not None:
+        precisions: Any = tuple(_PRECISION_OF(*p) for p in _PRECISIONS)
+    else:
+        precisions = torch.get_float32_matmul_precision()
     return (
         torch.get_num_threads(),
         torch.are_deterministic_algorithms_enabled(),
