@@ -773,25 +773,10 @@ class Record:
         A failing check raises a DeferredError; checks that passed are not run again."""
         while self.checks:
             node, where = self.checks[0]
-            assert node.spec is not None and node.func is not None
-            cpu = torch.device("cpu")
             with GENERATOR_LOCK, explicit_generators_kept([self]), torch.no_grad():  # replay sets generators
                 saved = torch.default_generator.get_state()
                 try:
-                    env = self.evaluate(node.reads, bound=node.key)
-                    args, kwargs = unflatten([_real(leaf, env, cpu) for leaf in node.leaves], node.spec)
-                    with tc.replay_settings(node.numerics or self.numerics):
-                        node.func(*args, **kwargs)
-                except Exception as e:  # noqa: BLE001  (what eager construction raised: said as it was)
-                    raise DeferredError(
-                        f"`{node.name}` {where} failed on the values construction computed: "
-                        f"{type(e).__name__.lstrip('_')}: {str(e).rstrip('.')}. Eager construction raises this "
-                        "error there (a "
-                        "`torch.linalg` function on a singular or not positive-definite matrix, an assert on "
-                        "values), so there is no model to materialize. Fix the construction code; to handle the "
-                        "error in the model's code as eager code does, construct under "
-                        "`tl.deferred(concretize=True)`, where such checks run at once."
-                    ) from e
+                    self._call(node, self.evaluate(node.reads, bound=node.key), torch.device("cpu"), where=where)
                 finally:
                     torch.default_generator.set_state(saved)
                     self.release_scratch()
@@ -990,10 +975,12 @@ class Record:
         threads: int | None = None,
         generator: torch.Generator | None = None,
         func: Any = None,
+        where: str = "",
     ) -> None:
         """Run `node` on real tensors, under its default dtype, numerics and `threads` (its own count by default);
         `generator`: the one it draws from, where it differs from the process-wide default it was recorded with,
-        through `func` (the op, or its overload that takes `generator=`)."""
+        through `func` (the op, or its overload that takes `generator=`); `where`: where the model's code made it,
+        for a failure's message."""
         if pending:
             _wait(pending, (*node.reads, *node.writes))
         self._ensure_target(node, env, device)
@@ -1018,10 +1005,12 @@ class Record:
             except Exception as e:
                 if device.type == "cpu":  # as eager ran it: the values it got fail it, as they failed eager's
                     raise DeferredError(
-                        f"replaying `{node.name}` failed on the values construction computed: {type(e).__name__}: "
-                        f"{str(e).rstrip('.')}. Eager construction raises this error there, so there is no model "
-                        "to materialize. Fix the construction code; to handle the error in the model's code as "
-                        "eager code does, construct under `tl.deferred(concretize=True)`."
+                        f"replaying `{node.name}`{f' (made {where})' if where else ''} failed on the values "
+                        f"construction computed: {type(e).__name__.lstrip('_')}: {str(e).rstrip('.')}. Eager "
+                        "construction raises this error there (a `torch.linalg` function on a singular or not "
+                        "positive-definite matrix, an assert on values), so there is no model to materialize. Fix "
+                        "the construction code; to handle the error in the model's code as eager code does, "
+                        "construct under `tl.deferred(concretize=True)`, where such checks run at once."
                     ) from e
                 raise DeferredError(
                     f"replaying `{node.name}` on {device} failed: {e}. The operation ran during "
